@@ -10,3 +10,7 @@ pub mod error;
 pub mod fsutil;
 
 pub use error::{Error, Result};
+pub mod data;
+pub mod hub;
+pub mod metrics;
+pub mod plot;

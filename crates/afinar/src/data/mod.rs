@@ -1,0 +1,1 @@
+//! Data: sources (JSONL, CSV), field paths, labels, seeded splits, batches.

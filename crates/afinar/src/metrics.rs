@@ -1,0 +1,1 @@
+//! Evaluation metrics: accuracy, macro-F1, MSE, Pearson.

@@ -1,0 +1,1 @@
+//! PNG plots of the loss and evaluation curves of a run.
