@@ -13,4 +13,5 @@ pub use error::{Error, Result};
 pub mod data;
 pub mod hub;
 pub mod metrics;
+pub mod nn;
 pub mod plot;

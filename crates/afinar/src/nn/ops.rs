@@ -1,0 +1,583 @@
+//! Differentiable fused ops as candle custom ops, each with a hand-written
+//! backward: linear (no weight gradient for a frozen weight), LayerNorm,
+//! exact GELU, multi-head attention (probabilities recomputed in backward),
+//! dropout (mask regenerated from a seed, never stored) and cross-entropy.
+//!
+//! candle 0.11's own fused `layer_norm`, `softmax_last_dim`, `sdpa`... record
+//! no backward, and its matmul backward computes the gradient of a frozen
+//! weight anyway; these ops replace them on afinar's training path.
+
+use super::kernels::{self, AttnShape, Mat};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+type CResult<T> = candle_core::Result<T>;
+
+fn cerr(msg: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(msg.to_string())
+}
+
+/// The contiguous f32 slice behind a custom op's input.
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+    let v = match s {
+        CpuStorage::F32(v) => v,
+        other => return Err(cerr(format!("{what}: expected f32, found {:?}", other.dtype()))),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => Err(cerr(format!("{what}: input must be contiguous"))),
+    }
+}
+
+/// Run `f` on the f32 data of a tensor (made contiguous first if needed).
+fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(s) => f(f32s(s, l, what)?),
+        _ => Err(cerr(format!("{what}: only the CPU backend has this op"))),
+    }
+}
+
+fn tensor(v: Vec<f32>, shape: impl Into<Shape>) -> CResult<Tensor> {
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// `x.track_op()`: does this tensor need a gradient at all?
+fn needs_grad(t: &Tensor) -> bool {
+    t.track_op()
+}
+
+// ------------------------------------------------------------------ linear
+
+struct LinearOp;
+
+impl LinearOp {
+    fn fwd(x: &[f32], xs: &[usize], w: &[f32], ws: &[usize], b: Option<&[f32]>) -> CResult<(CpuStorage, Shape)> {
+        let (out_f, in_f) = (ws[0], ws[1]);
+        let k = *xs.last().ok_or_else(|| cerr("linear: scalar input"))?;
+        if k != in_f {
+            return Err(cerr(format!("linear: input width {k} but weight is [{out_f}, {in_f}]")));
+        }
+        let n = x.len() / in_f;
+        let mut y = vec![0f32; n * out_f];
+        if let Some(b) = b {
+            y.par_chunks_mut(out_f).for_each(|r| r.copy_from_slice(b));
+        }
+        kernels::matmul(
+            &mut y,
+            out_f,
+            Mat::rm(x, n, in_f),
+            Mat::rm(w, out_f, in_f).t(),
+            1.0,
+            b.is_some(),
+            kernels::parallelism(),
+        );
+        let mut shape = xs.to_vec();
+        *shape.last_mut().unwrap() = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out_f, in_f) = w.dims2()?;
+        with_f32(grad, "linear grad", |g| {
+            let n = g.len() / out_f;
+            let dx = if needs_grad(x) {
+                with_f32(w, "linear weight", |wv| {
+                    let mut dx = vec![0f32; n * in_f];
+                    kernels::matmul(&mut dx, in_f, Mat::rm(g, n, out_f), Mat::rm(wv, out_f, in_f), 1.0, false, kernels::parallelism());
+                    Ok(Some(tensor(dx, x.shape())?))
+                })?
+            } else {
+                None
+            };
+            // The point of owning this op: a frozen weight costs no gemm.
+            let dw = if needs_grad(w) {
+                with_f32(x, "linear input", |xv| {
+                    let mut dw = vec![0f32; out_f * in_f];
+                    kernels::matmul(&mut dw, in_f, Mat::rm(g, n, out_f).t(), Mat::rm(xv, n, in_f), 1.0, false, kernels::parallelism());
+                    Ok(Some(tensor(dw, (out_f, in_f))?))
+                })?
+            } else {
+                None
+            };
+            let db = match b {
+                Some(b) if needs_grad(b) => Some(tensor(kernels::col_sums(g, out_f), out_f)?),
+                _ => None,
+            };
+            Ok((dx, dw, db))
+        })
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "afinar-linear"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        Self::fwd(f32s(s1, l1, "linear input")?, l1.dims(), f32s(s2, l2, "linear weight")?, l2.dims(), None)
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::bwd(x, w, None, grad)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "afinar-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        Self::fwd(
+            f32s(s1, l1, "linear input")?,
+            l1.dims(),
+            f32s(s2, l2, "linear weight")?,
+            l2.dims(),
+            Some(f32s(s3, l3, "linear bias")?),
+        )
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Self::bwd(x, w, Some(b), grad)
+    }
+}
+
+/// `x @ w^T + b` over the last dimension of `x` ([.., in] -> [.., out]).
+/// No gradient is computed for a weight or bias that is not trainable.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    match b {
+        Some(b) => x.apply_op3_arc(&w, &b.contiguous()?, Arc::new(Box::new(LinearOp))),
+        None => x.apply_op2_arc(&w, Arc::new(Box::new(LinearOp))),
+    }
+}
+
+// ------------------------------------------------------------------ GELU
+
+struct GeluOp;
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "afinar-gelu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32s(s, l, "gelu")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(yc, xc)| {
+            for (o, v) in yc.iter_mut().zip(xc) {
+                *o = kernels::gelu(*v);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        with_f32(x, "gelu input", |xv| {
+            with_f32(grad, "gelu grad", |g| {
+                let mut dx = vec![0f32; xv.len()];
+                dx.par_chunks_mut(4096).enumerate().for_each(|(c, dc)| {
+                    let o = c * 4096;
+                    for (j, d) in dc.iter_mut().enumerate() {
+                        *d = g[o + j] * kernels::gelu_grad(xv[o + j]);
+                    }
+                });
+                Ok(Some(tensor(dx, x.shape())?))
+            })
+        })
+    }
+}
+
+/// Exact (erf) GELU, as BERT's `hidden_act = "gelu"`.
+pub fn gelu(x: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op1_arc(Arc::new(Box::new(GeluOp)))
+}
+
+// ------------------------------------------------------------------ LayerNorm
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "afinar-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "layer_norm input")?;
+        let g = f32s(s2, l2, "layer_norm weight")?;
+        let b = f32s(s3, l3, "layer_norm bias")?;
+        let d = g.len();
+        if l1.dims().last() != Some(&d) || b.len() != d {
+            return Err(cerr(format!("layer_norm: input {:?}, weight [{d}], bias [{}]", l1.dims(), b.len())));
+        }
+        let mut y = vec![0f32; x.len()];
+        kernels::layer_norm_fwd(x, g, b, self.eps, d, &mut y);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = g.elem_count();
+        let want_params = needs_grad(g) || needs_grad(b);
+        with_f32(x, "layer_norm input", |xv| {
+            with_f32(g, "layer_norm weight", |gv| {
+                with_f32(grad, "layer_norm grad", |dy| {
+                    let mut dx = if needs_grad(x) { Some(vec![0f32; xv.len()]) } else { None };
+                    let (dg, db) = kernels::layer_norm_bwd(xv, gv, dy, self.eps, d, dx.as_deref_mut(), want_params);
+                    let dx = dx.map(|v| tensor(v, x.shape())).transpose()?;
+                    let dg = if needs_grad(g) { Some(tensor(dg, d)?) } else { None };
+                    let db = if needs_grad(b) { Some(tensor(db, d)?) } else { None };
+                    Ok((dx, dg, db))
+                })
+            })
+        })
+    }
+}
+
+/// LayerNorm over the last dimension.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> CResult<Tensor> {
+    x.contiguous()?.apply_op3_arc(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        Arc::new(Box::new(LayerNormOp { eps: eps as f32 })),
+    )
+}
+
+// ------------------------------------------------------------------ dropout
+
+struct DropoutOp {
+    p: f32,
+    seed: u64,
+}
+
+impl CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "afinar-dropout"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32s(s, l, "dropout")?;
+        let mut y = vec![0f32; x.len()];
+        kernels::dropout(x, self.p, self.seed, &mut y);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        with_f32(grad, "dropout grad", |g| {
+            let mut dx = vec![0f32; g.len()];
+            kernels::dropout(g, self.p, self.seed, &mut dx);
+            Ok(Some(tensor(dx, x.shape())?))
+        })
+    }
+}
+
+/// Inverted dropout with a mask drawn from `seed` (same seed, same mask).
+/// `p = 0` is the identity; `p` must be in [0, 1).
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> CResult<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if p >= 1.0 {
+        return Err(cerr(format!("dropout probability {p} must be < 1")));
+    }
+    x.contiguous()?.apply_op1_arc(Arc::new(Box::new(DropoutOp { p, seed })))
+}
+
+// ------------------------------------------------------------------ attention
+
+struct AttentionOp {
+    key_mask: Arc<Vec<f32>>,
+    heads: usize,
+    scale: f32,
+    dropout: Option<(f32, u64)>,
+}
+
+impl AttentionOp {
+    fn shape(&self, dims: &[usize]) -> CResult<AttnShape> {
+        let [b, t, c] = dims else {
+            return Err(cerr(format!("attention: q/k/v must be [B, T, C], found {dims:?}")));
+        };
+        if c % self.heads != 0 {
+            return Err(cerr(format!("attention: width {c} is not divisible by {} heads", self.heads)));
+        }
+        if self.key_mask.len() != b * t {
+            return Err(cerr(format!("attention: mask has {} entries for [B={b}, T={t}]", self.key_mask.len())));
+        }
+        Ok(AttnShape { b: *b, t: *t, h: self.heads, d: c / self.heads })
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "afinar-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let sh = self.shape(l1.dims())?;
+        if l2.dims() != l1.dims() || l3.dims() != l1.dims() {
+            return Err(cerr(format!("attention: q {:?}, k {:?}, v {:?} differ", l1.dims(), l2.dims(), l3.dims())));
+        }
+        let (q, k, v) = (f32s(s1, l1, "q")?, f32s(s2, l2, "k")?, f32s(s3, l3, "v")?);
+        let mut out = vec![0f32; q.len()];
+        kernels::attention_fwd(q, k, v, &self.key_mask, sh, self.scale, self.dropout, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let sh = self.shape(q.dims())?;
+        with_f32(q, "q", |qv| {
+            with_f32(k, "k", |kv| {
+                with_f32(v, "v", |vv| {
+                    with_f32(grad, "attention grad", |g| {
+                        let n = qv.len();
+                        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                        kernels::attention_bwd(qv, kv, vv, &self.key_mask, sh, self.scale, self.dropout, g, &mut dq, &mut dk, &mut dv);
+                        let s = q.shape();
+                        Ok((Some(tensor(dq, s)?), Some(tensor(dk, s)?), Some(tensor(dv, s)?)))
+                    })
+                })
+            })
+        })
+    }
+}
+
+/// Multi-head scaled dot-product attention over `[B, T, C]` projections.
+/// `key_mask` is `[B * T]`, 1.0 for tokens to attend to, 0.0 for padding.
+/// `dropout = Some((p, seed))` drops attention probabilities (training).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: Arc<Vec<f32>>,
+    heads: usize,
+    dropout: Option<(f32, u64)>,
+) -> CResult<Tensor> {
+    let c = q.dim(2)?;
+    let scale = 1.0 / ((c / heads) as f32).sqrt();
+    let dropout = dropout.filter(|(p, _)| *p > 0.0);
+    q.contiguous()?.apply_op3_arc(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Arc::new(Box::new(AttentionOp { key_mask, heads, scale, dropout })),
+    )
+}
+
+// ------------------------------------------------------------------ cross-entropy
+
+struct CrossEntropyOp;
+
+impl CustomOp2 for CrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "afinar-cross-entropy"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let logits = f32s(s1, l1, "logits")?;
+        let CpuStorage::U32(t) = s2 else {
+            return Err(cerr("cross_entropy: targets must be u32"));
+        };
+        let (a, b) = l2.contiguous_offsets().ok_or_else(|| cerr("targets must be contiguous"))?;
+        let t = &t[a..b];
+        let c = *l1.dims().last().unwrap();
+        let n = logits.len() / c;
+        if t.len() != n {
+            return Err(cerr(format!("cross_entropy: {n} rows of logits, {} targets", t.len())));
+        }
+        let mut total = 0f64;
+        for (row, &y) in logits.chunks(c).zip(t) {
+            if y as usize >= c {
+                return Err(cerr(format!("cross_entropy: target {y} >= {c} classes")));
+            }
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            total += (lse - row[y as usize]) as f64;
+        }
+        Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
+    }
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_dtype(DType::F32)?.to_vec0::<f32>()?;
+        let t = targets.to_vec1::<u32>()?;
+        let c = logits.dim(logits.rank() - 1)?;
+        with_f32(logits, "logits", |lv| {
+            let n = lv.len() / c;
+            let mut d = vec![0f32; lv.len()];
+            for ((row, drow), &y) in lv.chunks(c).zip(d.chunks_mut(c)).zip(&t) {
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                for j in 0..c {
+                    drow[j] = (row[j] - max).exp() / sum * g / n as f32;
+                }
+                drow[y as usize] -= g / n as f32;
+            }
+            Ok((Some(tensor(d, logits.shape())?), None))
+        })
+    }
+}
+
+/// Mean cross-entropy of `[N, C]` logits against `[N]` u32 class ids.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    logits
+        .contiguous()?
+        .apply_op2_arc(&targets.to_dtype(DType::U32)?.contiguous()?, Arc::new(Box::new(CrossEntropyOp)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| (kernels::uniform(seed, i as u64) - 0.5) * 2.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Checks d(sum(f(x) * r))/dx of every var against central differences.
+    fn check_grads(vars: &[Var], f: &dyn Fn(&[Tensor]) -> Tensor, tol: f32) {
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts);
+        let r = randn(out.dims(), 99);
+        let loss = (out * &r).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        for (vi, var) in vars.iter().enumerate() {
+            let g = grads.get(var).expect("gradient present").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let h = 1e-2f32;
+            for i in (0..base.len()).step_by((base.len() / 7).max(1)) {
+                let eval = |delta: f32| -> f32 {
+                    let mut p = base.clone();
+                    p[i] += delta;
+                    let mut args = ts.clone();
+                    args[vi] = Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap();
+                    (f(&args) * &r).unwrap().sum_all().unwrap().to_vec0::<f32>().unwrap()
+                };
+                let fd = (eval(h) - eval(-h)) / (2.0 * h);
+                assert!((fd - g[i]).abs() <= tol * (1.0 + fd.abs()), "var {vi} elem {i}: fd {fd} vs analytic {}", g[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn linear_grads_match_finite_differences() {
+        let x = Var::from_tensor(&randn(&[2, 3, 5], 1)).unwrap();
+        let w = Var::from_tensor(&randn(&[4, 5], 2)).unwrap();
+        let b = Var::from_tensor(&randn(&[4], 3)).unwrap();
+        check_grads(&[x, w, b], &|t| linear(&t[0], &t[1], Some(&t[2])).unwrap(), 2e-2);
+    }
+
+    #[test]
+    fn frozen_weight_gets_no_gradient() {
+        let x = Var::from_tensor(&randn(&[3, 5], 1)).unwrap();
+        let w = randn(&[4, 5], 2); // plain tensor: frozen
+        let y = linear(x.as_tensor(), &w, None).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+        assert!(grads.get(&w).is_none());
+    }
+
+    #[test]
+    fn layer_norm_gelu_dropout_grads() {
+        let x = Var::from_tensor(&randn(&[4, 6], 4)).unwrap();
+        let g = Var::from_tensor(&(randn(&[6], 5) + 1.0).unwrap()).unwrap();
+        let b = Var::from_tensor(&randn(&[6], 6)).unwrap();
+        check_grads(&[x.clone(), g, b], &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(), 2e-2);
+        check_grads(&[x.clone()], &|t| gelu(&t[0]).unwrap(), 2e-2);
+        check_grads(&[x], &|t| dropout(&t[0], 0.3, 11).unwrap(), 2e-2);
+    }
+
+    #[test]
+    fn attention_grads_with_mask_and_dropout() {
+        let (b, t, c) = (2, 5, 8);
+        let q = Var::from_tensor(&randn(&[b, t, c], 7)).unwrap();
+        let k = Var::from_tensor(&randn(&[b, t, c], 8)).unwrap();
+        let v = Var::from_tensor(&randn(&[b, t, c], 9)).unwrap();
+        let mut mask = vec![1f32; b * t];
+        mask[t + 3] = 0.0;
+        mask[t + 4] = 0.0;
+        let mask = Arc::new(mask);
+        for dropout in [None, Some((0.2f32, 5u64))] {
+            let m = mask.clone();
+            check_grads(&[q.clone(), k.clone(), v.clone()], &move |ts| attention(&ts[0], &ts[1], &ts[2], m.clone(), 2, dropout).unwrap(), 2e-2);
+        }
+    }
+
+    #[test]
+    fn attention_matches_composed_reference() {
+        let (b, t, h, d) = (2, 4, 2, 3);
+        let c = h * d;
+        let (q, k, v) = (randn(&[b, t, c], 1), randn(&[b, t, c], 2), randn(&[b, t, c], 3));
+        let mut mask = vec![1f32; b * t];
+        mask[t + 3] = 0.0;
+        let got = attention(&q, &k, &v, Arc::new(mask.clone()), h, None).unwrap();
+        // Reference with candle's own (non-fused) ops.
+        let split = |x: &Tensor| x.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let (qh, kh, vh) = (split(&q), split(&k), split(&v));
+        let s = (qh.matmul(&kh.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let add: Vec<f32> = mask.iter().map(|m| if *m == 0.0 { -1e9 } else { 0.0 }).collect();
+        let add = Tensor::from_vec(add, (b, 1, 1, t), &Device::Cpu).unwrap();
+        let s = s.broadcast_add(&add).unwrap();
+        let e = s.broadcast_sub(&s.max_keepdim(3).unwrap()).unwrap().exp().unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap();
+        let want = p.matmul(&vh).unwrap().transpose(1, 2).unwrap().reshape((b, t, c)).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_vec0::<f32>().unwrap();
+        assert!(diff < 1e-5, "diff {diff}");
+    }
+
+    #[test]
+    fn cross_entropy_value_and_grad() {
+        let logits = Var::from_tensor(&randn(&[3, 4], 12)).unwrap();
+        let targets = Tensor::new(&[0u32, 3, 1], &Device::Cpu).unwrap();
+        let loss = cross_entropy(logits.as_tensor(), &targets).unwrap().to_vec0::<f32>().unwrap();
+        let l = logits.as_tensor().to_vec2::<f32>().unwrap();
+        let want: f32 = [0usize, 3, 1]
+            .iter()
+            .zip(&l)
+            .map(|(&y, row)| row.iter().map(|v| v.exp()).sum::<f32>().ln() - row[y])
+            .sum::<f32>()
+            / 3.0;
+        assert!((loss - want).abs() < 1e-5);
+        let t2 = targets.clone();
+        check_grads(&[logits], &move |ts| cross_entropy(&ts[0], &t2).unwrap(), 2e-2);
+    }
+}
