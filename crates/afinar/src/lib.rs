@@ -10,8 +10,13 @@ pub mod error;
 pub mod fsutil;
 
 pub use error::{Error, Result};
+pub mod config;
 pub mod data;
 pub mod hub;
+pub mod heads;
 pub mod metrics;
+pub mod models;
 pub mod nn;
+pub mod optim;
+pub mod params;
 pub mod plot;

@@ -34,7 +34,7 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
 }
 
 /// Run `f` on the f32 data of a tensor (made contiguous first if needed).
-fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
     let t = t.contiguous()?;
     let (st, l) = t.storage_and_layout();
     match &*st {
@@ -402,6 +402,63 @@ pub fn attention(
         &v.contiguous()?,
         Arc::new(Box::new(AttentionOp { key_mask, heads, scale, dropout })),
     )
+}
+
+// ------------------------------------------------------------------ embedding
+
+struct EmbeddingOp {
+    padding_idx: Option<u32>,
+}
+
+impl CustomOp2 for EmbeddingOp {
+    fn name(&self) -> &'static str {
+        "afinar-embedding"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let w = f32s(s1, l1, "embedding weight")?;
+        let CpuStorage::U32(ids) = s2 else {
+            return Err(cerr("embedding: ids must be u32"));
+        };
+        let (a, b) = l2.contiguous_offsets().ok_or_else(|| cerr("ids must be contiguous"))?;
+        let ids = &ids[a..b];
+        let [v, h] = l1.dims() else { return Err(cerr("embedding weight must be 2-d")) };
+        let mut out = vec![0f32; ids.len() * h];
+        for (o, &id) in out.chunks_mut(*h).zip(ids) {
+            if id as usize >= *v {
+                return Err(cerr(format!("token id {id} is out of range for a vocabulary of {v}")));
+            }
+            o.copy_from_slice(&w[id as usize * h..(id as usize + 1) * h]);
+        }
+        let mut shape = l2.dims().to_vec();
+        shape.push(*h);
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+    fn bwd(&self, w: &Tensor, ids: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        if !needs_grad(w) {
+            return Ok((None, None));
+        }
+        let (v, h) = w.dims2()?;
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        with_f32(grad, "embedding grad", |g| {
+            let mut dw = vec![0f32; v * h];
+            for (row, &id) in g.chunks(h).zip(&ids) {
+                // As torch's `padding_idx`: the padding row never learns.
+                if Some(id) == self.padding_idx {
+                    continue;
+                }
+                for (d, x) in dw[id as usize * h..(id as usize + 1) * h].iter_mut().zip(row) {
+                    *d += x;
+                }
+            }
+            Ok((Some(tensor(dw, (v, h))?), None))
+        })
+    }
+}
+
+/// Rows of `weight` `[V, H]` for `ids` (any shape, u32) -> `[..ids, H]`.
+/// The gradient skips `padding_idx`, as `nn.Embedding(padding_idx=...)`.
+pub fn embedding(weight: &Tensor, ids: &Tensor, padding_idx: Option<u32>) -> CResult<Tensor> {
+    weight.contiguous()?.apply_op2_arc(&ids.to_dtype(DType::U32)?.contiguous()?, Arc::new(Box::new(EmbeddingOp { padding_idx })))
 }
 
 // ------------------------------------------------------------------ cross-entropy

@@ -1,0 +1,264 @@
+//! BERT-family encoder with transformers' `BertModel` semantics: word +
+//! position + token-type embeddings, post-LN layers, exact GELU, key-padding
+//! attention mask, dropout that really drops in training.
+//!
+//! Follows transformers' `models/bert/modeling_bert.py` (v5.23) and candle's
+//! `candle-transformers/src/models/bert.rs`, on afinar's differentiable ops.
+//! Field names copy the checkpoint keys.
+
+use crate::nn::{self, DropoutRng};
+use crate::params::Path;
+use crate::{Error, Result};
+use candle_core::{Tensor, D};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+fn default_pos() -> String {
+    "absolute".into()
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_init() -> f64 {
+    0.02
+}
+
+/// `config.json` of a BERT checkpoint (HF field names).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: String,
+    #[serde(default)]
+    pub hidden_dropout_prob: f32,
+    #[serde(default)]
+    pub attention_probs_dropout_prob: f32,
+    pub max_position_embeddings: usize,
+    #[serde(default = "one")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: u32,
+    #[serde(default = "default_pos")]
+    pub position_embedding_type: String,
+    #[serde(default = "default_init")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub classifier_dropout: Option<f32>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl BertConfig {
+    /// Reject what this implementation does not do, naming the key.
+    pub fn validate(&self, file: &std::path::Path) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(Error::file(file, format!("`{key}`: {msg}")));
+        if !matches!(self.hidden_act.as_str(), "gelu" | "relu") {
+            return bad("hidden_act", format!("`{}` is not supported (gelu, relu)", self.hidden_act));
+        }
+        if self.position_embedding_type != "absolute" {
+            return bad("position_embedding_type", format!("`{}` is not supported (absolute)", self.position_embedding_type));
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return bad(
+                "num_attention_heads",
+                format!("hidden_size {} is not divisible by {} heads", self.hidden_size, self.num_attention_heads),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A linear layer by checkpoint path: `{path}.weight` [out, in], `{path}.bias` [out].
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(p: &Path, in_f: usize, out_f: usize) -> Result<Self> {
+        Ok(Linear { weight: p.get(&[out_f, in_f], "weight")?, bias: Some(p.get(&[out_f], "bias")?) })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(nn::linear(x, &self.weight, self.bias.as_ref())?)
+    }
+}
+
+#[derive(Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(p: &Path, d: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm { weight: p.get(&[d], "weight")?, bias: p.get(&[d], "bias")?, eps })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(nn::layer_norm(x, &self.weight, &self.bias, self.eps)?)
+    }
+}
+
+fn maybe_dropout(x: Tensor, p: f32, rng: Option<&DropoutRng>) -> Result<Tensor> {
+    match rng {
+        Some(r) if p > 0.0 => Ok(nn::dropout(&x, p, r.next())?),
+        _ => Ok(x),
+    }
+}
+
+pub struct BertEmbeddings {
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    layer_norm: LayerNorm,
+    dropout: f32,
+    pad_token_id: u32,
+}
+
+impl BertEmbeddings {
+    fn load(p: &Path, cfg: &BertConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(BertEmbeddings {
+            word_embeddings: p.get(&[cfg.vocab_size, h], "word_embeddings.weight")?,
+            position_embeddings: p.get(&[cfg.max_position_embeddings, h], "position_embeddings.weight")?,
+            token_type_embeddings: p.get(&[cfg.type_vocab_size, h], "token_type_embeddings.weight")?,
+            layer_norm: LayerNorm::load(&p.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            dropout: cfg.hidden_dropout_prob,
+            pad_token_id: cfg.pad_token_id,
+        })
+    }
+
+    fn forward(&self, input_ids: &Tensor, type_ids: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let h = self.word_embeddings.dim(1)?;
+        let max_pos = self.position_embeddings.dim(0)?;
+        if t > max_pos {
+            return Err(Error::msg(format!("sequence length {t} exceeds max_position_embeddings {max_pos}")));
+        }
+        let words = nn::embedding(&self.word_embeddings, &input_ids.flatten_all()?, Some(self.pad_token_id))?; // [B*T, H]
+        let types = nn::embedding(&self.token_type_embeddings, &type_ids.flatten_all()?, None)?;
+        let pos = self.position_embeddings.narrow(0, 0, t)?; // [T, H]
+        let x = (words + types)?.reshape((b, t, h))?.broadcast_add(&pos)?;
+        let x = self.layer_norm.forward(&x)?;
+        maybe_dropout(x, self.dropout, rng)
+    }
+}
+
+pub struct BertLayer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_ln: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_ln: LayerNorm,
+    heads: usize,
+    hidden_dropout: f32,
+    attn_dropout: f32,
+    gelu: bool,
+}
+
+impl BertLayer {
+    fn load(p: &Path, cfg: &BertConfig) -> Result<Self> {
+        let (h, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let att = p.pp("attention");
+        Ok(BertLayer {
+            query: Linear::load(&att.pp("self").pp("query"), h, h)?,
+            key: Linear::load(&att.pp("self").pp("key"), h, h)?,
+            value: Linear::load(&att.pp("self").pp("value"), h, h)?,
+            attn_out: Linear::load(&att.pp("output").pp("dense"), h, h)?,
+            attn_ln: LayerNorm::load(&att.pp("output").pp("LayerNorm"), h, eps)?,
+            intermediate: Linear::load(&p.pp("intermediate").pp("dense"), h, f)?,
+            output: Linear::load(&p.pp("output").pp("dense"), f, h)?,
+            out_ln: LayerNorm::load(&p.pp("output").pp("LayerNorm"), h, eps)?,
+            heads: cfg.num_attention_heads,
+            hidden_dropout: cfg.hidden_dropout_prob,
+            attn_dropout: cfg.attention_probs_dropout_prob,
+            gelu: cfg.hidden_act == "gelu",
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Arc<Vec<f32>>, rng: Option<&DropoutRng>) -> Result<Tensor> {
+        // [B, T, H] -> q, k, v [B, T, H]
+        let q = self.query.forward(x)?;
+        let k = self.key.forward(x)?;
+        let v = self.value.forward(x)?;
+        let drop = rng.filter(|_| self.attn_dropout > 0.0).map(|r| (self.attn_dropout, r.next()));
+        let ctx = nn::attention(&q, &k, &v, mask.clone(), self.heads, drop)?; // [B, T, H]
+        let a = maybe_dropout(self.attn_out.forward(&ctx)?, self.hidden_dropout, rng)?;
+        let x = self.attn_ln.forward(&(a + x)?)?;
+        let f = self.intermediate.forward(&x)?; // [B, T, F]
+        let f = if self.gelu { nn::gelu(&f)? } else { f.relu()? };
+        let o = maybe_dropout(self.output.forward(&f)?, self.hidden_dropout, rng)?;
+        self.out_ln.forward(&(o + x)?)
+    }
+}
+
+/// The encoder body (no pooler: the pooler belongs to the head).
+pub struct Bert {
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    pub config: BertConfig,
+}
+
+impl Bert {
+    /// `p` points at the body's root (`bert` in a classification checkpoint).
+    pub fn load(p: &Path, cfg: &BertConfig) -> Result<Self> {
+        let embeddings = BertEmbeddings::load(&p.pp("embeddings"), cfg)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| BertLayer::load(&p.pp("encoder").pp("layer").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Bert { embeddings, layers, config: cfg.clone() })
+    }
+
+    /// Hidden states of every layer: `[embeddings, layer 1, ..., layer N]`,
+    /// each `[B, T, H]`. `attention_mask` is `[B * T]` (1 = token, 0 = padding);
+    /// `dropout = None` is inference (no dropout), independent of freezing.
+    pub fn forward_all(
+        &self,
+        input_ids: &Tensor,
+        type_ids: &Tensor,
+        attention_mask: &Arc<Vec<f32>>,
+        dropout: Option<&DropoutRng>,
+    ) -> Result<Vec<Tensor>> {
+        let mut x = self.embeddings.forward(input_ids, type_ids, dropout)?;
+        let mut all = vec![x.clone()];
+        for l in &self.layers {
+            x = l.forward(&x, attention_mask, dropout)?;
+            all.push(x.clone());
+        }
+        Ok(all)
+    }
+
+    /// The last hidden state `[B, T, H]`: every position (habit 3).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        type_ids: &Tensor,
+        attention_mask: &Arc<Vec<f32>>,
+        dropout: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
+        let mut x = self.embeddings.forward(input_ids, type_ids, dropout)?;
+        for l in &self.layers {
+            x = l.forward(&x, attention_mask, dropout)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Mean over real tokens: `[B, T, H]` x mask `[B, T]` -> `[B, H]`.
+pub fn mean_pool(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.unsqueeze(D::Minus1)?; // [B, T, 1]
+    let summed = x.broadcast_mul(&m)?.sum(1)?; // [B, H]
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?; // [B, 1]
+    Ok(summed.broadcast_div(&count)?)
+}

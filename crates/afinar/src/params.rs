@@ -1,0 +1,390 @@
+//! THE parameter selector and store: what trains is decided here, once.
+//!
+//! Every parameter lives in a [`ParamStore`] under its checkpoint name
+//! (transformers' `BertForSequenceClassification` names: `bert.encoder...`,
+//! `classifier.weight`). A [`Selector`] built from the run config decides by
+//! path patterns which ones train: those become `candle_core::Var`s (they get
+//! gradients and optimizer state); the rest stay plain tensors, which afinar's
+//! ops never compute a gradient for.
+
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use globset::{Glob, GlobMatcher};
+use regex::Regex;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One pattern over parameter names: a glob (`bert.encoder.layer.*.attention.*`)
+/// or, prefixed `re:`, a regex that must match the whole name.
+#[derive(Debug, Clone)]
+pub enum Pattern {
+    Glob(String, GlobMatcher),
+    Regex(String, Regex),
+}
+
+impl Pattern {
+    pub fn parse(p: &str) -> Result<Self> {
+        if let Some(re) = p.strip_prefix("re:") {
+            let full = format!("^(?:{re})$");
+            Regex::new(&full)
+                .map(|r| Pattern::Regex(p.to_string(), r))
+                .map_err(|e| Error::msg(format!("bad parameter regex `{p}`: {e}")))
+        } else {
+            Glob::new(p)
+                .map(|g| Pattern::Glob(p.to_string(), g.compile_matcher()))
+                .map_err(|e| Error::msg(format!("bad parameter pattern `{p}`: {e}")))
+        }
+    }
+
+    /// Matches the full name, or the name without the model prefix
+    /// (`encoder.layer.5.*` matches `bert.encoder.layer.5.output.dense.weight`).
+    pub fn matches(&self, name: &str, model_prefix: &str) -> bool {
+        let short = name.strip_prefix(model_prefix).unwrap_or(name);
+        match self {
+            Pattern::Glob(_, g) => g.is_match(name) || g.is_match(short),
+            Pattern::Regex(_, r) => r.is_match(name) || r.is_match(short),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Pattern::Glob(s, _) | Pattern::Regex(s, _) => s,
+        }
+    }
+}
+
+/// Which parameters train. Rules apply in order; the last matching rule wins.
+#[derive(Debug, Clone)]
+pub struct Selector {
+    /// (pattern, trainable?)
+    rules: Vec<(Pattern, bool)>,
+    model_prefix: String,
+}
+
+/// The freezing shorthands of the run config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// Everything trains.
+    Full,
+    /// Only the task head (pooler + classifier) trains.
+    HeadOnly,
+    /// The last N encoder layers and the head train.
+    LastLayers(usize),
+}
+
+impl Selector {
+    /// Build the selector for an encoder with `num_layers` layers named
+    /// `{prefix}encoder.layer.{i}` and a head under `head_patterns`.
+    pub fn new(
+        preset: Preset,
+        num_layers: usize,
+        freeze_embeddings: bool,
+        freeze_first_layers: usize,
+        frozen: &[String],
+        trainable: &[String],
+        model_prefix: &str,
+        head_patterns: &[&str],
+    ) -> Result<Self> {
+        let mut rules = Vec::new();
+        let p = |s: &str| Pattern::parse(s);
+        match preset {
+            Preset::Full => rules.push((p("*")?, true)),
+            Preset::HeadOnly => rules.push((p("*")?, false)),
+            Preset::LastLayers(n) => {
+                if n > num_layers {
+                    return Err(Error::msg(format!(
+                        "freeze.last_layers = {n} but the model has {num_layers} layers"
+                    )));
+                }
+                rules.push((p("*")?, false));
+                for i in num_layers - n..num_layers {
+                    rules.push((p(&format!("{model_prefix}encoder.layer.{i}.*"))?, true));
+                }
+            }
+        }
+        for h in head_patterns {
+            // The new head always trains (unless `frozen` says otherwise below).
+            rules.push((p(h)?, true));
+        }
+        if freeze_embeddings {
+            rules.push((p(&format!("{model_prefix}embeddings.*"))?, false));
+        }
+        if freeze_first_layers > num_layers {
+            return Err(Error::msg(format!(
+                "freeze.first_layers = {freeze_first_layers} but the model has {num_layers} layers"
+            )));
+        }
+        for i in 0..freeze_first_layers {
+            rules.push((p(&format!("{model_prefix}encoder.layer.{i}.*"))?, false));
+        }
+        for f in frozen {
+            rules.push((p(f)?, false));
+        }
+        for t in trainable {
+            rules.push((p(t)?, true));
+        }
+        Ok(Selector { rules, model_prefix: model_prefix.to_string() })
+    }
+
+    /// Everything trains (used by tests and `full`).
+    pub fn all() -> Self {
+        Selector { rules: vec![(Pattern::parse("*").unwrap(), true)], model_prefix: String::new() }
+    }
+
+    /// Nothing trains (inference).
+    pub fn none() -> Self {
+        Selector { rules: vec![], model_prefix: String::new() }
+    }
+
+    pub fn is_trainable(&self, name: &str) -> bool {
+        let mut t = false;
+        for (pat, train) in &self.rules {
+            if pat.matches(name, &self.model_prefix) {
+                t = *train;
+            }
+        }
+        t
+    }
+
+    /// Patterns the user wrote that match no parameter: almost always a typo.
+    pub fn unmatched_user_patterns<'a>(&self, names: impl Iterator<Item = &'a str> + Clone, user: &[String]) -> Vec<String> {
+        user.iter()
+            .filter(|u| {
+                let pat = match Pattern::parse(u) {
+                    Ok(p) => p,
+                    Err(_) => return true,
+                };
+                !names.clone().any(|n| pat.matches(n, &self.model_prefix))
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// A parameter: the tensor, and its `Var` when it trains.
+#[derive(Clone)]
+pub struct Param {
+    pub tensor: Tensor,
+    pub var: Option<Var>,
+}
+
+/// All parameters of a model by checkpoint name.
+pub struct ParamStore {
+    params: BTreeMap<String, Param>,
+    used: RefCell<BTreeSet<String>>,
+    selector: Selector,
+    /// Where the tensors came from, for error messages.
+    pub source: String,
+}
+
+impl ParamStore {
+    pub fn new(selector: Selector, source: impl Into<String>) -> Self {
+        ParamStore { params: BTreeMap::new(), used: RefCell::new(BTreeSet::new()), selector, source: source.into() }
+    }
+
+    /// Add a tensor under `name`; it becomes a `Var` if the selector says it trains.
+    pub fn insert(&mut self, name: &str, tensor: Tensor) -> Result<()> {
+        let tensor = tensor.to_dtype(DType::F32)?;
+        let param = if self.selector.is_trainable(name) {
+            let var = Var::from_tensor(&tensor)?;
+            Param { tensor: var.as_tensor().clone(), var: Some(var) }
+        } else {
+            Param { tensor: tensor.detach(), var: None }
+        };
+        self.params.insert(name.to_string(), param);
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.params.contains_key(name)
+    }
+
+    /// The tensor `name`, checked against `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let p = self.params.get(name).ok_or_else(|| Error::Tensor {
+            name: name.to_string(),
+            msg: format!("missing from {}", self.source),
+        })?;
+        if p.tensor.dims() != shape {
+            return Err(Error::Shape { name: name.to_string(), expected: shape.to_vec(), actual: p.tensor.dims().to_vec() });
+        }
+        self.used.borrow_mut().insert(name.to_string());
+        Ok(p.tensor.clone())
+    }
+
+    /// The tensor `name` if present, else a fresh one from `init` (a new head).
+    pub fn get_or_init(&mut self, name: &str, shape: &[usize], init: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        if !self.params.contains_key(name) {
+            let t = init()?;
+            debug_assert_eq!(t.dims(), shape);
+            self.insert(name, t)?;
+        }
+        self.get(name, shape)
+    }
+
+    /// Names loaded but never asked for by the model.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.borrow();
+        self.params.keys().filter(|k| !used.contains(*k)).cloned().collect()
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.params.remove(name);
+    }
+
+    /// (name, var) of every trainable parameter, in name order.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.params.iter().filter_map(|(n, p)| p.var.clone().map(|v| (n.clone(), v))).collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Param)> {
+        self.params.iter()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> + Clone {
+        self.params.keys().map(|s| s.as_str())
+    }
+
+    /// (trainable, total) element counts.
+    pub fn counts(&self) -> (usize, usize) {
+        let mut t = 0;
+        let mut all = 0;
+        for p in self.params.values() {
+            let n = p.tensor.elem_count();
+            all += n;
+            if p.var.is_some() {
+                t += n;
+            }
+        }
+        (t, all)
+    }
+
+    /// PEFT's `print_trainable_parameters` line.
+    pub fn summary(&self) -> String {
+        let (t, all) = self.counts();
+        let frozen = all - t;
+        format!(
+            "trainable params: {t} || frozen params: {frozen} || all params: {all} || trainable%: {:.4}",
+            100.0 * t as f64 / all.max(1) as f64
+        )
+    }
+
+    /// Overwrite the values of every parameter present in `other` (same shapes).
+    pub fn copy_values_from(&self, values: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (name, t) in values {
+            if let Some(p) = self.params.get(name) {
+                match &p.var {
+                    Some(v) => v.set(t)?,
+                    None => {
+                        return Err(Error::msg(format!("cannot overwrite frozen tensor {name}")));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A snapshot of every trainable value (for keeping the best weights).
+    pub fn snapshot_trainable(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for (n, p) in &self.params {
+            if let Some(v) = &p.var {
+                out.insert(n.clone(), v.as_tensor().copy()?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A path prefix into a [`ParamStore`], as candle's `VarBuilder::pp`.
+#[derive(Clone)]
+pub struct Path<'a> {
+    pub store: &'a ParamStore,
+    prefix: String,
+}
+
+impl<'a> Path<'a> {
+    pub fn root(store: &'a ParamStore, prefix: &str) -> Self {
+        Path { store, prefix: prefix.trim_end_matches('.').to_string() }
+    }
+    pub fn pp(&self, seg: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { seg.to_string() } else { format!("{}.{seg}", self.prefix) };
+        Path { store: self.store, prefix }
+    }
+    pub fn name(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.prefix)
+        }
+    }
+    pub fn get(&self, shape: &[usize], leaf: &str) -> Result<Tensor> {
+        self.store.get(&self.name(leaf), shape)
+    }
+}
+
+/// N(0, std) initialisation from a seeded RNG (transformers' `initializer_range`).
+pub fn normal_init(shape: &[usize], std: f64, rng: &mut impl rand::Rng) -> Result<Tensor> {
+    use rand_distr::{Distribution, Normal};
+    let n: usize = shape.iter().product();
+    let dist = Normal::new(0.0f64, std).map_err(|e| Error::msg(e.to_string()))?;
+    let v: Vec<f32> = (0..n).map(|_| dist.sample(rng) as f32).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> Vec<String> {
+        let mut v = vec!["bert.embeddings.word_embeddings.weight".to_string()];
+        for i in 0..6 {
+            v.push(format!("bert.encoder.layer.{i}.attention.self.query.weight"));
+        }
+        v.push("bert.pooler.dense.weight".into());
+        v.push("classifier.weight".into());
+        v
+    }
+
+    fn trainable(sel: &Selector) -> Vec<String> {
+        names().into_iter().filter(|n| sel.is_trainable(n)).collect()
+    }
+
+    const HEAD: &[&str] = &["bert.pooler.*", "classifier.*"];
+
+    #[test]
+    fn presets() {
+        let full = Selector::new(Preset::Full, 6, false, 0, &[], &[], "bert.", HEAD).unwrap();
+        assert_eq!(trainable(&full).len(), names().len());
+        let head = Selector::new(Preset::HeadOnly, 6, false, 0, &[], &[], "bert.", HEAD).unwrap();
+        assert_eq!(trainable(&head), vec!["bert.pooler.dense.weight", "classifier.weight"]);
+        let last2 = Selector::new(Preset::LastLayers(2), 6, false, 0, &[], &[], "bert.", HEAD).unwrap();
+        let t = trainable(&last2);
+        assert_eq!(t.len(), 4, "{t:?}");
+        assert!(t.iter().any(|n| n.contains("layer.4.")) && t.iter().any(|n| n.contains("layer.5.")));
+        assert!(Selector::new(Preset::LastLayers(7), 6, false, 0, &[], &[], "bert.", HEAD).is_err());
+    }
+
+    #[test]
+    fn shorthands_and_patterns_short_and_regex() {
+        let s = Selector::new(Preset::Full, 6, true, 2, &["encoder.layer.5.*".into()], &[], "bert.", HEAD).unwrap();
+        let t = trainable(&s);
+        assert!(!t.iter().any(|n| n.contains("embeddings") || n.contains("layer.0.") || n.contains("layer.1.") || n.contains("layer.5.")));
+        assert!(t.iter().any(|n| n.contains("layer.2.")));
+        let r = Selector::new(Preset::HeadOnly, 6, false, 0, &[], &["re:bert\\.encoder\\.layer\\.[34]\\..*".into()], "bert.", HEAD).unwrap();
+        assert_eq!(trainable(&r).len(), 4);
+        let n = names();
+        let un = r.unmatched_user_patterns(n.iter().map(|s| s.as_str()), &["encoder.layr.*".into(), "classifier.*".into()]);
+        assert_eq!(un, vec!["encoder.layr.*".to_string()]);
+    }
+
+    #[test]
+    fn store_shape_errors_name_the_tensor() {
+        let mut st = ParamStore::new(Selector::all(), "test");
+        st.insert("a.weight", Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let e = st.get("a.weight", &[3, 2]).unwrap_err().to_string();
+        assert!(e.contains("a.weight") && e.contains("[3, 2]") && e.contains("[2, 3]"), "{e}");
+        let e = st.get("b", &[1]).unwrap_err().to_string();
+        assert!(e.contains("`b`") && e.contains("missing"), "{e}");
+    }
+}
