@@ -1,1 +1,342 @@
-fn main() {}
+//! The `afinar` binary: argv, progress bars, exit codes. Everything else is
+//! in the library.
+
+use afinar::config::Plan;
+use afinar::train::{self, Event, TrainOptions};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "afinar",
+    version,
+    about = "Fine-tune pretrained models: full, partly frozen, new heads"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch the pinned real assets (model + data) into the cache, sha256-checked.
+    Fetch {
+        /// Asset name, or `all`.
+        #[arg(default_value = "all")]
+        name: String,
+    },
+    /// Train as a run config says.
+    Train {
+        config: PathBuf,
+        /// Override a config key: `--set train.lr=3e-5` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Run folder (default: runs/<config name>-<UTC time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Evaluate a run (its test split) or a model folder on a data file.
+    Eval {
+        run: PathBuf,
+        /// A data file read with the run's field paths (default: the run's test split).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Predict labels for texts.
+    Predict {
+        run: PathBuf,
+        #[arg(long, conflicts_with = "file")]
+        text: Option<String>,
+        #[arg(long, requires = "text")]
+        text_pair: Option<String>,
+        /// A JSONL file of {"text": ..., "text_pair": ...} rows.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Write predictions (JSONL) here instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Tensor names, shapes, dtypes and parameter count of a checkpoint.
+    Inspect { path: PathBuf },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn init_threads(n: Option<usize>) {
+    let n = n.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+}
+
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Fetch { name } => {
+            let cache = afinar::hub::assets::cache_dir()?;
+            let p = afinar::hub::assets::fetch(&name, &cache)?;
+            println!("{}", p.display());
+            Ok(0)
+        }
+        Cmd::Inspect { path } => {
+            print!("{}", afinar::hub::checkpoint::inspect(&path)?);
+            Ok(0)
+        }
+        Cmd::Train { config, set, out } => cmd_train(&config, &set, out),
+        Cmd::Eval { run, data } => cmd_eval(&run, data.as_deref()),
+        Cmd::Predict {
+            run,
+            text,
+            text_pair,
+            file,
+            output,
+        } => cmd_predict(&run, text, text_pair, file, output),
+    }
+}
+
+fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<i32> {
+    let plan = Plan::load(config, set)?;
+    init_threads(plan.config.train.threads);
+    let stem = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    let run_dir =
+        out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{stem}-{}", utc_stamp())));
+    if run_dir.join("model").exists() || run_dir.join("results.json").exists() {
+        bail!(
+            "run folder {} already holds a run: choose another --out",
+            run_dir.display()
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: finishing the step and saving a checkpoint (Ctrl-C again to quit now)");
+        });
+    }
+    eprintln!("run folder: {}", run_dir.display());
+    let bar = ProgressBar::hidden();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut on = |ev: Event| match ev {
+        Event::Info(s) => bar.suspend(|| eprintln!("{s}")),
+        Event::Start { total_steps } => {
+            if tty {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+            bar.set_length(total_steps as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .unwrap(),
+            );
+        }
+        Event::Step {
+            step,
+            epoch,
+            loss,
+            lr,
+            tokens_per_s,
+            total_steps,
+        } => {
+            bar.set_position(step as u64);
+            bar.set_message(format!(
+                "epoch {epoch} loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
+            ));
+            if !tty && (step % 50 == 0 || step == total_steps) {
+                eprintln!("step {step}/{total_steps} epoch {epoch} loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s");
+            }
+        }
+        Event::Eval {
+            step,
+            split,
+            metrics,
+            best,
+        } => {
+            let m: Vec<String> = metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            bar.suspend(|| {
+                eprintln!(
+                    "[{split} @ step {step}] {}{}",
+                    m.join("  "),
+                    if best { "  (best)" } else { "" }
+                )
+            });
+        }
+    };
+    let report = train::train(
+        &plan,
+        &TrainOptions {
+            run_dir: run_dir.clone(),
+            stop,
+        },
+        &mut on,
+    )?;
+    bar.finish_and_clear();
+    eprintln!(
+        "done: {} steps in {:.1} s; best validation {:?} at step {:?}",
+        report.steps, report.wall_s, report.best_validation, report.best_step
+    );
+    if let Some(t) = &report.test {
+        let m: Vec<String> = t.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        println!("test: {}", m.join("  "));
+    }
+    println!("model: {}", run_dir.join("model").display());
+    Ok(if report.interrupted { 130 } else { 0 })
+}
+
+fn cmd_eval(run: &Path, data: Option<&Path>) -> Result<i32> {
+    init_threads(None);
+    let rm = train::load_run(run)?;
+    let (examples, path) = match data {
+        Some(p) => {
+            let plan = rm.plan.as_ref().context(
+                "--data needs a run folder (its config names the text and label fields)",
+            )?;
+            let (spec, format) = train::data_spec(plan)?;
+            (
+                afinar::data::read_examples(p, &spec, format)?,
+                p.to_path_buf(),
+            )
+        }
+        None => {
+            let plan = rm
+                .plan
+                .as_ref()
+                .context("give --data FILE to evaluate a model folder")?;
+            let s = train::load_splits(plan)?;
+            s.test
+                .context("the run's config has no test split: give --data FILE")?
+        }
+    };
+    let task = rm.model.head.task;
+    let enc = train::encode(&rm.tok, &examples, task, rm.labels.as_ref(), &path)?;
+    let (m, _) = train::evaluate(&rm.model, &enc, rm.tok.pad_id(), 64)?;
+    let v: serde_json::Value = serde_json::json!({ "data": path, "rows": enc.len(), "metrics": m });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(0)
+}
+
+fn cmd_predict(
+    run: &Path,
+    text: Option<String>,
+    text_pair: Option<String>,
+    file: Option<PathBuf>,
+    output: Option<PathBuf>,
+) -> Result<i32> {
+    init_threads(None);
+    let rm = train::load_run(run)?;
+    let rows: Vec<(String, Option<String>)> = match (text, file) {
+        (Some(t), _) => vec![(t, text_pair)],
+        (None, Some(f)) => {
+            let fh = std::fs::File::open(&f).with_context(|| format!("{}", f.display()))?;
+            let mut rows = Vec::new();
+            for (i, line) in std::io::BufReader::new(fh).lines().enumerate() {
+                let line =
+                    line.with_context(|| format!("{}:{}: not UTF-8 text", f.display(), i + 1))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .with_context(|| format!("{}:{}: malformed JSON", f.display(), i + 1))?;
+                let t = v["text"].as_str().with_context(|| {
+                    format!("{}:{}: no string field `text`", f.display(), i + 1)
+                })?;
+                rows.push((t.to_string(), v["text_pair"].as_str().map(String::from)));
+            }
+            if rows.is_empty() {
+                bail!("{}: no rows", f.display());
+            }
+            rows
+        }
+        (None, None) => bail!("give --text or --file"),
+    };
+    let mut lines = Vec::new();
+    for chunk in rows.chunks(64) {
+        let texts: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
+        let pairs: Option<Vec<&str>> = if chunk.iter().any(|r| r.1.is_some()) {
+            Some(chunk.iter().map(|r| r.1.as_deref().unwrap_or("")).collect())
+        } else {
+            None
+        };
+        let enc = rm.tok.encode_batch(&texts, pairs.as_deref())?;
+        let ids: Vec<&[u32]> = enc.iter().map(|e| e.0.as_slice()).collect();
+        let types: Vec<&[u32]> = enc.iter().map(|e| e.1.as_slice()).collect();
+        let b = afinar::data::Batch::collate(&ids, &types, rm.tok.pad_id())?;
+        let mask = b.attention_mask.iter().map(|&m| m as f32).collect();
+        let inputs = afinar::heads::Inputs::new(b.input_ids, b.type_ids, mask, b.batch, b.seq_len)?;
+        let logits = rm.model.forward(&inputs, None)?.to_vec2::<f32>()?;
+        for ((t, p), l) in chunk.iter().zip(logits) {
+            let mut v = serde_json::json!({ "text": t, "logits": l });
+            if let Some(p) = p {
+                v["text_pair"] = serde_json::json!(p);
+            }
+            if let Some(lm) = &rm.labels {
+                let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = l.iter().map(|x| (x - max).exp()).collect();
+                let s: f32 = e.iter().sum();
+                let i = train::argmax(&l);
+                v["label"] = serde_json::json!(lm.label(i));
+                v["score"] = serde_json::json!(e[i] / s);
+            } else {
+                v["value"] = serde_json::json!(l[0]);
+            }
+            lines.push(v.to_string());
+        }
+    }
+    let text = lines.join("\n") + "\n";
+    match output {
+        Some(p) => afinar::fsutil::write_atomic(&p, text.as_bytes())?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(0)
+}

@@ -123,17 +123,26 @@ impl Selector {
         for t in trainable {
             rules.push((p(t)?, true));
         }
-        Ok(Selector { rules, model_prefix: model_prefix.to_string() })
+        Ok(Selector {
+            rules,
+            model_prefix: model_prefix.to_string(),
+        })
     }
 
     /// Everything trains (used by tests and `full`).
     pub fn all() -> Self {
-        Selector { rules: vec![(Pattern::parse("*").unwrap(), true)], model_prefix: String::new() }
+        Selector {
+            rules: vec![(Pattern::parse("*").unwrap(), true)],
+            model_prefix: String::new(),
+        }
     }
 
     /// Nothing trains (inference).
     pub fn none() -> Self {
-        Selector { rules: vec![], model_prefix: String::new() }
+        Selector {
+            rules: vec![],
+            model_prefix: String::new(),
+        }
     }
 
     pub fn is_trainable(&self, name: &str) -> bool {
@@ -147,7 +156,11 @@ impl Selector {
     }
 
     /// Patterns the user wrote that match no parameter: almost always a typo.
-    pub fn unmatched_user_patterns<'a>(&self, names: impl Iterator<Item = &'a str> + Clone, user: &[String]) -> Vec<String> {
+    pub fn unmatched_user_patterns<'a>(
+        &self,
+        names: impl Iterator<Item = &'a str> + Clone,
+        user: &[String],
+    ) -> Vec<String> {
         user.iter()
             .filter(|u| {
                 let pat = match Pattern::parse(u) {
@@ -179,7 +192,12 @@ pub struct ParamStore {
 
 impl ParamStore {
     pub fn new(selector: Selector, source: impl Into<String>) -> Self {
-        ParamStore { params: BTreeMap::new(), used: RefCell::new(BTreeSet::new()), selector, source: source.into() }
+        ParamStore {
+            params: BTreeMap::new(),
+            used: RefCell::new(BTreeSet::new()),
+            selector,
+            source: source.into(),
+        }
     }
 
     /// Add a tensor under `name`; it becomes a `Var` if the selector says it trains.
@@ -187,9 +205,15 @@ impl ParamStore {
         let tensor = tensor.to_dtype(DType::F32)?;
         let param = if self.selector.is_trainable(name) {
             let var = Var::from_tensor(&tensor)?;
-            Param { tensor: var.as_tensor().clone(), var: Some(var) }
+            Param {
+                tensor: var.as_tensor().clone(),
+                var: Some(var),
+            }
         } else {
-            Param { tensor: tensor.detach(), var: None }
+            Param {
+                tensor: tensor.detach(),
+                var: None,
+            }
         };
         self.params.insert(name.to_string(), param);
         Ok(())
@@ -206,14 +230,23 @@ impl ParamStore {
             msg: format!("missing from {}", self.source),
         })?;
         if p.tensor.dims() != shape {
-            return Err(Error::Shape { name: name.to_string(), expected: shape.to_vec(), actual: p.tensor.dims().to_vec() });
+            return Err(Error::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: p.tensor.dims().to_vec(),
+            });
         }
         self.used.borrow_mut().insert(name.to_string());
         Ok(p.tensor.clone())
     }
 
     /// The tensor `name` if present, else a fresh one from `init` (a new head).
-    pub fn get_or_init(&mut self, name: &str, shape: &[usize], init: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    pub fn get_or_init(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
         if !self.params.contains_key(name) {
             let t = init()?;
             debug_assert_eq!(t.dims(), shape);
@@ -225,7 +258,11 @@ impl ParamStore {
     /// Names loaded but never asked for by the model.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.borrow();
-        self.params.keys().filter(|k| !used.contains(*k)).cloned().collect()
+        self.params
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect()
     }
 
     pub fn remove(&mut self, name: &str) {
@@ -234,7 +271,10 @@ impl ParamStore {
 
     /// (name, var) of every trainable parameter, in name order.
     pub fn trainable(&self) -> Vec<(String, Var)> {
-        self.params.iter().filter_map(|(n, p)| p.var.clone().map(|v| (n.clone(), v))).collect()
+        self.params
+            .iter()
+            .filter_map(|(n, p)| p.var.clone().map(|v| (n.clone(), v)))
+            .collect()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Param)> {
@@ -305,11 +345,21 @@ pub struct Path<'a> {
 
 impl<'a> Path<'a> {
     pub fn root(store: &'a ParamStore, prefix: &str) -> Self {
-        Path { store, prefix: prefix.trim_end_matches('.').to_string() }
+        Path {
+            store,
+            prefix: prefix.trim_end_matches('.').to_string(),
+        }
     }
     pub fn pp(&self, seg: impl std::fmt::Display) -> Self {
-        let prefix = if self.prefix.is_empty() { seg.to_string() } else { format!("{}.{seg}", self.prefix) };
-        Path { store: self.store, prefix }
+        let prefix = if self.prefix.is_empty() {
+            seg.to_string()
+        } else {
+            format!("{}.{seg}", self.prefix)
+        };
+        Path {
+            store: self.store,
+            prefix,
+        }
     }
     pub fn name(&self, leaf: &str) -> String {
         if self.prefix.is_empty() {
@@ -339,7 +389,9 @@ mod tests {
     fn names() -> Vec<String> {
         let mut v = vec!["bert.embeddings.word_embeddings.weight".to_string()];
         for i in 0..6 {
-            v.push(format!("bert.encoder.layer.{i}.attention.self.query.weight"));
+            v.push(format!(
+                "bert.encoder.layer.{i}.attention.self.query.weight"
+            ));
         }
         v.push("bert.pooler.dense.weight".into());
         v.push("classifier.weight".into());
@@ -347,7 +399,10 @@ mod tests {
     }
 
     fn trainable(sel: &Selector) -> Vec<String> {
-        names().into_iter().filter(|n| sel.is_trainable(n)).collect()
+        names()
+            .into_iter()
+            .filter(|n| sel.is_trainable(n))
+            .collect()
     }
 
     const HEAD: &[&str] = &["bert.pooler.*", "classifier.*"];
@@ -357,33 +412,74 @@ mod tests {
         let full = Selector::new(Preset::Full, 6, false, 0, &[], &[], "bert.", HEAD).unwrap();
         assert_eq!(trainable(&full).len(), names().len());
         let head = Selector::new(Preset::HeadOnly, 6, false, 0, &[], &[], "bert.", HEAD).unwrap();
-        assert_eq!(trainable(&head), vec!["bert.pooler.dense.weight", "classifier.weight"]);
-        let last2 = Selector::new(Preset::LastLayers(2), 6, false, 0, &[], &[], "bert.", HEAD).unwrap();
+        assert_eq!(
+            trainable(&head),
+            vec!["bert.pooler.dense.weight", "classifier.weight"]
+        );
+        let last2 =
+            Selector::new(Preset::LastLayers(2), 6, false, 0, &[], &[], "bert.", HEAD).unwrap();
         let t = trainable(&last2);
         assert_eq!(t.len(), 4, "{t:?}");
-        assert!(t.iter().any(|n| n.contains("layer.4.")) && t.iter().any(|n| n.contains("layer.5.")));
-        assert!(Selector::new(Preset::LastLayers(7), 6, false, 0, &[], &[], "bert.", HEAD).is_err());
+        assert!(
+            t.iter().any(|n| n.contains("layer.4.")) && t.iter().any(|n| n.contains("layer.5."))
+        );
+        assert!(
+            Selector::new(Preset::LastLayers(7), 6, false, 0, &[], &[], "bert.", HEAD).is_err()
+        );
     }
 
     #[test]
     fn shorthands_and_patterns_short_and_regex() {
-        let s = Selector::new(Preset::Full, 6, true, 2, &["encoder.layer.5.*".into()], &[], "bert.", HEAD).unwrap();
+        let s = Selector::new(
+            Preset::Full,
+            6,
+            true,
+            2,
+            &["encoder.layer.5.*".into()],
+            &[],
+            "bert.",
+            HEAD,
+        )
+        .unwrap();
         let t = trainable(&s);
-        assert!(!t.iter().any(|n| n.contains("embeddings") || n.contains("layer.0.") || n.contains("layer.1.") || n.contains("layer.5.")));
+        assert!(!t.iter().any(|n| n.contains("embeddings")
+            || n.contains("layer.0.")
+            || n.contains("layer.1.")
+            || n.contains("layer.5.")));
         assert!(t.iter().any(|n| n.contains("layer.2.")));
-        let r = Selector::new(Preset::HeadOnly, 6, false, 0, &[], &["re:bert\\.encoder\\.layer\\.[34]\\..*".into()], "bert.", HEAD).unwrap();
+        let r = Selector::new(
+            Preset::HeadOnly,
+            6,
+            false,
+            0,
+            &[],
+            &["re:bert\\.encoder\\.layer\\.[34]\\..*".into()],
+            "bert.",
+            HEAD,
+        )
+        .unwrap();
         assert_eq!(trainable(&r).len(), 4);
         let n = names();
-        let un = r.unmatched_user_patterns(n.iter().map(|s| s.as_str()), &["encoder.layr.*".into(), "classifier.*".into()]);
+        let un = r.unmatched_user_patterns(
+            n.iter().map(|s| s.as_str()),
+            &["encoder.layr.*".into(), "classifier.*".into()],
+        );
         assert_eq!(un, vec!["encoder.layr.*".to_string()]);
     }
 
     #[test]
     fn store_shape_errors_name_the_tensor() {
         let mut st = ParamStore::new(Selector::all(), "test");
-        st.insert("a.weight", Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        st.insert(
+            "a.weight",
+            Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
         let e = st.get("a.weight", &[3, 2]).unwrap_err().to_string();
-        assert!(e.contains("a.weight") && e.contains("[3, 2]") && e.contains("[2, 3]"), "{e}");
+        assert!(
+            e.contains("a.weight") && e.contains("[3, 2]") && e.contains("[2, 3]"),
+            "{e}"
+        );
         let e = st.get("b", &[1]).unwrap_err().to_string();
         assert!(e.contains("`b`") && e.contains("missing"), "{e}");
     }

@@ -1,1 +1,554 @@
-//! PNG plots of the loss and evaluation curves of a run.
+//! PNG plots of a run's `metrics.jsonl`: training loss on the left, the
+//! evaluation curves on the right, both against the optimiser step.
+//!
+//! Text uses DejaVu Sans embedded from the `dejavu` crate: plotters'
+//! `ab_glyph` backend has no access to system fonts, which keeps the plot
+//! identical on every machine (and working on a bare CI box).
+//!
+//! Which lines are what: a line with `"split"` (or any `eval_*` key) is an
+//! evaluation; other lines with `"loss"` are training steps. Every numeric
+//! field of an evaluation is drawn except bookkeeping (`step`, `epoch`, `lr`,
+//! timings, counts). Metrics that are minimised (losses, errors) share the
+//! left axis; maximised ones (accuracy, F1, Pearson) get the right axis, so
+//! a loss of 2.3 does not flatten an accuracy of 0.9.
+
+use crate::metrics::{direction, Direction};
+use crate::{Error, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::FontStyle;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const WIDTH: u32 = 1000;
+const HEIGHT: u32 = 450;
+const FONT: &str = "sans-serif";
+
+/// Tableau 10: distinguishable and colour-blind friendlier than pure RGB.
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Register the embedded font once per process.
+fn ensure_font() -> Result<()> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_ok()
+            && plotters::style::register_font(FONT, FontStyle::Bold, dejavu::sans::bold()).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::msg(
+            "plot: cannot load the embedded DejaVu Sans font",
+        ))
+    }
+}
+
+/// Keys of an evaluation line that are not curves worth drawing.
+fn is_bookkeeping(key: &str) -> bool {
+    const KEYS: [&str; 10] = [
+        "step",
+        "epoch",
+        "lr",
+        "learning_rate",
+        "grad_norm",
+        "examples",
+        "num_examples",
+        "samples",
+        "tokens",
+        "n",
+    ];
+    KEYS.contains(&key)
+        || key.contains("time")
+        || key.ends_with("_s")
+        || key.ends_with("_ms")
+        || key.ends_with("seconds")
+        || key.ends_with("per_second")
+}
+
+/// The curves found in a run's records.
+#[derive(Debug, Default)]
+struct Curves {
+    /// (step, loss) of training lines, in file order.
+    train: Vec<(f64, f64)>,
+    /// Series name -> (step, value), for evaluation lines.
+    eval: BTreeMap<String, Vec<(f64, f64)>>,
+    max_step: f64,
+}
+
+fn collect(records: &[Value]) -> Curves {
+    let mut c = Curves::default();
+    let num = |v: Option<&Value>| v.and_then(Value::as_f64).filter(|x| x.is_finite());
+    // Name series "validation accuracy" only when several splits are evaluated.
+    let splits: std::collections::BTreeSet<&str> = records
+        .iter()
+        .filter_map(|r| r.get("split").and_then(Value::as_str))
+        .collect();
+    for r in records {
+        let Some(obj) = r.as_object() else { continue };
+        let Some(step) = num(obj.get("step")) else {
+            continue;
+        };
+        let split = obj.get("split").and_then(Value::as_str);
+        let is_eval = split.is_some() || obj.keys().any(|k| k.starts_with("eval_"));
+        if is_eval {
+            for (key, v) in obj {
+                if key == "split" || is_bookkeeping(key) {
+                    continue;
+                }
+                let Some(y) = num(Some(v)) else { continue };
+                let name = match split {
+                    Some(s) if splits.len() > 1 => format!("{s} {key}"),
+                    _ => key.clone(),
+                };
+                c.eval.entry(name).or_default().push((step, y));
+                c.max_step = c.max_step.max(step);
+            }
+        } else if let Some(loss) = num(obj.get("loss")) {
+            c.train.push((step, loss));
+            c.max_step = c.max_step.max(step);
+        }
+    }
+    c
+}
+
+/// Trailing moving average over `window` points (shorter at the start).
+fn moving_average(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(points.len());
+    let mut sum = 0.0;
+    for (i, &(x, y)) in points.iter().enumerate() {
+        sum += y;
+        if i >= window {
+            sum -= points[i - window].1;
+        }
+        out.push((x, sum / (i + 1).min(window) as f64));
+    }
+    out
+}
+
+/// `lo..hi` around the values with a 5% margin; never empty.
+fn y_range<'a>(values: impl Iterator<Item = &'a f64>) -> std::ops::Range<f64> {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
+        (l.min(v), h.max(v))
+    });
+    if !lo.is_finite() {
+        return 0.0..1.0;
+    }
+    let pad = if hi > lo {
+        (hi - lo) * 0.05
+    } else {
+        lo.abs().max(1.0) * 0.1
+    };
+    (lo - pad)..(hi + pad)
+}
+
+/// Draw the loss and evaluation curves of `records` (the lines of a run's
+/// `metrics.jsonl`) into a 1000x450 PNG at `out_png`, written atomically.
+/// The file is PNG whatever its extension.
+pub fn plot_run(records: &[Value], out_png: &Path) -> Result<()> {
+    ensure_font()?;
+    let curves = collect(records);
+    if curves.train.is_empty() && curves.eval.is_empty() {
+        return Err(Error::file(
+            out_png,
+            "nothing to plot: no training `loss` or evaluation lines with a `step`",
+        ));
+    }
+    if let Some(dir) = out_png.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    // The bitmap encoder picks the format from the extension, so the
+    // temporary name must end in `.png` (fsutil's `.tmp.<pid>` would not).
+    let stem = out_png
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plot");
+    let tmp: PathBuf = out_png.with_file_name(format!(".{stem}.tmp.{}.png", std::process::id()));
+    let drawn = draw(&curves, &tmp, out_png);
+    let res =
+        drawn.and_then(|()| std::fs::rename(&tmp, out_png).map_err(|e| Error::io(out_png, e)));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+fn draw(curves: &Curves, tmp: &Path, out_png: &Path) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| Error::file(out_png, format!("plot: {e}"));
+    let root = BitMapBackend::new(tmp, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (left, right) = root.split_horizontally(WIDTH / 2);
+    let x_range = 0.0..curves.max_step.max(1.0);
+    draw_train(&left, curves, x_range.clone()).map_err(|e| err(&e))?;
+    draw_eval(&right, curves, x_range).map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Legend entries drawn in a strip under a chart, wrapped into rows, so a
+/// legend never covers a curve (inside the plot, some curve always crosses it).
+struct Legend {
+    items: Vec<(String, RGBColor)>,
+}
+
+impl Legend {
+    const ROW: i32 = 20;
+    const LEFT: i32 = 72;
+
+    /// Rows of (x offset, item index) for a strip `width` pixels wide.
+    fn layout(&self, area: &DrawingArea<BitMapBackend, Shift>) -> Vec<Vec<(i32, usize)>> {
+        let width = area.dim_in_pixel().0 as i32 - 12;
+        let font = TextStyle::from((FONT, 13).into_font());
+        let mut rows: Vec<Vec<(i32, usize)>> = vec![vec![]];
+        let mut x = Self::LEFT;
+        for (i, (label, _)) in self.items.iter().enumerate() {
+            let w = 26
+                + area
+                    .estimate_text_size(label, &font)
+                    .map(|s| s.0 as i32)
+                    .unwrap_or(8 * label.len() as i32);
+            if x + w > width && !rows.last().unwrap().is_empty() {
+                rows.push(vec![]);
+                x = Self::LEFT;
+            }
+            rows.last_mut().unwrap().push((x, i));
+            x += w + 18;
+        }
+        rows
+    }
+
+    fn height(&self, area: &DrawingArea<BitMapBackend, Shift>) -> u32 {
+        (self.layout(area).len() as i32 * Self::ROW + 6) as u32
+    }
+
+    fn draw(&self, area: &DrawingArea<BitMapBackend, Shift>) -> DrawResult {
+        for (r, row) in self.layout(area).iter().enumerate() {
+            let y = r as i32 * Self::ROW + Self::ROW / 2;
+            for &(x, i) in row {
+                let (label, color) = &self.items[i];
+                area.draw(&PathElement::new(
+                    vec![(x, y), (x + 20, y)],
+                    color.stroke_width(3),
+                ))?;
+                area.draw(&Text::new(
+                    label.clone(),
+                    (x + 26, y),
+                    TextStyle::from((FONT, 13).into_font()).pos(Pos::new(HPos::Left, VPos::Center)),
+                ))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Split `area` into (chart, legend strip).
+    fn split<'a>(
+        &self,
+        area: &DrawingArea<BitMapBackend<'a>, Shift>,
+    ) -> (
+        DrawingArea<BitMapBackend<'a>, Shift>,
+        DrawingArea<BitMapBackend<'a>, Shift>,
+    ) {
+        let h = area.dim_in_pixel().1;
+        area.split_vertically(h - self.height(area))
+    }
+}
+
+type DrawResult = std::result::Result<
+    (),
+    DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>,
+>;
+
+fn empty_panel(area: &DrawingArea<BitMapBackend, Shift>, caption: &str, note: &str) -> DrawResult {
+    // Same top margin as the charts' captions, so the two titles line up.
+    let area = area
+        .margin(12, 0, 0, 0)
+        .titled(caption, (FONT, 20).into_font().style(FontStyle::Bold))?;
+    let (w, h) = area.dim_in_pixel();
+    let style = TextStyle::from((FONT, 15).into_font())
+        .color(&RGBColor(110, 110, 110))
+        .pos(Pos::new(HPos::Center, VPos::Center));
+    area.draw(&Text::new(
+        note.to_string(),
+        (w as i32 / 2, h as i32 / 2),
+        style,
+    ))
+}
+
+/// Steps are integers: no "50.0" ticks.
+fn step_label(x: &f64) -> String {
+    if x.fract() == 0.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+/// Number of x ticks: at most 10, and no more than there are whole steps, so
+/// a 2-step run gets ticks 0, 1, 2 rather than 0, 0.2, 0.4, ...
+fn x_ticks(x_range: &std::ops::Range<f64>) -> usize {
+    (x_range.end as usize + 1).clamp(2, 10)
+}
+
+fn draw_train(
+    area: &DrawingArea<BitMapBackend, Shift>,
+    curves: &Curves,
+    x_range: std::ops::Range<f64>,
+) -> DrawResult {
+    if curves.train.is_empty() {
+        return empty_panel(area, "Training loss", "no training loss logged");
+    }
+    // A window of ~1/20 of the run smooths batch noise without hiding trends.
+    let window = (curves.train.len() / 20).clamp(1, 200);
+    // Under a moving average the raw curve is faded: the noise stays in the background.
+    let raw_color = if window > 1 {
+        RGBColor(158, 194, 222)
+    } else {
+        COLORS[0]
+    };
+    let mut legend = Legend {
+        items: vec![("loss".to_string(), raw_color)],
+    };
+    if window > 1 {
+        legend
+            .items
+            .push((format!("moving average ({window} points)"), COLORS[0]));
+    }
+    let (chart_area, legend_area) = legend.split(area);
+    let ticks = x_ticks(&x_range);
+    let mut chart = ChartBuilder::on(&chart_area)
+        .caption(
+            "Training loss",
+            (FONT, 20).into_font().style(FontStyle::Bold),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x_range, y_range(curves.train.iter().map(|p| &p.1)))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss")
+        .x_label_formatter(&step_label)
+        .x_labels(ticks)
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 15))
+        .light_line_style(RGBColor(238, 238, 238))
+        .draw()?;
+    chart.draw_series(LineSeries::new(
+        curves.train.iter().copied(),
+        raw_color.stroke_width(1),
+    ))?;
+    if window > 1 {
+        let smooth = moving_average(&curves.train, window);
+        chart.draw_series(LineSeries::new(smooth, COLORS[0].stroke_width(2)))?;
+    } else if curves.train.len() <= 3 {
+        // A line needs two points: mark them so a very short run still shows.
+        chart.draw_series(
+            curves
+                .train
+                .iter()
+                .map(|&p| Circle::new(p, 3, COLORS[0].filled())),
+        )?;
+    }
+    legend.draw(&legend_area)
+}
+
+fn draw_eval(
+    area: &DrawingArea<BitMapBackend, Shift>,
+    curves: &Curves,
+    x_range: std::ops::Range<f64>,
+) -> DrawResult {
+    if curves.eval.is_empty() {
+        return empty_panel(area, "Evaluation", "no evaluation logged");
+    }
+    // Minimised metrics on the left axis, maximised on the right; with only
+    // one kind, it takes the left axis alone.
+    let base = |name: &str| name.rsplit(' ').next().unwrap_or(name).to_string();
+    let (mut left, mut right): (Vec<_>, Vec<_>) = curves
+        .eval
+        .iter()
+        .partition(|(name, _)| direction(&base(name)) == Direction::Minimize);
+    let mut left_desc = "loss";
+    if left.is_empty() {
+        std::mem::swap(&mut left, &mut right);
+        left_desc = "metric";
+    }
+    let mut colors = COLORS.iter().cycle().skip(1).copied();
+    let left: Vec<_> = left
+        .into_iter()
+        .map(|(n, p)| (n.clone(), p, colors.next().unwrap()))
+        .collect();
+    let right: Vec<_> = right
+        .into_iter()
+        .map(|(n, p)| (n.clone(), p, colors.next().unwrap()))
+        .collect();
+    let legend = Legend {
+        items: left
+            .iter()
+            .map(|(n, _, c)| (n.clone(), *c))
+            .chain(
+                right
+                    .iter()
+                    .map(|(n, _, c)| (format!("{n} (right axis)"), *c)),
+            )
+            .collect(),
+    };
+    let (chart_area, legend_area) = legend.split(area);
+    let ticks = x_ticks(&x_range);
+
+    let left_y = y_range(left.iter().flat_map(|(_, pts, _)| pts.iter().map(|p| &p.1)));
+    let right_y = y_range(
+        right
+            .iter()
+            .flat_map(|(_, pts, _)| pts.iter().map(|p| &p.1)),
+    );
+    let mut chart = ChartBuilder::on(&chart_area)
+        .caption("Evaluation", (FONT, 20).into_font().style(FontStyle::Bold))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .right_y_label_area_size(if right.is_empty() { 0 } else { 60 })
+        .build_cartesian_2d(x_range.clone(), left_y)?
+        .set_secondary_coord(x_range, right_y);
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(left_desc)
+        .x_label_formatter(&step_label)
+        .x_labels(ticks)
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 15))
+        .light_line_style(RGBColor(238, 238, 238))
+        .draw()?;
+    if !right.is_empty() {
+        chart
+            .configure_secondary_axes()
+            .y_desc("metric")
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 15))
+            .draw()?;
+    }
+    // Evaluations are sparse: mark each one so a single point still shows.
+    for (_, pts, color) in &left {
+        chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    }
+    for (_, pts, color) in &right {
+        chart.draw_secondary_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
+        chart.draw_secondary_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    }
+    legend.draw(&legend_area)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A synthetic run: noisy decaying loss every step, evaluation every 50.
+    fn synthetic_run() -> Vec<Value> {
+        let mut records = Vec::new();
+        let mut noise = 0x2545_F491_4F6C_DD1Du64;
+        for step in 1..=300u64 {
+            noise ^= noise << 13;
+            noise ^= noise >> 7;
+            noise ^= noise << 17;
+            let jitter = (noise % 1000) as f64 / 1000.0 - 0.5;
+            let loss = 0.3 + 0.4 * (-(step as f64) / 80.0).exp() + 0.12 * jitter;
+            records.push(json!({"step": step, "epoch": step / 100, "loss": loss, "lr": 2e-5, "elapsed_s": 0.1}));
+            if step % 50 == 0 {
+                let t = step as f64 / 300.0;
+                records.push(json!({
+                    "step": step, "split": "validation",
+                    "eval_loss": 0.65 - 0.25 * t, "accuracy": 0.6 + 0.3 * t, "macro_f1": 0.55 + 0.32 * t,
+                    "runtime_s": 1.5, "examples": 500
+                }));
+            }
+        }
+        records
+    }
+
+    fn png_size(path: &Path) -> (u32, u32) {
+        let decoder = png::Decoder::new(std::fs::File::open(path).unwrap());
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        (info.width, info.height)
+    }
+
+    #[test]
+    fn collects_train_and_eval_series() {
+        let c = collect(&synthetic_run());
+        assert_eq!(c.train.len(), 300);
+        assert_eq!(
+            c.eval.keys().collect::<Vec<_>>(),
+            ["accuracy", "eval_loss", "macro_f1"]
+        );
+        assert_eq!(c.eval["accuracy"].len(), 6);
+        assert_eq!(c.max_step, 300.0);
+        assert_eq!(
+            moving_average(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)], 2),
+            vec![(0.0, 1.0), (1.0, 2.0), (2.0, 4.0)]
+        );
+    }
+
+    #[test]
+    fn plots_a_synthetic_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run").join("metrics.png");
+        plot_run(&synthetic_run(), &out).unwrap();
+        assert_eq!(png_size(&out), (WIDTH, HEIGHT));
+        // Only the target is left behind, no temporary file.
+        assert_eq!(std::fs::read_dir(out.parent().unwrap()).unwrap().count(), 1);
+        // `AFINAR_KEEP_PLOT=/tmp/p.png cargo test ... plot::` keeps the image to look at.
+        if let Ok(keep) = std::env::var("AFINAR_KEEP_PLOT") {
+            std::fs::copy(&out, keep).unwrap();
+        }
+    }
+
+    #[test]
+    fn plots_partial_runs_and_rejects_empty_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let only_train = dir.path().join("train.png");
+        plot_run(
+            &[
+                json!({"step": 1, "loss": 2.0}),
+                json!({"step": 2, "loss": 1.5}),
+            ],
+            &only_train,
+        )
+        .unwrap();
+        assert_eq!(png_size(&only_train), (WIDTH, HEIGHT));
+        let only_eval = dir.path().join("eval.png");
+        plot_run(
+            &[json!({"step": 10, "split": "validation", "accuracy": 0.5})],
+            &only_eval,
+        )
+        .unwrap();
+        assert_eq!(png_size(&only_eval), (WIDTH, HEIGHT));
+
+        // Two evaluated splits and many metrics: names carry the split, the legend wraps.
+        let mut run = synthetic_run();
+        run.push(json!({"step": 300, "split": "test", "eval_loss": 0.45, "accuracy": 0.88, "macro_f1": 0.86, "pearson": 0.7, "eval_mse": 0.3}));
+        let c = collect(&run);
+        assert!(c.eval.contains_key("validation accuracy") && c.eval.contains_key("test pearson"));
+        let many = dir.path().join("many.png");
+        plot_run(&run, &many).unwrap();
+        assert_eq!(png_size(&many), (WIDTH, HEIGHT));
+
+        let err = plot_run(&[json!({"note": "hi"})], &dir.path().join("x.png")).unwrap_err();
+        assert!(err.to_string().contains("nothing to plot"), "{err}");
+    }
+}

@@ -22,8 +22,22 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
     let b = b.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
     assert_eq!(a.dims(), b.dims());
-    let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_vec0::<f32>().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap().to_vec0::<f32>().unwrap().max(1e-3);
+    let diff = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_vec0::<f32>()
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_vec0::<f32>()
+        .unwrap()
+        .max(1e-3);
     diff / scale
 }
 
@@ -37,7 +51,16 @@ impl Golden {
         self.0.load_f32(n).unwrap_or_else(|e| panic!("{n}: {e}"))
     }
     fn ids(&self, n: &str) -> Vec<u32> {
-        self.0.load(n).unwrap().flatten_all().unwrap().to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
+        self.0
+            .load(n)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v as u32)
+            .collect()
     }
     fn has(&self, n: &str) -> bool {
         self.0.contains(n)
@@ -47,20 +70,45 @@ impl Golden {
 fn inputs(g: &Golden) -> Inputs {
     let ids = g.ids("input_ids");
     let (b, t) = g.0.load("input_ids").unwrap().dims2().unwrap();
-    let mask: Vec<f32> = g.ids("attention_mask").into_iter().map(|m| m as f32).collect();
+    let mask: Vec<f32> = g
+        .ids("attention_mask")
+        .into_iter()
+        .map(|m| m as f32)
+        .collect();
     Inputs::new(ids, g.ids("token_type_ids"), mask, b, t).unwrap()
 }
 
-fn build(selector: Selector, task: TaskKind, num_labels: usize, head_prefix: &str, g: &Golden) -> (afinar::params::ParamStore, SequenceModel) {
+fn build(
+    selector: Selector,
+    task: TaskKind,
+    num_labels: usize,
+    head_prefix: &str,
+    g: &Golden,
+) -> (afinar::params::ParamStore, SequenceModel) {
     let dir = fixtures().join("bert-tiny");
     let (cfg, _) = read_bert_config(&dir).unwrap();
     let mut cfg = cfg;
     cfg.hidden_dropout_prob = 0.0;
     cfg.attention_probs_dropout_prob = 0.0;
     let mut store = load_bert_params(&dir, selector).unwrap();
-    store.insert("classifier.weight", g.f(&format!("{head_prefix}classifier.weight"))).unwrap();
-    store.insert("classifier.bias", g.f(&format!("{head_prefix}classifier.bias"))).unwrap();
-    let head = HeadConfig { task, pooling: Pooling::Cls, num_labels, dropout: 0.0 };
+    store
+        .insert(
+            "classifier.weight",
+            g.f(&format!("{head_prefix}classifier.weight")),
+        )
+        .unwrap();
+    store
+        .insert(
+            "classifier.bias",
+            g.f(&format!("{head_prefix}classifier.bias")),
+        )
+        .unwrap();
+    let head = HeadConfig {
+        task,
+        pooling: Pooling::Cls,
+        num_labels,
+        dropout: 0.0,
+    };
     let model = SequenceModel::build(&mut store, &cfg, &head, 0).unwrap();
     check_unused(&mut store, &mut |_| {}).unwrap();
     (store, model)
@@ -73,7 +121,10 @@ fn tiny_bert_forward_loss_gradients_and_adamw_match_transformers() {
     let x = inputs(&g);
 
     // Every layer's hidden state.
-    let all = model.bert.forward_all(&x.input_ids, &x.token_type_ids, &x.mask, None).unwrap();
+    let all = model
+        .bert
+        .forward_all(&x.input_ids, &x.token_type_ids, &x.mask, None)
+        .unwrap();
     for (i, h) in all.iter().enumerate() {
         let e = rel_err(h, &g.f(&format!("hidden.{i}")));
         assert!(e < 1e-4, "hidden.{i}: rel err {e}");
@@ -92,18 +143,33 @@ fn tiny_bert_forward_loss_gradients_and_adamw_match_transformers() {
     let trainable = store.trainable();
     assert_eq!(trainable.len(), 41);
     for (name, var) in &trainable {
-        let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let e = rel_err(got, &g.f(&format!("grad.{name}")));
         assert!(e < 1e-3, "grad.{name}: rel err {e}");
     }
 
     // Three AdamW steps, full batch, decay except biases and LayerNorm.
-    let mut opt = AdamW::new(trainable.clone(), AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }).unwrap();
+    let mut opt = AdamW::new(
+        trainable.clone(),
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+    )
+    .unwrap();
     for step in 0..3 {
         let logits = model.forward(&x, None).unwrap();
         let loss = model.loss(&logits, &labels).unwrap();
         let want = g.f(&format!("adamw.loss.{step}"));
-        assert!(rel_err(&loss.reshape(1).unwrap(), &want) < 1e-4, "adamw loss {step}");
+        assert!(
+            rel_err(&loss.reshape(1).unwrap(), &want) < 1e-4,
+            "adamw loss {step}"
+        );
         let grads = loss.backward().unwrap();
         opt.step(&grads, 1e-3, 1.0).unwrap();
     }
@@ -122,10 +188,25 @@ fn tiny_bert_forward_loss_gradients_and_adamw_match_transformers() {
 #[test]
 fn tiny_bert_partly_frozen_gradients_match_and_frozen_get_none() {
     let g = Golden::open(fixtures().join("bert-tiny/golden.safetensors"));
-    let sel = Selector::new(Preset::LastLayers(1), 2, false, 0, &[], &[], "bert.", afinar::heads::HEAD_PATTERNS).unwrap();
+    let sel = Selector::new(
+        Preset::LastLayers(1),
+        2,
+        false,
+        0,
+        &[],
+        &[],
+        "bert.",
+        afinar::heads::HEAD_PATTERNS,
+    )
+    .unwrap();
     let (store, model) = build(sel, TaskKind::Classification, 2, "", &g);
     let x = inputs(&g);
-    let loss = model.loss(&model.forward(&x, None).unwrap(), &Targets::Classes(g.ids("labels"))).unwrap();
+    let loss = model
+        .loss(
+            &model.forward(&x, None).unwrap(),
+            &Targets::Classes(g.ids("labels")),
+        )
+        .unwrap();
     assert!(rel_err(&loss.reshape(1).unwrap(), &g.f("frozen.loss")) < 1e-4);
     let grads = loss.backward().unwrap();
     let mut n_trainable = 0;
@@ -135,13 +216,21 @@ fn tiny_bert_partly_frozen_gradients_match_and_frozen_get_none() {
             Some(v) => {
                 n_trainable += 1;
                 assert!(g.has(&want), "{name} trains but transformers froze it");
-                let got = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+                let got = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {name}"));
                 let e = rel_err(got, &g.f(&want));
                 assert!(e < 1e-3, "{want}: rel err {e}");
             }
             None => {
-                assert!(!g.has(&want), "{name} is frozen but transformers trained it");
-                assert!(grads.get(&p.tensor).is_none(), "frozen {name} got a gradient");
+                assert!(
+                    !g.has(&want),
+                    "{name} is frozen but transformers trained it"
+                );
+                assert!(
+                    grads.get(&p.tensor).is_none(),
+                    "frozen {name} got a gradient"
+                );
             }
         }
     }
@@ -161,7 +250,10 @@ fn tiny_bert_regression_head_matches() {
     let grads = loss.backward().unwrap();
     for (name, var) in store.trainable() {
         if name.starts_with("classifier.") {
-            let e = rel_err(grads.get(var.as_tensor()).unwrap(), &g.f(&format!("reg.grad.{name}")));
+            let e = rel_err(
+                grads.get(var.as_tensor()).unwrap(),
+                &g.f(&format!("reg.grad.{name}")),
+            );
             assert!(e < 1e-3, "{name}: {e}");
         }
     }
@@ -174,16 +266,31 @@ fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
     let dir = fixtures().join("bert-tiny");
     let (cfg, _) = read_bert_config(&dir).unwrap();
     let mut store = load_bert_params(&dir, Selector::all()).unwrap();
-    let head = HeadConfig { task: TaskKind::Classification, pooling: Pooling::Cls, num_labels: 3, dropout: 0.1 };
+    let head = HeadConfig {
+        task: TaskKind::Classification,
+        pooling: Pooling::Cls,
+        num_labels: 3,
+        dropout: 0.1,
+    };
     let model = SequenceModel::build(&mut store, &cfg, &head, 7).unwrap();
     let x = inputs(&g);
     let rng = afinar::nn::DropoutRng::new(3, 0);
-    let loss = model.loss(&model.forward(&x, Some(&rng)).unwrap(), &Targets::Classes(vec![0, 2, 1])).unwrap();
+    let loss = model
+        .loss(
+            &model.forward(&x, Some(&rng)).unwrap(),
+            &Targets::Classes(vec![0, 2, 1]),
+        )
+        .unwrap();
     let grads = loss.backward().unwrap();
     for (name, var) in store.trainable() {
-        let gr = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let gr = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
         let v = gr.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{name}: non-finite gradient"
+        );
         assert!(v.iter().any(|x| *x != 0.0), "{name}: all-zero gradient");
     }
 }
@@ -198,11 +305,19 @@ fn minilm_real_weights_match_transformers() {
     let g = Golden::open(fixtures().join("minilm/golden.safetensors"));
     let (cfg, _) = read_bert_config(&dir).unwrap();
     let mut store = load_bert_params(&dir, Selector::none()).unwrap();
-    let head = HeadConfig { task: TaskKind::Classification, pooling: Pooling::Cls, num_labels: 2, dropout: 0.0 };
+    let head = HeadConfig {
+        task: TaskKind::Classification,
+        pooling: Pooling::Cls,
+        num_labels: 2,
+        dropout: 0.0,
+    };
     let model = SequenceModel::build(&mut store, &cfg, &head, 0).unwrap();
     check_unused(&mut store, &mut |_| {}).unwrap();
     let x = inputs(&g);
-    let h = model.bert.forward(&x.input_ids, &x.token_type_ids, &x.mask, None).unwrap();
+    let h = model
+        .bert
+        .forward(&x.input_ids, &x.token_type_ids, &x.mask, None)
+        .unwrap();
     let e = rel_err(&h, &g.f("hidden.last"));
     assert!(e < 1e-4, "last hidden: rel err {e}");
     let e = rel_err(&model.pooled(&x, None).unwrap(), &g.f("pooled"));

@@ -57,7 +57,11 @@ fn d_pooling() -> Pooling {
 }
 impl Default for TaskSection {
     fn default() -> Self {
-        TaskSection { kind: d_task(), pooling: d_pooling(), dropout: None }
+        TaskSection {
+            kind: d_task(),
+            pooling: d_pooling(),
+            dropout: None,
+        }
     }
 }
 
@@ -106,7 +110,14 @@ fn d_preset() -> String {
 }
 impl Default for FreezeSection {
     fn default() -> Self {
-        FreezeSection { preset: d_preset(), last_layers: None, embeddings: false, first_layers: 0, frozen: vec![], trainable: vec![] }
+        FreezeSection {
+            preset: d_preset(),
+            last_layers: None,
+            embeddings: false,
+            first_layers: 0,
+            frozen: vec![],
+            trainable: vec![],
+        }
     }
 }
 
@@ -200,7 +211,11 @@ pub struct SeedSection {
 }
 impl Default for SeedSection {
     fn default() -> Self {
-        SeedSection { init: 42, data: 42, dropout: 42 }
+        SeedSection {
+            init: 42,
+            data: 42,
+            dropout: 42,
+        }
     }
 }
 
@@ -212,7 +227,10 @@ pub struct Plan {
 }
 
 fn cfg_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Config { path: path.to_path_buf(), msg: msg.into() }
+    Error::Config {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 /// Apply `key.path=value` overrides (`train.lr=3e-5`) to a parsed TOML table.
@@ -248,14 +266,18 @@ impl Plan {
     pub fn from_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
         // Deserialize the file itself first: its errors carry line and column.
         let _: RunConfig = toml::from_str(text).map_err(|e| cfg_err(path, e.to_string()))?;
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| cfg_err(path, e.to_string()))?;
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| cfg_err(path, e.to_string()))?;
         for o in overrides {
             apply_override(&mut table, o, path)?;
         }
         let config: RunConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| cfg_err(path, format!("after --set overrides: {e}")))?;
-        let plan = Plan { config, config_path: path.to_path_buf() };
+        let plan = Plan {
+            config,
+            config_path: path.to_path_buf(),
+        };
         plan.validate()?;
         Ok(plan)
     }
@@ -264,12 +286,19 @@ impl Plan {
         let p = &self.config_path;
         let c = &self.config;
         let err = |key: &str, msg: String| Err(cfg_err(p, format!("`{key}`: {msg}")));
-        let sources = [c.model.asset.is_some(), c.model.path.is_some(), c.model.hub.is_some()];
+        let sources = [
+            c.model.asset.is_some(),
+            c.model.path.is_some(),
+            c.model.hub.is_some(),
+        ];
         if sources.iter().filter(|s| **s).count() != 1 {
             return err("model", "give exactly one of `asset`, `path`, `hub`".into());
         }
         if c.model.max_length < 2 {
-            return err("model.max_length", format!("{} is too small", c.model.max_length));
+            return err(
+                "model.max_length",
+                format!("{} is too small", c.model.max_length),
+            );
         }
         if let Some(d) = c.task.dropout {
             if !(0.0..1.0).contains(&d) {
@@ -278,24 +307,41 @@ impl Plan {
         }
         if let Some(s) = c.data.split {
             if s.iter().any(|r| *r < 0.0) || (s.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
-                return err("data.split", format!("{s:?}: ratios must be >= 0 and sum to 1"));
+                return err(
+                    "data.split",
+                    format!("{s:?}: ratios must be >= 0 and sum to 1"),
+                );
             }
         }
         if c.data.split.is_none() && c.data.validation.is_none() {
-            return err("data", "give `validation` (a file) or `split` (ratios of train)".into());
+            return err(
+                "data",
+                "give `validation` (a file) or `split` (ratios of train)".into(),
+            );
         }
         match c.freeze.preset.as_str() {
             "full" | "head_only" => {
                 if c.freeze.last_layers.is_some() {
-                    return err("freeze.last_layers", "only with preset = \"last_layers\"".into());
+                    return err(
+                        "freeze.last_layers",
+                        "only with preset = \"last_layers\"".into(),
+                    );
                 }
             }
             "last_layers" => {
                 if c.freeze.last_layers.is_none() {
-                    return err("freeze.last_layers", "preset \"last_layers\" needs last_layers = N".into());
+                    return err(
+                        "freeze.last_layers",
+                        "preset \"last_layers\" needs last_layers = N".into(),
+                    );
                 }
             }
-            other => return err("freeze.preset", format!("`{other}` is not one of full, head_only, last_layers")),
+            other => {
+                return err(
+                    "freeze.preset",
+                    format!("`{other}` is not one of full, head_only, last_layers"),
+                )
+            }
         }
         let t = &c.train;
         if !(t.lr > 0.0 && t.lr.is_finite()) {
@@ -311,7 +357,10 @@ impl Plan {
             return err("train.epochs", "must be > 0".into());
         }
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
-            return err("train.warmup_ratio", format!("{} is not in [0, 1]", t.warmup_ratio));
+            return err(
+                "train.warmup_ratio",
+                format!("{} is not in [0, 1]", t.warmup_ratio),
+            );
         }
         if t.max_grad_norm < 0.0 {
             return err("train.max_grad_norm", "must be >= 0 (0 = off)".into());
@@ -322,7 +371,10 @@ impl Plan {
                 TaskKind::Regression => &["loss", "mse", "pearson"],
             };
             if !ok.contains(&es.metric.as_str()) {
-                return err("train.early_stopping.metric", format!("`{}` is not one of {ok:?}", es.metric));
+                return err(
+                    "train.early_stopping.metric",
+                    format!("`{}` is not one of {ok:?}", es.metric),
+                );
             }
             if es.patience == 0 {
                 return err("train.early_stopping.patience", "must be > 0".into());
@@ -371,7 +423,12 @@ lr = 1e-4
 
     #[test]
     fn good_config_and_overrides() {
-        let p = Plan::from_str(GOOD, Path::new("x.toml"), &["train.lr=3e-5".into(), "freeze.preset=head_only".into()]).unwrap();
+        let p = Plan::from_str(
+            GOOD,
+            Path::new("x.toml"),
+            &["train.lr=3e-5".into(), "freeze.preset=head_only".into()],
+        )
+        .unwrap();
         assert_eq!(p.config.train.lr, 3e-5);
         assert_eq!(p.config.freeze.preset, "head_only");
         assert_eq!(p.config.seeds.init, 42);
@@ -380,9 +437,16 @@ lr = 1e-4
     #[test]
     fn unknown_key_names_key_file_and_line() {
         let bad = GOOD.replace("lr = 1e-4", "lr = 1e-4\nlearning_rate = 3");
-        let e = Plan::from_str(&bad, Path::new("runs/x.toml"), &[]).unwrap_err().to_string();
-        assert!(e.contains("runs/x.toml") && e.contains("learning_rate") && e.contains("line 11"), "{e}");
-        let e = Plan::from_str(GOOD, Path::new("x.toml"), &["train.lrr=1".into()]).unwrap_err().to_string();
+        let e = Plan::from_str(&bad, Path::new("runs/x.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("runs/x.toml") && e.contains("learning_rate") && e.contains("line 11"),
+            "{e}"
+        );
+        let e = Plan::from_str(GOOD, Path::new("x.toml"), &["train.lrr=1".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lrr"), "{e}");
     }
 
@@ -390,13 +454,25 @@ lr = 1e-4
     fn invalid_values_name_the_key() {
         for (from, to, key) in [
             ("lr = 1e-4", "lr = -1.0", "train.lr"),
-            ("split = [0.8, 0.1, 0.1]", "split = [0.8, 0.1, 0.2]", "data.split"),
+            (
+                "split = [0.8, 0.1, 0.1]",
+                "split = [0.8, 0.1, 0.2]",
+                "data.split",
+            ),
             ("path = \"m\"", "path = \"m\"\nasset = \"a\"", "model"),
         ] {
-            let e = Plan::from_str(&GOOD.replace(from, to), Path::new("x.toml"), &[]).unwrap_err().to_string();
+            let e = Plan::from_str(&GOOD.replace(from, to), Path::new("x.toml"), &[])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(key), "{key}: {e}");
         }
-        let e = Plan::from_str(GOOD, Path::new("x.toml"), &["freeze.preset=last_layers".into()]).unwrap_err().to_string();
+        let e = Plan::from_str(
+            GOOD,
+            Path::new("x.toml"),
+            &["freeze.preset=last_layers".into()],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("freeze.last_layers"), "{e}");
     }
 }

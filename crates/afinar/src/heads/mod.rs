@@ -39,10 +39,10 @@ pub struct HeadConfig {
 
 /// Token ids and masks of one padded batch, ready for the model.
 pub struct Inputs {
-    pub input_ids: Tensor,        // [B, T] u32
-    pub token_type_ids: Tensor,   // [B, T] u32
-    pub mask: Arc<Vec<f32>>,      // [B * T], 1 = token
-    pub mask_tensor: Tensor,      // [B, T] f32
+    pub input_ids: Tensor,      // [B, T] u32
+    pub token_type_ids: Tensor, // [B, T] u32
+    pub mask: Arc<Vec<f32>>,    // [B * T], 1 = token
+    pub mask_tensor: Tensor,    // [B, T] f32
 }
 
 impl Inputs {
@@ -73,31 +73,55 @@ impl SequenceModel {
     /// Build on the parameters in `store`; head weights missing from it are
     /// initialised as transformers does (N(0, initializer_range), zero bias)
     /// from `init_seed`.
-    pub fn build(store: &mut ParamStore, cfg: &BertConfig, head: &HeadConfig, init_seed: u64) -> Result<Self> {
+    pub fn build(
+        store: &mut ParamStore,
+        cfg: &BertConfig,
+        head: &HeadConfig,
+        init_seed: u64,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(init_seed);
         let std = cfg.initializer_range;
         if head.pooling == Pooling::Cls {
-            store.get_or_init("bert.pooler.dense.weight", &[h, h], || normal_init(&[h, h], std, &mut rng))?;
-            store.get_or_init("bert.pooler.dense.bias", &[h], || Ok(Tensor::zeros(h, DType::F32, &Device::Cpu)?))?;
+            store.get_or_init("bert.pooler.dense.weight", &[h, h], || {
+                normal_init(&[h, h], std, &mut rng)
+            })?;
+            store.get_or_init("bert.pooler.dense.bias", &[h], || {
+                Ok(Tensor::zeros(h, DType::F32, &Device::Cpu)?)
+            })?;
         }
         let n = head.num_labels;
-        store.get_or_init("classifier.weight", &[n, h], || normal_init(&[n, h], std, &mut rng))?;
-        store.get_or_init("classifier.bias", &[n], || Ok(Tensor::zeros(n, DType::F32, &Device::Cpu)?))?;
+        store.get_or_init("classifier.weight", &[n, h], || {
+            normal_init(&[n, h], std, &mut rng)
+        })?;
+        store.get_or_init("classifier.bias", &[n], || {
+            Ok(Tensor::zeros(n, DType::F32, &Device::Cpu)?)
+        })?;
 
         let root = Path::root(store, "");
         let bert = Bert::load(&root.pp("bert"), cfg)?;
         let pooler = match head.pooling {
-            Pooling::Cls => Some(Linear::load(&root.pp("bert").pp("pooler").pp("dense"), h, h)?),
+            Pooling::Cls => Some(Linear::load(
+                &root.pp("bert").pp("pooler").pp("dense"),
+                h,
+                h,
+            )?),
             Pooling::Mean => None,
         };
         let classifier = Linear::load(&root.pp("classifier"), h, n)?;
-        Ok(SequenceModel { bert, pooler, classifier, head: head.clone() })
+        Ok(SequenceModel {
+            bert,
+            pooler,
+            classifier,
+            head: head.clone(),
+        })
     }
 
     /// The pooled sentence vector `[B, H]` (before head dropout).
     pub fn pooled(&self, x: &Inputs, dropout: Option<&DropoutRng>) -> Result<Tensor> {
-        let hidden = self.bert.forward(&x.input_ids, &x.token_type_ids, &x.mask, dropout)?; // [B, T, H]
+        let hidden = self
+            .bert
+            .forward(&x.input_ids, &x.token_type_ids, &x.mask, dropout)?; // [B, T, H]
         match &self.pooler {
             Some(p) => {
                 let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?; // [B, H]
@@ -111,7 +135,9 @@ impl SequenceModel {
     pub fn forward(&self, x: &Inputs, dropout: Option<&DropoutRng>) -> Result<Tensor> {
         let pooled = self.pooled(x, dropout)?;
         let pooled = match dropout {
-            Some(r) if self.head.dropout > 0.0 => nn::dropout(&pooled, self.head.dropout, r.next())?,
+            Some(r) if self.head.dropout > 0.0 => {
+                nn::dropout(&pooled, self.head.dropout, r.next())?
+            }
             _ => pooled,
         };
         self.classifier.forward(&pooled)

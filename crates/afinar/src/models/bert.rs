@@ -60,15 +60,27 @@ impl BertConfig {
     pub fn validate(&self, file: &std::path::Path) -> Result<()> {
         let bad = |key: &str, msg: String| Err(Error::file(file, format!("`{key}`: {msg}")));
         if !matches!(self.hidden_act.as_str(), "gelu" | "relu") {
-            return bad("hidden_act", format!("`{}` is not supported (gelu, relu)", self.hidden_act));
+            return bad(
+                "hidden_act",
+                format!("`{}` is not supported (gelu, relu)", self.hidden_act),
+            );
         }
         if self.position_embedding_type != "absolute" {
-            return bad("position_embedding_type", format!("`{}` is not supported (absolute)", self.position_embedding_type));
+            return bad(
+                "position_embedding_type",
+                format!(
+                    "`{}` is not supported (absolute)",
+                    self.position_embedding_type
+                ),
+            );
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             return bad(
                 "num_attention_heads",
-                format!("hidden_size {} is not divisible by {} heads", self.hidden_size, self.num_attention_heads),
+                format!(
+                    "hidden_size {} is not divisible by {} heads",
+                    self.hidden_size, self.num_attention_heads
+                ),
             );
         }
         Ok(())
@@ -84,7 +96,10 @@ pub struct Linear {
 
 impl Linear {
     pub fn load(p: &Path, in_f: usize, out_f: usize) -> Result<Self> {
-        Ok(Linear { weight: p.get(&[out_f, in_f], "weight")?, bias: Some(p.get(&[out_f], "bias")?) })
+        Ok(Linear {
+            weight: p.get(&[out_f, in_f], "weight")?,
+            bias: Some(p.get(&[out_f], "bias")?),
+        })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(nn::linear(x, &self.weight, self.bias.as_ref())?)
@@ -100,7 +115,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(p: &Path, d: usize, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { weight: p.get(&[d], "weight")?, bias: p.get(&[d], "bias")?, eps })
+        Ok(LayerNorm {
+            weight: p.get(&[d], "weight")?,
+            bias: p.get(&[d], "bias")?,
+            eps,
+        })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(nn::layer_norm(x, &self.weight, &self.bias, self.eps)?)
@@ -128,22 +147,37 @@ impl BertEmbeddings {
         let h = cfg.hidden_size;
         Ok(BertEmbeddings {
             word_embeddings: p.get(&[cfg.vocab_size, h], "word_embeddings.weight")?,
-            position_embeddings: p.get(&[cfg.max_position_embeddings, h], "position_embeddings.weight")?,
-            token_type_embeddings: p.get(&[cfg.type_vocab_size, h], "token_type_embeddings.weight")?,
+            position_embeddings: p.get(
+                &[cfg.max_position_embeddings, h],
+                "position_embeddings.weight",
+            )?,
+            token_type_embeddings: p
+                .get(&[cfg.type_vocab_size, h], "token_type_embeddings.weight")?,
             layer_norm: LayerNorm::load(&p.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
             dropout: cfg.hidden_dropout_prob,
             pad_token_id: cfg.pad_token_id,
         })
     }
 
-    fn forward(&self, input_ids: &Tensor, type_ids: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        type_ids: &Tensor,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let h = self.word_embeddings.dim(1)?;
         let max_pos = self.position_embeddings.dim(0)?;
         if t > max_pos {
-            return Err(Error::msg(format!("sequence length {t} exceeds max_position_embeddings {max_pos}")));
+            return Err(Error::msg(format!(
+                "sequence length {t} exceeds max_position_embeddings {max_pos}"
+            )));
         }
-        let words = nn::embedding(&self.word_embeddings, &input_ids.flatten_all()?, Some(self.pad_token_id))?; // [B*T, H]
+        let words = nn::embedding(
+            &self.word_embeddings,
+            &input_ids.flatten_all()?,
+            Some(self.pad_token_id),
+        )?; // [B*T, H]
         let types = nn::embedding(&self.token_type_embeddings, &type_ids.flatten_all()?, None)?;
         let pos = self.position_embeddings.narrow(0, 0, t)?; // [T, H]
         let x = (words + types)?.reshape((b, t, h))?.broadcast_add(&pos)?;
@@ -187,12 +221,19 @@ impl BertLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Arc<Vec<f32>>, rng: Option<&DropoutRng>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Arc<Vec<f32>>,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
         // [B, T, H] -> q, k, v [B, T, H]
         let q = self.query.forward(x)?;
         let k = self.key.forward(x)?;
         let v = self.value.forward(x)?;
-        let drop = rng.filter(|_| self.attn_dropout > 0.0).map(|r| (self.attn_dropout, r.next()));
+        let drop = rng
+            .filter(|_| self.attn_dropout > 0.0)
+            .map(|r| (self.attn_dropout, r.next()));
         let ctx = nn::attention(&q, &k, &v, mask.clone(), self.heads, drop)?; // [B, T, H]
         let a = maybe_dropout(self.attn_out.forward(&ctx)?, self.hidden_dropout, rng)?;
         let x = self.attn_ln.forward(&(a + x)?)?;
@@ -217,7 +258,11 @@ impl Bert {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| BertLayer::load(&p.pp("encoder").pp("layer").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Bert { embeddings, layers, config: cfg.clone() })
+        Ok(Bert {
+            embeddings,
+            layers,
+            config: cfg.clone(),
+        })
     }
 
     /// Hidden states of every layer: `[embeddings, layer 1, ..., layer N]`,

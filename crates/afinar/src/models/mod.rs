@@ -20,7 +20,8 @@ pub fn read_bert_config(dir: &Path) -> Result<(bert::BertConfig, serde_json::Val
         return Err(Error::file(dir, "model folder does not exist"));
     }
     let raw = crate::hub::config::read_config_value(&file)?;
-    let cfg: bert::BertConfig = serde_json::from_value(raw.clone()).map_err(|e| Error::file(&file, e.to_string()))?;
+    let cfg: bert::BertConfig =
+        serde_json::from_value(raw.clone()).map_err(|e| Error::file(&file, e.to_string()))?;
     cfg.validate(&file)?;
     Ok((cfg, raw))
 }
@@ -36,7 +37,11 @@ pub fn load_bert_params(dir: &Path, selector: Selector) -> Result<ParamStore> {
         if IGNORED_SUFFIXES.iter().any(|s| name.ends_with(s)) {
             continue;
         }
-        let key = if prefixed || OTHER_HEADS.iter().any(|p| name.starts_with(p)) { name.clone() } else { format!("bert.{name}") };
+        let key = if prefixed || OTHER_HEADS.iter().any(|p| name.starts_with(p)) {
+            name.clone()
+        } else {
+            format!("bert.{name}")
+        };
         store.insert(&key, ckpt.load_f32(name)?)?;
     }
     Ok(store)
@@ -46,15 +51,24 @@ pub fn load_bert_params(dir: &Path, selector: Selector) -> Result<ParamStore> {
 /// warning) and fail on any other tensor the model did not use.
 pub fn check_unused(store: &mut ParamStore, warn: &mut dyn FnMut(String)) -> Result<()> {
     let unused = store.unused();
-    let (other, unexpected): (Vec<_>, Vec<_>) = unused.into_iter().partition(|n| OTHER_HEADS.iter().any(|p| n.starts_with(p)));
+    let (other, unexpected): (Vec<_>, Vec<_>) = unused
+        .into_iter()
+        .partition(|n| OTHER_HEADS.iter().any(|p| n.starts_with(p)));
     if !other.is_empty() {
-        warn(format!("ignoring {} tensors of a pretraining head (e.g. {})", other.len(), other[0]));
+        warn(format!(
+            "ignoring {} tensors of a pretraining head (e.g. {})",
+            other.len(),
+            other[0]
+        ));
         for n in &other {
             store.remove(n);
         }
     }
     if !unexpected.is_empty() {
-        return Err(Error::UnexpectedTensors { path: store.source.clone().into(), names: unexpected });
+        return Err(Error::UnexpectedTensors {
+            path: store.source.clone().into(),
+            names: unexpected,
+        });
     }
     Ok(())
 }

@@ -22,11 +22,23 @@ impl<'a> Mat<'a> {
     /// Row-major contiguous `rows x cols`.
     pub fn rm(data: &'a [f32], rows: usize, cols: usize) -> Self {
         debug_assert!(data.len() >= rows * cols);
-        Mat { data, rows, cols, rs: cols as isize, cs: 1 }
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: cols as isize,
+            cs: 1,
+        }
     }
     /// The transpose, as a view.
     pub fn t(self) -> Self {
-        Mat { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+        Mat {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
     }
 }
 
@@ -41,7 +53,15 @@ pub fn parallelism() -> Parallelism {
 }
 
 /// `dst[m x n] (row stride dst_rs) = (acc ? dst : 0) + alpha * a[m x k] @ b[k x n]`.
-pub fn matmul(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, alpha: f32, acc: bool, par: Parallelism) {
+pub fn matmul(
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    alpha: f32,
+    acc: bool,
+    par: Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "matmul inner dims");
     if m == 0 || n == 0 {
@@ -104,14 +124,16 @@ const LN_CHUNK: usize = 64;
 
 /// y = (x - mean) / sqrt(var + eps) * gamma + beta, per row of width `d`.
 pub fn layer_norm_fwd(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, d: usize, y: &mut [f32]) {
-    y.par_chunks_mut(d * LN_CHUNK).zip(x.par_chunks(d * LN_CHUNK)).for_each(|(yc, xc)| {
-        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-            let (mean, rstd) = row_stats(xr, eps);
-            for j in 0..d {
-                yr[j] = (xr[j] - mean) * rstd * gamma[j] + beta[j];
+    y.par_chunks_mut(d * LN_CHUNK)
+        .zip(x.par_chunks(d * LN_CHUNK))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                let (mean, rstd) = row_stats(xr, eps);
+                for j in 0..d {
+                    yr[j] = (xr[j] - mean) * rstd * gamma[j] + beta[j];
+                }
             }
-        }
-    });
+        });
 }
 
 #[inline]
@@ -137,8 +159,16 @@ pub fn layer_norm_bwd(
     let chunks = rows.div_ceil(LN_CHUNK);
     // Per-chunk partial sums of dgamma/dbeta, reduced after: no locks.
     let work = |c: usize, dxc: Option<&mut [f32]>| -> (Vec<f32>, Vec<f32>) {
-        let mut dg = if want_params { vec![0f32; d] } else { Vec::new() };
-        let mut db = if want_params { vec![0f32; d] } else { Vec::new() };
+        let mut dg = if want_params {
+            vec![0f32; d]
+        } else {
+            Vec::new()
+        };
+        let mut db = if want_params {
+            vec![0f32; d]
+        } else {
+            Vec::new()
+        };
         let r0 = c * LN_CHUNK;
         let r1 = (r0 + LN_CHUNK).min(rows);
         let mut dxc = dxc;
@@ -216,7 +246,11 @@ pub fn dropout(x: &[f32], p: f32, seed: u64, out: &mut [f32]) {
         let base = c * 4096;
         for (j, o) in oc.iter_mut().enumerate() {
             let i = base + j;
-            *o = if uniform(seed, i as u64) >= p { x[i] * scale } else { 0.0 };
+            *o = if uniform(seed, i as u64) >= p {
+                x[i] * scale
+            } else {
+                0.0
+            };
         }
     });
 }
@@ -256,7 +290,11 @@ fn masked_softmax_rows(s: &mut [f32], t: usize, mask: &[f32]) {
         }
         let mut sum = 0f32;
         for j in 0..t {
-            let e = if mask[j] != 0.0 { (row[j] - max).exp() } else { 0.0 };
+            let e = if mask[j] != 0.0 {
+                (row[j] - max).exp()
+            } else {
+                0.0
+            };
             row[j] = e;
             sum += e;
         }
@@ -270,13 +308,23 @@ fn masked_softmax_rows(s: &mut [f32], t: usize, mask: &[f32]) {
 fn head_view(x: &[f32], sh: AttnShape, bi: usize, hi: usize) -> Mat<'_> {
     let c = sh.c();
     let off = bi * sh.t * c + hi * sh.d;
-    Mat { data: &x[off..], rows: sh.t, cols: sh.d, rs: c as isize, cs: 1 }
+    Mat {
+        data: &x[off..],
+        rows: sh.t,
+        cols: sh.d,
+        rs: c as isize,
+        cs: 1,
+    }
 }
 
 fn apply_dropout_rows(p_mat: &mut [f32], p: f32, seed: u64, base: u64) {
     let scale = 1.0 / (1.0 - p);
     for (j, v) in p_mat.iter_mut().enumerate() {
-        *v = if uniform(seed, base + j as u64) >= p { *v * scale } else { 0.0 };
+        *v = if uniform(seed, base + j as u64) >= p {
+            *v * scale
+        } else {
+            0.0
+        };
     }
 }
 
@@ -312,7 +360,15 @@ pub fn attention_fwd(
             // SAFETY: see above; the view starts at this head's block.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
             let off = bi * t * c + hi * d;
-            matmul(&mut o[off..], c, Mat::rm(s, t, t), vm, 1.0, false, Parallelism::None);
+            matmul(
+                &mut o[off..],
+                c,
+                Mat::rm(s, t, t),
+                vm,
+                1.0,
+                false,
+                Parallelism::None,
+            );
         },
     );
 }
@@ -334,7 +390,11 @@ pub fn attention_bwd(
     dv: &mut [f32],
 ) {
     let (t, c, d) = (sh.t, sh.c(), sh.d);
-    let ptrs = (SyncPtr(dq.as_mut_ptr()), SyncPtr(dk.as_mut_ptr()), SyncPtr(dv.as_mut_ptr()));
+    let ptrs = (
+        SyncPtr(dq.as_mut_ptr()),
+        SyncPtr(dk.as_mut_ptr()),
+        SyncPtr(dv.as_mut_ptr()),
+    );
     let len = dq.len();
     (0..sh.b * sh.h).into_par_iter().for_each_init(
         || (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; t * t]),
@@ -362,7 +422,15 @@ pub fn attention_bwd(
                 )
             };
             // dV = Pd^T dO
-            matmul(&mut dvs[off..], c, Mat::rm(pd, t, t).t(), dom, 1.0, false, Parallelism::None);
+            matmul(
+                &mut dvs[off..],
+                c,
+                Mat::rm(pd, t, t).t(),
+                dom,
+                1.0,
+                false,
+                Parallelism::None,
+            );
             // dPd = dO V^T
             matmul(dp, t, dom, vm.t(), 1.0, false, Parallelism::None);
             if let Some((pr, seed)) = dropout {
@@ -379,8 +447,24 @@ pub fn attention_bwd(
                 }
             }
             // dQ = dS K ; dK = dS^T Q
-            matmul(&mut dqs[off..], c, Mat::rm(dp, t, t), km, 1.0, false, Parallelism::None);
-            matmul(&mut dks[off..], c, Mat::rm(dp, t, t).t(), qm, 1.0, false, Parallelism::None);
+            matmul(
+                &mut dqs[off..],
+                c,
+                Mat::rm(dp, t, t),
+                km,
+                1.0,
+                false,
+                Parallelism::None,
+            );
+            matmul(
+                &mut dks[off..],
+                c,
+                Mat::rm(dp, t, t).t(),
+                qm,
+                1.0,
+                false,
+                Parallelism::None,
+            );
         },
     );
 }
@@ -450,12 +534,28 @@ mod tests {
         }
         let want = naive_mm(&a, &b, m, k, n);
         let mut got = vec![0f32; m * n];
-        matmul(&mut got, n, Mat::rm(&a, m, k), Mat::rm(&bt, n, k).t(), 1.0, false, parallelism());
+        matmul(
+            &mut got,
+            n,
+            Mat::rm(&a, m, k),
+            Mat::rm(&bt, n, k).t(),
+            1.0,
+            false,
+            parallelism(),
+        );
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-5);
         }
         // accumulate
-        matmul(&mut got, n, Mat::rm(&a, m, k), Mat::rm(&b, k, n), 1.0, true, Parallelism::None);
+        matmul(
+            &mut got,
+            n,
+            Mat::rm(&a, m, k),
+            Mat::rm(&b, k, n),
+            1.0,
+            true,
+            Parallelism::None,
+        );
         for (g, w) in got.iter().zip(&want) {
             assert!((g - 2.0 * w).abs() < 1e-4);
         }
@@ -466,7 +566,11 @@ mod tests {
         for &x in &[-3.0f32, -1.0, -0.1, 0.0, 0.3, 1.7, 4.0] {
             let h = 1e-3;
             let fd = (gelu(x + h) - gelu(x - h)) / (2.0 * h);
-            assert!((fd - gelu_grad(x)).abs() < 1e-3, "x={x} fd={fd} an={}", gelu_grad(x));
+            assert!(
+                (fd - gelu_grad(x)).abs() < 1e-3,
+                "x={x} fd={fd} an={}",
+                gelu_grad(x)
+            );
         }
     }
 

@@ -18,7 +18,10 @@ pub struct DropoutRng {
 
 impl DropoutRng {
     pub fn new(seed: u64, step: u64) -> Self {
-        DropoutRng { base: kernels::splitmix64(seed ^ kernels::splitmix64(step.wrapping_add(0x5eed))), counter: Cell::new(0) }
+        DropoutRng {
+            base: kernels::splitmix64(seed ^ kernels::splitmix64(step.wrapping_add(0x5eed))),
+            counter: Cell::new(0),
+        }
     }
     pub fn next(&self) -> u64 {
         let c = self.counter.get();

@@ -25,7 +25,12 @@ fn cerr(msg: impl std::fmt::Display) -> candle_core::Error {
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
     let v = match s {
         CpuStorage::F32(v) => v,
-        other => return Err(cerr(format!("{what}: expected f32, found {:?}", other.dtype()))),
+        other => {
+            return Err(cerr(format!(
+                "{what}: expected f32, found {:?}",
+                other.dtype()
+            )))
+        }
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
@@ -34,7 +39,11 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
 }
 
 /// Run `f` on the f32 data of a tensor (made contiguous first if needed).
-pub(crate) fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> CResult<R>) -> CResult<R> {
+pub(crate) fn with_f32<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> CResult<R>,
+) -> CResult<R> {
     let t = t.contiguous()?;
     let (st, l) = t.storage_and_layout();
     match &*st {
@@ -57,11 +66,19 @@ fn needs_grad(t: &Tensor) -> bool {
 struct LinearOp;
 
 impl LinearOp {
-    fn fwd(x: &[f32], xs: &[usize], w: &[f32], ws: &[usize], b: Option<&[f32]>) -> CResult<(CpuStorage, Shape)> {
+    fn fwd(
+        x: &[f32],
+        xs: &[usize],
+        w: &[f32],
+        ws: &[usize],
+        b: Option<&[f32]>,
+    ) -> CResult<(CpuStorage, Shape)> {
         let (out_f, in_f) = (ws[0], ws[1]);
         let k = *xs.last().ok_or_else(|| cerr("linear: scalar input"))?;
         if k != in_f {
-            return Err(cerr(format!("linear: input width {k} but weight is [{out_f}, {in_f}]")));
+            return Err(cerr(format!(
+                "linear: input width {k} but weight is [{out_f}, {in_f}]"
+            )));
         }
         let n = x.len() / in_f;
         let mut y = vec![0f32; n * out_f];
@@ -82,14 +99,27 @@ impl LinearOp {
         Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 
-    fn bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out_f, in_f) = w.dims2()?;
         with_f32(grad, "linear grad", |g| {
             let n = g.len() / out_f;
             let dx = if needs_grad(x) {
                 with_f32(w, "linear weight", |wv| {
                     let mut dx = vec![0f32; n * in_f];
-                    kernels::matmul(&mut dx, in_f, Mat::rm(g, n, out_f), Mat::rm(wv, out_f, in_f), 1.0, false, kernels::parallelism());
+                    kernels::matmul(
+                        &mut dx,
+                        in_f,
+                        Mat::rm(g, n, out_f),
+                        Mat::rm(wv, out_f, in_f),
+                        1.0,
+                        false,
+                        kernels::parallelism(),
+                    );
                     Ok(Some(tensor(dx, x.shape())?))
                 })?
             } else {
@@ -99,7 +129,15 @@ impl LinearOp {
             let dw = if needs_grad(w) {
                 with_f32(x, "linear input", |xv| {
                     let mut dw = vec![0f32; out_f * in_f];
-                    kernels::matmul(&mut dw, in_f, Mat::rm(g, n, out_f).t(), Mat::rm(xv, n, in_f), 1.0, false, kernels::parallelism());
+                    kernels::matmul(
+                        &mut dw,
+                        in_f,
+                        Mat::rm(g, n, out_f).t(),
+                        Mat::rm(xv, n, in_f),
+                        1.0,
+                        false,
+                        kernels::parallelism(),
+                    );
                     Ok(Some(tensor(dw, (out_f, in_f))?))
                 })?
             } else {
@@ -118,10 +156,28 @@ impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
         "afinar-linear"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        Self::fwd(f32s(s1, l1, "linear input")?, l1.dims(), f32s(s2, l2, "linear weight")?, l2.dims(), None)
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        Self::fwd(
+            f32s(s1, l1, "linear input")?,
+            l1.dims(),
+            f32s(s2, l2, "linear weight")?,
+            l2.dims(),
+            None,
+        )
     }
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = Self::bwd(x, w, None, grad)?;
         Ok((dx, dw))
     }
@@ -182,11 +238,13 @@ impl CustomOp1 for GeluOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32s(s, l, "gelu")?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(yc, xc)| {
-            for (o, v) in yc.iter_mut().zip(xc) {
-                *o = kernels::gelu(*v);
-            }
-        });
+        y.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(yc, xc)| {
+                for (o, v) in yc.iter_mut().zip(xc) {
+                    *o = kernels::gelu(*v);
+                }
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
@@ -234,7 +292,11 @@ impl CustomOp3 for LayerNormOp {
         let b = f32s(s3, l3, "layer_norm bias")?;
         let d = g.len();
         if l1.dims().last() != Some(&d) || b.len() != d {
-            return Err(cerr(format!("layer_norm: input {:?}, weight [{d}], bias [{}]", l1.dims(), b.len())));
+            return Err(cerr(format!(
+                "layer_norm: input {:?}, weight [{d}], bias [{}]",
+                l1.dims(),
+                b.len()
+            )));
         }
         let mut y = vec![0f32; x.len()];
         kernels::layer_norm_fwd(x, g, b, self.eps, d, &mut y);
@@ -253,11 +315,31 @@ impl CustomOp3 for LayerNormOp {
         with_f32(x, "layer_norm input", |xv| {
             with_f32(g, "layer_norm weight", |gv| {
                 with_f32(grad, "layer_norm grad", |dy| {
-                    let mut dx = if needs_grad(x) { Some(vec![0f32; xv.len()]) } else { None };
-                    let (dg, db) = kernels::layer_norm_bwd(xv, gv, dy, self.eps, d, dx.as_deref_mut(), want_params);
+                    let mut dx = if needs_grad(x) {
+                        Some(vec![0f32; xv.len()])
+                    } else {
+                        None
+                    };
+                    let (dg, db) = kernels::layer_norm_bwd(
+                        xv,
+                        gv,
+                        dy,
+                        self.eps,
+                        d,
+                        dx.as_deref_mut(),
+                        want_params,
+                    );
                     let dx = dx.map(|v| tensor(v, x.shape())).transpose()?;
-                    let dg = if needs_grad(g) { Some(tensor(dg, d)?) } else { None };
-                    let db = if needs_grad(b) { Some(tensor(db, d)?) } else { None };
+                    let dg = if needs_grad(g) {
+                        Some(tensor(dg, d)?)
+                    } else {
+                        None
+                    };
+                    let db = if needs_grad(b) {
+                        Some(tensor(db, d)?)
+                    } else {
+                        None
+                    };
                     Ok((dx, dg, db))
                 })
             })
@@ -309,7 +391,8 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> CResult<Tensor> {
     if p >= 1.0 {
         return Err(cerr(format!("dropout probability {p} must be < 1")));
     }
-    x.contiguous()?.apply_op1_arc(Arc::new(Box::new(DropoutOp { p, seed })))
+    x.contiguous()?
+        .apply_op1_arc(Arc::new(Box::new(DropoutOp { p, seed })))
 }
 
 // ------------------------------------------------------------------ attention
@@ -324,15 +407,28 @@ struct AttentionOp {
 impl AttentionOp {
     fn shape(&self, dims: &[usize]) -> CResult<AttnShape> {
         let [b, t, c] = dims else {
-            return Err(cerr(format!("attention: q/k/v must be [B, T, C], found {dims:?}")));
+            return Err(cerr(format!(
+                "attention: q/k/v must be [B, T, C], found {dims:?}"
+            )));
         };
         if c % self.heads != 0 {
-            return Err(cerr(format!("attention: width {c} is not divisible by {} heads", self.heads)));
+            return Err(cerr(format!(
+                "attention: width {c} is not divisible by {} heads",
+                self.heads
+            )));
         }
         if self.key_mask.len() != b * t {
-            return Err(cerr(format!("attention: mask has {} entries for [B={b}, T={t}]", self.key_mask.len())));
+            return Err(cerr(format!(
+                "attention: mask has {} entries for [B={b}, T={t}]",
+                self.key_mask.len()
+            )));
         }
-        Ok(AttnShape { b: *b, t: *t, h: self.heads, d: c / self.heads })
+        Ok(AttnShape {
+            b: *b,
+            t: *t,
+            h: self.heads,
+            d: c / self.heads,
+        })
     }
 }
 
@@ -351,11 +447,25 @@ impl CustomOp3 for AttentionOp {
     ) -> CResult<(CpuStorage, Shape)> {
         let sh = self.shape(l1.dims())?;
         if l2.dims() != l1.dims() || l3.dims() != l1.dims() {
-            return Err(cerr(format!("attention: q {:?}, k {:?}, v {:?} differ", l1.dims(), l2.dims(), l3.dims())));
+            return Err(cerr(format!(
+                "attention: q {:?}, k {:?}, v {:?} differ",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )));
         }
         let (q, k, v) = (f32s(s1, l1, "q")?, f32s(s2, l2, "k")?, f32s(s3, l3, "v")?);
         let mut out = vec![0f32; q.len()];
-        kernels::attention_fwd(q, k, v, &self.key_mask, sh, self.scale, self.dropout, &mut out);
+        kernels::attention_fwd(
+            q,
+            k,
+            v,
+            &self.key_mask,
+            sh,
+            self.scale,
+            self.dropout,
+            &mut out,
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(
@@ -372,10 +482,27 @@ impl CustomOp3 for AttentionOp {
                 with_f32(v, "v", |vv| {
                     with_f32(grad, "attention grad", |g| {
                         let n = qv.len();
-                        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-                        kernels::attention_bwd(qv, kv, vv, &self.key_mask, sh, self.scale, self.dropout, g, &mut dq, &mut dk, &mut dv);
+                        let (mut dq, mut dk, mut dv) =
+                            (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                        kernels::attention_bwd(
+                            qv,
+                            kv,
+                            vv,
+                            &self.key_mask,
+                            sh,
+                            self.scale,
+                            self.dropout,
+                            g,
+                            &mut dq,
+                            &mut dk,
+                            &mut dv,
+                        );
                         let s = q.shape();
-                        Ok((Some(tensor(dq, s)?), Some(tensor(dk, s)?), Some(tensor(dv, s)?)))
+                        Ok((
+                            Some(tensor(dq, s)?),
+                            Some(tensor(dk, s)?),
+                            Some(tensor(dv, s)?),
+                        ))
                     })
                 })
             })
@@ -400,7 +527,12 @@ pub fn attention(
     q.contiguous()?.apply_op3_arc(
         &k.contiguous()?,
         &v.contiguous()?,
-        Arc::new(Box::new(AttentionOp { key_mask, heads, scale, dropout })),
+        Arc::new(Box::new(AttentionOp {
+            key_mask,
+            heads,
+            scale,
+            dropout,
+        })),
     )
 }
 
@@ -414,18 +546,30 @@ impl CustomOp2 for EmbeddingOp {
     fn name(&self) -> &'static str {
         "afinar-embedding"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let w = f32s(s1, l1, "embedding weight")?;
         let CpuStorage::U32(ids) = s2 else {
             return Err(cerr("embedding: ids must be u32"));
         };
-        let (a, b) = l2.contiguous_offsets().ok_or_else(|| cerr("ids must be contiguous"))?;
+        let (a, b) = l2
+            .contiguous_offsets()
+            .ok_or_else(|| cerr("ids must be contiguous"))?;
         let ids = &ids[a..b];
-        let [v, h] = l1.dims() else { return Err(cerr("embedding weight must be 2-d")) };
+        let [v, h] = l1.dims() else {
+            return Err(cerr("embedding weight must be 2-d"));
+        };
         let mut out = vec![0f32; ids.len() * h];
         for (o, &id) in out.chunks_mut(*h).zip(ids) {
             if id as usize >= *v {
-                return Err(cerr(format!("token id {id} is out of range for a vocabulary of {v}")));
+                return Err(cerr(format!(
+                    "token id {id} is out of range for a vocabulary of {v}"
+                )));
             }
             o.copy_from_slice(&w[id as usize * h..(id as usize + 1) * h]);
         }
@@ -433,7 +577,13 @@ impl CustomOp2 for EmbeddingOp {
         shape.push(*h);
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
-    fn bwd(&self, w: &Tensor, ids: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        w: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         if !needs_grad(w) {
             return Ok((None, None));
         }
@@ -446,7 +596,10 @@ impl CustomOp2 for EmbeddingOp {
                 if Some(id) == self.padding_idx {
                     continue;
                 }
-                for (d, x) in dw[id as usize * h..(id as usize + 1) * h].iter_mut().zip(row) {
+                for (d, x) in dw[id as usize * h..(id as usize + 1) * h]
+                    .iter_mut()
+                    .zip(row)
+                {
                     *d += x;
                 }
             }
@@ -458,7 +611,10 @@ impl CustomOp2 for EmbeddingOp {
 /// Rows of `weight` `[V, H]` for `ids` (any shape, u32) -> `[..ids, H]`.
 /// The gradient skips `padding_idx`, as `nn.Embedding(padding_idx=...)`.
 pub fn embedding(weight: &Tensor, ids: &Tensor, padding_idx: Option<u32>) -> CResult<Tensor> {
-    weight.contiguous()?.apply_op2_arc(&ids.to_dtype(DType::U32)?.contiguous()?, Arc::new(Box::new(EmbeddingOp { padding_idx })))
+    weight.contiguous()?.apply_op2_arc(
+        &ids.to_dtype(DType::U32)?.contiguous()?,
+        Arc::new(Box::new(EmbeddingOp { padding_idx })),
+    )
 }
 
 // ------------------------------------------------------------------ cross-entropy
@@ -469,17 +625,28 @@ impl CustomOp2 for CrossEntropyOp {
     fn name(&self) -> &'static str {
         "afinar-cross-entropy"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let logits = f32s(s1, l1, "logits")?;
         let CpuStorage::U32(t) = s2 else {
             return Err(cerr("cross_entropy: targets must be u32"));
         };
-        let (a, b) = l2.contiguous_offsets().ok_or_else(|| cerr("targets must be contiguous"))?;
+        let (a, b) = l2
+            .contiguous_offsets()
+            .ok_or_else(|| cerr("targets must be contiguous"))?;
         let t = &t[a..b];
         let c = *l1.dims().last().unwrap();
         let n = logits.len() / c;
         if t.len() != n {
-            return Err(cerr(format!("cross_entropy: {n} rows of logits, {} targets", t.len())));
+            return Err(cerr(format!(
+                "cross_entropy: {n} rows of logits, {} targets",
+                t.len()
+            )));
         }
         let mut total = 0f64;
         for (row, &y) in logits.chunks(c).zip(t) {
@@ -490,9 +657,18 @@ impl CustomOp2 for CrossEntropyOp {
             let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
             total += (lse - row[y as usize]) as f64;
         }
-        Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(())))
+        Ok((
+            CpuStorage::F32(vec![(total / n as f64) as f32]),
+            Shape::from(()),
+        ))
     }
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.to_dtype(DType::F32)?.to_vec0::<f32>()?;
         let t = targets.to_vec1::<u32>()?;
         let c = logits.dim(logits.rank() - 1)?;
@@ -514,9 +690,10 @@ impl CustomOp2 for CrossEntropyOp {
 
 /// Mean cross-entropy of `[N, C]` logits against `[N]` u32 class ids.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
-    logits
-        .contiguous()?
-        .apply_op2_arc(&targets.to_dtype(DType::U32)?.contiguous()?, Arc::new(Box::new(CrossEntropyOp)))
+    logits.contiguous()?.apply_op2_arc(
+        &targets.to_dtype(DType::U32)?.contiguous()?,
+        Arc::new(Box::new(CrossEntropyOp)),
+    )
 }
 
 #[cfg(test)]
@@ -526,7 +703,9 @@ mod tests {
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| (kernels::uniform(seed, i as u64) - 0.5) * 2.0).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (kernels::uniform(seed, i as u64) - 0.5) * 2.0)
+            .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
@@ -538,8 +717,19 @@ mod tests {
         let loss = (out * &r).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         for (vi, var) in vars.iter().enumerate() {
-            let g = grads.get(var).expect("gradient present").flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let g = grads
+                .get(var)
+                .expect("gradient present")
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let base = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let h = 1e-2f32;
             for i in (0..base.len()).step_by((base.len() / 7).max(1)) {
                 let eval = |delta: f32| -> f32 {
@@ -547,10 +737,19 @@ mod tests {
                     p[i] += delta;
                     let mut args = ts.clone();
                     args[vi] = Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap();
-                    (f(&args) * &r).unwrap().sum_all().unwrap().to_vec0::<f32>().unwrap()
+                    (f(&args) * &r)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_vec0::<f32>()
+                        .unwrap()
                 };
                 let fd = (eval(h) - eval(-h)) / (2.0 * h);
-                assert!((fd - g[i]).abs() <= tol * (1.0 + fd.abs()), "var {vi} elem {i}: fd {fd} vs analytic {}", g[i]);
+                assert!(
+                    (fd - g[i]).abs() <= tol * (1.0 + fd.abs()),
+                    "var {vi} elem {i}: fd {fd} vs analytic {}",
+                    g[i]
+                );
             }
         }
     }
@@ -560,7 +759,11 @@ mod tests {
         let x = Var::from_tensor(&randn(&[2, 3, 5], 1)).unwrap();
         let w = Var::from_tensor(&randn(&[4, 5], 2)).unwrap();
         let b = Var::from_tensor(&randn(&[4], 3)).unwrap();
-        check_grads(&[x, w, b], &|t| linear(&t[0], &t[1], Some(&t[2])).unwrap(), 2e-2);
+        check_grads(
+            &[x, w, b],
+            &|t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+            2e-2,
+        );
     }
 
     #[test]
@@ -578,7 +781,11 @@ mod tests {
         let x = Var::from_tensor(&randn(&[4, 6], 4)).unwrap();
         let g = Var::from_tensor(&(randn(&[6], 5) + 1.0).unwrap()).unwrap();
         let b = Var::from_tensor(&randn(&[6], 6)).unwrap();
-        check_grads(&[x.clone(), g, b], &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(), 2e-2);
+        check_grads(
+            &[x.clone(), g, b],
+            &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            2e-2,
+        );
         check_grads(&[x.clone()], &|t| gelu(&t[0]).unwrap(), 2e-2);
         check_grads(&[x], &|t| dropout(&t[0], 0.3, 11).unwrap(), 2e-2);
     }
@@ -595,7 +802,11 @@ mod tests {
         let mask = Arc::new(mask);
         for dropout in [None, Some((0.2f32, 5u64))] {
             let m = mask.clone();
-            check_grads(&[q.clone(), k.clone(), v.clone()], &move |ts| attention(&ts[0], &ts[1], &ts[2], m.clone(), 2, dropout).unwrap(), 2e-2);
+            check_grads(
+                &[q.clone(), k.clone(), v.clone()],
+                &move |ts| attention(&ts[0], &ts[1], &ts[2], m.clone(), 2, dropout).unwrap(),
+                2e-2,
+            );
         }
     }
 
@@ -603,21 +814,52 @@ mod tests {
     fn attention_matches_composed_reference() {
         let (b, t, h, d) = (2, 4, 2, 3);
         let c = h * d;
-        let (q, k, v) = (randn(&[b, t, c], 1), randn(&[b, t, c], 2), randn(&[b, t, c], 3));
+        let (q, k, v) = (
+            randn(&[b, t, c], 1),
+            randn(&[b, t, c], 2),
+            randn(&[b, t, c], 3),
+        );
         let mut mask = vec![1f32; b * t];
         mask[t + 3] = 0.0;
         let got = attention(&q, &k, &v, Arc::new(mask.clone()), h, None).unwrap();
         // Reference with candle's own (non-fused) ops.
-        let split = |x: &Tensor| x.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let split = |x: &Tensor| {
+            x.reshape((b, t, h, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
         let (qh, kh, vh) = (split(&q), split(&k), split(&v));
         let s = (qh.matmul(&kh.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
-        let add: Vec<f32> = mask.iter().map(|m| if *m == 0.0 { -1e9 } else { 0.0 }).collect();
+        let add: Vec<f32> = mask
+            .iter()
+            .map(|m| if *m == 0.0 { -1e9 } else { 0.0 })
+            .collect();
         let add = Tensor::from_vec(add, (b, 1, 1, t), &Device::Cpu).unwrap();
         let s = s.broadcast_add(&add).unwrap();
-        let e = s.broadcast_sub(&s.max_keepdim(3).unwrap()).unwrap().exp().unwrap();
+        let e = s
+            .broadcast_sub(&s.max_keepdim(3).unwrap())
+            .unwrap()
+            .exp()
+            .unwrap();
         let p = e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap();
-        let want = p.matmul(&vh).unwrap().transpose(1, 2).unwrap().reshape((b, t, c)).unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_vec0::<f32>().unwrap();
+        let want = p
+            .matmul(&vh)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, c))
+            .unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_vec0::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "diff {diff}");
     }
 
@@ -625,7 +867,10 @@ mod tests {
     fn cross_entropy_value_and_grad() {
         let logits = Var::from_tensor(&randn(&[3, 4], 12)).unwrap();
         let targets = Tensor::new(&[0u32, 3, 1], &Device::Cpu).unwrap();
-        let loss = cross_entropy(logits.as_tensor(), &targets).unwrap().to_vec0::<f32>().unwrap();
+        let loss = cross_entropy(logits.as_tensor(), &targets)
+            .unwrap()
+            .to_vec0::<f32>()
+            .unwrap();
         let l = logits.as_tensor().to_vec2::<f32>().unwrap();
         let want: f32 = [0usize, 3, 1]
             .iter()
@@ -635,6 +880,10 @@ mod tests {
             / 3.0;
         assert!((loss - want).abs() < 1e-5);
         let t2 = targets.clone();
-        check_grads(&[logits], &move |ts| cross_entropy(&ts[0], &t2).unwrap(), 2e-2);
+        check_grads(
+            &[logits],
+            &move |ts| cross_entropy(&ts[0], &t2).unwrap(),
+            2e-2,
+        );
     }
 }

@@ -14,7 +14,10 @@ use std::cell::RefCell;
 /// Which parameters get weight decay: not biases, not LayerNorm weights
 /// (the usual transformers rule).
 pub fn decays(name: &str) -> bool {
-    !(name.ends_with(".bias") || name.contains("LayerNorm.") || name.contains("layer_norm") || name.contains(".ln_"))
+    !(name.ends_with(".bias")
+        || name.contains("LayerNorm.")
+        || name.contains("layer_norm")
+        || name.contains(".ln_"))
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -28,7 +31,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -64,19 +73,36 @@ impl InplaceOp2 for Update<'_> {
     fn name(&self) -> &'static str {
         "afinar-adamw"
     }
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
             return Err(candle_core::Error::Msg("adamw: f32 parameters only".into()));
         };
-        let (Some((pa, pb)), Some((ga, gb))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            return Err(candle_core::Error::Msg("adamw: contiguous tensors only".into()));
+        let (Some((pa, pb)), Some((ga, gb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            return Err(candle_core::Error::Msg(
+                "adamw: contiguous tensors only".into(),
+            ));
         };
         let p = &mut p[pa..pb];
         let g = &g[ga..gb];
         let mut m = self.m.borrow_mut();
         let mut v = self.v.borrow_mut();
-        let (lr, wd, b1, b2, eps, bc1, bc2_sqrt, gs) =
-            (self.lr, self.wd, self.b1, self.b2, self.eps, self.bc1, self.bc2_sqrt, self.grad_scale);
+        let (lr, wd, b1, b2, eps, bc1, bc2_sqrt, gs) = (
+            self.lr,
+            self.wd,
+            self.b1,
+            self.b2,
+            self.eps,
+            self.bc1,
+            self.bc2_sqrt,
+            self.grad_scale,
+        );
         const CH: usize = 1 << 14;
         p.par_chunks_mut(CH)
             .zip(g.par_chunks(CH))
@@ -102,10 +128,20 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let n = var.elem_count();
-                Slot { decay: decays(&name), name, var, m: vec![0.0; n], v: vec![0.0; n] }
+                Slot {
+                    decay: decays(&name),
+                    name,
+                    var,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                }
             })
             .collect();
-        Ok(AdamW { slots, cfg, step: 0 })
+        Ok(AdamW {
+            slots,
+            cfg,
+            step: 0,
+        })
     }
 
     pub fn num_params(&self) -> usize {
@@ -117,7 +153,9 @@ impl AdamW {
         let mut total = 0f64;
         for s in &self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                total += with_f32(g, &s.name, |v| Ok(v.par_iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>()))?;
+                total += with_f32(g, &s.name, |v| {
+                    Ok(v.par_iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>())
+                })?;
             }
         }
         Ok(total.sqrt())
@@ -132,7 +170,9 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         for s in &mut self.slots {
-            let Some(g) = grads.get(s.var.as_tensor()) else { continue };
+            let Some(g) = grads.get(s.var.as_tensor()) else {
+                continue;
+            };
             let g = g.contiguous()?;
             let up = Update {
                 m: RefCell::new(&mut s.m),
@@ -146,7 +186,13 @@ impl AdamW {
                 bc2_sqrt: bc2.sqrt() as f32,
                 grad_scale: grad_scale as f32,
             };
-            s.var.as_tensor().inplace_op2(&g, &up).map_err(|e| Error::Tensor { name: s.name.clone(), msg: e.to_string() })?;
+            s.var
+                .as_tensor()
+                .inplace_op2(&g, &up)
+                .map_err(|e| Error::Tensor {
+                    name: s.name.clone(),
+                    msg: e.to_string(),
+                })?;
         }
         Ok(())
     }
@@ -194,7 +240,11 @@ mod tests {
         let var = Var::new(&[1.0f32, -2.0], &candle_core::Device::Cpu).unwrap();
         let loss = (var.as_tensor() * 3.0).unwrap().sum_all().unwrap(); // grad = 3
         let grads = loss.backward().unwrap();
-        let cfg = AdamWConfig { lr: 0.1, weight_decay: 0.5, ..Default::default() };
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.5,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(vec![("w.weight".into(), var.clone())], cfg).unwrap();
         opt.step(&grads, 0.1, 1.0).unwrap();
         // step 1: m̂ = g, v̂ = g², update = lr * g / (|g| + eps) = 0.1 (sign g), decay p *= 1 - lr*wd
