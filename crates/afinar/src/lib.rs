@@ -21,3 +21,18 @@ pub mod optim;
 pub mod params;
 pub mod plot;
 pub mod train;
+
+/// Set up the CPU threads once per process: afinar's kernels run on rayon's
+/// global pool with `n` threads (default: all cores). candle's own worker
+/// pool spin-waits on a barrier between ops, which on few cores steals time
+/// from the pool doing the real work; afinar keeps candle's remaining
+/// elementwise ops on the calling thread (`CANDLE_NUM_THREADS=1`), unless
+/// the user set that variable.
+pub fn init_threads(n: Option<usize>) -> usize {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let n = n.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    rayon::current_num_threads()
+}

@@ -1,0 +1,88 @@
+//! Benchmark workload W1 (bench/README.md): MiniLM-L6 shape, batch 16 x seq
+//! 128, f32; one step = forward + backward + AdamW. Prints one JSON line like
+//! bench/pytorch_w1.py so bench/w1.sh can put them side by side.
+//!
+//! cargo run --release -p afinar --example w1 -- --mode full|last2|infer --steps N --threads 2 [--model DIR]
+
+use afinar::heads::{HeadConfig, Inputs, Pooling, SequenceModel, Targets, TaskKind, HEAD_PATTERNS};
+use afinar::models::{load_bert_params, read_bert_config};
+use afinar::nn::DropoutRng;
+use afinar::optim::{AdamW, AdamWConfig};
+use afinar::params::{Preset, Selector};
+use std::time::Instant;
+
+// glibc's malloc returns large freed blocks to the OS and page-faults them
+// back in on the next step; mimalloc keeps them (a tenth of a step here).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
+fn peak_rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn main() -> afinar::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = arg(&args, "--mode", "full");
+    let steps: usize = arg(&args, "--steps", "5").parse().unwrap();
+    let threads: usize = arg(&args, "--threads", "2").parse().unwrap();
+    let dir = match args.iter().position(|a| a == "--model") {
+        Some(i) => std::path::PathBuf::from(&args[i + 1]),
+        None => afinar::hub::assets::resolve_asset_path("all-minilm-l6-v2")?,
+    };
+    afinar::init_threads(Some(threads));
+    let (cfg, _) = read_bert_config(&dir)?;
+    let preset = match mode.as_str() {
+        "full" => Preset::Full,
+        "last2" => Preset::LastLayers(2),
+        "infer" => Preset::HeadOnly,
+        m => panic!("unknown mode {m}"),
+    };
+    let sel = if mode == "infer" { Selector::none() } else { Selector::new(preset, cfg.num_hidden_layers, false, 0, &[], &[], "bert.", HEAD_PATTERNS)? };
+    let mut store = load_bert_params(&dir, sel)?;
+    let head = HeadConfig { task: TaskKind::Classification, pooling: Pooling::Cls, num_labels: 2, dropout: cfg.hidden_dropout_prob };
+    let model = SequenceModel::build(&mut store, &cfg, &head, 0)?;
+    let b: usize = arg(&args, "--batch", "16").parse().unwrap();
+    let t: usize = arg(&args, "--seq", "128").parse().unwrap();
+    let ids: Vec<u32> = (0..b * t).map(|i| (afinar::nn::kernels::splitmix64(i as u64) % cfg.vocab_size as u64) as u32).collect();
+    let x = Inputs::new(ids, vec![0; b * t], vec![1.0; b * t], b, t)?;
+    let targets = Targets::Classes((0..b as u32).map(|i| i % 2).collect());
+    let mut opt = AdamW::new(store.trainable(), AdamWConfig { lr: 1e-5, ..Default::default() })?;
+    let mut times = Vec::new();
+    for s in 0..steps + 2 {
+        let t0 = Instant::now();
+        if mode == "infer" {
+            let _ = model.forward(&x, None)?.to_vec2::<f32>()?;
+        } else {
+            let rng = DropoutRng::new(1, s as u64);
+            let loss = model.loss(&model.forward(&x, Some(&rng))?, &targets)?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            let t2 = Instant::now();
+            let _ = opt.grad_norm(&grads)?;
+            opt.step(&grads, 1e-5, 1.0)?;
+            if std::env::var("W1_PHASES").is_ok() {
+                eprintln!("fwd {:.3} bwd {:.3} opt {:.3}", (t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64());
+            }
+        }
+        if s >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = sorted[sorted.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({"impl": "afinar", "mode": mode, "median_s": median, "steps": times, "peak_rss_mb": peak_rss_mb(), "threads": threads})
+    );
+    Ok(())
+}
