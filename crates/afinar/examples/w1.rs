@@ -17,7 +17,11 @@ use std::time::Instant;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn peak_rss_mb() -> f64 {
@@ -46,16 +50,42 @@ fn main() -> afinar::Result<()> {
         "infer" => Preset::HeadOnly,
         m => panic!("unknown mode {m}"),
     };
-    let sel = if mode == "infer" { Selector::none() } else { Selector::new(preset, cfg.num_hidden_layers, false, 0, &[], &[], "bert.", HEAD_PATTERNS)? };
+    let sel = if mode == "infer" {
+        Selector::none()
+    } else {
+        Selector::new(
+            preset,
+            cfg.num_hidden_layers,
+            false,
+            0,
+            &[],
+            &[],
+            "bert.",
+            HEAD_PATTERNS,
+        )?
+    };
     let mut store = load_bert_params(&dir, sel)?;
-    let head = HeadConfig { task: TaskKind::Classification, pooling: Pooling::Cls, num_labels: 2, dropout: cfg.hidden_dropout_prob };
+    let head = HeadConfig {
+        task: TaskKind::Classification,
+        pooling: Pooling::Cls,
+        num_labels: 2,
+        dropout: cfg.hidden_dropout_prob,
+    };
     let model = SequenceModel::build(&mut store, &cfg, &head, 0)?;
     let b: usize = arg(&args, "--batch", "16").parse().unwrap();
     let t: usize = arg(&args, "--seq", "128").parse().unwrap();
-    let ids: Vec<u32> = (0..b * t).map(|i| (afinar::nn::kernels::splitmix64(i as u64) % cfg.vocab_size as u64) as u32).collect();
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| (afinar::nn::kernels::splitmix64(i as u64) % cfg.vocab_size as u64) as u32)
+        .collect();
     let x = Inputs::new(ids, vec![0; b * t], vec![1.0; b * t], b, t)?;
     let targets = Targets::Classes((0..b as u32).map(|i| i % 2).collect());
-    let mut opt = AdamW::new(store.trainable(), AdamWConfig { lr: 1e-5, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        store.trainable(),
+        AdamWConfig {
+            lr: 1e-5,
+            ..Default::default()
+        },
+    )?;
     let mut times = Vec::new();
     for s in 0..steps + 2 {
         let t0 = Instant::now();
@@ -65,12 +95,17 @@ fn main() -> afinar::Result<()> {
             let rng = DropoutRng::new(1, s as u64);
             let loss = model.loss(&model.forward(&x, Some(&rng))?, &targets)?;
             let t1 = Instant::now();
-            let grads = loss.backward()?;
+            loss.backward()?;
             let t2 = Instant::now();
-            let _ = opt.grad_norm(&grads)?;
-            opt.step(&grads, 1e-5, 1.0)?;
+            let _ = opt.grad_norm()?;
+            opt.step(1e-5, 1.0)?;
             if std::env::var("W1_PHASES").is_ok() {
-                eprintln!("fwd {:.3} bwd {:.3} opt {:.3}", (t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64());
+                eprintln!(
+                    "fwd {:.3} bwd {:.3} opt {:.3}",
+                    (t1 - t0).as_secs_f64(),
+                    (t2 - t1).as_secs_f64(),
+                    t2.elapsed().as_secs_f64()
+                );
             }
         }
         if s >= 2 {

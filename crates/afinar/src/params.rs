@@ -7,12 +7,14 @@
 //! gradients and optimizer state); the rest stay plain tensors, which afinar's
 //! ops never compute a gradient for.
 
+use crate::nn::{GradBuf, Weight};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use globset::{Glob, GlobMatcher};
 use regex::Regex;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// One pattern over parameter names: a glob (`bert.encoder.layer.*.attention.*`)
 /// or, prefixed `re:`, a regex that must match the whole name.
@@ -174,11 +176,22 @@ impl Selector {
     }
 }
 
-/// A parameter: the tensor, and its `Var` when it trains.
+/// A parameter: the tensor, and when it trains its `Var` and gradient buffer.
 #[derive(Clone)]
 pub struct Param {
     pub tensor: Tensor,
     pub var: Option<Var>,
+    pub grad: Option<Arc<GradBuf>>,
+}
+
+impl Param {
+    /// What the ops take: the value and where its gradient goes.
+    pub fn weight(&self) -> Weight {
+        Weight {
+            t: self.tensor.clone(),
+            grad: self.grad.clone(),
+        }
+    }
 }
 
 /// All parameters of a model by checkpoint name.
@@ -208,11 +221,13 @@ impl ParamStore {
             Param {
                 tensor: var.as_tensor().clone(),
                 var: Some(var),
+                grad: Some(Arc::new(GradBuf::new())),
             }
         } else {
             Param {
                 tensor: tensor.detach(),
                 var: None,
+                grad: None,
             }
         };
         self.params.insert(name.to_string(), param);
@@ -223,8 +238,8 @@ impl ParamStore {
         self.params.contains_key(name)
     }
 
-    /// The tensor `name`, checked against `shape`.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// The parameter `name`, checked against `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         let p = self.params.get(name).ok_or_else(|| Error::Tensor {
             name: name.to_string(),
             msg: format!("missing from {}", self.source),
@@ -237,7 +252,7 @@ impl ParamStore {
             });
         }
         self.used.borrow_mut().insert(name.to_string());
-        Ok(p.tensor.clone())
+        Ok(p.weight())
     }
 
     /// The tensor `name` if present, else a fresh one from `init` (a new head).
@@ -246,7 +261,7 @@ impl ParamStore {
         name: &str,
         shape: &[usize],
         init: impl FnOnce() -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<Weight> {
         if !self.params.contains_key(name) {
             let t = init()?;
             debug_assert_eq!(t.dims(), shape);
@@ -270,11 +285,20 @@ impl ParamStore {
     }
 
     /// (name, var) of every trainable parameter, in name order.
-    pub fn trainable(&self) -> Vec<(String, Var)> {
+    pub fn trainable(&self) -> Vec<(String, Weight)> {
         self.params
             .iter()
-            .filter_map(|(n, p)| p.var.clone().map(|v| (n.clone(), v)))
+            .filter(|(_, p)| p.var.is_some())
+            .map(|(n, p)| (n.clone(), p.weight()))
             .collect()
+    }
+
+    /// The accumulated gradient of `name` (None: frozen, or nothing written).
+    pub fn grad(&self, name: &str) -> Result<Option<Tensor>> {
+        match self.params.get(name) {
+            Some(p) => Ok(p.weight().grad_tensor()?),
+            None => Ok(None),
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Param)> {
@@ -368,7 +392,7 @@ impl<'a> Path<'a> {
             format!("{}.{leaf}", self.prefix)
         }
     }
-    pub fn get(&self, shape: &[usize], leaf: &str) -> Result<Tensor> {
+    pub fn get(&self, shape: &[usize], leaf: &str) -> Result<Weight> {
         self.store.get(&self.name(leaf), shape)
     }
 }

@@ -6,7 +6,7 @@
 //! `candle-transformers/src/models/bert.rs`, on afinar's differentiable ops.
 //! Field names copy the checkpoint keys.
 
-use crate::nn::{self, DropoutRng};
+use crate::nn::{self, DropoutRng, Weight};
 use crate::params::Path;
 use crate::{Error, Result};
 use candle_core::{Tensor, D};
@@ -90,8 +90,8 @@ impl BertConfig {
 /// A linear layer by checkpoint path: `{path}.weight` [out, in], `{path}.bias` [out].
 #[derive(Clone)]
 pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+    pub weight: Weight,
+    pub bias: Option<Weight>,
 }
 
 impl Linear {
@@ -108,8 +108,8 @@ impl Linear {
 
 #[derive(Clone)]
 pub struct LayerNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
+    pub weight: Weight,
+    pub bias: Weight,
     pub eps: f64,
 }
 
@@ -134,9 +134,9 @@ fn maybe_dropout(x: Tensor, p: f32, rng: Option<&DropoutRng>) -> Result<Tensor> 
 }
 
 pub struct BertEmbeddings {
-    word_embeddings: Tensor,
-    position_embeddings: Tensor,
-    token_type_embeddings: Tensor,
+    word_embeddings: Weight,
+    position_embeddings: Weight,
+    token_type_embeddings: Weight,
     layer_norm: LayerNorm,
     dropout: f32,
     pad_token_id: u32,
@@ -166,8 +166,8 @@ impl BertEmbeddings {
         rng: Option<&DropoutRng>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let h = self.word_embeddings.dim(1)?;
-        let max_pos = self.position_embeddings.dim(0)?;
+        let h = self.word_embeddings.t.dim(1)?;
+        let max_pos = self.position_embeddings.t.dim(0)?;
         if t > max_pos {
             return Err(Error::msg(format!(
                 "sequence length {t} exceeds max_position_embeddings {max_pos}"
@@ -179,7 +179,9 @@ impl BertEmbeddings {
             Some(self.pad_token_id),
         )?; // [B*T, H]
         let types = nn::embedding(&self.token_type_embeddings, &type_ids.flatten_all()?, None)?;
-        let pos = self.position_embeddings.narrow(0, 0, t)?; // [T, H]
+        // Positions 0..T through the embedding op: its gradient lands in place.
+        let pos_ids = Tensor::arange(0u32, t as u32, input_ids.device())?;
+        let pos = nn::embedding(&self.position_embeddings, &pos_ids, None)?; // [T, H]
         let x = (words + types)?.reshape((b, t, h))?.broadcast_add(&pos)?;
         let x = self.layer_norm.forward(&x)?;
         maybe_dropout(x, self.dropout, rng)

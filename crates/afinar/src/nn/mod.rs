@@ -29,3 +29,115 @@ impl DropoutRng {
         kernels::splitmix64(self.base ^ kernels::splitmix64(c))
     }
 }
+
+use candle_core::Tensor;
+use std::sync::{Arc, Mutex};
+
+/// The gradient of one trainable parameter, accumulated in place by the
+/// backward of afinar's ops. candle's autograd would allocate a fresh
+/// gradient per use, then a zero tensor and a sum to accumulate it (three
+/// passes over every weight, every step); here the first write of a step
+/// overwrites (gemm with beta = 0) and later ones add — micro-batch
+/// accumulation is free. The optimizer reads it and marks it fresh again.
+#[derive(Debug, Default)]
+pub struct GradBuf {
+    state: Mutex<GradState>,
+}
+
+#[derive(Debug, Default)]
+struct GradState {
+    data: Vec<f32>,
+    written: bool,
+}
+
+impl GradBuf {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Write into the buffer of `n` elements: `f(buf, overwrite)` must
+    /// overwrite every element it touches when `overwrite`, else add. An
+    /// `f` that only touches some elements asks for a zeroed buffer.
+    pub fn accumulate(&self, n: usize, zero_first: bool, f: impl FnOnce(&mut [f32], bool)) {
+        let mut s = self.state.lock().unwrap();
+        if s.data.len() != n {
+            s.data = vec![0.0; n];
+        } else if !s.written && zero_first {
+            s.data.fill(0.0);
+        }
+        let overwrite = !s.written && !zero_first;
+        f(&mut s.data, overwrite);
+        s.written = true;
+    }
+
+    /// Add `src` (same length) into the buffer.
+    pub fn add(&self, src: &[f32]) {
+        self.accumulate(src.len(), false, |d, overwrite| {
+            if overwrite {
+                d.copy_from_slice(src);
+            } else {
+                for (a, b) in d.iter_mut().zip(src) {
+                    *a += b;
+                }
+            }
+        })
+    }
+
+    /// The gradient, if anything was written since the last `clear`.
+    pub fn read<R>(&self, f: impl FnOnce(Option<&[f32]>) -> R) -> R {
+        let s = self.state.lock().unwrap();
+        f(if s.written { Some(&s.data) } else { None })
+    }
+
+    /// Mutable access to a written gradient (for in-place optimizer use).
+    pub fn with_written_mut<R>(&self, f: impl FnOnce(Option<&mut [f32]>) -> R) -> R {
+        let mut s = self.state.lock().unwrap();
+        let w = s.written;
+        f(if w { Some(&mut s.data) } else { None })
+    }
+
+    /// Start a new accumulation (after the optimizer step).
+    pub fn clear(&self) {
+        self.state.lock().unwrap().written = false;
+    }
+}
+
+/// A parameter as the ops see it: its value, and where its gradient goes
+/// when it trains (`grad = None`: frozen, no gradient is ever computed).
+#[derive(Clone, Debug)]
+pub struct Weight {
+    pub t: Tensor,
+    pub grad: Option<Arc<GradBuf>>,
+}
+
+impl Weight {
+    /// A frozen parameter.
+    pub fn frozen(t: Tensor) -> Self {
+        Weight { t, grad: None }
+    }
+
+    /// A trainable parameter: a candle `Var` (so the graph is recorded
+    /// through it) with a gradient buffer.
+    pub fn trainable(t: &Tensor) -> candle_core::Result<Self> {
+        let var = candle_core::Var::from_tensor(t)?;
+        Ok(Weight {
+            t: var.as_tensor().clone(),
+            grad: Some(Arc::new(GradBuf::new())),
+        })
+    }
+
+    pub fn is_trainable(&self) -> bool {
+        self.grad.is_some()
+    }
+
+    /// The accumulated gradient as a tensor (None if none was written).
+    pub fn grad_tensor(&self) -> candle_core::Result<Option<Tensor>> {
+        match &self.grad {
+            None => Ok(None),
+            Some(g) => g.read(|d| {
+                d.map(|d| Tensor::from_slice(d, self.t.shape(), &candle_core::Device::Cpu))
+                    .transpose()
+            }),
+        }
+    }
+}

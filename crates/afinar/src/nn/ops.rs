@@ -8,6 +8,7 @@
 //! weight anyway; these ops replace them on afinar's training path.
 
 use super::kernels::{self, AttnShape, Mat};
+use super::Weight;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
@@ -63,10 +64,15 @@ fn needs_grad(t: &Tensor) -> bool {
 
 // ------------------------------------------------------------------ linear
 
-struct LinearOp;
+/// `x @ w^T + b`; the weight and bias gradients go to their grad buffers.
+struct LinearOp {
+    w: Weight,
+    b: Option<Weight>,
+}
 
 impl LinearOp {
     fn fwd(
+        &self,
         x: &[f32],
         xs: &[usize],
         w: &[f32],
@@ -99,55 +105,50 @@ impl LinearOp {
         Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 
-    fn bwd(
-        x: &Tensor,
-        w: &Tensor,
-        b: Option<&Tensor>,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out_f, in_f) = w.dims2()?;
+    /// dx goes back to candle; dW and db accumulate in place.
+    fn backward(&self, x: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let (out_f, in_f) = self.w.t.dims2()?;
         with_f32(grad, "linear grad", |g| {
             let n = g.len() / out_f;
-            let dx = if needs_grad(x) {
-                with_f32(w, "linear weight", |wv| {
-                    let mut dx = vec![0f32; n * in_f];
-                    kernels::matmul(
-                        &mut dx,
-                        in_f,
-                        Mat::rm(g, n, out_f),
-                        Mat::rm(wv, out_f, in_f),
-                        1.0,
-                        false,
-                        kernels::parallelism(),
-                    );
-                    Ok(Some(tensor(dx, x.shape())?))
-                })?
-            } else {
-                None
-            };
             // The point of owning this op: a frozen weight costs no gemm.
-            let dw = if needs_grad(w) {
+            if let Some(buf) = &self.w.grad {
                 with_f32(x, "linear input", |xv| {
-                    let mut dw = vec![0f32; out_f * in_f];
-                    kernels::matmul(
-                        &mut dw,
-                        in_f,
-                        Mat::rm(g, n, out_f).t(),
-                        Mat::rm(xv, n, in_f),
-                        1.0,
-                        false,
-                        kernels::parallelism(),
-                    );
-                    Ok(Some(tensor(dw, (out_f, in_f))?))
-                })?
-            } else {
-                None
-            };
-            let db = match b {
-                Some(b) if needs_grad(b) => Some(tensor(kernels::col_sums(g, out_f), out_f)?),
-                _ => None,
-            };
-            Ok((dx, dw, db))
+                    buf.accumulate(out_f * in_f, false, |dw, overwrite| {
+                        kernels::matmul(
+                            dw,
+                            in_f,
+                            Mat::rm(g, n, out_f).t(),
+                            Mat::rm(xv, n, in_f),
+                            1.0,
+                            !overwrite,
+                            kernels::parallelism(),
+                        );
+                    });
+                    Ok(())
+                })?;
+            }
+            if let Some(Weight {
+                grad: Some(buf), ..
+            }) = &self.b
+            {
+                buf.add(&kernels::col_sums(g, out_f));
+            }
+            if !needs_grad(x) {
+                return Ok(None);
+            }
+            with_f32(&self.w.t, "linear weight", |wv| {
+                let mut dx = vec![0f32; n * in_f];
+                kernels::matmul(
+                    &mut dx,
+                    in_f,
+                    Mat::rm(g, n, out_f),
+                    Mat::rm(wv, out_f, in_f),
+                    1.0,
+                    false,
+                    kernels::parallelism(),
+                );
+                Ok(Some(tensor(dx, x.shape())?))
+            })
         })
     }
 }
@@ -163,7 +164,7 @@ impl CustomOp2 for LinearOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        Self::fwd(
+        self.fwd(
             f32s(s1, l1, "linear input")?,
             l1.dims(),
             f32s(s2, l2, "linear weight")?,
@@ -174,12 +175,11 @@ impl CustomOp2 for LinearOp {
     fn bwd(
         &self,
         x: &Tensor,
-        w: &Tensor,
+        _w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = Self::bwd(x, w, None, grad)?;
-        Ok((dx, dw))
+        Ok((self.backward(x, grad)?, None))
     }
 }
 
@@ -196,7 +196,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        Self::fwd(
+        self.fwd(
             f32s(s1, l1, "linear input")?,
             l1.dims(),
             f32s(s2, l2, "linear weight")?,
@@ -207,23 +207,31 @@ impl CustomOp3 for LinearOp {
     fn bwd(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
+        _w: &Tensor,
+        _b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Self::bwd(x, w, Some(b), grad)
+        Ok((self.backward(x, grad)?, None, None))
     }
 }
 
 /// `x @ w^T + b` over the last dimension of `x` ([.., in] -> [.., out]).
-/// No gradient is computed for a weight or bias that is not trainable.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
+/// A frozen weight or bias costs no gradient computation; trainable ones
+/// accumulate into their gradient buffers.
+pub fn linear(x: &Tensor, w: &Weight, b: Option<&Weight>) -> CResult<Tensor> {
     let x = x.contiguous()?;
-    let w = w.contiguous()?;
+    let op = LinearOp {
+        w: w.clone(),
+        b: b.cloned(),
+    };
     match b {
-        Some(b) => x.apply_op3_arc(&w, &b.contiguous()?, Arc::new(Box::new(LinearOp))),
-        None => x.apply_op2_arc(&w, Arc::new(Box::new(LinearOp))),
+        Some(b) => x.apply_op3_arc(
+            &w.t.contiguous()?,
+            &b.t.contiguous()?,
+            Arc::new(Box::new(op)),
+        ),
+        None => x.apply_op2_arc(&w.t.contiguous()?, Arc::new(Box::new(op))),
     }
 }
 
@@ -272,6 +280,8 @@ pub fn gelu(x: &Tensor) -> CResult<Tensor> {
 
 struct LayerNormOp {
     eps: f32,
+    w: Weight,
+    b: Weight,
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -306,12 +316,12 @@ impl CustomOp3 for LayerNormOp {
         &self,
         x: &Tensor,
         g: &Tensor,
-        b: &Tensor,
+        _b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = g.elem_count();
-        let want_params = needs_grad(g) || needs_grad(b);
+        let want_params = self.w.grad.is_some() || self.b.grad.is_some();
         with_f32(x, "layer_norm input", |xv| {
             with_f32(g, "layer_norm weight", |gv| {
                 with_f32(grad, "layer_norm grad", |dy| {
@@ -329,18 +339,13 @@ impl CustomOp3 for LayerNormOp {
                         dx.as_deref_mut(),
                         want_params,
                     );
-                    let dx = dx.map(|v| tensor(v, x.shape())).transpose()?;
-                    let dg = if needs_grad(g) {
-                        Some(tensor(dg, d)?)
-                    } else {
-                        None
-                    };
-                    let db = if needs_grad(b) {
-                        Some(tensor(db, d)?)
-                    } else {
-                        None
-                    };
-                    Ok((dx, dg, db))
+                    if let Some(buf) = &self.w.grad {
+                        buf.add(&dg);
+                    }
+                    if let Some(buf) = &self.b.grad {
+                        buf.add(&db);
+                    }
+                    Ok((dx.map(|v| tensor(v, x.shape())).transpose()?, None, None))
                 })
             })
         })
@@ -348,11 +353,15 @@ impl CustomOp3 for LayerNormOp {
 }
 
 /// LayerNorm over the last dimension.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> CResult<Tensor> {
+pub fn layer_norm(x: &Tensor, weight: &Weight, bias: &Weight, eps: f64) -> CResult<Tensor> {
     x.contiguous()?.apply_op3_arc(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        Arc::new(Box::new(LayerNormOp { eps: eps as f32 })),
+        &weight.t.contiguous()?,
+        &bias.t.contiguous()?,
+        Arc::new(Box::new(LayerNormOp {
+            eps: eps as f32,
+            w: weight.clone(),
+            b: bias.clone(),
+        })),
     )
 }
 
@@ -540,6 +549,7 @@ pub fn attention(
 
 struct EmbeddingOp {
     padding_idx: Option<u32>,
+    w: Weight,
 }
 
 impl CustomOp2 for EmbeddingOp {
@@ -584,36 +594,41 @@ impl CustomOp2 for EmbeddingOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        if !needs_grad(w) {
+        let Some(buf) = &self.w.grad else {
             return Ok((None, None));
-        }
+        };
         let (v, h) = w.dims2()?;
         let ids = ids.flatten_all()?.to_vec1::<u32>()?;
         with_f32(grad, "embedding grad", |g| {
-            let mut dw = vec![0f32; v * h];
-            for (row, &id) in g.chunks(h).zip(&ids) {
-                // As torch's `padding_idx`: the padding row never learns.
-                if Some(id) == self.padding_idx {
-                    continue;
+            buf.accumulate(v * h, true, |dw, _| {
+                for (row, &id) in g.chunks(h).zip(&ids) {
+                    // As torch's `padding_idx`: the padding row never learns.
+                    if Some(id) == self.padding_idx {
+                        continue;
+                    }
+                    for (d, x) in dw[id as usize * h..(id as usize + 1) * h]
+                        .iter_mut()
+                        .zip(row)
+                    {
+                        *d += x;
+                    }
                 }
-                for (d, x) in dw[id as usize * h..(id as usize + 1) * h]
-                    .iter_mut()
-                    .zip(row)
-                {
-                    *d += x;
-                }
-            }
-            Ok((Some(tensor(dw, (v, h))?), None))
+            });
+            Ok((None, None))
         })
     }
 }
 
 /// Rows of `weight` `[V, H]` for `ids` (any shape, u32) -> `[..ids, H]`.
 /// The gradient skips `padding_idx`, as `nn.Embedding(padding_idx=...)`.
-pub fn embedding(weight: &Tensor, ids: &Tensor, padding_idx: Option<u32>) -> CResult<Tensor> {
-    weight.contiguous()?.apply_op2_arc(
+pub fn embedding(weight: &Weight, ids: &Tensor, padding_idx: Option<u32>) -> CResult<Tensor> {
+    let op = EmbeddingOp {
+        padding_idx,
+        w: weight.clone(),
+    };
+    weight.t.contiguous()?.apply_op2_arc(
         &ids.to_dtype(DType::U32)?.contiguous()?,
-        Arc::new(Box::new(EmbeddingOp { padding_idx })),
+        Arc::new(Box::new(op)),
     )
 }
 
@@ -709,34 +724,33 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// Checks d(sum(f(x) * r))/dx of every var against central differences.
-    fn check_grads(vars: &[Var], f: &dyn Fn(&[Tensor]) -> Tensor, tol: f32) {
-        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let out = f(&ts);
+    /// Checks d(sum(f(x) * r))/dx of every argument against central
+    /// differences. Arguments are handed to `f` as trainable [`Weight`]s: ops
+    /// that take plain tensors use `.t` (their gradient comes back through
+    /// candle), ops that take weights accumulate into the buffers.
+    fn check_grads(vals: &[Tensor], f: &dyn Fn(&[Weight]) -> Tensor, tol: f32) {
+        let ws: Vec<Weight> = vals.iter().map(|v| Weight::trainable(v).unwrap()).collect();
+        let out = f(&ws);
         let r = randn(out.dims(), 99);
         let loss = (out * &r).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
-        for (vi, var) in vars.iter().enumerate() {
-            let g = grads
-                .get(var)
-                .expect("gradient present")
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let base = var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+        for (vi, w) in ws.iter().enumerate() {
+            let g = match grads.get(&w.t) {
+                Some(g) => g.clone(),
+                None => w.grad_tensor().unwrap().expect("gradient present"),
+            };
+            let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let base = vals[vi].flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let h = 1e-2f32;
             for i in (0..base.len()).step_by((base.len() / 7).max(1)) {
                 let eval = |delta: f32| -> f32 {
                     let mut p = base.clone();
                     p[i] += delta;
-                    let mut args = ts.clone();
-                    args[vi] = Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap();
+                    let mut args: Vec<Weight> =
+                        vals.iter().map(|v| Weight::frozen(v.clone())).collect();
+                    args[vi] = Weight::frozen(
+                        Tensor::from_vec(p, vals[vi].shape(), &Device::Cpu).unwrap(),
+                    );
                     (f(&args) * &r)
                         .unwrap()
                         .sum_all()
@@ -747,7 +761,7 @@ mod tests {
                 let fd = (eval(h) - eval(-h)) / (2.0 * h);
                 assert!(
                     (fd - g[i]).abs() <= tol * (1.0 + fd.abs()),
-                    "var {vi} elem {i}: fd {fd} vs analytic {}",
+                    "arg {vi} elem {i}: fd {fd} vs analytic {}",
                     g[i]
                 );
             }
@@ -756,46 +770,68 @@ mod tests {
 
     #[test]
     fn linear_grads_match_finite_differences() {
-        let x = Var::from_tensor(&randn(&[2, 3, 5], 1)).unwrap();
-        let w = Var::from_tensor(&randn(&[4, 5], 2)).unwrap();
-        let b = Var::from_tensor(&randn(&[4], 3)).unwrap();
+        let vals = [randn(&[2, 3, 5], 1), randn(&[4, 5], 2), randn(&[4], 3)];
         check_grads(
-            &[x, w, b],
-            &|t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+            &vals,
+            &|w| linear(&w[0].t, &w[1], Some(&w[2])).unwrap(),
             2e-2,
         );
     }
 
     #[test]
-    fn frozen_weight_gets_no_gradient() {
+    fn frozen_weight_gets_no_gradient_and_trainable_accumulates() {
         let x = Var::from_tensor(&randn(&[3, 5], 1)).unwrap();
-        let w = randn(&[4, 5], 2); // plain tensor: frozen
-        let y = linear(x.as_tensor(), &w, None).unwrap();
+        let frozen = Weight::frozen(randn(&[4, 5], 2));
+        let y = linear(x.as_tensor(), &frozen, None).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(x.as_tensor()).is_some());
-        assert!(grads.get(&w).is_none());
+        assert!(grads.get(&frozen.t).is_none());
+        // A trainable weight: two backward passes add up in its buffer.
+        let w = Weight::trainable(&randn(&[4, 5], 2)).unwrap();
+        let once = {
+            let y = linear(x.as_tensor(), &w, None).unwrap();
+            let _ = y.sum_all().unwrap().backward().unwrap();
+            w.grad_tensor().unwrap().unwrap()
+        };
+        let y = linear(x.as_tensor(), &w, None).unwrap();
+        let _ = y.sum_all().unwrap().backward().unwrap();
+        let twice = w.grad_tensor().unwrap().unwrap();
+        let diff = ((once * 2.0).unwrap() - twice)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_vec0::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5);
+        w.grad.as_ref().unwrap().clear();
+        assert!(w.grad_tensor().unwrap().is_none());
     }
 
     #[test]
-    fn layer_norm_gelu_dropout_grads() {
-        let x = Var::from_tensor(&randn(&[4, 6], 4)).unwrap();
-        let g = Var::from_tensor(&(randn(&[6], 5) + 1.0).unwrap()).unwrap();
-        let b = Var::from_tensor(&randn(&[6], 6)).unwrap();
+    fn layer_norm_gelu_dropout_embedding_grads() {
+        let x = randn(&[4, 6], 4);
+        let vals = [x.clone(), (randn(&[6], 5) + 1.0).unwrap(), randn(&[6], 6)];
         check_grads(
-            &[x.clone(), g, b],
-            &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            &vals,
+            &|w| layer_norm(&w[0].t, &w[1], &w[2], 1e-5).unwrap(),
             2e-2,
         );
-        check_grads(&[x.clone()], &|t| gelu(&t[0]).unwrap(), 2e-2);
-        check_grads(&[x], &|t| dropout(&t[0], 0.3, 11).unwrap(), 2e-2);
+        check_grads(&[x.clone()], &|w| gelu(&w[0].t).unwrap(), 2e-2);
+        check_grads(&[x.clone()], &|w| dropout(&w[0].t, 0.3, 11).unwrap(), 2e-2);
+        let ids = Tensor::new(&[1u32, 3, 0, 1], &Device::Cpu).unwrap();
+        check_grads(&[x], &|w| embedding(&w[0], &ids, Some(2)).unwrap(), 2e-2);
     }
 
     #[test]
     fn attention_grads_with_mask_and_dropout() {
         let (b, t, c) = (2, 5, 8);
-        let q = Var::from_tensor(&randn(&[b, t, c], 7)).unwrap();
-        let k = Var::from_tensor(&randn(&[b, t, c], 8)).unwrap();
-        let v = Var::from_tensor(&randn(&[b, t, c], 9)).unwrap();
+        let vals = [
+            randn(&[b, t, c], 7),
+            randn(&[b, t, c], 8),
+            randn(&[b, t, c], 9),
+        ];
         let mut mask = vec![1f32; b * t];
         mask[t + 3] = 0.0;
         mask[t + 4] = 0.0;
@@ -803,8 +839,8 @@ mod tests {
         for dropout in [None, Some((0.2f32, 5u64))] {
             let m = mask.clone();
             check_grads(
-                &[q.clone(), k.clone(), v.clone()],
-                &move |ts| attention(&ts[0], &ts[1], &ts[2], m.clone(), 2, dropout).unwrap(),
+                &vals,
+                &move |w| attention(&w[0].t, &w[1].t, &w[2].t, m.clone(), 2, dropout).unwrap(),
                 2e-2,
             );
         }
@@ -881,8 +917,8 @@ mod tests {
         assert!((loss - want).abs() < 1e-5);
         let t2 = targets.clone();
         check_grads(
-            &[logits],
-            &move |ts| cross_entropy(&ts[0], &t2).unwrap(),
+            &[logits.as_tensor().clone()],
+            &move |w| cross_entropy(&w[0].t, &t2).unwrap(),
             2e-2,
         );
     }

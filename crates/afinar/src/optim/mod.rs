@@ -3,10 +3,9 @@
 //! clipping. The update is one fused in-place pass per tensor; frozen
 //! parameters have no optimizer state at all.
 
-use crate::nn::ops::with_f32;
+use crate::nn::Weight;
 use crate::{Error, Result};
-use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp2, Layout, Var};
+use candle_core::{CpuStorage, InplaceOp1, Layout};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
@@ -43,7 +42,7 @@ impl Default for AdamWConfig {
 
 struct Slot {
     name: String,
-    var: Var,
+    w: Weight,
     decay: bool,
     m: Vec<f32>,
     v: Vec<f32>,
@@ -55,10 +54,8 @@ pub struct AdamW {
     pub step: u64,
 }
 
-/// One fused AdamW update of a parameter, in place.
-struct Update<'a> {
-    m: RefCell<&'a mut [f32]>,
-    v: RefCell<&'a mut [f32]>,
+#[derive(Clone, Copy)]
+struct Hyper {
     lr: f32,
     wd: f32,
     b1: f32,
@@ -69,52 +66,43 @@ struct Update<'a> {
     grad_scale: f32,
 }
 
-impl InplaceOp2 for Update<'_> {
+/// One fused AdamW update of a parameter, in place: p, m and v are read and
+/// written once each, the gradient read once.
+struct Update<'a> {
+    g: &'a [f32],
+    m: RefCell<&'a mut [f32]>,
+    v: RefCell<&'a mut [f32]>,
+    h: Hyper,
+}
+
+impl InplaceOp1 for Update<'_> {
     fn name(&self) -> &'static str {
         "afinar-adamw"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(p) = s1 else {
             return Err(candle_core::Error::Msg("adamw: f32 parameters only".into()));
         };
-        let (Some((pa, pb)), Some((ga, gb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
+        let Some((pa, pb)) = l1.contiguous_offsets() else {
             return Err(candle_core::Error::Msg(
-                "adamw: contiguous tensors only".into(),
+                "adamw: contiguous parameters only".into(),
             ));
         };
         let p = &mut p[pa..pb];
-        let g = &g[ga..gb];
         let mut m = self.m.borrow_mut();
         let mut v = self.v.borrow_mut();
-        let (lr, wd, b1, b2, eps, bc1, bc2_sqrt, gs) = (
-            self.lr,
-            self.wd,
-            self.b1,
-            self.b2,
-            self.eps,
-            self.bc1,
-            self.bc2_sqrt,
-            self.grad_scale,
-        );
+        let h = self.h;
         const CH: usize = 1 << 14;
         p.par_chunks_mut(CH)
-            .zip(g.par_chunks(CH))
+            .zip(self.g.par_chunks(CH))
             .zip(m.par_chunks_mut(CH).zip(v.par_chunks_mut(CH)))
             .for_each(|((p, g), (m, v))| {
                 for i in 0..p.len() {
-                    let gi = g[i] * gs;
-                    m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                    v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                    let mut pi = p[i] * (1.0 - lr * wd);
-                    pi -= lr / bc1 * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
-                    p[i] = pi;
+                    let gi = g[i] * h.grad_scale;
+                    m[i] = h.b1 * m[i] + (1.0 - h.b1) * gi;
+                    v[i] = h.b2 * v[i] + (1.0 - h.b2) * gi * gi;
+                    let pi = p[i] * (1.0 - h.lr * h.wd);
+                    p[i] = pi - h.lr / h.bc1 * m[i] / (v[i].sqrt() / h.bc2_sqrt + h.eps);
                 }
             });
         Ok(())
@@ -122,16 +110,16 @@ impl InplaceOp2 for Update<'_> {
 }
 
 impl AdamW {
-    /// State for each trainable `(name, var)`; weight decay per [`decays`].
-    pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+    /// State for each trainable `(name, weight)`; weight decay per [`decays`].
+    pub fn new(params: Vec<(String, Weight)>, cfg: AdamWConfig) -> Result<Self> {
         let slots = params
             .into_iter()
-            .map(|(name, var)| {
-                let n = var.elem_count();
+            .map(|(name, w)| {
+                let n = w.t.elem_count();
                 Slot {
                     decay: decays(&name),
                     name,
-                    var,
+                    w,
                     m: vec![0.0; n],
                     v: vec![0.0; n],
                 }
@@ -148,35 +136,35 @@ impl AdamW {
         self.slots.iter().map(|s| s.m.len()).sum()
     }
 
-    /// The global L2 norm of all gradients (missing gradients count as 0).
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+    /// The global L2 norm of the accumulated gradients (missing ones count as 0).
+    pub fn grad_norm(&self) -> Result<f64> {
         let mut total = 0f64;
         for s in &self.slots {
-            if let Some(g) = grads.get(s.var.as_tensor()) {
-                total += with_f32(g, &s.name, |v| {
-                    Ok(v.par_iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>())
-                })?;
+            if let Some(buf) = &s.w.grad {
+                total += buf.read(|d| {
+                    d.map_or(0.0, |d| {
+                        d.par_iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>()
+                    })
+                });
             }
         }
         Ok(total.sqrt())
     }
 
     /// One update with learning rate `lr`, gradients multiplied by
-    /// `grad_scale` first (clipping and accumulation fold in here).
-    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+    /// `grad_scale` first (clipping folds in here); then the gradient
+    /// buffers start a new accumulation.
+    pub fn step(&mut self, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         for s in &mut self.slots {
-            let Some(g) = grads.get(s.var.as_tensor()) else {
+            let Some(buf) = s.w.grad.clone() else {
                 continue;
             };
-            let g = g.contiguous()?;
-            let up = Update {
-                m: RefCell::new(&mut s.m),
-                v: RefCell::new(&mut s.v),
+            let h = Hyper {
                 lr: lr as f32,
                 wd: if s.decay { c.weight_decay as f32 } else { 0.0 },
                 b1: c.beta1 as f32,
@@ -186,13 +174,24 @@ impl AdamW {
                 bc2_sqrt: bc2.sqrt() as f32,
                 grad_scale: grad_scale as f32,
             };
-            s.var
-                .as_tensor()
-                .inplace_op2(&g, &up)
-                .map_err(|e| Error::Tensor {
+            let (m, v, t) = (&mut s.m, &mut s.v, &s.w.t);
+            let res = buf.read(|g| -> Result<()> {
+                // No gradient this step (the parameter was not used): no update,
+                // as torch skips parameters whose .grad is None.
+                let Some(g) = g else { return Ok(()) };
+                let up = Update {
+                    g,
+                    m: RefCell::new(m),
+                    v: RefCell::new(v),
+                    h,
+                };
+                t.inplace_op1(&up).map_err(|e| Error::Tensor {
                     name: s.name.clone(),
                     msg: e.to_string(),
-                })?;
+                })
+            });
+            res?;
+            buf.clear();
         }
         Ok(())
     }
@@ -237,18 +236,22 @@ mod tests {
 
     #[test]
     fn adamw_matches_hand_computed_step() {
-        let var = Var::new(&[1.0f32, -2.0], &candle_core::Device::Cpu).unwrap();
-        let loss = (var.as_tensor() * 3.0).unwrap().sum_all().unwrap(); // grad = 3
-        let grads = loss.backward().unwrap();
+        let w = Weight::trainable(
+            &candle_core::Tensor::new(&[1.0f32, -2.0], &candle_core::Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        w.grad.as_ref().unwrap().add(&[3.0, 3.0]);
         let cfg = AdamWConfig {
             lr: 0.1,
             weight_decay: 0.5,
             ..Default::default()
         };
-        let mut opt = AdamW::new(vec![("w.weight".into(), var.clone())], cfg).unwrap();
-        opt.step(&grads, 0.1, 1.0).unwrap();
+        let mut opt = AdamW::new(vec![("w.weight".into(), w.clone())], cfg).unwrap();
+        opt.step(0.1, 1.0).unwrap();
+        let var = &w.t;
         // step 1: m̂ = g, v̂ = g², update = lr * g / (|g| + eps) = 0.1 (sign g), decay p *= 1 - lr*wd
-        let got = var.as_tensor().to_vec1::<f32>().unwrap();
+        let got = var.to_vec1::<f32>().unwrap();
+        assert!(w.grad_tensor().unwrap().is_none(), "step clears the buffer");
         let want = [1.0 * (1.0 - 0.05) - 0.1, -2.0 * (1.0 - 0.05) - 0.1];
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");

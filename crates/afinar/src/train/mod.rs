@@ -18,7 +18,6 @@ use crate::nn::DropoutRng;
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use crate::params::{ParamStore, Preset, Selector};
 use crate::{Error, Result};
-use candle_core::backprop::GradStore;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -360,24 +359,6 @@ pub fn selector(plan: &Plan, cfg: &BertConfig) -> Result<Selector> {
     })
 }
 
-fn add_grads(
-    acc: &mut GradStore,
-    new: GradStore,
-    params: &[(String, candle_core::Var)],
-) -> Result<()> {
-    let mut new = new;
-    for (_, v) in params {
-        if let Some(g) = new.remove(v.as_tensor()) {
-            let sum = match acc.remove(v.as_tensor()) {
-                Some(a) => (a + g)?,
-                None => g,
-            };
-            acc.insert(v.as_tensor(), sum);
-        }
-    }
-    Ok(())
-}
-
 /// Train as `plan` says, writing the run folder. The one entry point.
 pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Result<TrainReport> {
     let t0 = Instant::now();
@@ -538,7 +519,6 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
                 break 'outer;
             }
             let drop = DropoutRng::new(c.seeds.dropout, step as u64);
-            let mut grads: Option<GradStore> = None;
             let mut step_loss = 0f64;
             let group_rows: usize = group.iter().map(|g| g.len()).sum();
             for idx in group {
@@ -548,22 +528,26 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
                 let loss = model.loss(&logits, &targets)?;
                 let lv = loss.to_vec0::<f32>()? as f64;
                 if !lv.is_finite() {
+                    let saved = match &best {
+                        Some((_, s, _)) => format!(
+                            "the best checkpoint so far (step {s}) is in {}",
+                            run_dir.join("model").display()
+                        ),
+                        None => "no checkpoint was saved (no evaluation had run yet)".into(),
+                    };
                     return Err(Error::NonFinite(format!(
-                        "loss is {lv} at step {step} (epoch {epoch}); the last good checkpoint is in {}",
-                        run_dir.join("model").display()
+                        "loss is {lv} at step {step} (epoch {epoch}), with train.lr = {:e}; {saved}",
+                        t.lr
                     )));
                 }
                 // Weight each micro-batch by its share of rows.
                 let w = idx.len() as f64 / group_rows as f64;
                 step_loss += lv * w;
-                let g = (loss * w)?.backward()?;
-                match grads.as_mut() {
-                    None => grads = Some(g),
-                    Some(acc) => add_grads(acc, g, &params)?,
-                }
+                // Parameter gradients accumulate in their buffers (see
+                // nn::GradBuf); candle's store holds only activations' ones.
+                let _ = (loss * w)?.backward()?;
             }
-            let grads = grads.expect("non-empty group");
-            let norm = opt.grad_norm(&grads)?;
+            let norm = opt.grad_norm()?;
             if !norm.is_finite() {
                 return Err(Error::NonFinite(format!(
                     "gradient norm is {norm} at step {step}"
@@ -575,7 +559,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
                 1.0
             };
             let lr = lr_at(t.schedule, t.lr, step, warmup, total_steps);
-            opt.step(&grads, lr, scale)?;
+            opt.step(lr, scale)?;
             step += 1;
             loss_window.0 += step_loss;
             loss_window.1 += 1;
