@@ -48,7 +48,8 @@ enum Cmd {
     /// Evaluate a run (its test split) or a model folder on a data file.
     Eval {
         run: PathBuf,
-        /// A data file read with the run's field paths (default: the run's test split).
+        /// A data file read with the run's field paths, or for a model folder
+        /// the fields `text` and `label` (default: the run's test split).
         #[arg(long)]
         data: Option<PathBuf>,
     },
@@ -76,8 +77,15 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
+            // A library error that shows its source (`path: io error`) also
+            // returns it as the next cause: print each text once.
+            let mut shown = e.to_string();
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let c = cause.to_string();
+                if !shown.ends_with(&c) {
+                    eprintln!("  caused by: {c}");
+                }
+                shown = c;
             }
             1
         }
@@ -227,10 +235,23 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<i32>
         &mut on,
     )?;
     bar.finish_and_clear();
-    eprintln!(
-        "done: {} steps in {:.1} s; best validation {:?} at step {:?}",
-        report.steps, report.wall_s, report.best_validation, report.best_step
-    );
+    let best: Vec<String> = report
+        .best_validation
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect();
+    match report.best_step {
+        Some(s) => eprintln!(
+            "done: {} steps in {:.1} s; best validation at step {s}: {}",
+            report.steps,
+            report.wall_s,
+            best.join("  ")
+        ),
+        None => eprintln!(
+            "done: {} steps in {:.1} s; no validation ran",
+            report.steps, report.wall_s
+        ),
+    }
     if let Some(t) = &report.test {
         let m: Vec<String> = t.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
         println!("test: {}", m.join("  "));
@@ -244,10 +265,18 @@ fn cmd_eval(run: &Path, data: Option<&Path>) -> Result<i32> {
     let rm = train::load_run(run)?;
     let (examples, path) = match data {
         Some(p) => {
-            let plan = rm.plan.as_ref().context(
-                "--data needs a run folder (its config names the text and label fields)",
-            )?;
-            let (spec, format) = train::data_spec(plan)?;
+            let (spec, format) = match rm.plan.as_ref() {
+                Some(plan) => train::data_spec(plan)?,
+                // A model folder has no run config: the fields `predict --file` reads.
+                None => (
+                    afinar::data::DataSpec {
+                        text: afinar::data::FieldPath::parse("text")?,
+                        text_pair: None,
+                        label: Some(afinar::data::FieldPath::parse("label")?),
+                    },
+                    None,
+                ),
+            };
             (
                 afinar::data::read_examples(p, &spec, format)?,
                 p.to_path_buf(),

@@ -245,10 +245,14 @@ impl ParamStore {
             msg: format!("missing from {}", self.source),
         })?;
         if p.tensor.dims() != shape {
-            return Err(Error::Shape {
+            return Err(Error::Tensor {
                 name: name.to_string(),
-                expected: shape.to_vec(),
-                actual: p.tensor.dims().to_vec(),
+                msg: format!(
+                    "expected shape {:?}, found {:?} in {}",
+                    shape,
+                    p.tensor.dims(),
+                    self.source
+                ),
             });
         }
         self.used.borrow_mut().insert(name.to_string());

@@ -268,12 +268,16 @@ impl Plan {
         let _: RunConfig = toml::from_str(text).map_err(|e| cfg_err(path, e.to_string()))?;
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| cfg_err(path, e.to_string()))?;
+        // Deserialize after each override, so an error names the `--set` that caused it.
         for o in overrides {
             apply_override(&mut table, o, path)?;
+            let _: RunConfig = toml::Value::Table(table.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| cfg_err(path, format!("--set `{o}`: {e}")))?;
         }
         let config: RunConfig = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| cfg_err(path, format!("after --set overrides: {e}")))?;
+            .map_err(|e: toml::de::Error| cfg_err(path, e.to_string()))?;
         let plan = Plan {
             config,
             config_path: path.to_path_buf(),
@@ -306,10 +310,12 @@ impl Plan {
             }
         }
         if let Some(s) = c.data.split {
-            if s.iter().any(|r| *r < 0.0) || (s.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
+            if !s.iter().all(|r| r.is_finite() && *r >= 0.0)
+                || (s.iter().sum::<f64>() - 1.0).abs() > 1e-6
+            {
                 return err(
                     "data.split",
-                    format!("{s:?}: ratios must be >= 0 and sum to 1"),
+                    format!("{s:?}: ratios must be finite, >= 0 and sum to 1"),
                 );
             }
         }
@@ -362,8 +368,25 @@ impl Plan {
                 format!("{} is not in [0, 1]", t.warmup_ratio),
             );
         }
-        if t.max_grad_norm < 0.0 {
-            return err("train.max_grad_norm", "must be >= 0 (0 = off)".into());
+        if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
+            return err(
+                "train.max_grad_norm",
+                format!("{} must be >= 0 (0 = off)", t.max_grad_norm),
+            );
+        }
+        for (key, b) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return err(key, format!("{b} is not in [0, 1)"));
+            }
+        }
+        if !(t.eps > 0.0 && t.eps.is_finite()) {
+            return err("train.eps", format!("{} must be > 0", t.eps));
+        }
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            return err(
+                "train.weight_decay",
+                format!("{} must be >= 0", t.weight_decay),
+            );
         }
         if let Some(es) = &t.early_stopping {
             let ok: &[&str] = match c.task.kind {

@@ -82,6 +82,12 @@ impl SequenceModel {
         let h = cfg.hidden_size;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(init_seed);
         let std = cfg.initializer_range;
+        if head.pooling == Pooling::Mean {
+            // Mean pooling reads no pooler: the checkpoint's pooler weights
+            // are dropped, neither counted as trainable nor saved.
+            store.remove("bert.pooler.dense.weight");
+            store.remove("bert.pooler.dense.bias");
+        }
         if head.pooling == Pooling::Cls {
             store.get_or_init("bert.pooler.dense.weight", &[h, h], || {
                 normal_init(&[h, h], std, &mut rng)

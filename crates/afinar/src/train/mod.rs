@@ -137,10 +137,10 @@ pub fn encode(
                         .ok_or_else(|| Error::Line {
                             path: path.to_path_buf(),
                             line: e.line,
-                            msg: format!(
-                                "regression label {:?} is not a number",
-                                e.label.as_ref().map(|l| l.to_string())
-                            ),
+                            msg: match &e.label {
+                                Some(l) => format!("regression label `{l}` is not a number"),
+                                None => "no regression label".into(),
+                            },
                         })
                 })
                 .collect::<Result<_>>()?,
@@ -536,7 +536,8 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
                         None => "no checkpoint was saved (no evaluation had run yet)".into(),
                     };
                     return Err(Error::NonFinite(format!(
-                        "loss is {lv} at step {step} (epoch {epoch}), with train.lr = {:e}; {saved}",
+                        "loss is {lv} at step {} (epoch {epoch}), with train.lr = {:e}; {saved}",
+                        step + 1,
                         t.lr
                     )));
                 }
@@ -550,7 +551,8 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             let norm = opt.grad_norm()?;
             if !norm.is_finite() {
                 return Err(Error::NonFinite(format!(
-                    "gradient norm is {norm} at step {step}"
+                    "gradient norm is {norm} at step {}",
+                    step + 1
                 )));
             }
             let scale = if t.max_grad_norm > 0.0 && norm > t.max_grad_norm {

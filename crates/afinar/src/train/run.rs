@@ -49,9 +49,13 @@ impl RunWriter {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         fsutil::write_atomic(&dir.join("config.toml"), plan.to_toml()?.as_bytes())?;
         let mpath = dir.join("metrics.jsonl");
+        // Truncate: a folder may hold the log of a run that failed (a run
+        // that finished is refused by the caller); its lines must not
+        // prefix this run's.
         let metrics = std::fs::OpenOptions::new()
             .create(true)
-            .append(true)
+            .write(true)
+            .truncate(true)
             .open(&mpath)
             .map_err(|e| Error::io(&mpath, e))?;
         Ok(RunWriter {

@@ -1,0 +1,54 @@
+//! Gated tests on the real assets (all-MiniLM-L6-v2 + sarcasm headlines):
+//! they run after `afinar fetch` (scripts/test.sh does it) and skip, saying
+//! so, when the assets are not in the cache.
+
+use std::path::Path;
+use std::process::Command;
+
+fn assets_present() -> bool {
+    afinar::hub::assets::resolve_asset_path("all-minilm-l6-v2").is_ok()
+        && afinar::hub::assets::resolve_asset_path("sarcasm").is_ok()
+}
+
+/// 80 steps of full fine-tuning of the real MiniLM on sarcasm headlines learn
+/// far above chance, and the exported model predicts.
+#[test]
+fn real_minilm_learns_sarcasm_in_80_steps() {
+    if !assets_present() {
+        eprintln!("SKIPPED: real assets not fetched (run `afinar fetch`)");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_afinar"))
+        .current_dir(&root)
+        .args([
+            "train",
+            "configs/minilm-sarcasm-quick.toml",
+            "--set",
+            "train.max_steps=80",
+            "--set",
+            "train.eval_every=80",
+            "--out",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "train failed: {stderr}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
+    let acc = results["test"]["accuracy"].as_f64().unwrap();
+    assert!(acc > 0.75, "test accuracy after 80 steps: {acc}");
+    assert_eq!(results["steps"].as_u64(), Some(80));
+    let o = Command::new(env!("CARGO_BIN_EXE_afinar"))
+        .args(["predict"])
+        .arg(&run)
+        .args(["--text", "area man wins lifetime supply of disappointment"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["label"] == "0" || v["label"] == "1");
+}
