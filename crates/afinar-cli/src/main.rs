@@ -94,14 +94,7 @@ fn main() {
 }
 
 fn init_threads(n: Option<usize>) {
-    let n = n.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
+    afinar::init_threads(n);
 }
 
 fn utc_stamp() -> String {
