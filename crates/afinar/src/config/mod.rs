@@ -34,6 +34,9 @@ pub struct ModelSection {
     pub revision: Option<String>,
     #[serde(default = "d_max_length")]
     pub max_length: usize,
+    /// Override the checkpoint's dropout probabilities (HF config names).
+    pub hidden_dropout_prob: Option<f32>,
+    pub attention_probs_dropout_prob: Option<f32>,
 }
 fn d_max_length() -> usize {
     128
@@ -303,6 +306,19 @@ impl Plan {
                 "model.max_length",
                 format!("{} is too small", c.model.max_length),
             );
+        }
+        for (key, v) in [
+            ("model.hidden_dropout_prob", c.model.hidden_dropout_prob),
+            (
+                "model.attention_probs_dropout_prob",
+                c.model.attention_probs_dropout_prob,
+            ),
+        ] {
+            if let Some(d) = v {
+                if !(0.0..1.0).contains(&d) {
+                    return err(key, format!("{d} is not in [0, 1)"));
+                }
+            }
         }
         if let Some(d) = c.task.dropout {
             if !(0.0..1.0).contains(&d) {

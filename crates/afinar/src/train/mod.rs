@@ -365,7 +365,13 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     let c = &plan.config;
     let run_dir = &opts.run_dir;
     let model_dir = resolve_model_dir(plan)?;
-    let (bert_cfg, raw_cfg) = models::read_bert_config(&model_dir)?;
+    let (mut bert_cfg, raw_cfg) = models::read_bert_config(&model_dir)?;
+    if let Some(p) = c.model.hidden_dropout_prob {
+        bert_cfg.hidden_dropout_prob = p;
+    }
+    if let Some(p) = c.model.attention_probs_dropout_prob {
+        bert_cfg.attention_probs_dropout_prob = p;
+    }
     let sel = selector(plan, &bert_cfg)?;
     let tok = TextTokenizer::from_dir(
         &model_dir,
