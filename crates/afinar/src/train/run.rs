@@ -165,7 +165,8 @@ fn hf_config(
             c["problem_type"] = serde_json::json!("regression");
         }
     }
-    c["classifier_dropout"] = serde_json::json!(head.dropout);
+    // f32 -> f64 would print 0.10000000149011612.
+    c["classifier_dropout"] = serde_json::json!((head.dropout as f64 * 1e6).round() / 1e6);
     c["afinar"] =
         serde_json::json!({ "pooling": head.pooling, "task": head.task, "max_length": max_length });
     c
