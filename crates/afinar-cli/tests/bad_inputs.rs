@@ -745,7 +745,11 @@ fn predict_on_a_base_checkpoint_without_a_head() {
 fn inspect_a_file_that_is_not_safetensors() {
     let c = Case::new();
     // Fixed content: the snapshot must not depend on where the repo lives.
-    let cfg = write(c.d(), "tiny.toml", "[model]\npath = \"a model folder somewhere\"\nmax_length = 32\n");
+    let cfg = write(
+        c.d(),
+        "tiny.toml",
+        "[model]\npath = \"a model folder somewhere\"\nmax_length = 32\n",
+    );
     let out = afinar_p(c.d(), &[Path::new("inspect"), &cfg]);
     out.fails_with(&[
         "tiny.toml",
