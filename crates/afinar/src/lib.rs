@@ -10,6 +10,7 @@ pub mod error;
 pub mod fsutil;
 
 pub use error::{Error, Result};
+pub mod adapters;
 pub mod config;
 pub mod data;
 pub mod heads;

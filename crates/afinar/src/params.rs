@@ -201,6 +201,10 @@ pub struct ParamStore {
     selector: Selector,
     /// Where the tensors came from, for error messages.
     pub source: String,
+    /// Linear modules wrapped by an adapter, by module path.
+    pub adapters: BTreeMap<String, crate::adapters::AdapterMeta>,
+    /// The adapters' on/off switch (off: the base model, e.g. a DPO reference).
+    pub adapters_enabled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ParamStore {
@@ -210,6 +214,8 @@ impl ParamStore {
             used: RefCell::new(BTreeSet::new()),
             selector,
             source: source.into(),
+            adapters: BTreeMap::new(),
+            adapters_enabled: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 
@@ -231,6 +237,38 @@ impl ParamStore {
             }
         };
         self.params.insert(name.to_string(), param);
+        Ok(())
+    }
+
+    /// Add a trainable tensor whatever the selector says (adapter weights).
+    pub fn insert_trainable(&mut self, name: &str, tensor: Tensor) -> Result<()> {
+        let var = Var::from_tensor(&tensor.to_dtype(DType::F32)?)?;
+        self.params.insert(
+            name.to_string(),
+            Param {
+                tensor: var.as_tensor().clone(),
+                var: Some(var),
+                grad: Some(Arc::new(GradBuf::new())),
+            },
+        );
+        Ok(())
+    }
+
+    /// Freeze everything (adapter training: only what is added after trains).
+    pub fn freeze_all(&mut self) {
+        for p in self.params.values_mut() {
+            p.var = None;
+            p.grad = None;
+            p.tensor = p.tensor.detach();
+        }
+    }
+
+    /// Make `name` trainable (PEFT's `modules_to_save`).
+    pub fn make_trainable(&mut self, name: &str) -> Result<()> {
+        if let Some(p) = self.params.get(name) {
+            let t = p.tensor.clone();
+            self.insert_trainable(name, t)?;
+        }
         Ok(())
     }
 
@@ -388,6 +426,10 @@ impl<'a> Path<'a> {
             store: self.store,
             prefix,
         }
+    }
+    /// The module path this points at.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
     pub fn name(&self, leaf: &str) -> String {
         if self.prefix.is_empty() {

@@ -3,6 +3,7 @@
 //! `BertForSequenceClassification` (pooler = dense + tanh on [CLS], dropout,
 //! linear), plus mean pooling (an afinar option with no transformers class).
 
+use crate::adapters::{self, AdapterConfig};
 use crate::models::bert::{mean_pool, Bert, BertConfig, Linear};
 use crate::nn::{self, DropoutRng};
 use crate::params::{normal_init, ParamStore, Path};
@@ -79,6 +80,20 @@ impl SequenceModel {
         head: &HeadConfig,
         init_seed: u64,
     ) -> Result<Self> {
+        Self::build_with_adapter(store, cfg, head, init_seed, None)
+    }
+
+    /// [`build`](Self::build), then wrap the linear modules `adapter`
+    /// targets: the whole base freezes; the adapter weights and
+    /// `modules_to_save` (PEFT adds the classifier for sequence
+    /// classification) train.
+    pub fn build_with_adapter(
+        store: &mut ParamStore,
+        cfg: &BertConfig,
+        head: &HeadConfig,
+        init_seed: u64,
+        adapter: Option<&AdapterConfig>,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(init_seed);
         let std = cfg.initializer_range;
@@ -104,6 +119,27 @@ impl SequenceModel {
             Ok(Tensor::zeros(n, DType::F32, &Device::Cpu)?)
         })?;
 
+        if let Some(ad) = adapter {
+            store.freeze_all();
+            let mut ad = ad.clone();
+            for m in ["classifier", "score"] {
+                if !ad.modules_to_save.iter().any(|x| x == m) {
+                    ad.modules_to_save.push(m.to_string());
+                }
+            }
+            let linears = adapters::linear_modules(store);
+            for (path, _, _) in &linears {
+                if ad
+                    .modules_to_save
+                    .iter()
+                    .any(|m| adapters::matches_key(path, m))
+                {
+                    store.make_trainable(&format!("{path}.weight"))?;
+                    store.make_trainable(&format!("{path}.bias"))?;
+                }
+            }
+            ad.apply(store, &linears, &["classifier"], &mut rng)?;
+        }
         let root = Path::root(store, "");
         let bert = Bert::load(&root.pp("bert"), cfg)?;
         let pooler = match head.pooling {
@@ -131,7 +167,7 @@ impl SequenceModel {
         match &self.pooler {
             Some(p) => {
                 let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?; // [B, H]
-                Ok(p.forward(&cls)?.tanh()?)
+                Ok(p.forward_t(&cls, dropout)?.tanh()?)
             }
             None => mean_pool(&hidden, &x.mask_tensor),
         }
@@ -146,7 +182,7 @@ impl SequenceModel {
             }
             _ => pooled,
         };
-        self.classifier.forward(&pooled)
+        self.classifier.forward_t(&pooled, dropout)
     }
 
     /// Mean cross-entropy (classification) or MSE (regression).

@@ -4,7 +4,7 @@
 pub mod kernels;
 pub mod ops;
 
-pub use ops::{attention, cross_entropy, dropout, embedding, gelu, layer_norm, linear};
+pub use ops::{attention, cross_entropy, dropout, embedding, gelu, layer_norm, linear, scale_last};
 
 use std::cell::Cell;
 

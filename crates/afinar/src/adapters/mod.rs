@@ -1,0 +1,367 @@
+//! Adapters: LoRA (+ DoRA) and IA3 on any linear layer, with Hugging Face
+//! PEFT's semantics and files (`adapter_config.json`,
+//! `adapter_model.safetensors`), so adapters move between afinar and PEFT.
+//!
+//! Follows PEFT 0.21: `tuners/lora/{config,layer,dora}.py`,
+//! `tuners/ia3/layer.py`, target matching of `tuners/tuners_utils.py`.
+//! The base weights stay frozen: an adapter adds parameters under the
+//! wrapped module's path (`{path}.lora_A.weight`, `{path}.ia3_l`, ...) that
+//! are the only trainable ones besides `modules_to_save`.
+
+pub mod peft;
+
+use crate::params::ParamStore;
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use rand::Rng;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// `target_modules` as PEFT takes it: a list (exact name or `.name` suffix),
+/// one string (a full-match regex), or `"all-linear"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Targets {
+    List(Vec<String>),
+    One(String),
+}
+
+impl Default for Targets {
+    fn default() -> Self {
+        Targets::List(vec![])
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterType {
+    Lora,
+    Ia3,
+}
+
+fn d_r() -> usize {
+    8
+}
+fn d_alpha() -> f64 {
+    8.0
+}
+fn d_init() -> String {
+    "kaiming".into()
+}
+
+/// `[adapter]` of a run config (PEFT's `LoraConfig` / `IA3Config` names).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterConfig {
+    #[serde(rename = "type")]
+    pub kind: AdapterType,
+    #[serde(default = "d_r")]
+    pub r: usize,
+    #[serde(default = "d_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f32,
+    #[serde(default)]
+    pub target_modules: Targets,
+    #[serde(default)]
+    pub exclude_modules: Vec<String>,
+    pub layers_to_transform: Option<Vec<usize>>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    /// "kaiming" (PEFT's default, `true`) or "gaussian".
+    #[serde(default = "d_init")]
+    pub init_lora_weights: String,
+    /// Modules trained fully and saved with the adapter (the new head).
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
+    /// IA3: modules whose *input* is scaled (a subset of target_modules).
+    #[serde(default)]
+    pub feedforward_modules: Vec<String>,
+    /// A target entry that matches nothing is an error unless this is set.
+    #[serde(default)]
+    pub allow_unmatched: bool,
+}
+
+/// What wraps one linear module.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterMeta {
+    Lora {
+        r: usize,
+        scale: f64,
+        dropout: f32,
+        dora: bool,
+    },
+    Ia3 {
+        feedforward: bool,
+    },
+}
+
+/// PEFT's key match: `name == key` or `name` ends with `.key`.
+pub fn matches_key(name: &str, key: &str) -> bool {
+    name == key || name.ends_with(&format!(".{key}"))
+}
+
+/// The layer index in `...layer.<i>...` (PEFT's default layer patterns).
+fn layer_index(name: &str) -> Option<usize> {
+    let re = Regex::new(r"\.(?:layers|h|block|blocks|layer)\.(\d+)\.").unwrap();
+    re.captures(&format!(".{name}."))
+        .and_then(|c| c[1].parse().ok())
+}
+
+/// PEFT's `get_pattern_key`: the first pattern `p` with `(.*\.)?p$` matching.
+fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, name: &str) -> Result<Option<T>> {
+    for (p, v) in patterns {
+        let re = Regex::new(&format!(r"^(?:.*\.)?(?:{p})$"))
+            .map_err(|e| Error::msg(format!("bad pattern `{p}`: {e}")))?;
+        if re.is_match(name) {
+            return Ok(Some(*v));
+        }
+    }
+    Ok(None)
+}
+
+impl AdapterConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::msg(format!("adapter: {m}")));
+        if self.kind == AdapterType::Lora {
+            if self.r == 0 {
+                return bad("`r` must be > 0".into());
+            }
+            if !(self.lora_alpha > 0.0) {
+                return bad(format!("`lora_alpha` must be > 0, got {}", self.lora_alpha));
+            }
+            if !(0.0..1.0).contains(&self.lora_dropout) {
+                return bad(format!(
+                    "`lora_dropout` {} is not in [0, 1)",
+                    self.lora_dropout
+                ));
+            }
+            for (k, v) in &self.rank_pattern {
+                if *v == 0 {
+                    return bad(format!("rank_pattern `{k}` = 0"));
+                }
+            }
+            if !matches!(self.init_lora_weights.as_str(), "kaiming" | "gaussian") {
+                return bad(format!(
+                    "`init_lora_weights` = `{}` (kaiming, gaussian)",
+                    self.init_lora_weights
+                ));
+            }
+        }
+        if self.kind == AdapterType::Ia3 {
+            if self.use_dora {
+                return bad("`use_dora` is a LoRA option".into());
+            }
+            if let Targets::List(t) = &self.target_modules {
+                for f in &self.feedforward_modules {
+                    if !t.contains(f) {
+                        return bad(format!("feedforward module `{f}` is not in target_modules (PEFT requires a subset)"));
+                    }
+                }
+            }
+        }
+        if matches!(&self.target_modules, Targets::List(v) if v.is_empty()) {
+            return bad("`target_modules` is empty".into());
+        }
+        Ok(())
+    }
+
+    fn targeted(&self, name: &str, all_linear_exclude: &[&str]) -> Result<bool> {
+        let hit = match &self.target_modules {
+            Targets::One(s) if s == "all-linear" => {
+                !all_linear_exclude.iter().any(|h| matches_key(name, h))
+            }
+            Targets::One(re) => Regex::new(&format!("^(?:{re})$"))
+                .map_err(|e| Error::msg(format!("target_modules regex: {e}")))?
+                .is_match(name),
+            Targets::List(keys) => keys.iter().any(|k| matches_key(name, k)),
+        };
+        if !hit || self.exclude_modules.iter().any(|k| matches_key(name, k)) {
+            return Ok(false);
+        }
+        if let Some(layers) = &self.layers_to_transform {
+            return Ok(layer_index(name).is_some_and(|i| layers.contains(&i)));
+        }
+        Ok(true)
+    }
+
+    /// Add the adapter's parameters for every targeted linear module of the
+    /// store (`linears`: module path, out, in) and record how each is
+    /// wrapped. New parameters are initialised as PEFT does (LoRA: A
+    /// kaiming-uniform(a = sqrt 5) or N(0, 1/r), B = 0; DoRA magnitude = the
+    /// base weight's row norms; IA3 = 1), so the adapted model starts equal
+    /// to the base.
+    pub fn apply(
+        &self,
+        store: &mut ParamStore,
+        linears: &[(String, usize, usize)],
+        head: &[&str],
+        rng: &mut impl Rng,
+    ) -> Result<Vec<String>> {
+        self.validate()?;
+        let mut wrapped = Vec::new();
+        for (path, out_f, in_f) in linears {
+            if self.modules_to_save.iter().any(|m| matches_key(path, m))
+                || !self.targeted(path, head)?
+            {
+                continue;
+            }
+            let meta = match self.kind {
+                AdapterType::Lora => {
+                    let r = pattern_value(&self.rank_pattern, path)?.unwrap_or(self.r);
+                    let alpha =
+                        pattern_value(&self.alpha_pattern, path)?.unwrap_or(self.lora_alpha);
+                    let scale = if self.use_rslora {
+                        alpha / (r as f64).sqrt()
+                    } else {
+                        alpha / r as f64
+                    };
+                    let a = match self.init_lora_weights.as_str() {
+                        "gaussian" => crate::params::normal_init(&[r, *in_f], 1.0 / r as f64, rng)?,
+                        _ => {
+                            let bound = 1.0 / (*in_f as f64).sqrt();
+                            let v: Vec<f32> = (0..r * in_f)
+                                .map(|_| rng.gen_range(-bound..bound) as f32)
+                                .collect();
+                            Tensor::from_vec(v, (r, *in_f), &Device::Cpu)?
+                        }
+                    };
+                    store.insert_trainable(&format!("{path}.lora_A.weight"), a)?;
+                    store.insert_trainable(
+                        &format!("{path}.lora_B.weight"),
+                        Tensor::zeros((*out_f, r), candle_core::DType::F32, &Device::Cpu)?,
+                    )?;
+                    if self.use_dora {
+                        let w = store.get(&format!("{path}.weight"), &[*out_f, *in_f])?;
+                        let norms = w.t.sqr()?.sum(1)?.sqrt()?;
+                        store.insert_trainable(&format!("{path}.lora_magnitude_vector"), norms)?;
+                    }
+                    AdapterMeta::Lora {
+                        r,
+                        scale,
+                        dropout: self.lora_dropout,
+                        dora: self.use_dora,
+                    }
+                }
+                AdapterType::Ia3 => {
+                    let ff = self
+                        .feedforward_modules
+                        .iter()
+                        .any(|m| matches_key(path, m));
+                    let shape = if ff { (1, *in_f) } else { (*out_f, 1) };
+                    store.insert_trainable(
+                        &format!("{path}.ia3_l"),
+                        Tensor::ones(shape, candle_core::DType::F32, &Device::Cpu)?,
+                    )?;
+                    AdapterMeta::Ia3 { feedforward: ff }
+                }
+            };
+            store.adapters.insert(path.clone(), meta);
+            wrapped.push(path.clone());
+        }
+        // PEFT accepts a list where only some entries match (peft#1959);
+        // afinar names the ones that matched nothing.
+        if let Targets::List(keys) = &self.target_modules {
+            let unmatched: Vec<&String> = keys
+                .iter()
+                .filter(|k| !linears.iter().any(|(p, _, _)| matches_key(p, k)))
+                .collect();
+            if !unmatched.is_empty() && !self.allow_unmatched {
+                let sample: Vec<&str> =
+                    linears.iter().take(8).map(|(p, _, _)| p.as_str()).collect();
+                return Err(Error::msg(format!(
+                    "adapter: target_modules {unmatched:?} match no linear module (set allow_unmatched = true to ignore); modules look like {sample:?}"
+                )));
+            }
+        }
+        if wrapped.is_empty() {
+            return Err(Error::msg(format!(
+                "adapter: target_modules {:?} wrap no module",
+                self.target_modules
+            )));
+        }
+        Ok(wrapped)
+    }
+}
+
+/// Linear modules of a store: every 2-d `{path}.weight` outside the embeddings.
+pub fn linear_modules(store: &ParamStore) -> Vec<(String, usize, usize)> {
+    store
+        .iter()
+        .filter_map(|(n, p)| {
+            let path = n.strip_suffix(".weight")?;
+            let d = p.tensor.dims();
+            (d.len() == 2 && !path.contains("embeddings") && !n.contains(".lora_"))
+                .then(|| (path.to_string(), d[0], d[1]))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_key_matching_and_layers() {
+        assert!(matches_key(
+            "bert.encoder.layer.0.attention.self.query",
+            "query"
+        ));
+        assert!(matches_key(
+            "bert.encoder.layer.0.attention.output.dense",
+            "output.dense"
+        ));
+        assert!(!matches_key(
+            "bert.encoder.layer.0.attention.self.query",
+            "uery"
+        ));
+        assert_eq!(layer_index("bert.encoder.layer.11.output.dense"), Some(11));
+        assert_eq!(layer_index("classifier"), None);
+        let mut p = BTreeMap::new();
+        p.insert("value".to_string(), 2usize);
+        assert_eq!(
+            pattern_value(&p, "bert.encoder.layer.0.attention.self.value").unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            pattern_value(&p, "bert.encoder.layer.0.attention.self.query").unwrap(),
+            None
+        );
+    }
+}
+
+/// Every base parameter with the adapters folded in (LoRA: W + s B A; DoRA:
+/// magnitude-rescaled rows; IA3: W and, on outputs, the bias scaled): a plain
+/// checkpoint that transformers loads without PEFT.
+pub fn merged_state(store: &ParamStore) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (name, p) in store.iter() {
+        let is_adapter = name.contains(".lora_A.")
+            || name.contains(".lora_B.")
+            || name.ends_with(".lora_magnitude_vector")
+            || name.ends_with(".ia3_l");
+        if !is_adapter {
+            out.insert(name.clone(), p.tensor.detach());
+        }
+    }
+    for path in store.adapters.keys() {
+        let w = out
+            .get(&format!("{path}.weight"))
+            .ok_or_else(|| Error::msg(format!("adapter on `{path}` but no `{path}.weight`")))?;
+        let (o, i) = w.dims2()?;
+        let lin = crate::models::bert::Linear::load(&crate::params::Path::root(store, path), i, o)?;
+        let (mw, mb) = lin.merged()?;
+        out.insert(format!("{path}.weight"), mw);
+        if let Some(b) = mb {
+            out.insert(format!("{path}.bias"), b);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,239 @@
+//! PEFT's adapter files, read and written as PEFT 0.21 does:
+//! `adapter_config.json` (sorted keys) and `adapter_model.safetensors`
+//! (`{"format": "pt"}` metadata; keys `base_model.model.<module path>.lora_A.weight`
+//! `[r, in]`, `.lora_B.weight` `[out, r]`, `.lora_magnitude_vector` `[out]`,
+//! `.ia3_l` `[out, 1]` or `[1, in]` for feed-forward modules, and the
+//! `modules_to_save` under their own path, e.g. `base_model.model.classifier.weight`).
+
+use super::{AdapterConfig, AdapterType, Targets};
+use crate::hub::checkpoint::Checkpoint;
+use crate::params::ParamStore;
+use crate::{fsutil, Error, Result};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const PREFIX: &str = "base_model.model.";
+
+/// Read `adapter_config.json` into afinar's adapter config (+ the raw JSON).
+pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
+    let file = dir.join(CONFIG_FILE);
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "adapter folder does not exist"));
+    }
+    if !file.is_file() {
+        return Err(Error::file(
+            dir,
+            format!("no {CONFIG_FILE}: not a PEFT adapter folder"),
+        ));
+    }
+    if !dir.join(WEIGHTS_FILE).is_file() {
+        return Err(Error::file(
+            dir,
+            format!("no {WEIGHTS_FILE}: the adapter has no weights"),
+        ));
+    }
+    let raw = crate::hub::config::read_config_value(&file)?;
+    let err = |m: String| Error::file(&file, m);
+    let kind = match raw["peft_type"].as_str() {
+        Some("LORA") => AdapterType::Lora,
+        Some("IA3") => AdapterType::Ia3,
+        other => {
+            return Err(err(format!(
+                "peft_type {other:?} is not supported (LORA, IA3)"
+            )))
+        }
+    };
+    let strings = |k: &str| -> Vec<String> {
+        match &raw[k] {
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
+            Value::String(s) => vec![s.clone()],
+            _ => vec![],
+        }
+    };
+    let target_modules = match &raw["target_modules"] {
+        Value::String(s) => Targets::One(s.clone()),
+        Value::Array(_) => Targets::List(strings("target_modules")),
+        other => {
+            return Err(err(format!(
+                "target_modules {other} is neither a list nor a string"
+            )))
+        }
+    };
+    let layers_to_transform = match &raw["layers_to_transform"] {
+        Value::Null => None,
+        Value::Number(n) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
+        Value::Array(a) => Some(
+            a.iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as usize)
+                .collect(),
+        ),
+        other => return Err(err(format!("layers_to_transform {other}"))),
+    };
+    let map_usize = |k: &str| -> BTreeMap<String, usize> {
+        raw[k]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| v.as_u64().map(|v| (k.clone(), v as usize)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let map_f64 = |k: &str| -> BTreeMap<String, f64> {
+        raw[k]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut modules_to_save = strings("modules_to_save");
+    modules_to_save.dedup();
+    let cfg = AdapterConfig {
+        kind,
+        r: raw["r"].as_u64().unwrap_or(8) as usize,
+        lora_alpha: raw["lora_alpha"].as_f64().unwrap_or(8.0),
+        lora_dropout: raw["lora_dropout"].as_f64().unwrap_or(0.0) as f32,
+        target_modules,
+        exclude_modules: strings("exclude_modules"),
+        layers_to_transform,
+        rank_pattern: map_usize("rank_pattern"),
+        alpha_pattern: map_f64("alpha_pattern"),
+        use_rslora: raw["use_rslora"].as_bool().unwrap_or(false),
+        use_dora: raw["use_dora"].as_bool().unwrap_or(false),
+        init_lora_weights: if raw["init_lora_weights"] == "gaussian" {
+            "gaussian".into()
+        } else {
+            "kaiming".into()
+        },
+        modules_to_save,
+        feedforward_modules: strings("feedforward_modules"),
+        // A PEFT file names what PEFT matched; entries for other models
+        // (PEFT adds `score` for SEQ_CLS) are not an error here.
+        allow_unmatched: true,
+    };
+    cfg.validate().map_err(|e| err(e.to_string()))?;
+    Ok((cfg, raw))
+}
+
+/// Overwrite the adapter's parameters (and `modules_to_save`) in `store`
+/// with the file's. A key that matches nothing in the model, or a shape
+/// that differs, is an error naming both.
+pub fn load_weights(store: &mut ParamStore, dir: &Path) -> Result<usize> {
+    let ckpt = Checkpoint::open(dir.join(WEIGHTS_FILE))?;
+    let mut values = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for key in ckpt.names() {
+        let name = key.strip_prefix(PREFIX).unwrap_or(&key).to_string();
+        let t = ckpt.load_f32(&key)?;
+        match store.iter().find(|(n, _)| **n == name) {
+            None => unknown.push(key),
+            Some((_, p)) => {
+                if p.tensor.dims() != t.dims() {
+                    return Err(Error::Tensor {
+                        name: key,
+                        msg: format!(
+                            "shape {:?} in {} but the model's `{name}` is {:?} (another r, or another base model?)",
+                            t.dims(),
+                            dir.join(WEIGHTS_FILE).display(),
+                            p.tensor.dims()
+                        ),
+                    });
+                }
+                values.insert(name, t);
+            }
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(Error::file(
+            dir.join(WEIGHTS_FILE),
+            format!("tensors that match no module of the base model: {unknown:?}"),
+        ));
+    }
+    let n = values.len();
+    store.copy_values_from(&values)?;
+    Ok(n)
+}
+
+/// Write `dir/adapter_config.json` and `dir/adapter_model.safetensors` for
+/// the trainable parameters of `store` (adapter weights + modules_to_save).
+pub fn save(
+    dir: &Path,
+    store: &ParamStore,
+    cfg: &AdapterConfig,
+    base_model: &str,
+    task_type: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let targets = match &cfg.target_modules {
+        Targets::One(s) => json!(s),
+        Targets::List(v) => json!(v),
+    };
+    let mut c = BTreeMap::new();
+    c.insert("base_model_name_or_path", json!(base_model));
+    c.insert("task_type", json!(task_type));
+    c.insert("target_modules", targets);
+    c.insert(
+        "modules_to_save",
+        if cfg.modules_to_save.is_empty() {
+            Value::Null
+        } else {
+            json!(cfg.modules_to_save)
+        },
+    );
+    c.insert("inference_mode", json!(true));
+    c.insert("revision", Value::Null);
+    c.insert(
+        "exclude_modules",
+        if cfg.exclude_modules.is_empty() {
+            Value::Null
+        } else {
+            json!(cfg.exclude_modules)
+        },
+    );
+    c.insert("layers_to_transform", json!(cfg.layers_to_transform));
+    c.insert("layers_pattern", Value::Null);
+    match cfg.kind {
+        AdapterType::Lora => {
+            c.insert("peft_type", json!("LORA"));
+            c.insert("r", json!(cfg.r));
+            c.insert("lora_alpha", json!(cfg.lora_alpha));
+            c.insert("lora_dropout", json!(cfg.lora_dropout));
+            c.insert("bias", json!("none"));
+            c.insert("use_rslora", json!(cfg.use_rslora));
+            c.insert("use_dora", json!(cfg.use_dora));
+            c.insert("rank_pattern", json!(cfg.rank_pattern));
+            c.insert("alpha_pattern", json!(cfg.alpha_pattern));
+            c.insert("fan_in_fan_out", json!(false));
+            c.insert(
+                "init_lora_weights",
+                if cfg.init_lora_weights == "gaussian" {
+                    json!("gaussian")
+                } else {
+                    json!(true)
+                },
+            );
+        }
+        AdapterType::Ia3 => {
+            c.insert("peft_type", json!("IA3"));
+            c.insert("feedforward_modules", json!(cfg.feedforward_modules));
+            c.insert("fan_in_fan_out", json!(false));
+            c.insert("init_ia3_weights", json!(true));
+        }
+    }
+    fsutil::write_json(&dir.join(CONFIG_FILE), &c)?;
+    let tensors = store
+        .iter()
+        .filter(|(_, p)| p.var.is_some())
+        .map(|(n, p)| (format!("{PREFIX}{n}"), p.tensor.clone()));
+    crate::train::run::write_safetensors(&dir.join(WEIGHTS_FILE), tensors)
+}
