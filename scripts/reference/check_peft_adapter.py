@@ -11,11 +11,11 @@ adapter parameter, and only warns about missing ones (those keep PEFT's init, i.
 this script also compares the keys PEFT would save for the loaded model with the file's keys, and
 each loaded tensor with the file's tensor, and fails on any difference.
 
-num_labels: the first dimension of the saved modules_to_save head (`base_model.model.classifier.weight`
-or `...score.weight`), else --num-labels (default 2).
+num_labels: the first dimension of the saved modules_to_save head
+(`base_model.model.classifier.weight` or `...score.weight`), else --num-labels (default 2).
 Base classifier: the base folder usually has BertModel keys only, so transformers initialises the
-classifier randomly; that does not matter when the adapter saves the classifier (modules_to_save, which
-PEFT adds for task_type SEQ_CLS). If the inputs file holds `base.classifier.weight` / `.bias`
+classifier randomly; that does not matter when the adapter saves the classifier (modules_to_save,
+which PEFT adds for task_type SEQ_CLS). If the inputs file holds `base.classifier.weight` / `.bias`
 they are copied into the base first, and then an optional `base_logits` tensor is compared too
 (the PeftModel under disable_adapter()).
 
@@ -100,7 +100,8 @@ def main():
     if ignored:
         problems.append(f"keys in the file that PEFT ignored: {ignored}")
     if aliased:  # loaded (unknown keys pass through unchanged) but not the form PEFT writes
-        problems.append(f"keys in the file that PEFT loaded as raw model keys, not its saved form: {aliased}")
+        problems.append("keys in the file that PEFT loaded as raw model keys, not its saved form: "
+                        f"{aliased}")
     for k in sorted(set(saved) & set(reloaded)):
         a, b = saved[k], reloaded[k]
         if a.shape != b.shape:
@@ -123,8 +124,8 @@ def main():
     else:
         diff = (logits - ref).abs().max().item()
     flips = int((logits.argmax(-1) != ref.argmax(-1)).sum()) if ref.shape == logits.shape else -1
-    print(f"{cfg.get('peft_type')} adapter, {len(saved)} tensors, batch {list(inputs['input_ids'].shape)}, "
-          f"num_labels {num_labels}")
+    print(f"{cfg.get('peft_type')} adapter, {len(saved)} tensors, "
+          f"batch {list(inputs['input_ids'].shape)}, num_labels {num_labels}")
     print(f"logits: max abs diff {diff:.3e}, argmax disagreements {flips}, tol {args.tol:g}")
     ok = diff <= args.tol
     if base_logits is not None:

@@ -1,25 +1,25 @@
-"""Golden PEFT adapters (LoRA, rsLoRA + patterns, DoRA, IA3) on BERT, written by Hugging Face PEFT itself.
+"""Golden PEFT adapters (LoRA, rsLoRA + patterns, DoRA, IA3) on BERT, written by PEFT itself.
 
 For each case writes tests/fixtures/peft/<case>/:
   adapter_config.json, adapter_model.safetensors   exactly as PeftModel.save_pretrained writes them
                                                    (its model-card README.md is deleted: not needed)
   golden.safetensors   inputs and logits (below)
   golden.json          versions, the saved keys/shapes/dtypes, the safetensors header metadata, the
-                       adapter_config.json content, the wrapped modules with r / alpha / scaling, checks
+                       adapter_config.json content, the wrapped modules (r, alpha, scaling), checks
 
 Base models (eval mode, every dropout 0.0, eager attention, f32 on CPU):
   tiny cases  tests/fixtures/bert-tiny as BertForSequenceClassification(num_labels=2), classifier.*
               taken from tests/fixtures/bert-tiny/golden.safetensors; the same 3-row batch as there.
   lora-minilm the real all-MiniLM-L6-v2 (folder: --minilm, default /root/.cache/afinar/models/
               all-minilm-l6-v2) with a seeded classifier (as golden_bert.py: weight 0.2*N(0,1),
-              bias 0.1*N(0,1), torch.Generator seeded 1); 2 short sentences, padded right to the longest.
+              bias 0.1*N(0,1), torch.Generator seeded 1); 2 short sentences, right-padded.
 
 After get_peft_model every adapter parameter is perturbed (PEFT's init is the identity: lora_B = 0,
-ia3 = 1), with torch.manual_seed(0) and one torch.randn_like per parameter in named_parameters order:
+ia3 = 1), with torch.manual_seed(0), one torch.randn_like per parameter in named_parameters order:
   lora_A / lora_B            <- 0.1 * N(0,1)
-  lora_magnitude_vector      <- init * (1 + 0.1 * N(0,1))     (init = row norms of W, made with B = 0)
+  lora_magnitude_vector      <- init * (1 + 0.1 * N(0,1))   (init = row norms of W, made with B = 0)
   ia3_l                      <- 1 + 0.1 * N(0,1)
-  modules_to_save copy       <- copy + 0.1 * N(0,1)           (classifier; the base classifier is kept)
+  modules_to_save copy       <- copy + 0.1 * N(0,1)         (classifier; the base one is kept)
 
 Tensors in golden.safetensors (float32 unless said):
   input_ids, attention_mask, token_type_ids   int64 [B, T]
@@ -27,7 +27,7 @@ Tensors in golden.safetensors (float32 unless said):
   logits [B, 2]          PeftModel in eval mode
   base_logits [B, 2]     the same PeftModel under `with model.disable_adapter():`
   merged_logits [B, 2]   the model returned by merge_and_unload()
-  merged.<name>          (tiny cases) after merge_and_unload: weight and bias of every wrapped Linear
+  merged.<name>          (tiny cases) after merge_and_unload: weight, bias of every wrapped Linear
                          and classifier.weight / classifier.bias, transformers names
 
 Each case is also checked here: reloading the folder with PeftModel.from_pretrained gives the same
@@ -78,23 +78,42 @@ PERTURB_SEED, MINILM_HEAD_SEED = 0, 1
 CASES = {
     "lora-tiny": dict(
         base="tiny", method="lora",
+        notes=('task_type SEQ_CLS appends ["classifier", "score"] to the given '
+               'modules_to_save, so adapter_config.json holds ["classifier", "classifier", '
+               '"score"]'),
         config=dict(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0,
                     target_modules=["query", "value"], modules_to_save=["classifier"])),
     "lora-tiny-rslora-patterns": dict(
         base="tiny", method="lora",
+        notes=('layers_pattern is null, so PEFT takes the layer index from the first '
+               "'<segment>.<digits>.' after at least one segment (regex "
+               '.*?\\.[^.]*\\.(?P<idx>\\d+)\\.): bert.encoder.layer.1.* -> 1; bert.pooler.dense '
+               "has no index and is NOT wrapped although 'dense' matches it; layer 0 gets "
+               'nothing. rank_pattern/alpha_pattern keys are regexes matched as (.*\\.)?(KEY)$ '
+               'on the module path; rsLoRA scaling alpha/sqrt(r) uses the per-module r and '
+               'alpha: value r=2 -> 8/sqrt(2), key alpha=16 -> 16/sqrt(4) = 8, others '
+               '8/sqrt(4) = 4. No modules_to_save given: SEQ_CLS makes it ["classifier", '
+               '"score"]'),
         config=dict(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=True,
                     target_modules=["query", "key", "value", "dense"], rank_pattern={"value": 2},
                     alpha_pattern={"key": 16}, layers_to_transform=[1])),
     "dora-tiny": dict(
         base="tiny", method="lora",
+        notes=('magnitude saved as <module>.lora_magnitude_vector (no .weight, no adapter '
+               'name), shape [out_features]; classifier saved because of task_type SEQ_CLS'),
         config=dict(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True,
                     target_modules=["query", "value"])),
     "ia3-tiny": dict(
         base="tiny", method="ia3",
+        notes=("target 'output.dense' matches both attention.output.dense and output.dense "
+               '(suffix after a dot), and feedforward_modules uses a plain endswith, so BOTH '
+               'are feedforward (ia3_l [1, in]); key/value are not (ia3_l [out, 1])'),
         config=dict(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
                     feedforward_modules=["output.dense"])),
     "lora-minilm": dict(
         base="minilm", method="lora",
+        notes=('real weights; base_model_name_or_path set to the hub id through '
+               'model.name_or_path'),
         config=dict(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
                     target_modules=["query", "value"], modules_to_save=["classifier"])),
 }
@@ -207,11 +226,26 @@ def dumps(obj):
 # --- independent re-implementation of the documented formulas ------------------------------------
 
 def pattern_value(pattern, key, default):
-    """peft.utils.other.get_pattern_key: first pattern p (dict order) with re.match(rf"(.*\\.)?({p})$", key)."""
+    """peft.utils.other.get_pattern_key: the first p (dict order) with re.match(rf"(.*\\.)?({p})$", key)."""
     for p, v in pattern.items():
         if re.match(rf"(.*\.)?({p})$", key):
             return v
     return default
+
+
+def lora_forward(W, b, A, B, s):
+    return lambda x: x @ W.T + b + s * (x @ A.T @ B.T)
+
+
+def dora_forward(W, b, A, B, s, m):
+    n = torch.linalg.norm(W + s * (B @ A), dim=1)  # [out], L2 over in (detached in PEFT)
+    return lambda x: (m / n) * (x @ W.T + s * (x @ A.T @ B.T)) + b  # bias outside the scale
+
+
+def ia3_forward(W, b, l):
+    if l.shape[0] == 1:  # feedforward: [1, in], scales the input
+        return lambda x: (x * l.flatten()) @ W.T + b
+    return lambda x: (x @ W.T + b) * l.flatten()  # [out, 1], scales the output, bias included
 
 
 def manual_logits(model_dir, head, adapter_dir, inputs):
@@ -238,20 +272,13 @@ def manual_logits(model_dir, head, adapter_dir, inputs):
             if cfg["use_dora"]:
                 m = sd[k + ".lora_magnitude_vector"]  # [out]
                 used.add(k + ".lora_magnitude_vector")
-                norm = torch.linalg.norm(W + s * (B @ A), dim=1)  # [out], L2 over in
-                fwd = (lambda W, b, A, B, s, m, n:
-                       lambda x: (m / n) * (x @ W.T + s * (x @ A.T @ B.T)) + b)(W, b, A, B, s, m, norm)
+                mod.forward = dora_forward(W, b, A, B, s, m)
             else:
-                fwd = (lambda W, b, A, B, s: lambda x: x @ W.T + b + s * (x @ A.T @ B.T))(W, b, A, B, s)
-            mod.forward = fwd
+                mod.forward = lora_forward(W, b, A, B, s)
         elif k + ".ia3_l" in sd:
             l = sd[k + ".ia3_l"]
             used.add(k + ".ia3_l")
-            if l.shape[0] == 1:  # feedforward: [1, in], scales the input
-                fwd = (lambda W, b, l: lambda x: (x * l.flatten()) @ W.T + b)(W, b, l)
-            else:  # [out, 1], scales the output, bias included
-                fwd = (lambda W, b, l: lambda x: (x @ W.T + b) * l.flatten())(W, b, l)
-            mod.forward = fwd
+            mod.forward = ia3_forward(W, b, l)
         elif k + ".weight" in sd:  # modules_to_save copy
             with torch.no_grad():
                 mod.weight.copy_(sd[k + ".weight"])
@@ -343,6 +370,7 @@ def run_case(case, spec, minilm_dir):
     meta = {
         "produced_by": "scripts/reference/golden_peft.py",
         "case": case,
+        "notes": spec["notes"],
         "versions": {"peft": peft.__version__, "transformers": transformers.__version__,
                      "torch": torch.__version__, "safetensors": safetensors.__version__,
                      "tokenizers": tokenizers.__version__},

@@ -67,6 +67,15 @@ enum Cmd {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Export a run: `--merged OUT` (an HF checkpoint with adapters merged in,
+    /// for transformers) and/or `--adapter OUT` (the PEFT adapter folder).
+    Export {
+        run: PathBuf,
+        #[arg(long)]
+        merged: Option<PathBuf>,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+    },
     /// Tensor names, shapes, dtypes and parameter count of a checkpoint.
     Inspect { path: PathBuf },
 }
@@ -127,6 +136,21 @@ fn run(cli: Cli) -> Result<i32> {
             let cache = afinar::hub::assets::cache_dir()?;
             let p = afinar::hub::assets::fetch(&name, &cache)?;
             println!("{}", p.display());
+            Ok(0)
+        }
+        Cmd::Export {
+            run,
+            merged,
+            adapter,
+        } => {
+            if merged.is_none() && adapter.is_none() {
+                bail!("give --merged OUT and/or --adapter OUT");
+            }
+            init_threads(None);
+            train::run::export(&run, merged.as_deref(), adapter.as_deref())?;
+            for p in merged.iter().chain(adapter.iter()) {
+                println!("{}", p.display());
+            }
             Ok(0)
         }
         Cmd::Inspect { path } => {

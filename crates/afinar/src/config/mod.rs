@@ -20,6 +20,8 @@ pub struct RunConfig {
     pub train: TrainSection,
     #[serde(default)]
     pub seeds: SeedSection,
+    /// Train an adapter (LoRA / DoRA / IA3) instead of the base weights.
+    pub adapter: Option<crate::adapters::AdapterConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -363,6 +365,16 @@ impl Plan {
                     "freeze.preset",
                     format!("`{other}` is not one of full, head_only, last_layers"),
                 )
+            }
+        }
+        if let Some(ad) = &c.adapter {
+            ad.validate()
+                .map_err(|e| cfg_err(p, format!("`adapter`: {e}")))?;
+            if c.freeze.preset != "full"
+                || !c.freeze.frozen.is_empty()
+                || !c.freeze.trainable.is_empty()
+            {
+                return err("freeze", "an adapter freezes the whole base: leave [freeze] out (use adapter.modules_to_save)".into());
             }
         }
         let t = &c.train;

@@ -736,7 +736,7 @@ impl CustomOp2 for ScaleLastOp {
 pub fn scale_last(y: &Tensor, v: &Weight, div: Option<Arc<Vec<f32>>>) -> CResult<Tensor> {
     let op = ScaleLastOp { v: v.clone(), div };
     y.contiguous()?
-        .apply_op2_arc(&v.t.flatten_all()?.contiguous()?, Arc::new(Box::new(op)))
+        .apply_op2_arc(&v.t.contiguous()?, Arc::new(Box::new(op)))
 }
 
 // ------------------------------------------------------------------ cross-entropy

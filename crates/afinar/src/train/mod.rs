@@ -439,7 +439,13 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             .or(bert_cfg.classifier_dropout)
             .unwrap_or(bert_cfg.hidden_dropout_prob),
     };
-    let model = SequenceModel::build(&mut store, &bert_cfg, &head, c.seeds.init)?;
+    let model = SequenceModel::build_with_adapter(
+        &mut store,
+        &bert_cfg,
+        &head,
+        c.seeds.init,
+        c.adapter.as_ref(),
+    )?;
     models::check_unused(&mut store, &mut |w| {
         on(Event::Info(format!("warning: {w}")))
     })?;
@@ -447,7 +453,16 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     on(Event::Info(store.summary()));
 
     // ---- run folder
-    let run = run::RunWriter::create(run_dir, plan, &raw_cfg, &tok, labels.as_ref(), &head)?;
+    let mut run = run::RunWriter::create(run_dir, plan, &raw_cfg, &tok, labels.as_ref(), &head)?;
+    if let Some(ad) = &c.adapter {
+        let base = std::fs::canonicalize(&model_dir).unwrap_or(model_dir.clone());
+        run.adapter = Some((ad.clone(), base));
+        on(Event::Info(format!(
+            "adapter: {:?} on {} modules",
+            ad.kind,
+            store.adapters.len()
+        )));
+    }
 
     // ---- optimisation
     let params = store.trainable();

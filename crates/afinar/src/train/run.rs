@@ -35,6 +35,8 @@ pub struct RunWriter {
     head: HeadConfig,
     max_length: usize,
     metrics: Mutex<std::fs::File>,
+    /// Adapter runs: the adapter config and the base model's folder.
+    pub adapter: Option<(crate::adapters::AdapterConfig, PathBuf)>,
 }
 
 impl RunWriter {
@@ -66,6 +68,7 @@ impl RunWriter {
             head: head.clone(),
             max_length: plan.config.model.max_length,
             metrics: Mutex::new(metrics),
+            adapter: None,
         })
     }
 
@@ -107,10 +110,39 @@ impl RunWriter {
     }
 
     /// Save the current weights as an HF checkpoint in `<run>/<name>/`.
+    /// Save the current weights: `<run>/<name>/` as an HF checkpoint (the
+    /// adapters merged in), and for an adapter run also `<run>/adapter/`
+    /// (PEFT's files) when `name` is the best model.
     pub fn save_model(&self, store: &ParamStore, name: &str) -> Result<()> {
+        let tensors: BTreeMap<String, candle_core::Tensor> = if store.adapters.is_empty() {
+            store
+                .iter()
+                .map(|(n, p)| (n.clone(), p.tensor.clone()))
+                .collect()
+        } else {
+            crate::adapters::merged_state(store)?
+        };
+        if let (Some((cfg, base_dir)), "model") = (&self.adapter, name) {
+            let meta = serde_json::json!({
+                "base_model_dir": base_dir,
+                "id2label": self.labels.as_ref().map(|l| l.id2label().to_vec()),
+                "head": self.head,
+                "max_length": self.max_length,
+            });
+            write_dir_atomic(&self.dir.join("adapter"), |tmp| {
+                crate::adapters::peft::save(
+                    tmp,
+                    store,
+                    cfg,
+                    &base_dir.display().to_string(),
+                    "SEQ_CLS",
+                )?;
+                fsutil::write_json(&tmp.join(ADAPTER_META), &meta)
+            })?;
+        }
         save_hf_checkpoint(
             &self.dir.join(name),
-            store,
+            &tensors,
             &self.base_config,
             &self.tok,
             self.labels.as_ref(),
@@ -176,14 +208,31 @@ fn hf_config(
 /// folder and renamed into place (an existing `dir` is replaced whole).
 pub fn save_hf_checkpoint(
     dir: &Path,
-    store: &ParamStore,
+    tensors: &BTreeMap<String, candle_core::Tensor>,
     base: &serde_json::Value,
     tok: &TextTokenizer,
     labels: Option<&LabelMap>,
     head: &HeadConfig,
     max_length: usize,
 ) -> Result<()> {
+    write_dir_atomic(dir, |tmp| {
+        fsutil::write_json(
+            &tmp.join("config.json"),
+            &hf_config(base, labels, head, max_length),
+        )?;
+        write_safetensors(
+            &tmp.join("model.safetensors"),
+            tensors.iter().map(|(n, t)| (n.clone(), t.clone())),
+        )?;
+        tok.save(tmp)
+    })
+}
+
+/// Assemble a folder beside `dir` and swap it in whole (an existing `dir`
+/// is replaced only once the new one is complete).
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -191,19 +240,7 @@ pub fn save_hf_checkpoint(
     let tmp = parent.join(format!(".{name}.tmp.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let res = (|| -> Result<()> {
-        fsutil::write_json(
-            &tmp.join("config.json"),
-            &hf_config(base, labels, head, max_length),
-        )?;
-        write_safetensors(
-            &tmp.join("model.safetensors"),
-            store.iter().map(|(n, p)| (n.clone(), p.tensor.clone())),
-        )?;
-        tok.save(&tmp)?;
-        Ok(())
-    })();
-    if let Err(e) = res {
+    if let Err(e) = fill(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -215,6 +252,9 @@ pub fn save_hf_checkpoint(
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
+
+/// afinar's own notes beside a PEFT adapter: what PEFT's files do not say.
+pub const ADAPTER_META: &str = "afinar_head.json";
 
 /// Write tensors as safetensors with `{"format": "pt"}` metadata (what
 /// transformers expects), atomically.
@@ -241,11 +281,76 @@ pub struct RunModel {
     pub dir: PathBuf,
     /// The run config, when `path` was a run folder.
     pub plan: Option<Plan>,
+    /// The base model's `config.json`, and the truncation length.
+    pub base_config: serde_json::Value,
+    pub max_length: usize,
+    /// The adapter, for an adapter run.
+    pub adapter: Option<crate::adapters::AdapterConfig>,
 }
 
 /// Load `path`: a run folder (uses `<run>/model`) or an HF checkpoint folder
 /// written by afinar or transformers (`BertForSequenceClassification`).
 pub fn load_run(path: &Path) -> Result<RunModel> {
+    // An adapter run (or an adapter folder afinar wrote): base + adapter, unmerged.
+    let adapter_dir = if path.join("adapter").join(ADAPTER_META).is_file() {
+        Some(path.join("adapter"))
+    } else if path.join(ADAPTER_META).is_file() {
+        Some(path.to_path_buf())
+    } else {
+        None
+    };
+    if let Some(ad) = adapter_dir {
+        let plan = Plan::load(&path.join("config.toml"), &[]).ok();
+        return load_adapter_run(&ad, plan);
+    }
+    load_merged(path)
+}
+
+/// Base model + PEFT adapter folder written by an afinar run.
+fn load_adapter_run(ad: &Path, plan: Option<Plan>) -> Result<RunModel> {
+    let meta_path = ad.join(ADAPTER_META);
+    let meta = crate::hub::config::read_config_value(&meta_path)?;
+    let base_dir = PathBuf::from(
+        meta["base_model_dir"]
+            .as_str()
+            .ok_or_else(|| Error::file(&meta_path, "no `base_model_dir`"))?,
+    );
+    let head: HeadConfig = serde_json::from_value(meta["head"].clone())
+        .map_err(|e| Error::file(&meta_path, format!("`head`: {e}")))?;
+    let labels = match meta["id2label"].as_array() {
+        Some(a) => Some(LabelMap::from_config(
+            a.iter()
+                .map(|v| v.as_str().unwrap_or_default().to_string())
+                .collect(),
+        )?),
+        None => None,
+    };
+    let max_length = meta["max_length"].as_u64().unwrap_or(512) as usize;
+    let (cfg, base_config) = models::read_bert_config(&base_dir)?;
+    let (adapter_cfg, _) = crate::adapters::peft::read_config(ad)?;
+    let mut store = models::load_bert_params(&base_dir, Selector::none())?;
+    let head = HeadConfig {
+        dropout: 0.0,
+        ..head
+    };
+    let model = SequenceModel::build_with_adapter(&mut store, &cfg, &head, 0, Some(&adapter_cfg))?;
+    crate::adapters::peft::load_weights(&mut store, ad)?;
+    models::check_unused(&mut store, &mut |_| {})?;
+    let tok = TextTokenizer::from_dir(&base_dir, max_length.min(cfg.max_position_embeddings))?;
+    Ok(RunModel {
+        model,
+        store,
+        tok,
+        labels,
+        dir: ad.to_path_buf(),
+        plan,
+        base_config,
+        max_length,
+        adapter: Some(adapter_cfg),
+    })
+}
+
+fn load_merged(path: &Path) -> Result<RunModel> {
     let (dir, plan) = if path.join("model").join("config.json").is_file() {
         let plan = Plan::load(&path.join("config.toml"), &[]).ok();
         (path.join("model"), plan)
@@ -327,5 +432,50 @@ pub fn load_run(path: &Path) -> Result<RunModel> {
         labels,
         dir,
         plan,
+        base_config: raw,
+        max_length,
+        adapter: None,
     })
+}
+
+/// `afinar export`: a run (or model folder) as a merged HF checkpoint that
+/// transformers loads, and/or its adapter alone as a PEFT folder.
+pub fn export(run: &Path, merged: Option<&Path>, adapter: Option<&Path>) -> Result<()> {
+    let rm = load_run(run)?;
+    if let Some(out) = merged {
+        let tensors: BTreeMap<String, candle_core::Tensor> = if rm.store.adapters.is_empty() {
+            rm.store
+                .iter()
+                .map(|(n, p)| (n.clone(), p.tensor.clone()))
+                .collect()
+        } else {
+            crate::adapters::merged_state(&rm.store)?
+        };
+        save_hf_checkpoint(
+            out,
+            &tensors,
+            &rm.base_config,
+            &rm.tok,
+            rm.labels.as_ref(),
+            &rm.model.head,
+            rm.max_length,
+        )?;
+    }
+    if let Some(out) = adapter {
+        rm.adapter.as_ref().ok_or_else(|| {
+            Error::file(run, "not an adapter run: nothing to export with --adapter")
+        })?;
+        let src = &rm.dir;
+        write_dir_atomic(out, |tmp| {
+            for f in [
+                crate::adapters::peft::CONFIG_FILE,
+                crate::adapters::peft::WEIGHTS_FILE,
+                ADAPTER_META,
+            ] {
+                std::fs::copy(src.join(f), tmp.join(f)).map_err(|e| Error::io(src.join(f), e))?;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
