@@ -328,3 +328,16 @@ fn unmatched_targets_and_bad_files_are_errors() {
     let e = peft::read_config(tmp.path()).unwrap_err().to_string();
     assert!(e.contains("LOHA"), "{e}");
 }
+
+/// Real all-MiniLM-L6-v2 + a PEFT LoRA (r=8, query/value) adapter (gated:
+/// needs `afinar fetch`).
+#[test]
+fn peft_lora_real_minilm() {
+    let Ok(dir) = afinar::hub::assets::resolve_asset_path("all-minilm-l6-v2") else {
+        eprintln!("SKIPPED: all-minilm-l6-v2 not fetched (run `afinar fetch`)");
+        return;
+    };
+    let g = Checkpoint::open(fixtures().join("peft/lora-minilm/golden.safetensors")).unwrap();
+    let cls = (g.load_f32("base.classifier.weight").unwrap(), g.load_f32("base.classifier.bias").unwrap());
+    check_case("lora-minilm", &dir, cls);
+}
