@@ -8,6 +8,7 @@ One step:
   full   forward + backward + AdamW step (lr 5e-5, wd 0.01 except biases/LayerNorm), all weights
   last2  the same with everything frozen except encoder layers 4, 5 + pooler + classifier
   infer  forward only, eval mode, under torch.no_grad()
+  lora   PEFT LoRA r=8, alpha 16, dropout 0.1 on query, value (+ the classifier, PEFT's SEQ_CLS default)
 full/last2 run in train mode (dropout 0.1 as in config.json). 2 warm-up steps, then --steps timed
 steps. Prints ONE JSON line:
   {"impl":"pytorch","mode":...,"median_s":...,"steps":[...],"peak_rss_mb":...,...}
@@ -34,7 +35,7 @@ DEFAULT_MODEL = ROOT / ".cache" / "afinar" / "all-minilm-l6-v2-dev"
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["full", "last2", "infer"], default="full")
+    ap.add_argument("--mode", choices=["full", "last2", "infer", "lora"], default="full")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
@@ -67,6 +68,10 @@ def main():
         keep = ("bert.encoder.layer.4.", "bert.encoder.layer.5.", "bert.pooler.", "classifier.")
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(keep))
+    if args.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
+                                                 target_modules=["query", "value"]))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = None
     if args.mode != "infer":

@@ -2,7 +2,8 @@
 
 W1 = MiniLM-L6 shape (all-MiniLM-L6-v2 weights), batch 16 x seq 128, f32,
 2 threads; a step = forward + backward + AdamW (`full`: everything trains;
-`last2`: the last two layers + head; `infer`: forward only). Each
+`last2`: the last two layers + head; `infer`: forward only; `lora`: LoRA
+r=8 on query/value + head, afinar vs PyTorch + PEFT). Each
 (implementation, mode) runs in its own process, in rounds that alternate the
 two implementations, so load on the machine hits both alike. Reports the
 median step time and peak RSS, and the ratio afinar / PyTorch.
@@ -46,7 +47,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", default="full,last2,infer")
+    ap.add_argument("--modes", default="full,last2,infer,lora")
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--append", help="append the table to this markdown file")
     a = ap.parse_args()

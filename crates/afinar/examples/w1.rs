@@ -47,10 +47,10 @@ fn main() -> afinar::Result<()> {
     let preset = match mode.as_str() {
         "full" => Preset::Full,
         "last2" => Preset::LastLayers(2),
-        "infer" => Preset::HeadOnly,
+        "infer" | "lora" => Preset::HeadOnly,
         m => panic!("unknown mode {m}"),
     };
-    let sel = if mode == "infer" {
+    let sel = if mode == "infer" || mode == "lora" {
         Selector::none()
     } else {
         Selector::new(
@@ -71,7 +71,14 @@ fn main() -> afinar::Result<()> {
         num_labels: 2,
         dropout: cfg.hidden_dropout_prob,
     };
-    let model = SequenceModel::build(&mut store, &cfg, &head, 0)?;
+    // LoRA as PEFT's default for sequence classification: r=8, alpha 16,
+    // dropout 0.1 on query and value, the classifier trained fully.
+    let lora: afinar::adapters::AdapterConfig = toml::from_str(
+        "type = \"lora\"\nr = 8\nlora_alpha = 16.0\nlora_dropout = 0.1\ntarget_modules = [\"query\", \"value\"]",
+    )
+    .expect("valid adapter config");
+    let adapter = (mode == "lora").then_some(&lora);
+    let model = SequenceModel::build_with_adapter(&mut store, &cfg, &head, 0, adapter)?;
     let b: usize = arg(&args, "--batch", "16").parse().unwrap();
     let t: usize = arg(&args, "--seq", "128").parse().unwrap();
     let ids: Vec<u32> = (0..b * t)
