@@ -205,6 +205,8 @@ pub struct ParamStore {
     pub adapters: BTreeMap<String, crate::adapters::AdapterMeta>,
     /// The adapters' on/off switch (off: the base model, e.g. a DPO reference).
     pub adapters_enabled: Arc<std::sync::atomic::AtomicBool>,
+    /// Set while the adapters are merged into the base weights.
+    pub adapters_merged: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ParamStore {
@@ -216,6 +218,7 @@ impl ParamStore {
             source: source.into(),
             adapters: BTreeMap::new(),
             adapters_enabled: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            adapters_merged: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 

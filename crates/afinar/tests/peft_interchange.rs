@@ -120,6 +120,30 @@ fn check_case(case: &str, model_dir: &Path, classifier: (Tensor, Tensor)) {
         d < 1e-6,
         "{case}: disabled adapter differs from the base by {d}"
     );
+    // Merge in place: the same outputs from the merged weights alone; unmerge
+    // restores every base weight within 1e-6.
+    let before: Vec<(String, Tensor)> = store
+        .iter()
+        .filter(|(_, p)| p.var.is_none())
+        .map(|(n, p)| (n.clone(), p.tensor.copy().unwrap()))
+        .collect();
+    let adapted = model.forward(&x, None).unwrap();
+    let cache = afinar::adapters::merge(&store).unwrap();
+    let d = max_diff(&model.forward(&x, None).unwrap(), &adapted);
+    assert!(d < 1e-4, "{case}: merged-in-place logits differ by {d}");
+    assert!(
+        afinar::adapters::merge(&store).is_err(),
+        "double merge must fail"
+    );
+    afinar::adapters::unmerge(&store, &cache).unwrap();
+    for (n, t) in &before {
+        let now = &store.iter().find(|(k, _)| *k == n).unwrap().1.tensor;
+        let d = max_diff(now, t);
+        assert!(d <= 1e-6, "{case}: {n} after unmerge differs by {d}");
+    }
+    let d = max_diff(&model.forward(&x, None).unwrap(), &adapted);
+    assert!(d < 1e-5, "{case}: after unmerge logits differ by {d}");
+
     // Merged: a plain model from the merged weights gives PEFT's merged logits.
     let merged = merged_state(&store).unwrap();
     let (cfgb, _) = read_bert_config(model_dir).unwrap();
@@ -338,6 +362,9 @@ fn peft_lora_real_minilm() {
         return;
     };
     let g = Checkpoint::open(fixtures().join("peft/lora-minilm/golden.safetensors")).unwrap();
-    let cls = (g.load_f32("base.classifier.weight").unwrap(), g.load_f32("base.classifier.bias").unwrap());
+    let cls = (
+        g.load_f32("base.classifier.weight").unwrap(),
+        g.load_f32("base.classifier.bias").unwrap(),
+    );
     check_case("lora-minilm", &dir, cls);
 }

@@ -341,6 +341,14 @@ mod tests {
 /// magnitude-rescaled rows; IA3: W and, on outputs, the bias scaled): a plain
 /// checkpoint that transformers loads without PEFT.
 pub fn merged_state(store: &ParamStore) -> Result<BTreeMap<String, Tensor>> {
+    if store
+        .adapters_merged
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return Err(Error::msg(
+            "adapters are merged in place already: unmerge first",
+        ));
+    }
     let mut out = BTreeMap::new();
     for (name, p) in store.iter() {
         let is_adapter = name.contains(".lora_A.")
@@ -364,4 +372,155 @@ pub fn merged_state(store: &ParamStore) -> Result<BTreeMap<String, Tensor>> {
         }
     }
     Ok(out)
+}
+
+/// Overwrite a tensor's values in place (a frozen base weight when merging).
+struct Assign<'a>(&'a [f32]);
+
+impl candle_core::InplaceOp1 for Assign<'_> {
+    fn name(&self) -> &'static str {
+        "afinar-assign"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &mut candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(v) = s else {
+            return Err(candle_core::Error::Msg("assign: f32 only".into()));
+        };
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("assign: contiguous only".into()))?;
+        v[a..b].copy_from_slice(self.0);
+        Ok(())
+    }
+}
+
+fn assign(t: &Tensor, values: &Tensor) -> Result<()> {
+    let v = values.flatten_all()?.to_vec1::<f32>()?;
+    t.inplace_op1(&Assign(&v))?;
+    Ok(())
+}
+
+/// Fold every adapter into its base weight, in place, as PEFT's `merge`:
+/// afterwards the model computes with the merged weights alone (the
+/// adapter path is skipped). Returns what [`unmerge`] needs (DoRA's
+/// row factors, as PEFT caches them).
+pub fn merge(store: &ParamStore) -> Result<MergeCache> {
+    use std::sync::atomic::Ordering;
+    if store.adapters_merged.load(Ordering::SeqCst) {
+        return Err(Error::msg("adapters are already merged"));
+    }
+    let mut cache = MergeCache::default();
+    for path in store.adapters.keys() {
+        let wt = store
+            .iter()
+            .find(|(n, _)| **n == format!("{path}.weight"))
+            .map(|(_, p)| p.tensor.clone())
+            .ok_or_else(|| Error::msg(format!("no {path}.weight")))?;
+        let (o, i) = wt.dims2()?;
+        let lin = crate::models::bert::Linear::load(&crate::params::Path::root(store, path), i, o)?;
+        let (mw, mb) = lin.merged()?;
+        if let Some(crate::models::bert::Adapter::Lora {
+            magnitude: Some(m), ..
+        }) = &lin.adapter
+        {
+            // factor = m / |W + s B A|, per row (mw = factor * (W + s B A)).
+            let (wpre, _) = crate::models::bert::Linear {
+                adapter: lin.adapter.clone().map(|a| match a {
+                    crate::models::bert::Adapter::Lora {
+                        a,
+                        b,
+                        scale,
+                        dropout,
+                        ..
+                    } => crate::models::bert::Adapter::Lora {
+                        a,
+                        b,
+                        scale,
+                        dropout,
+                        magnitude: None,
+                    },
+                    other => other,
+                }),
+                ..lin.clone()
+            }
+            .merged()?;
+            let norm = wpre.sqr()?.sum(1)?.sqrt()?;
+            cache
+                .dora_factor
+                .insert(path.clone(), (m.t.detach() / norm)?);
+        }
+        assign(&lin.weight.t, &mw)?;
+        if let (Some(b), Some(mb)) = (&lin.bias, mb) {
+            assign(&b.t, &mb)?;
+        }
+    }
+    store.adapters_merged.store(true, Ordering::SeqCst);
+    Ok(cache)
+}
+
+/// DoRA's cached row factors from [`merge`].
+#[derive(Default)]
+pub struct MergeCache {
+    dora_factor: BTreeMap<String, Tensor>,
+}
+
+/// Undo [`merge`] by inverting it (W = W' - s B A; DoRA: W = W' / f - s B A;
+/// IA3: divide by l): the base comes back to float rounding.
+pub fn unmerge(store: &ParamStore, cache: &MergeCache) -> Result<()> {
+    use crate::models::bert::Adapter;
+    use std::sync::atomic::Ordering;
+    if !store.adapters_merged.load(Ordering::SeqCst) {
+        return Err(Error::msg("adapters are not merged"));
+    }
+    for path in store.adapters.keys() {
+        let wt = store
+            .iter()
+            .find(|(n, _)| **n == format!("{path}.weight"))
+            .map(|(_, p)| p.tensor.clone())
+            .ok_or_else(|| Error::msg(format!("no {path}.weight")))?;
+        let (o, i) = wt.dims2()?;
+        let lin = crate::models::bert::Linear::load(&crate::params::Path::root(store, path), i, o)?;
+        let w = lin.weight.t.detach();
+        match &lin.adapter {
+            Some(Adapter::Lora {
+                a,
+                b,
+                scale,
+                magnitude,
+                ..
+            }) => {
+                let delta = (b.t.detach().matmul(&a.t.detach())? * *scale)?;
+                let w0 = match magnitude {
+                    None => (&w - delta)?,
+                    Some(_) => {
+                        let f = cache.dora_factor.get(path).ok_or_else(|| {
+                            Error::msg(format!("no DoRA factor cached for {path}"))
+                        })?;
+                        (w.broadcast_div(&f.unsqueeze(1)?)? - delta)?
+                    }
+                };
+                assign(&lin.weight.t, &w0)?;
+            }
+            Some(Adapter::Ia3 {
+                l,
+                feedforward: false,
+            }) => {
+                let l = l.t.detach();
+                assign(&lin.weight.t, &w.broadcast_div(&l)?)?;
+                if let Some(bias) = &lin.bias {
+                    assign(&bias.t, &bias.t.detach().div(&l.flatten_all()?)?)?;
+                }
+            }
+            Some(Adapter::Ia3 {
+                l,
+                feedforward: true,
+            }) => assign(&lin.weight.t, &w.broadcast_div(&l.t.detach())?)?,
+            None => {}
+        }
+    }
+    store.adapters_merged.store(false, Ordering::SeqCst);
+    Ok(())
 }

@@ -114,6 +114,8 @@ pub struct Linear {
     pub adapter: Option<Adapter>,
     /// Shared by every adapter of a model: off gives the base model.
     pub adapters_enabled: Arc<AtomicBool>,
+    /// Set while adapters are merged into the weights: the adapter path is skipped.
+    pub adapters_merged: Arc<AtomicBool>,
 }
 
 impl Linear {
@@ -149,6 +151,7 @@ impl Linear {
             bias: Some(p.get(&[out_f], "bias")?),
             adapter,
             adapters_enabled: p.store.adapters_enabled.clone(),
+            adapters_merged: p.store.adapters_merged.clone(),
         })
     }
 
@@ -159,11 +162,9 @@ impl Linear {
     /// `rng` = Some in training (adapter dropout).
     pub fn forward_t(&self, x: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
         let base = || -> Result<Tensor> { Ok(nn::linear(x, &self.weight, self.bias.as_ref())?) };
-        let Some(adapter) = self
-            .adapter
-            .as_ref()
-            .filter(|_| self.adapters_enabled.load(Ordering::Relaxed))
-        else {
+        let active = self.adapters_enabled.load(Ordering::Relaxed)
+            && !self.adapters_merged.load(Ordering::Relaxed);
+        let Some(adapter) = self.adapter.as_ref().filter(|_| active) else {
             return base();
         };
         match adapter {
