@@ -116,6 +116,16 @@ CASES = {
                'model.name_or_path'),
         config=dict(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
                     target_modules=["query", "value"], modules_to_save=["classifier"])),
+    "dora-minilm": dict(
+        base="minilm", method="lora",
+        notes="real weights, DoRA r=8 on query/value",
+        config=dict(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0, use_dora=True,
+                    target_modules=["query", "value"])),
+    "ia3-minilm": dict(
+        base="minilm", method="ia3",
+        notes="real weights, IA3 on key/value/output.dense (both output.dense are feed-forward)",
+        config=dict(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
+                    feedforward_modules=["output.dense"])),
 }
 
 DROPOUT0 = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
