@@ -46,6 +46,21 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
             )))
         }
     };
+    // Only bias = "none" is implemented: a PEFT adapter that trained biases
+    // would load silently wrong.
+    if let Some(b) = raw["bias"].as_str().filter(|b| *b != "none") {
+        return Err(err(format!(
+            "bias = \"{b}\" is not supported (only \"none\")"
+        )));
+    }
+    if raw["lora_bias"].as_bool() == Some(true) {
+        return Err(err("lora_bias = true is not supported".into()));
+    }
+    if raw["fan_in_fan_out"].as_bool() == Some(true) {
+        return Err(err(
+            "fan_in_fan_out = true (Conv1D bases) is not supported".into()
+        ));
+    }
     let strings = |k: &str| -> Vec<String> {
         match &raw[k] {
             Value::Array(a) => a
