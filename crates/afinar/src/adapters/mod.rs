@@ -360,18 +360,23 @@ pub fn merged_state(store: &ParamStore) -> Result<BTreeMap<String, Tensor>> {
         }
     }
     for path in store.adapters.keys() {
-        let w = out
-            .get(&format!("{path}.weight"))
-            .ok_or_else(|| Error::msg(format!("adapter on `{path}` but no `{path}.weight`")))?;
-        let (o, i) = w.dims2()?;
-        let lin = crate::models::bert::Linear::load(&crate::params::Path::root(store, path), i, o)?;
-        let (mw, mb) = lin.merged()?;
+        let (mw, mb) = adapted_linear(store, path)?.merged()?;
         out.insert(format!("{path}.weight"), mw);
         if let Some(b) = mb {
             out.insert(format!("{path}.bias"), b);
         }
     }
     Ok(out)
+}
+
+/// The wrapped linear module at `path`, as the model loads it.
+fn adapted_linear(store: &ParamStore, path: &str) -> Result<crate::models::bert::Linear> {
+    let (o, i) = store
+        .iter()
+        .find(|(n, _)| **n == format!("{path}.weight"))
+        .map(|(_, p)| p.tensor.dims2())
+        .ok_or_else(|| Error::msg(format!("adapter on `{path}` but no `{path}.weight`")))??;
+    crate::models::bert::Linear::load(&crate::params::Path::root(store, path), i, o)
 }
 
 /// Overwrite a tensor's values in place (a frozen base weight when merging).
@@ -414,13 +419,7 @@ pub fn merge(store: &ParamStore) -> Result<MergeCache> {
     }
     let mut cache = MergeCache::default();
     for path in store.adapters.keys() {
-        let wt = store
-            .iter()
-            .find(|(n, _)| **n == format!("{path}.weight"))
-            .map(|(_, p)| p.tensor.clone())
-            .ok_or_else(|| Error::msg(format!("no {path}.weight")))?;
-        let (o, i) = wt.dims2()?;
-        let lin = crate::models::bert::Linear::load(&crate::params::Path::root(store, path), i, o)?;
+        let lin = adapted_linear(store, path)?;
         let (mw, mb) = lin.merged()?;
         if let Some(crate::models::bert::Adapter::Lora {
             magnitude: Some(m), ..
@@ -476,13 +475,7 @@ pub fn unmerge(store: &ParamStore, cache: &MergeCache) -> Result<()> {
         return Err(Error::msg("adapters are not merged"));
     }
     for path in store.adapters.keys() {
-        let wt = store
-            .iter()
-            .find(|(n, _)| **n == format!("{path}.weight"))
-            .map(|(_, p)| p.tensor.clone())
-            .ok_or_else(|| Error::msg(format!("no {path}.weight")))?;
-        let (o, i) = wt.dims2()?;
-        let lin = crate::models::bert::Linear::load(&crate::params::Path::root(store, path), i, o)?;
+        let lin = adapted_linear(store, path)?;
         let w = lin.weight.t.detach();
         match &lin.adapter {
             Some(Adapter::Lora {
