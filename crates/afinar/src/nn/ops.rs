@@ -39,6 +39,17 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
     }
 }
 
+/// The contiguous u32 slice behind a custom op's index input.
+fn u32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [u32]> {
+    let CpuStorage::U32(v) = s else {
+        return Err(cerr(format!("{what}: expected u32, found {:?}", s.dtype())));
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| cerr(format!("{what}: input must be contiguous")))?;
+    Ok(&v[a..b])
+}
+
 /// Run `f` on the f32 data of a tensor (made contiguous first if needed).
 pub(crate) fn with_f32<R>(
     t: &Tensor,
@@ -564,13 +575,7 @@ impl CustomOp2 for EmbeddingOp {
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let w = f32s(s1, l1, "embedding weight")?;
-        let CpuStorage::U32(ids) = s2 else {
-            return Err(cerr("embedding: ids must be u32"));
-        };
-        let (a, b) = l2
-            .contiguous_offsets()
-            .ok_or_else(|| cerr("ids must be contiguous"))?;
-        let ids = &ids[a..b];
+        let ids = u32s(s2, l2, "embedding ids")?;
         let [v, h] = l1.dims() else {
             return Err(cerr("embedding weight must be 2-d"));
         };
@@ -755,13 +760,7 @@ impl CustomOp2 for CrossEntropyOp {
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let logits = f32s(s1, l1, "logits")?;
-        let CpuStorage::U32(t) = s2 else {
-            return Err(cerr("cross_entropy: targets must be u32"));
-        };
-        let (a, b) = l2
-            .contiguous_offsets()
-            .ok_or_else(|| cerr("targets must be contiguous"))?;
-        let t = &t[a..b];
+        let t = u32s(s2, l2, "cross_entropy targets")?;
         let c = *l1.dims().last().unwrap();
         let n = logits.len() / c;
         if t.len() != n {
