@@ -48,6 +48,8 @@ enum Cmd {
     /// Evaluate a run (its test split) or a model folder on a data file.
     Eval {
         run: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
         /// A data file read with the run's field paths, or for a model folder
         /// the fields `text` and `label` (default: the run's test split).
         #[arg(long)]
@@ -56,6 +58,8 @@ enum Cmd {
     /// Predict labels for texts.
     Predict {
         run: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
         #[arg(long, conflicts_with = "file")]
         text: Option<String>,
         #[arg(long, requires = "text")]
@@ -158,14 +162,15 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Train { config, set, out } => cmd_train(&config, &set, out),
-        Cmd::Eval { run, data } => cmd_eval(&run, data.as_deref()),
+        Cmd::Eval { run, load, data } => cmd_eval(&run, &load.options(), data.as_deref()),
         Cmd::Predict {
             run,
+            load,
             text,
             text_pair,
             file,
             output,
-        } => cmd_predict(&run, text, text_pair, file, output),
+        } => cmd_predict(&run, &load.options(), text, text_pair, file, output),
     }
 }
 
@@ -277,9 +282,34 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<i32>
     Ok(if report.interrupted { 130 } else { 0 })
 }
 
-fn cmd_eval(run: &Path, data: Option<&Path>) -> Result<i32> {
+/// For a PEFT adapter folder made by Python PEFT (what its files do not say).
+#[derive(clap::Args, Debug)]
+struct LoadArgs {
+    /// The base model of a PEFT adapter folder: a model folder or an asset
+    /// name (default: the adapter's base_model_name_or_path).
+    #[arg(long)]
+    base: Option<String>,
+    /// Class names of a PEFT adapter's classifier, in id order: `neg,pos`.
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// Truncation length for a PEFT adapter folder (default: the model's maximum).
+    #[arg(long)]
+    max_length: Option<usize>,
+}
+
+impl LoadArgs {
+    fn options(&self) -> train::run::LoadOptions {
+        train::run::LoadOptions {
+            base: self.base.clone(),
+            labels: self.labels.clone(),
+            max_length: self.max_length,
+        }
+    }
+}
+
+fn cmd_eval(run: &Path, load: &train::run::LoadOptions, data: Option<&Path>) -> Result<i32> {
     init_threads(None);
-    let rm = train::load_run(run)?;
+    let rm = train::run::load_run_with(run, load)?;
     let (examples, path) = match data {
         Some(p) => {
             let (spec, format) = match rm.plan.as_ref() {
@@ -319,13 +349,14 @@ fn cmd_eval(run: &Path, data: Option<&Path>) -> Result<i32> {
 
 fn cmd_predict(
     run: &Path,
+    load: &train::run::LoadOptions,
     text: Option<String>,
     text_pair: Option<String>,
     file: Option<PathBuf>,
     output: Option<PathBuf>,
 ) -> Result<i32> {
     init_threads(None);
-    let rm = train::load_run(run)?;
+    let rm = train::run::load_run_with(run, load)?;
     let rows: Vec<(String, Option<String>)> = match (text, file) {
         (Some(t), _) => vec![(t, text_pair)],
         (None, Some(f)) => {
@@ -354,8 +385,8 @@ fn cmd_predict(
     let mut lines = Vec::new();
     for chunk in rows.chunks(64) {
         let texts: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
-        let pairs: Option<Vec<&str>> = if chunk.iter().any(|r| r.1.is_some()) {
-            Some(chunk.iter().map(|r| r.1.as_deref().unwrap_or("")).collect())
+        let pairs: Option<Vec<Option<&str>>> = if chunk.iter().any(|r| r.1.is_some()) {
+            Some(chunk.iter().map(|r| r.1.as_deref()).collect())
         } else {
             None
         };

@@ -145,3 +145,70 @@ fn bad_adapter_configs_fail_naming_the_problem() {
     ]);
     assert!(!o.status.success());
 }
+
+/// An adapter folder written by Python PEFT (no afinar notes beside it):
+/// `predict --base` reproduces PEFT's logits, for LoRA, DoRA and IA3.
+#[test]
+fn predict_from_a_peft_made_adapter_folder() {
+    let peft = fixtures().join("../peft");
+    let d = tempfile::tempdir().unwrap();
+    let rows = d.path().join("rows.jsonl");
+    std::fs::write(
+        &rows,
+        "{\"text\": \"the movie was really good\"}\n\
+         {\"text\": \"i think the food was awful , we will never eat there again\"}\n\
+         {\"text\": \"the show was great\", \"text_pair\": \"we liked it\"}\n",
+    )
+    .unwrap();
+    for case in ["lora-tiny", "dora-tiny", "ia3-tiny"] {
+        let dir = peft.join(case);
+        let g = safetensors::SafeTensors::deserialize(
+            Box::leak(std::fs::read(dir.join("golden.safetensors")).unwrap().into_boxed_slice()),
+        )
+        .unwrap();
+        let t = g.tensor("logits").unwrap();
+        let want: Vec<f32> = t
+            .data()
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let got = logits(&afinar(&[
+            "predict".as_ref(),
+            dir.as_os_str(),
+            "--base".as_ref(),
+            fixtures().as_os_str(),
+            "--labels".as_ref(),
+            "neg,pos".as_ref(),
+            "--file".as_ref(),
+            rows.as_os_str(),
+        ]));
+        let got: Vec<f64> = got.into_iter().flatten().collect();
+        assert_eq!(got.len(), want.len(), "{case}");
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - *b as f64).abs() < 1e-4, "{case}: {got:?} vs PEFT {want:?}");
+        }
+    }
+    // Without --base, the adapter's base_model_name_or_path (a relative path
+    // that does not exist from here) is named in the error.
+    let o = afinar(&[
+        "predict".as_ref(),
+        peft.join("lora-tiny").as_os_str(),
+        "--text".as_ref(),
+        "x".as_ref(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--base") && err.contains("tests/fixtures/bert-tiny"), "{err}");
+    // --labels must name one class per classifier row.
+    let o = afinar(&[
+        "predict".as_ref(),
+        peft.join("lora-tiny").as_os_str(),
+        "--base".as_ref(),
+        fixtures().as_os_str(),
+        "--labels".as_ref(),
+        "a,b,c".as_ref(),
+        "--text".as_ref(),
+        "x".as_ref(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("3 names") && err.contains("2 rows"), "{err}");
+}

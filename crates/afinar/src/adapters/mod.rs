@@ -33,6 +33,55 @@ impl Default for Targets {
     }
 }
 
+/// `rank_pattern` / `alpha_pattern`: pattern -> value, in the order written.
+/// PEFT takes the first pattern (in dict order) that matches a module, so the
+/// order of the file or the TOML table is kept, not sorted.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Patterns<T>(pub Vec<(String, T)>);
+
+impl<T> Patterns<T> {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &(String, T)> {
+        self.0.iter()
+    }
+}
+
+impl<T: Serialize> Serialize for Patterns<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Patterns<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = Patterns<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a table of pattern = value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = a.next_entry::<String, T>()? {
+                    out.push((k, v));
+                }
+                Ok(Patterns(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum AdapterType {
@@ -68,9 +117,9 @@ pub struct AdapterConfig {
     pub exclude_modules: Vec<String>,
     pub layers_to_transform: Option<Vec<usize>>,
     #[serde(default)]
-    pub rank_pattern: BTreeMap<String, usize>,
+    pub rank_pattern: Patterns<usize>,
     #[serde(default)]
-    pub alpha_pattern: BTreeMap<String, f64>,
+    pub alpha_pattern: Patterns<f64>,
     #[serde(default)]
     pub use_rslora: bool,
     #[serde(default)]
@@ -115,9 +164,10 @@ fn layer_index(name: &str) -> Option<usize> {
         .and_then(|c| c[1].parse().ok())
 }
 
-/// PEFT's `get_pattern_key`: the first pattern `p` with `(.*\.)?p$` matching.
-fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, name: &str) -> Result<Option<T>> {
-    for (p, v) in patterns {
+/// PEFT's `get_pattern_key`: the first pattern `p` (in the order written)
+/// with `(.*\.)?p$` matching.
+fn pattern_value<T: Copy>(patterns: &Patterns<T>, name: &str) -> Result<Option<T>> {
+    for (p, v) in patterns.iter() {
         let re = Regex::new(&format!(r"^(?:.*\.)?(?:{p})$"))
             .map_err(|e| Error::msg(format!("bad pattern `{p}`: {e}")))?;
         if re.is_match(name) {
@@ -125,6 +175,25 @@ fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, name: &str) -> Result<
         }
     }
     Ok(None)
+}
+
+/// Several patterns with different values matching one module: the first
+/// one written wins (as in PEFT), but `adapter_config.json` is written with
+/// sorted keys (as PEFT writes it), so a reload may pick another one.
+fn warn_ambiguous<T: Copy + PartialEq + std::fmt::Display>(what: &str, patterns: &Patterns<T>, name: &str) {
+    let hits: Vec<&(String, T)> = patterns
+        .iter()
+        .filter(|(p, _)| {
+            Regex::new(&format!(r"^(?:.*\.)?(?:{p})$")).is_ok_and(|re| re.is_match(name))
+        })
+        .collect();
+    if hits.len() > 1 && hits.iter().any(|(_, v)| *v != hits[0].1) {
+        let list: Vec<String> = hits.iter().map(|(p, v)| format!("`{p}` = {v}")).collect();
+        eprintln!(
+            "warning: {what}: {} all match `{name}`; the first one is used here, but the saved adapter_config.json sorts them",
+            list.join(", ")
+        );
+    }
 }
 
 impl AdapterConfig {
@@ -143,9 +212,14 @@ impl AdapterConfig {
                     self.lora_dropout
                 ));
             }
-            for (k, v) in &self.rank_pattern {
+            for (k, v) in self.rank_pattern.iter() {
                 if *v == 0 {
-                    return bad(format!("rank_pattern `{k}` = 0"));
+                    return bad(format!("rank_pattern `{k}` = 0: r must be > 0"));
+                }
+            }
+            for (k, v) in self.alpha_pattern.iter() {
+                if !(*v > 0.0) {
+                    return bad(format!("alpha_pattern `{k}` = {v}: lora_alpha must be > 0"));
                 }
             }
             if !matches!(self.init_lora_weights.as_str(), "kaiming" | "gaussian") {
@@ -215,6 +289,8 @@ impl AdapterConfig {
             }
             let meta = match self.kind {
                 AdapterType::Lora => {
+                    warn_ambiguous("rank_pattern", &self.rank_pattern, path);
+                    warn_ambiguous("alpha_pattern", &self.alpha_pattern, path);
                     let r = pattern_value(&self.rank_pattern, path)?.unwrap_or(self.r);
                     let alpha =
                         pattern_value(&self.alpha_pattern, path)?.unwrap_or(self.lora_alpha);
@@ -273,12 +349,15 @@ impl AdapterConfig {
                 .iter()
                 .filter(|k| !linears.iter().any(|(p, _, _)| matches_key(p, k)))
                 .collect();
-            if !unmatched.is_empty() && !self.allow_unmatched {
+            if !unmatched.is_empty() {
                 let sample: Vec<&str> =
                     linears.iter().take(8).map(|(p, _, _)| p.as_str()).collect();
-                return Err(Error::msg(format!(
-                    "adapter: target_modules {unmatched:?} match no linear module (set allow_unmatched = true to ignore); modules look like {sample:?}"
-                )));
+                if !self.allow_unmatched {
+                    return Err(Error::msg(format!(
+                        "adapter: target_modules {unmatched:?} match no linear module (set allow_unmatched = true to ignore); modules look like {sample:?}"
+                    )));
+                }
+                eprintln!("warning: adapter target_modules {unmatched:?} match no linear module (allow_unmatched = true)");
             }
         }
         if wrapped.is_empty() {
@@ -324,8 +403,19 @@ mod tests {
         ));
         assert_eq!(layer_index("bert.encoder.layer.11.output.dense"), Some(11));
         assert_eq!(layer_index("classifier"), None);
-        let mut p = BTreeMap::new();
-        p.insert("value".to_string(), 2usize);
+        // The first pattern written wins, as in PEFT (not the sorted first).
+        #[derive(Deserialize)]
+        struct T {
+            p: Patterns<usize>,
+        }
+        let o: T = toml::from_str("[p]\nz = 1\nvalue = 2\n").unwrap();
+        assert_eq!(o.p.0[0].0, "z", "TOML document order is kept");
+        let v = "bert.encoder.layer.0.attention.self.value";
+        let j: Patterns<usize> = serde_json::from_str(r#"{"value": 4, "layer.0.attention.self.value": 5}"#).unwrap();
+        assert_eq!(pattern_value(&j, v).unwrap(), Some(4));
+        let j: Patterns<usize> = serde_json::from_str(r#"{"layer.0.attention.self.value": 5, "value": 4}"#).unwrap();
+        assert_eq!(pattern_value(&j, v).unwrap(), Some(5));
+        let p = Patterns(vec![("value".to_string(), 2usize)]);
         assert_eq!(
             pattern_value(&p, "bert.encoder.layer.0.attention.self.value").unwrap(),
             Some(2)

@@ -91,26 +91,17 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
         ),
         other => return Err(err(format!("layers_to_transform {other}"))),
     };
-    let map_usize = |k: &str| -> BTreeMap<String, usize> {
-        raw[k]
-            .as_object()
-            .map(|o| {
-                o.iter()
-                    .filter_map(|(k, v)| v.as_u64().map(|v| (k.clone(), v as usize)))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let map_f64 = |k: &str| -> BTreeMap<String, f64> {
-        raw[k]
-            .as_object()
-            .map(|o| {
-                o.iter()
-                    .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    // The patterns in the order of the file (serde_json's Value sorts keys).
+    #[derive(serde::Deserialize, Default)]
+    struct Ordered {
+        #[serde(default)]
+        rank_pattern: Option<super::Patterns<usize>>,
+        #[serde(default)]
+        alpha_pattern: Option<super::Patterns<f64>>,
+    }
+    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    let ordered: Ordered = serde_json::from_str(&text)
+        .map_err(|e| err(format!("rank_pattern / alpha_pattern: {e}")))?;
     let mut modules_to_save = strings("modules_to_save");
     modules_to_save.dedup();
     let cfg = AdapterConfig {
@@ -121,8 +112,8 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
         target_modules,
         exclude_modules: strings("exclude_modules"),
         layers_to_transform,
-        rank_pattern: map_usize("rank_pattern"),
-        alpha_pattern: map_f64("alpha_pattern"),
+        rank_pattern: ordered.rank_pattern.unwrap_or_default(),
+        alpha_pattern: ordered.alpha_pattern.unwrap_or_default(),
         use_rslora: raw["use_rslora"].as_bool().unwrap_or(false),
         use_dora: raw["use_dora"].as_bool().unwrap_or(false),
         init_lora_weights: if raw["init_lora_weights"] == "gaussian" {

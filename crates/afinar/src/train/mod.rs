@@ -111,12 +111,8 @@ pub fn encode(
     path: &Path,
 ) -> Result<Encoded> {
     let texts: Vec<&str> = ex.iter().map(|e| e.text.as_str()).collect();
-    let pairs: Option<Vec<&str>> = if ex.iter().any(|e| e.text_pair.is_some()) {
-        Some(
-            ex.iter()
-                .map(|e| e.text_pair.as_deref().unwrap_or(""))
-                .collect(),
-        )
+    let pairs: Option<Vec<Option<&str>>> = if ex.iter().any(|e| e.text_pair.is_some()) {
+        Some(ex.iter().map(|e| e.text_pair.as_deref()).collect())
     } else {
         None
     };

@@ -18,6 +18,7 @@ use super::TrainReport;
 use crate::config::Plan;
 use crate::data::LabelMap;
 use crate::heads::{HeadConfig, Pooling, SequenceModel, TaskKind};
+use crate::hub::checkpoint::Checkpoint;
 use crate::hub::tokenizer::TextTokenizer;
 use crate::models::{self, bert::BertConfig};
 use crate::params::{ParamStore, Selector};
@@ -291,6 +292,31 @@ pub struct RunModel {
 /// Load `path`: a run folder (uses `<run>/model`) or an HF checkpoint folder
 /// written by afinar or transformers (`BertForSequenceClassification`).
 pub fn load_run(path: &Path) -> Result<RunModel> {
+    load_run_with(path, &LoadOptions::default())
+}
+
+/// What a PEFT adapter folder made elsewhere does not say about itself.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// The base model (a folder or an asset name); default: the adapter's
+    /// `base_model_name_or_path` when that is a folder or a fetched asset.
+    pub base: Option<String>,
+    /// Class names in id order (default: the base config's `id2label` when
+    /// it has as many labels, else `LABEL_<i>` as transformers names them).
+    pub labels: Option<Vec<String>>,
+    /// Truncation length (default: the base model's maximum).
+    pub max_length: Option<usize>,
+}
+
+/// [`load_run`] that also takes a PEFT adapter folder written by Python
+/// (`adapter_config.json` + `adapter_model.safetensors`, task SEQ_CLS) on
+/// top of a base model.
+pub fn load_run_with(path: &Path, opts: &LoadOptions) -> Result<RunModel> {
+    if path.join(crate::adapters::peft::CONFIG_FILE).is_file()
+        && !path.join(ADAPTER_META).is_file()
+    {
+        return load_peft_folder(path, opts);
+    }
     // An adapter run (or an adapter folder afinar wrote): base + adapter, unmerged.
     let adapter_dir = if path.join("adapter").join(ADAPTER_META).is_file() {
         Some(path.join("adapter"))
@@ -344,6 +370,120 @@ fn load_adapter_run(ad: &Path, plan: Option<Plan>) -> Result<RunModel> {
         labels,
         dir: ad.to_path_buf(),
         plan,
+        base_config,
+        max_length,
+        adapter: Some(adapter_cfg),
+    })
+}
+
+/// The base model folder of a PEFT adapter: `--base` (folder or asset), or
+/// `base_model_name_or_path` (folder, or the hub id of a fetched asset).
+fn peft_base_dir(ad: &Path, raw: &serde_json::Value, base: Option<&str>) -> Result<PathBuf> {
+    let named = raw["base_model_name_or_path"].as_str().unwrap_or_default();
+    let resolve = |b: &str| -> Result<PathBuf> {
+        let p = PathBuf::from(b);
+        if p.is_dir() {
+            return Ok(p);
+        }
+        if let Some(a) = crate::hub::assets::asset_for_hub_id(b) {
+            return crate::hub::assets::resolve_asset_path(a.name);
+        }
+        crate::hub::assets::resolve_asset_path(b)
+    };
+    match base {
+        Some(b) => resolve(b).map_err(|e| {
+            Error::msg(format!("--base {b}: neither a model folder nor a fetched asset ({e})"))
+        }),
+        None => resolve(named).map_err(|_| {
+            Error::file(
+                ad.join(crate::adapters::peft::CONFIG_FILE),
+                format!(
+                    "the adapter's base model `{named}` (base_model_name_or_path) is not a folder or a fetched asset here: pass --base MODEL_DIR_OR_ASSET"
+                ),
+            )
+        }),
+    }
+}
+
+/// A PEFT sequence-classification adapter made by Python PEFT on a BERT base.
+fn load_peft_folder(ad: &Path, opts: &LoadOptions) -> Result<RunModel> {
+    let (adapter_cfg, raw) = crate::adapters::peft::read_config(ad)?;
+    let cfg_file = ad.join(crate::adapters::peft::CONFIG_FILE);
+    match raw["task_type"].as_str() {
+        Some("SEQ_CLS") => {}
+        other => {
+            return Err(Error::file(
+                &cfg_file,
+                format!("task_type {other:?}: afinar predicts with SEQ_CLS adapters on encoders"),
+            ))
+        }
+    }
+    let base_dir = peft_base_dir(ad, &raw, opts.base.as_deref())?;
+    let (cfg, base_config) = models::read_bert_config(&base_dir)?;
+    // The new head travels in the adapter file (modules_to_save): its rows
+    // are the number of labels.
+    let weights = Checkpoint::open(ad.join(crate::adapters::peft::WEIGHTS_FILE))?;
+    let key = "base_model.model.classifier.weight";
+    let num_labels = weights
+        .info(key)
+        .map(|i| i.shape[0])
+        .ok_or_else(|| Error::Tensor {
+            name: key.into(),
+            msg: format!(
+                "missing from {}: the classifier head must be saved with the adapter (modules_to_save = [\"classifier\"])",
+                ad.join(crate::adapters::peft::WEIGHTS_FILE).display()
+            ),
+        })?;
+    let task = if num_labels == 1 {
+        TaskKind::Regression
+    } else {
+        TaskKind::Classification
+    };
+    let labels = match task {
+        TaskKind::Regression => None,
+        TaskKind::Classification => Some(LabelMap::from_config(match &opts.labels {
+            Some(l) if l.len() != num_labels => {
+                return Err(Error::msg(format!(
+                    "--labels gives {} names but the adapter's classifier has {num_labels} rows",
+                    l.len()
+                )))
+            }
+            Some(l) => l.clone(),
+            None => {
+                let from_base: Option<Vec<String>> = base_config["id2label"]
+                    .as_object()
+                    .filter(|m| m.len() == num_labels)
+                    .and_then(|m| {
+                        (0..num_labels)
+                            .map(|i| m.get(&i.to_string())?.as_str().map(String::from))
+                            .collect()
+                    });
+                from_base.unwrap_or_else(|| (0..num_labels).map(|i| format!("LABEL_{i}")).collect())
+            }
+        })?),
+    };
+    let max_length = opts
+        .max_length
+        .unwrap_or(cfg.max_position_embeddings)
+        .min(cfg.max_position_embeddings);
+    let head = HeadConfig {
+        task,
+        pooling: Pooling::Cls,
+        num_labels,
+        dropout: 0.0,
+    };
+    let mut store = models::load_bert_params(&base_dir, Selector::none())?;
+    let model = SequenceModel::build_with_adapter(&mut store, &cfg, &head, 0, Some(&adapter_cfg))?;
+    crate::adapters::peft::load_weights(&mut store, ad)?;
+    models::check_unused(&mut store, &mut |_| {})?;
+    let tok = TextTokenizer::from_dir(&base_dir, max_length)?;
+    Ok(RunModel {
+        model,
+        store,
+        tok,
+        labels,
+        dir: ad.to_path_buf(),
+        plan: None,
         base_config,
         max_length,
         adapter: Some(adapter_cfg),
