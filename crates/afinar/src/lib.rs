@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod fsutil;
+pub mod generate;
 
 pub use error::{Error, Result};
 pub mod adapters;

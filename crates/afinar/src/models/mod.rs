@@ -1,7 +1,10 @@
-//! Model families, one file each (today: BERT-type encoders), and loading a
-//! checkpoint folder into a [`ParamStore`].
+//! Model families, one file each (BERT-type encoders, Llama-family and GPT-2
+//! decoders), and loading a checkpoint folder into a [`ParamStore`].
 
 pub mod bert;
+pub mod decoder;
+pub mod gpt2;
+pub mod llama;
 
 use crate::hub::checkpoint::Checkpoint;
 use crate::params::{ParamStore, Selector};

@@ -1,0 +1,388 @@
+//! What every decoder-only LM shares: the inputs of one batch (positions,
+//! padding, packed segments), the KV cache of generation, the causal-LM loss
+//! (labels shifted left inside, as transformers' `ForCausalLMLoss`), and
+//! loading a checkpoint folder of any supported family into a
+//! [`ParamStore`].
+
+use super::gpt2::{self, Gpt2, Gpt2Config};
+use super::llama::{Llama, LlamaConfig};
+use crate::hub::checkpoint::Checkpoint;
+use crate::nn::{self, DropoutRng, Weight};
+use crate::params::{ParamStore, Path, Selector};
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use std::sync::Arc;
+
+/// Token ids and masks of one batch for a decoder.
+pub struct DecoderInputs {
+    pub ids: Tensor, // [B, T] u32
+    pub b: usize,
+    pub t: usize,
+    /// Position id per token [B * T] (restarting per packed example).
+    pub positions: Arc<Vec<u32>>,
+    /// 1.0 for a real token, 0.0 for padding [B * T].
+    pub key_mask: Arc<Vec<f32>>,
+    /// Packed example id per token [B * T]: attention never crosses examples.
+    pub segments: Option<Arc<Vec<u32>>>,
+}
+
+impl DecoderInputs {
+    /// Right-padded rows: positions 0..T per row.
+    pub fn new(ids: Vec<u32>, mask: Vec<f32>, b: usize, t: usize) -> Result<Self> {
+        if ids.len() != b * t || mask.len() != b * t {
+            return Err(Error::msg(format!(
+                "decoder inputs: {} ids and {} mask entries for [B={b}, T={t}]",
+                ids.len(),
+                mask.len()
+            )));
+        }
+        let positions = (0..b).flat_map(|_| 0..t as u32).collect();
+        Ok(DecoderInputs {
+            ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
+            b,
+            t,
+            positions: Arc::new(positions),
+            key_mask: Arc::new(mask),
+            segments: None,
+        })
+    }
+
+    /// Packed rows: several examples per row, each with its own positions
+    /// and segment id.
+    pub fn packed(
+        ids: Vec<u32>,
+        mask: Vec<f32>,
+        positions: Vec<u32>,
+        segments: Vec<u32>,
+        b: usize,
+        t: usize,
+    ) -> Result<Self> {
+        let mut x = Self::new(ids, mask, b, t)?;
+        if positions.len() != b * t || segments.len() != b * t {
+            return Err(Error::msg("packed inputs: positions / segments length".to_string()));
+        }
+        x.positions = Arc::new(positions);
+        x.segments = Some(Arc::new(segments));
+        Ok(x)
+    }
+
+    /// The same tokens with `p` virtual tokens in front of every row (prompt
+    /// tuning): positions shift by `p`, the virtual tokens are visible.
+    pub fn with_prefix(&self, p: usize) -> Result<Self> {
+        let (b, t) = (self.b, self.t);
+        let tt = t + p;
+        let mut pos = Vec::with_capacity(b * tt);
+        let mut mask = Vec::with_capacity(b * tt);
+        let mut seg = self.segments.as_ref().map(|_| Vec::with_capacity(b * tt));
+        for r in 0..b {
+            pos.extend(0..p as u32);
+            pos.extend(self.positions[r * t..(r + 1) * t].iter().map(|x| x + p as u32));
+            mask.extend(std::iter::repeat(1.0).take(p));
+            mask.extend_from_slice(&self.key_mask[r * t..(r + 1) * t]);
+            if let (Some(s), Some(src)) = (seg.as_mut(), self.segments.as_ref()) {
+                let first = src[r * t];
+                s.extend(std::iter::repeat(first).take(p));
+                s.extend_from_slice(&src[r * t..(r + 1) * t]);
+            }
+        }
+        Ok(DecoderInputs {
+            ids: self.ids.clone(),
+            b,
+            t: tt,
+            positions: Arc::new(pos),
+            key_mask: Arc::new(mask),
+            segments: seg.map(Arc::new),
+        })
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer and batch row:
+/// `layers[l].0[row]` is `[len, kv_heads * head_dim]` row-major.
+#[derive(Default)]
+pub struct KvCache {
+    pub layers: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)>,
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn ensure_layers(&mut self, n: usize, b: usize) {
+        if self.layers.len() != n {
+            self.layers = (0..n).map(|_| (vec![Vec::new(); b], vec![Vec::new(); b])).collect();
+        }
+    }
+}
+
+/// Append the new keys/values to `cache` and attend the new queries to every
+/// cached position (causal). q [B, Tn, Hq*D], k/v [B, Tn, Hkv*D].
+#[allow(clippy::too_many_arguments)]
+pub fn cached_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cache: &mut (Vec<Vec<f32>>, Vec<Vec<f32>>),
+    b: usize,
+    tn: usize,
+    t_past: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+) -> Result<Tensor> {
+    let kvd = kv_heads * d;
+    let kf = k.flatten_all()?.to_vec1::<f32>()?;
+    let vf = v.flatten_all()?.to_vec1::<f32>()?;
+    let qf = q.flatten_all()?.to_vec1::<f32>()?;
+    let t_total = t_past + tn;
+    let mut kc = Vec::with_capacity(b * t_total * kvd);
+    let mut vc = Vec::with_capacity(b * t_total * kvd);
+    for r in 0..b {
+        cache.0[r].extend_from_slice(&kf[r * tn * kvd..(r + 1) * tn * kvd]);
+        cache.1[r].extend_from_slice(&vf[r * tn * kvd..(r + 1) * tn * kvd]);
+        if cache.0[r].len() != t_total * kvd {
+            return Err(Error::msg("KV cache length out of step with the positions".to_string()));
+        }
+        kc.extend_from_slice(&cache.0[r]);
+        vc.extend_from_slice(&cache.1[r]);
+    }
+    let mut out = vec![0f32; b * tn * heads * d];
+    nn::attention_with_cache(&qf, &kc, &vc, b, tn, t_total, heads, kv_heads, d, &mut out);
+    Ok(Tensor::from_vec(out, (b, tn, heads * d), &Device::Cpu)?)
+}
+
+/// A decoder's `config.json`, by `model_type`.
+#[derive(Debug, Clone)]
+pub enum DecoderConfig {
+    Llama(LlamaConfig),
+    Gpt2(Gpt2Config),
+}
+
+/// Families read as Llama (same layers, same key names).
+pub const LLAMA_TYPES: &[&str] = &["llama", "mistral", "qwen2", "smollm", "smollm2"];
+
+impl DecoderConfig {
+    pub fn from_value(raw: &serde_json::Value, file: &std::path::Path) -> Result<Self> {
+        let mt = raw["model_type"].as_str().unwrap_or_default();
+        if LLAMA_TYPES.contains(&mt) {
+            let c: LlamaConfig = serde_json::from_value(raw.clone())
+                .map_err(|e| Error::file(file, e.to_string()))?;
+            c.validate(file)?;
+            Ok(DecoderConfig::Llama(c))
+        } else if mt == "gpt2" {
+            let c: Gpt2Config = serde_json::from_value(raw.clone())
+                .map_err(|e| Error::file(file, e.to_string()))?;
+            c.validate(file)?;
+            Ok(DecoderConfig::Gpt2(c))
+        } else {
+            Err(Error::file(
+                file,
+                format!(
+                    "`model_type` {mt:?} is not a supported decoder ({}, gpt2)",
+                    LLAMA_TYPES.join(", ")
+                ),
+            ))
+        }
+    }
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            DecoderConfig::Llama(c) => c.hidden_size,
+            DecoderConfig::Gpt2(c) => c.n_embd,
+        }
+    }
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            DecoderConfig::Llama(c) => c.vocab_size,
+            DecoderConfig::Gpt2(c) => c.vocab_size,
+        }
+    }
+    pub fn max_positions(&self) -> usize {
+        match self {
+            DecoderConfig::Llama(c) => c.max_position_embeddings,
+            DecoderConfig::Gpt2(c) => c.n_positions,
+        }
+    }
+    pub fn initializer_range(&self) -> f64 {
+        match self {
+            DecoderConfig::Llama(c) => c.initializer_range,
+            DecoderConfig::Gpt2(c) => c.initializer_range,
+        }
+    }
+    /// Set dropout probabilities (training config overrides).
+    pub fn set_dropout(&mut self, hidden: Option<f32>, attention: Option<f32>) {
+        match self {
+            DecoderConfig::Llama(c) => {
+                if let Some(a) = attention {
+                    c.attention_dropout = a;
+                }
+            }
+            DecoderConfig::Gpt2(c) => {
+                if let Some(h) = hidden {
+                    c.resid_pdrop = h;
+                    c.embd_pdrop = h;
+                }
+                if let Some(a) = attention {
+                    c.attn_pdrop = a;
+                }
+            }
+        }
+    }
+}
+
+/// Read and validate `config.json` of a decoder checkpoint folder.
+pub fn read_decoder_config(dir: &std::path::Path) -> Result<(DecoderConfig, serde_json::Value)> {
+    if !dir.exists() {
+        return Err(Error::file(dir, "model folder does not exist"));
+    }
+    let file = dir.join("config.json");
+    let raw = crate::hub::config::read_config_value(&file)?;
+    Ok((DecoderConfig::from_value(&raw, &file)?, raw))
+}
+
+/// Buffers some checkpoints carry that are not parameters.
+fn is_buffer(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+        || name.ends_with("attn.bias")
+            && name.starts_with("transformer.h.")
+            && !name.contains("c_attn")
+        || name.ends_with("attn.masked_bias")
+}
+
+/// Load a decoder checkpoint folder into a store under transformers'
+/// `*ForCausalLM` names (GPT-2's `Conv1D` weights transposed to `[out, in]`;
+/// a bare `GPT2Model` checkpoint gets the `transformer.` prefix).
+pub fn load_decoder_params(
+    dir: &std::path::Path,
+    cfg: &DecoderConfig,
+    selector: Selector,
+) -> Result<ParamStore> {
+    let ckpt = Checkpoint::open(dir)?;
+    let mut store = ParamStore::new(selector, ckpt.path().display().to_string());
+    let gpt2 = matches!(cfg, DecoderConfig::Gpt2(_));
+    let bare_gpt2 = gpt2 && !ckpt.names().iter().any(|n| n.starts_with("transformer."));
+    for name in ckpt.names() {
+        if is_buffer(&name) {
+            continue;
+        }
+        let key = if bare_gpt2 && name != "lm_head.weight" {
+            format!("transformer.{name}")
+        } else {
+            name.clone()
+        };
+        let t = ckpt.load_f32(&name)?;
+        let t = if gpt2 && gpt2::is_conv1d(&key) {
+            t.t()?.contiguous()?
+        } else {
+            t
+        };
+        store.insert(&key, t)?;
+    }
+    // A tied head saved twice (some exports do): the model uses the embedding.
+    let tied = match cfg {
+        DecoderConfig::Llama(c) => c.tie_word_embeddings,
+        DecoderConfig::Gpt2(_) => true,
+    };
+    if tied && store.contains("lm_head.weight") {
+        store.remove("lm_head.weight");
+    }
+    Ok(store)
+}
+
+/// A decoder-only language model of any supported family.
+pub enum Decoder {
+    Llama(Llama),
+    Gpt2(Gpt2),
+}
+
+impl Decoder {
+    pub fn load(store: &ParamStore, cfg: &DecoderConfig) -> Result<Self> {
+        let p = Path::root(store, "");
+        Ok(match cfg {
+            DecoderConfig::Llama(c) => Decoder::Llama(Llama::load(&p, c)?),
+            DecoderConfig::Gpt2(c) => Decoder::Gpt2(Gpt2::load(&p, c)?),
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Decoder::Llama(m) => m.config.hidden_size,
+            Decoder::Gpt2(m) => m.config.n_embd,
+        }
+    }
+
+    pub fn lm_head(&self) -> &Weight {
+        match self {
+            Decoder::Llama(m) => m.lm_head(),
+            Decoder::Gpt2(m) => m.lm_head(),
+        }
+    }
+
+    pub fn embed_weight(&self) -> &Weight {
+        match self {
+            Decoder::Llama(m) => m.embed_weight(),
+            Decoder::Gpt2(m) => m.embed_weight(),
+        }
+    }
+
+    /// Token embeddings `[B, T, C]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Decoder::Llama(m) => m.embed(ids),
+            Decoder::Gpt2(m) => m.embed(ids),
+        }
+    }
+
+    /// Final hidden states `[B, T, C]` of input embeddings `[B, T, C]`.
+    pub fn forward_embeds(
+        &self,
+        x: &Tensor,
+        inp: &DecoderInputs,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
+        match self {
+            Decoder::Llama(m) => m.forward_embeds(x, inp, rng),
+            Decoder::Gpt2(m) => m.forward_embeds(x, inp, rng),
+        }
+    }
+
+    /// Final hidden states `[B, T, C]` of a batch (every position).
+    pub fn forward(&self, inp: &DecoderInputs, rng: Option<&DropoutRng>) -> Result<Tensor> {
+        self.forward_embeds(&self.embed(&inp.ids)?, inp, rng)
+    }
+
+    /// Hidden states of new tokens after the cached ones (inference).
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        match self {
+            Decoder::Llama(m) => m.forward_cached(ids, cache),
+            Decoder::Gpt2(m) => m.forward_cached(ids, cache),
+        }
+    }
+
+    /// Logits `[N, V]` of hidden states `[.., C]` (inference).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let c = self.hidden_size();
+        let h = hidden.reshape(((), c))?;
+        Ok(nn::lm_logits(&h, &self.lm_head().t)?)
+    }
+
+    /// Mean next-token cross-entropy of `hidden` `[B, T, C]` against
+    /// `labels` `[B * T]` (-100 = ignored), shifted left inside: position t
+    /// predicts label t + 1, as transformers' causal-LM loss. Returns the
+    /// loss and the number of predicted tokens.
+    pub fn lm_loss(&self, hidden: &Tensor, labels: &[i64]) -> Result<(Tensor, usize)> {
+        let (b, t, c) = hidden.dims3()?;
+        if labels.len() != b * t {
+            return Err(Error::msg(format!(
+                "lm_loss: {} labels for [B={b}, T={t}]",
+                labels.len()
+            )));
+        }
+        let targets: Vec<i64> = (0..b * t)
+            .map(|i| if i % t + 1 < t { labels[i + 1] } else { -100 })
+            .collect();
+        let n = targets.iter().filter(|&&y| y >= 0).count();
+        let h = hidden.reshape((b * t, c))?;
+        let loss = nn::lm_cross_entropy(&h, self.lm_head(), Arc::new(targets), 256)?;
+        Ok((loss, n))
+    }
+}
