@@ -154,16 +154,11 @@ impl Gpt2Block {
     }
 
     fn forward(&self, x: &Tensor, inp: &DecoderInputs, rng: Option<&DropoutRng>) -> Result<Tensor> {
-        if rng.is_some() && self.attn_pdrop > 0.0 {
-            // The causal op has no attention-probability dropout (yet): say so
-            // rather than silently training without it.
-            return Err(Error::msg(format!(
-                "GPT-2 attn_pdrop = {} in training is not supported; set model.attention_probs_dropout_prob = 0",
-                self.attn_pdrop
-            )));
-        }
         let (q, k, v) = self.split_qkv(&self.c_attn.forward_t(&self.ln_1.forward(x)?, rng)?)?;
-        let ctx = nn::causal_attention(
+        let drop = rng
+            .filter(|_| self.attn_pdrop > 0.0)
+            .map(|r| (self.attn_pdrop, r.next()));
+        let ctx = nn::causal_attention_dropout(
             &q,
             &k,
             &v,
@@ -171,6 +166,7 @@ impl Gpt2Block {
             self.heads,
             inp.key_mask.clone(),
             inp.segments.clone(),
+            drop,
         )?;
         let a = maybe_dropout(self.attn_proj.forward_t(&ctx, rng)?, self.resid_pdrop, rng)?;
         let x = (x + a)?;

@@ -163,6 +163,7 @@ pub struct LlamaLayer {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    attention_dropout: f32,
 }
 
 impl LlamaLayer {
@@ -185,6 +186,7 @@ impl LlamaLayer {
             heads: nq,
             kv_heads: nkv,
             head_dim: d,
+            attention_dropout: cfg.attention_dropout,
         })
     }
 
@@ -207,7 +209,10 @@ impl LlamaLayer {
         let v = self.v_proj.forward_t(&hn, rng)?;
         let q = nn::rope(&q, rope, &inp.positions, self.heads)?;
         let k = nn::rope(&k, rope, &inp.positions, self.kv_heads)?;
-        let ctx = nn::causal_attention(
+        let drop = rng
+            .filter(|_| self.attention_dropout > 0.0)
+            .map(|r| (self.attention_dropout, r.next()));
+        let ctx = nn::causal_attention_dropout(
             &q,
             &k,
             &v,
@@ -215,6 +220,7 @@ impl LlamaLayer {
             self.kv_heads,
             inp.key_mask.clone(),
             inp.segments.clone(),
+            drop,
         )?;
         let x = x.add(&self.o_proj.forward_t(&ctx, rng)?)?;
         let hn = self.post_attention_layernorm.forward(&x)?;

@@ -445,7 +445,6 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     models::check_unused(&mut store, &mut |w| {
         on(Event::Info(format!("warning: {w}")))
     })?;
-    let (n_train, n_all) = store.counts();
     on(Event::Info(store.summary()));
 
     // ---- run folder
@@ -460,7 +459,90 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         )));
     }
 
-    // ---- optimisation
+    let obj = Classify {
+        model: &model,
+        train: &train_set,
+        validation: &val_set,
+        test: test_set.as_ref(),
+        pad_id: tok.pad_id(),
+        eval_bs: c.train.eval_batch_size.unwrap_or(c.train.batch_size * 2),
+        run: &run,
+    };
+    run_loop(plan, opts, &store, &obj, &run, t0, on)
+}
+
+/// Sequence classification / regression as an [`Objective`].
+struct Classify<'a> {
+    model: &'a SequenceModel,
+    train: &'a Encoded,
+    validation: &'a Encoded,
+    test: Option<&'a Encoded>,
+    pad_id: u32,
+    eval_bs: usize,
+    run: &'a run::RunWriter,
+}
+
+impl Objective for Classify<'_> {
+    fn train_len(&self) -> usize {
+        self.train.len()
+    }
+    fn loss(&self, idx: &[usize], drop: &DropoutRng) -> Result<(candle_core::Tensor, usize)> {
+        let (inputs, targets, ntok) = self.train.batch(idx, self.pad_id)?;
+        let logits = self.model.forward(&inputs, Some(drop))?;
+        Ok((self.model.loss(&logits, &targets)?, ntok))
+    }
+    fn evaluate(&self, split: Split) -> Result<Option<BTreeMap<String, f64>>> {
+        let set = match split {
+            Split::Validation => self.validation,
+            Split::Test => match self.test {
+                Some(t) => t,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(evaluate(self.model, set, self.pad_id, self.eval_bs)?.0))
+    }
+    fn save(&self, store: &ParamStore, name: &str) -> Result<()> {
+        self.run.save_model(store, name)
+    }
+}
+
+/// Which held-out set to evaluate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Validation,
+    Test,
+}
+
+/// What the loop trains: how a micro-batch becomes a loss, how the model is
+/// evaluated and saved. The loop itself (below) is the same for every method.
+pub trait Objective {
+    /// Number of training rows (examples, or packed sequences).
+    fn train_len(&self) -> usize;
+    /// The mean loss of training rows `idx` (recorded for backward) and the
+    /// number of tokens they hold.
+    fn loss(&self, idx: &[usize], drop: &DropoutRng) -> Result<(candle_core::Tensor, usize)>;
+    /// Metrics on a held-out split (`loss` among them); None if there is none.
+    fn evaluate(&self, split: Split) -> Result<Option<BTreeMap<String, f64>>>;
+    /// Save the current weights as `<run>/<name>/` (`model`, `checkpoint-last`).
+    fn save(&self, store: &ParamStore, name: &str) -> Result<()>;
+}
+
+/// The one training loop: batches in seeded order -> loss -> backward (with
+/// gradient accumulation) -> clip -> AdamW -> schedule; evaluation every N
+/// steps with best-weights keeping and early stopping; Ctrl-C saves and
+/// stops; a non-finite loss or gradient stops with a clear error.
+pub fn run_loop(
+    plan: &Plan,
+    opts: &TrainOptions,
+    store: &ParamStore,
+    obj: &dyn Objective,
+    run: &run::RunWriter,
+    t0: Instant,
+    on: &mut dyn FnMut(Event),
+) -> Result<TrainReport> {
+    let c = &plan.config;
+    let run_dir = &opts.run_dir;
+    let (n_train, n_all) = store.counts();
     let params = store.trainable();
     let t = &c.train;
     let mut opt = AdamW::new(
@@ -473,14 +555,13 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             weight_decay: t.weight_decay,
         },
     )?;
-    let micro_per_epoch = train_set.len().div_ceil(t.batch_size);
+    let train_len = obj.train_len();
+    let micro_per_epoch = train_len.div_ceil(t.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(t.grad_accum);
     let total_steps = t.max_steps.unwrap_or(steps_per_epoch * t.epochs).max(1);
     let warmup = t
         .warmup_steps
         .unwrap_or((t.warmup_ratio * total_steps as f64).ceil() as usize);
-    let eval_bs = t.eval_batch_size.unwrap_or(t.batch_size * 2);
-    let pad_id = tok.pad_id();
     let sel_metric = plan.selection_metric();
     on(Event::Start { total_steps });
 
@@ -494,13 +575,13 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     let mut loss_window = (0f64, 0usize);
 
     let do_eval = |step: usize,
-                   model: &SequenceModel,
-                   store: &ParamStore,
                    best: &mut Option<(f64, usize, BTreeMap<String, f64>)>,
                    best_weights: &mut Option<BTreeMap<String, candle_core::Tensor>>,
                    on: &mut dyn FnMut(Event)|
      -> Result<bool> {
-        let (m, _) = evaluate(model, &val_set, pad_id, eval_bs)?;
+        let m = obj
+            .evaluate(Split::Validation)?
+            .ok_or_else(|| Error::msg("no validation set"))?;
         let v = *m
             .get(&sel_metric)
             .ok_or_else(|| Error::msg(format!("metric {sel_metric} not computed")))?;
@@ -512,7 +593,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         if improved {
             *best = Some((v, step, m.clone()));
             *best_weights = Some(store.snapshot_trainable()?);
-            run.save_model(store, "model")?;
+            obj.save(store, "model")?;
         }
         run.log_eval(step, "validation", &m)?;
         on(Event::Eval {
@@ -528,7 +609,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         if step >= total_steps {
             break;
         }
-        let order = EpochOrder::new(train_set.len(), c.seeds.data, epoch as u64);
+        let order = EpochOrder::new(train_len, c.seeds.data, epoch as u64);
         let micro: Vec<&[usize]> = order.batches(t.batch_size)?.collect();
         for group in micro.chunks(t.grad_accum) {
             if opts.stop.load(Ordering::SeqCst) {
@@ -539,10 +620,8 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             let mut step_loss = 0f64;
             let group_rows: usize = group.iter().map(|g| g.len()).sum();
             for idx in group {
-                let (inputs, targets, ntok) = train_set.batch(idx, pad_id)?;
+                let (loss, ntok) = obj.loss(idx, &drop)?;
                 tokens += ntok;
-                let logits = model.forward(&inputs, Some(&drop))?;
-                let loss = model.loss(&logits, &targets)?;
                 let lv = loss.to_vec0::<f32>()? as f64;
                 if !lv.is_finite() {
                     let saved = match &best {
@@ -608,7 +687,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             }
             let eval_now = t.eval_every.is_some_and(|e| step % e == 0);
             if eval_now {
-                if do_eval(step, &model, &store, &mut best, &mut best_weights, on)? {
+                if do_eval(step, &mut best, &mut best_weights, on)? {
                     bad_evals = 0;
                 } else {
                     bad_evals += 1;
@@ -628,7 +707,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         }
         // Without `eval_every`, evaluate at each epoch end.
         if t.eval_every.is_none() {
-            if do_eval(step, &model, &store, &mut best, &mut best_weights, on)? {
+            if do_eval(step, &mut best, &mut best_weights, on)? {
                 bad_evals = 0;
             } else {
                 bad_evals += 1;
@@ -636,31 +715,32 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         }
     }
     if interrupted {
-        run.save_model(&store, "checkpoint-last")?;
+        obj.save(store, "checkpoint-last")?;
         on(Event::Info(format!(
             "interrupted at step {step}: checkpoint saved to {}",
             run_dir.join("checkpoint-last").display()
         )));
     } else if !stopped_early && t.eval_every.is_some_and(|e| step % e != 0) {
         // The steps after the last periodic evaluation count too.
-        do_eval(step, &model, &store, &mut best, &mut best_weights, on)?;
+        do_eval(step, &mut best, &mut best_weights, on)?;
     }
 
     // ---- test with the best-on-validation weights (the ones in model/)
     let mut test = None;
-    if let (Some(ts), false) = (&test_set, interrupted) {
+    if !interrupted {
         if let Some(w) = &best_weights {
             store.copy_values_from(w)?;
         }
-        let (m, _) = evaluate(&model, ts, pad_id, eval_bs)?;
-        run.log_eval(step, "test", &m)?;
-        on(Event::Eval {
-            step,
-            split: "test".into(),
-            metrics: m.clone(),
-            best: false,
-        });
-        test = Some(m);
+        if let Some(m) = obj.evaluate(Split::Test)? {
+            run.log_eval(step, "test", &m)?;
+            on(Event::Eval {
+                step,
+                split: "test".into(),
+                metrics: m.clone(),
+                best: false,
+            });
+            test = Some(m);
+        }
     }
     let report = TrainReport {
         run_dir: run_dir.clone(),
@@ -668,7 +748,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         interrupted,
         stopped_early,
         wall_s: t0.elapsed().as_secs_f64(),
-        train_rows: train_set.len(),
+        train_rows: train_len,
         trainable_params: n_train,
         total_params: n_all,
         best_step: best.as_ref().map(|b| b.1),
