@@ -1,6 +1,8 @@
 //! The `afinar` binary: argv, progress bars, exit codes. Everything else is
 //! in the library.
 
+mod lm;
+
 use afinar::config::Plan;
 use afinar::train::{self, Event, TrainOptions};
 use anyhow::{bail, Context, Result};
@@ -82,6 +84,26 @@ enum Cmd {
     },
     /// Tensor names, shapes, dtypes and parameter count of a checkpoint.
     Inspect { path: PathBuf },
+    /// Continue a prompt with a decoder LM (asset name, HF folder, .gguf file).
+    Generate {
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user turn with the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[command(flatten)]
+        sample: lm::SampleArgs,
+    },
+    /// Chat interactively with a decoder LM (applies its chat template).
+    Chat {
+        model: String,
+        /// A system message to start the conversation with.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sample: lm::SampleArgs,
+    },
 }
 
 fn main() {
@@ -157,6 +179,17 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Generate {
+            model,
+            prompt,
+            chat,
+            sample,
+        } => lm::cmd_generate(&model, &prompt, chat, &sample),
+        Cmd::Chat {
+            model,
+            system,
+            sample,
+        } => lm::cmd_chat(&model, system.as_deref(), &sample),
         Cmd::Inspect { path } => {
             print!("{}", afinar::hub::checkpoint::inspect(&path)?);
             Ok(0)

@@ -52,3 +52,29 @@ fn real_minilm_learns_sarcasm_in_80_steps() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["label"] == "0" || v["label"] == "1");
 }
+
+/// SmolLM2-135M-Instruct from its Q4_1 GGUF (Q/K rows un-permuted, tokenizer
+/// from the metadata): the greedy continuation of "The capital of France is"
+/// names Paris, and the chat template path answers the question too.
+#[test]
+fn smollm2_gguf_greedy_says_paris() {
+    if afinar::hub::assets::resolve_asset_path("smollm2-135m-instruct").is_err() {
+        eprintln!("SKIPPED: smollm2-135m-instruct not fetched (run `afinar fetch`)");
+        return;
+    }
+    for extra in [&[][..], &["--chat"][..]] {
+        let prompt = if extra.is_empty() {
+            "The capital of France is"
+        } else {
+            "What is the capital of France?"
+        };
+        let o = Command::new(env!("CARGO_BIN_EXE_afinar"))
+            .args(["generate", "smollm2-135m-instruct", "--prompt", prompt, "--max-new-tokens", "12"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(out.contains("Paris"), "{extra:?}: greedy continuation {out:?}");
+    }
+}

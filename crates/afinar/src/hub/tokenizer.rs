@@ -37,6 +37,8 @@ pub struct TextTokenizer {
     pad_id: u32,
     /// The file it was read from (`tokenizer.json` or `vocab.txt`), for errors and `save`.
     path: PathBuf,
+    /// Built in memory (from `vocab.txt` or a GGUF file): `save` serialises it
+    /// instead of copying `path`.
     from_vocab: bool,
 }
 
@@ -154,6 +156,14 @@ impl TextTokenizer {
     /// Load the tokenizer of a model folder: `tokenizer.json`, else `vocab.txt`.
     pub fn from_dir(dir: impl AsRef<Path>, max_length: usize) -> Result<Self> {
         Self::from_file(dir.as_ref().join(TOKENIZER_FILE), max_length)
+    }
+
+    /// Wrap a tokenizer built in memory (from a GGUF file's metadata, say).
+    /// `source` names where it came from in errors; `save` writes it out as a
+    /// `tokenizer.json` (without truncation) rather than copying `source`.
+    /// Its pad id is the one in its padding settings, if any.
+    pub fn from_tokenizer(inner: Tokenizer, source: &Path, max_length: usize) -> Result<Self> {
+        Self::finish(inner, source, true, max_length)
     }
 
     fn finish(

@@ -386,3 +386,151 @@ impl Decoder {
         Ok((loss, n))
     }
 }
+
+/// A decoder LM ready to use: weights, config and tokenizer, from an HF
+/// folder (safetensors + `tokenizer.json` + `tokenizer_config.json`) or a
+/// GGUF file (weights dequantised to f32; tokenizer and chat template from
+/// its metadata).
+pub struct LmSource {
+    pub path: std::path::PathBuf,
+    pub cfg: DecoderConfig,
+    /// `config.json` (for a GGUF file: the HF config its metadata describes).
+    pub raw_config: serde_json::Value,
+    pub store: ParamStore,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub bos_id: Option<u32>,
+    pub eos_ids: Vec<u32>,
+    pub pad_id: u32,
+    pub chat_template: Option<String>,
+    pub bos_token: String,
+    pub eos_token: String,
+    /// "safetensors" or "gguf".
+    pub format: &'static str,
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => vec![],
+    }
+}
+
+/// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.
+fn token_str(v: &serde_json::Value) -> Option<String> {
+    v.as_str()
+        .map(String::from)
+        .or_else(|| v.get("content")?.as_str().map(String::from))
+}
+
+/// Load a decoder from a folder or a `.gguf` file.
+pub fn load_lm(path: &std::path::Path, selector: Selector) -> Result<LmSource> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        return load_lm_gguf(path, selector);
+    }
+    let (cfg, raw) = read_decoder_config(path)?;
+    let store = load_decoder_params(path, &cfg, selector)?;
+    let tok_file = path.join("tokenizer.json");
+    if !tok_file.is_file() {
+        return Err(Error::file(path, "no tokenizer.json in the model folder"));
+    }
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_file)
+        .map_err(|e| Error::file(&tok_file, format!("cannot read the tokenizer: {e}")))?;
+    let tc_file = path.join("tokenizer_config.json");
+    let tc = if tc_file.is_file() {
+        crate::hub::config::read_config_value(&tc_file)?
+    } else {
+        serde_json::Value::Null
+    };
+    // transformers 5 keeps the template in chat_template.jinja; 4.x in
+    // tokenizer_config.json (a string, or a list of named templates).
+    let jinja = path.join("chat_template.jinja");
+    let chat_template = if jinja.is_file() {
+        Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
+    } else {
+        match &tc["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .find(|t| t["name"] == "default")
+                .or_else(|| a.first())
+                .and_then(|t| t["template"].as_str().map(String::from)),
+            _ => None,
+        }
+    };
+    let bos_token = token_str(&tc["bos_token"]).unwrap_or_default();
+    let eos_token = token_str(&tc["eos_token"]).unwrap_or_default();
+    let gen = path.join("generation_config.json");
+    let mut eos_ids = ids_of(&raw["eos_token_id"]);
+    if gen.is_file() {
+        for id in ids_of(&crate::hub::config::read_config_value(&gen)?["eos_token_id"]) {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+    }
+    if let Some(id) = tokenizer.token_to_id(&eos_token) {
+        if !eos_ids.contains(&id) {
+            eos_ids.push(id);
+        }
+    }
+    let bos_id = ids_of(&raw["bos_token_id"]).first().copied();
+    let pad_id = ids_of(&raw["pad_token_id"])
+        .first()
+        .copied()
+        .or(eos_ids.first().copied())
+        .unwrap_or(0);
+    Ok(LmSource {
+        path: path.to_path_buf(),
+        cfg,
+        raw_config: raw,
+        store,
+        tokenizer,
+        bos_id,
+        eos_ids,
+        pad_id,
+        chat_template,
+        bos_token,
+        eos_token,
+        format: "safetensors",
+    })
+}
+
+fn load_lm_gguf(path: &std::path::Path, selector: Selector) -> Result<LmSource> {
+    use crate::hub::gguf::{self, Gguf};
+    let g = Gguf::open(path)?;
+    let raw = gguf::llama::llama_config_from_gguf(&g)?;
+    let cfg = DecoderConfig::from_value(&raw, path)?;
+    let mut store = ParamStore::new(selector, path.display().to_string());
+    for (hf, _) in gguf::llama::llama_tensor_names(&g) {
+        store.insert(&hf, gguf::llama::llama_tensor_f32(&g, &hf)?)?;
+    }
+    if matches!(&cfg, DecoderConfig::Llama(c) if c.tie_word_embeddings) {
+        store.remove("lm_head.weight");
+    }
+    let t = gguf::tokenizer::tokenizer_from_gguf(&g)?;
+    let tok_str = |id: Option<u32>| {
+        id.and_then(|i| t.tokenizer.id_to_token(i)).unwrap_or_default()
+    };
+    let mut eos_ids: Vec<u32> = t.eos_id.into_iter().collect();
+    // ChatML templates end a turn with <|im_end|>: generation stops there too.
+    if let Some(id) = t.tokenizer.token_to_id("<|im_end|>") {
+        if !eos_ids.contains(&id) {
+            eos_ids.push(id);
+        }
+    }
+    Ok(LmSource {
+        path: path.to_path_buf(),
+        cfg,
+        raw_config: raw,
+        store,
+        bos_id: t.bos_id,
+        pad_id: t.pad_id.or(t.eos_id).unwrap_or(0),
+        bos_token: tok_str(t.bos_id),
+        eos_token: tok_str(t.eos_id),
+        eos_ids,
+        chat_template: t.chat_template.clone(),
+        tokenizer: t.tokenizer,
+        format: "gguf",
+    })
+}

@@ -2,8 +2,18 @@
 //! hand-written backward where candle's stock ops have none or waste work.
 
 pub mod kernels;
+pub mod llm_kernels;
+pub mod llm_ops;
+pub mod linear;
 pub mod ops;
+pub mod qlinear;
 
+pub use linear::maybe_dropout;
+pub use llm_kernels::{attention_with_cache, attention_with_cache_masked};
+pub use llm_ops::{
+    causal_attention, causal_attention_dropout, gelu_tanh, lm_cross_entropy, lm_logits, rms_norm,
+    rope, silu_mul, RopeTable,
+};
 pub use ops::{attention, cross_entropy, dropout, embedding, gelu, layer_norm, linear, scale_last};
 
 use std::cell::Cell;

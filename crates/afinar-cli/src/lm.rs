@@ -1,0 +1,172 @@
+//! `afinar generate` and `afinar chat`: text from a decoder LM (an asset
+//! name, an HF folder, a `.gguf` file, or a run folder).
+
+use afinar::data::sft::{Message, Role};
+use afinar::generate::{generate, GenerateConfig, StopReason};
+use afinar::hub::chat_template::ChatTemplate;
+use afinar::models::decoder::{load_lm, Decoder, LmSource};
+use afinar::params::Selector;
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+/// Sampling options shared by `generate` and `chat`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SampleArgs {
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop at this text (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl SampleArgs {
+    fn config(&self, eos_ids: &[u32]) -> GenerateConfig {
+        GenerateConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            eos_ids: eos_ids.to_vec(),
+        }
+    }
+}
+
+/// An asset name (`smollm2-135m-instruct`), a folder, or a `.gguf` file.
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(spec);
+    if p.exists() {
+        return Ok(p);
+    }
+    afinar::hub::assets::resolve_asset_path(spec)
+        .with_context(|| format!("`{spec}` is neither a file, a folder nor an asset name"))
+}
+
+pub struct Lm {
+    pub src: LmSource,
+    pub model: Decoder,
+}
+
+pub fn load(spec: &str) -> Result<Lm> {
+    let path = resolve_model(spec)?;
+    let src = load_lm(&path, Selector::none())?;
+    let model = Decoder::load(&src.store, &src.cfg)?;
+    Ok(Lm { src, model })
+}
+
+impl Lm {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        // Chat templates write their own special tokens; plain prompts get
+        // none either (as transformers' pipelines for these models).
+        let enc = self
+            .src
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn template(&self) -> Result<ChatTemplate> {
+        let src = self.src.chat_template.as_deref().with_context(|| {
+            format!(
+                "{}: the tokenizer has no chat template (needed for chat); use `afinar generate` without --chat",
+                self.src.path.display()
+            )
+        })?;
+        Ok(ChatTemplate::new(src, &self.src.bos_token, &self.src.eos_token)?)
+    }
+
+    fn run(&self, prompt_ids: &[u32], args: &SampleArgs, out: &mut dyn FnMut(&str)) -> Result<afinar::generate::Generated> {
+        let tok = &self.src.tokenizer;
+        let decode = |ids: &[u32]| -> afinar::Result<String> {
+            tok.decode(ids, true)
+                .map_err(|e| afinar::Error::msg(format!("decoding: {e}")))
+        };
+        Ok(generate(
+            &self.model,
+            prompt_ids,
+            self.src.cfg.max_positions(),
+            &args.config(&self.src.eos_ids),
+            &decode,
+            out,
+        )?)
+    }
+}
+
+pub fn cmd_generate(model: &str, prompt: &str, chat: bool, args: &SampleArgs) -> Result<i32> {
+    afinar::init_threads(None);
+    let lm = load(model)?;
+    let text = if chat {
+        lm.template()?
+            .render(&[Message::new(Role::User, prompt)], true)?
+    } else {
+        prompt.to_string()
+    };
+    let ids = lm.encode(&text)?;
+    let mut stdout = std::io::stdout();
+    let g = lm.run(&ids, args, &mut |piece| {
+        let _ = stdout.write_all(piece.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    println!();
+    eprintln!(
+        "[{} tokens, stopped: {}]",
+        g.ids.len(),
+        match g.stop {
+            StopReason::Eos => "end of sequence",
+            StopReason::StopString => "stop string",
+            StopReason::MaxTokens => "max_new_tokens",
+            StopReason::ContextFull => "context full",
+        }
+    );
+    Ok(0)
+}
+
+/// Interactive chat: each line is a user turn; the template is applied to the
+/// whole conversation. `/reset` starts over, an empty line or EOF quits.
+pub fn cmd_chat(model: &str, system: Option<&str>, args: &SampleArgs) -> Result<i32> {
+    afinar::init_threads(None);
+    let lm = load(model)?;
+    let tmpl = lm.template()?;
+    let mut messages: Vec<Message> = system
+        .map(|s| vec![Message::new(Role::System, s)])
+        .unwrap_or_default();
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    loop {
+        print!("> ");
+        stdout.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        let line = line.trim_end().to_string();
+        if line == "/reset" {
+            messages.retain(|m| m.role == Role::System);
+            continue;
+        }
+        messages.push(Message::new(Role::User, line));
+        let ids = lm.encode(&tmpl.render(&messages, true)?)?;
+        if ids.len() >= lm.src.cfg.max_positions() {
+            bail!("the conversation no longer fits the model's context ({} tokens)", ids.len());
+        }
+        let g = lm.run(&ids, args, &mut |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        })?;
+        println!();
+        messages.push(Message::new(Role::Assistant, g.text));
+    }
+    Ok(0)
+}
