@@ -377,7 +377,12 @@ pub fn linear_modules(store: &ParamStore) -> Vec<(String, usize, usize)> {
         .filter_map(|(n, p)| {
             let path = n.strip_suffix(".weight")?;
             let d = p.tensor.dims();
-            (d.len() == 2 && !path.contains("embeddings") && !n.contains(".lora_"))
+            // Embedding tables are 2-D too, but not linear layers.
+            let embedding = path.contains("embeddings")
+                || path.ends_with("embed_tokens")
+                || path.ends_with(".wte")
+                || path.ends_with(".wpe");
+            (d.len() == 2 && !embedding && !n.contains(".lora_"))
                 .then(|| (path.to_string(), d[0], d[1]))
         })
         .collect()
@@ -460,13 +465,14 @@ pub fn merged_state(store: &ParamStore) -> Result<BTreeMap<String, Tensor>> {
 }
 
 /// The wrapped linear module at `path`, as the model loads it.
-fn adapted_linear(store: &ParamStore, path: &str) -> Result<crate::models::bert::Linear> {
+fn adapted_linear(store: &ParamStore, path: &str) -> Result<crate::nn::linear::Linear> {
     let (o, i) = store
         .iter()
         .find(|(n, _)| **n == format!("{path}.weight"))
         .map(|(_, p)| p.tensor.dims2())
         .ok_or_else(|| Error::msg(format!("adapter on `{path}` but no `{path}.weight`")))??;
-    crate::models::bert::Linear::load(&crate::params::Path::root(store, path), i, o)
+    let bias = store.contains(&format!("{path}.bias"));
+    crate::nn::linear::Linear::load_with(&crate::params::Path::root(store, path), i, o, bias)
 }
 
 /// Overwrite a tensor's values in place (a frozen base weight when merging).
@@ -511,20 +517,20 @@ pub fn merge(store: &ParamStore) -> Result<MergeCache> {
     for path in store.adapters.keys() {
         let lin = adapted_linear(store, path)?;
         let (mw, mb) = lin.merged()?;
-        if let Some(crate::models::bert::Adapter::Lora {
+        if let Some(crate::nn::linear::Adapter::Lora {
             magnitude: Some(m), ..
         }) = &lin.adapter
         {
             // factor = m / |W + s B A|, per row (mw = factor * (W + s B A)).
-            let (wpre, _) = crate::models::bert::Linear {
+            let (wpre, _) = crate::nn::linear::Linear {
                 adapter: lin.adapter.clone().map(|a| match a {
-                    crate::models::bert::Adapter::Lora {
+                    crate::nn::linear::Adapter::Lora {
                         a,
                         b,
                         scale,
                         dropout,
                         ..
-                    } => crate::models::bert::Adapter::Lora {
+                    } => crate::nn::linear::Adapter::Lora {
                         a,
                         b,
                         scale,
@@ -559,7 +565,7 @@ pub struct MergeCache {
 /// Undo [`merge`] by inverting it (W = W' - s B A; DoRA: W = W' / f - s B A;
 /// IA3: divide by l): the base comes back to float rounding.
 pub fn unmerge(store: &ParamStore, cache: &MergeCache) -> Result<()> {
-    use crate::models::bert::Adapter;
+    use crate::nn::linear::Adapter;
     use std::sync::atomic::Ordering;
     if !store.adapters_merged.load(Ordering::SeqCst) {
         return Err(Error::msg("adapters are not merged"));

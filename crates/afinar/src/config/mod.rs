@@ -44,18 +44,40 @@ fn d_max_length() -> usize {
     128
 }
 
+/// What a run trains: a sequence-level head on an encoder, or a decoder LM
+/// on instructions (supervised fine-tuning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskType {
+    Classification,
+    Regression,
+    /// Instruction SFT of a decoder: loss on assistant / completion tokens.
+    Sft,
+}
+
+impl TaskType {
+    /// The head of a sequence task (None for SFT).
+    pub fn head(self) -> Option<TaskKind> {
+        match self {
+            TaskType::Classification => Some(TaskKind::Classification),
+            TaskType::Regression => Some(TaskKind::Regression),
+            TaskType::Sft => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSection {
     #[serde(rename = "type", default = "d_task")]
-    pub kind: TaskKind,
+    pub kind: TaskType,
     #[serde(default = "d_pooling")]
     pub pooling: Pooling,
     /// Dropout before the classifier; default: the model's hidden dropout.
     pub dropout: Option<f32>,
 }
-fn d_task() -> TaskKind {
-    TaskKind::Classification
+fn d_task() -> TaskType {
+    TaskType::Classification
 }
 fn d_pooling() -> Pooling {
     Pooling::Cls
@@ -80,9 +102,31 @@ pub struct DataSection {
     /// "jsonl" | "csv" | "tsv"; default from the file extension.
     pub format: Option<String>,
     /// Field path of the text (`input[-1].content`, `sentence1`).
+    #[serde(default)]
     pub text: String,
     pub text_pair: Option<String>,
+    #[serde(default)]
     pub label: String,
+    /// SFT: field of the chat `messages` (a list of {role, content}).
+    pub messages: Option<String>,
+    /// SFT: field of the answer appended as the assistant turn (OpenAI
+    /// evals' `ideal`; a list takes its first entry).
+    pub response: Option<String>,
+    /// SFT without a chat template: prompt and completion fields.
+    pub prompt: Option<String>,
+    pub completion: Option<String>,
+    /// SFT: pack short examples into full `max_length` rows.
+    #[serde(default)]
+    pub packing: bool,
+    /// SFT: rows longer than max_length: "truncate" | "skip" | "error".
+    pub overflow: Option<String>,
+    /// At most this many rows from each training file (a folder's tasks mixed evenly).
+    pub max_rows_per_file: Option<usize>,
+    /// SFT: whole tasks held out from training (a file or folder), scored
+    /// at the end to measure generalisation to unseen tasks.
+    pub heldout_tasks: Option<String>,
+    /// SFT: rows of each held-out set scored by greedy generation (exact match).
+    pub generate_eval_rows: Option<usize>,
     /// train / validation / test ratios of a seeded split of `train`,
     /// for the parts not given as files.
     pub split: Option<[f64; 3]>,
@@ -416,10 +460,42 @@ impl Plan {
                 format!("{} must be >= 0", t.weight_decay),
             );
         }
+        match c.task.kind {
+            TaskType::Sft => {
+                let d = &c.data;
+                let chat = d.messages.is_some();
+                let pc = d.prompt.is_some() || d.completion.is_some();
+                if chat == pc {
+                    return err("data", "SFT needs `messages` (chat rows) or `prompt` + `completion`".into());
+                }
+                if pc && (d.prompt.is_none() || d.completion.is_none()) {
+                    return err("data", "give both `prompt` and `completion`".into());
+                }
+                if let Some(o) = &d.overflow {
+                    if !matches!(o.as_str(), "truncate" | "skip" | "error") {
+                        return err("data.overflow", format!("`{o}` is not truncate, skip or error"));
+                    }
+                }
+                if c.freeze.preset != "full" || !c.freeze.frozen.is_empty() || !c.freeze.trainable.is_empty() {
+                    return err("freeze", "SFT trains the whole model or an [adapter]; partial freezing of decoders is not supported yet".into());
+                }
+            }
+            _ => {
+                for (key, v) in [("data.text", &c.data.text), ("data.label", &c.data.label)] {
+                    if v.is_empty() {
+                        return err(key, "is required for classification and regression".into());
+                    }
+                }
+                if c.data.packing || c.data.messages.is_some() || c.data.prompt.is_some() {
+                    return err("data", "`messages`, `prompt` and `packing` are for task.type = \"sft\"".into());
+                }
+            }
+        }
         if let Some(es) = &t.early_stopping {
             let ok: &[&str] = match c.task.kind {
-                TaskKind::Classification => &["loss", "accuracy", "macro_f1"],
-                TaskKind::Regression => &["loss", "mse", "pearson"],
+                TaskType::Classification => &["loss", "accuracy", "macro_f1"],
+                TaskType::Regression => &["loss", "mse", "pearson"],
+                TaskType::Sft => &["loss", "perplexity"],
             };
             if !ok.contains(&es.metric.as_str()) {
                 return err(
@@ -449,8 +525,8 @@ impl Plan {
         match &self.config.train.early_stopping {
             Some(es) => es.metric.clone(),
             None => match self.config.task.kind {
-                TaskKind::Classification => "accuracy".into(),
-                TaskKind::Regression => "loss".into(),
+                TaskType::Classification => "accuracy".into(),
+                TaskType::Regression | TaskType::Sft => "loss".into(),
             },
         }
     }

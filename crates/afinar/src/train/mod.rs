@@ -7,6 +7,7 @@
 //! new head, `seeds.data` the batch order, `seeds.dropout` the masks.
 
 pub mod run;
+pub mod sft;
 
 use crate::config::Plan;
 use crate::data::{self, Batch, DataSpec, EpochOrder, FieldPath, LabelMap, RawExample};
@@ -357,6 +358,9 @@ pub fn selector(plan: &Plan, cfg: &BertConfig) -> Result<Selector> {
 
 /// Train as `plan` says, writing the run folder. The one entry point.
 pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Result<TrainReport> {
+    if plan.config.task.kind == crate::config::TaskType::Sft {
+        return sft::train_sft(plan, opts, on);
+    }
     let t0 = Instant::now();
     let c = &plan.config;
     let run_dir = &opts.run_dir;
@@ -376,7 +380,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
 
     // ---- data
     let splits = load_splits(plan)?;
-    let task = c.task.kind;
+    let task = c.task.kind.head().ok_or_else(|| Error::msg("not a sequence task"))?;
     let labels = match task {
         TaskKind::Classification => {
             Some(LabelMap::from_examples(&splits.train.0, &splits.train.1)?)

@@ -31,9 +31,10 @@ use std::sync::Mutex;
 pub struct RunWriter {
     dir: PathBuf,
     base_config: serde_json::Value,
-    tok: TextTokenizer,
+    /// Sequence runs: what `save_model` writes beside the weights.
+    tok: Option<TextTokenizer>,
     labels: Option<LabelMap>,
-    head: HeadConfig,
+    head: Option<HeadConfig>,
     max_length: usize,
     metrics: Mutex<std::fs::File>,
     /// Adapter runs: the adapter config and the base model's folder.
@@ -49,6 +50,17 @@ impl RunWriter {
         labels: Option<&LabelMap>,
         head: &HeadConfig,
     ) -> Result<Self> {
+        let mut w = Self::create_log(dir, plan)?;
+        w.base_config = base_config.clone();
+        w.tok = Some(tok.clone());
+        w.labels = labels.cloned();
+        w.head = Some(head.clone());
+        Ok(w)
+    }
+
+    /// The run folder with its config and metrics log only (methods that
+    /// save their models themselves, e.g. SFT).
+    pub fn create_log(dir: &Path, plan: &Plan) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         fsutil::write_atomic(&dir.join("config.toml"), plan.to_toml()?.as_bytes())?;
         let mpath = dir.join("metrics.jsonl");
@@ -63,14 +75,18 @@ impl RunWriter {
             .map_err(|e| Error::io(&mpath, e))?;
         Ok(RunWriter {
             dir: dir.to_path_buf(),
-            base_config: base_config.clone(),
-            tok: tok.clone(),
-            labels: labels.cloned(),
-            head: head.clone(),
+            base_config: serde_json::Value::Null,
+            tok: None,
+            labels: None,
+            head: None,
             max_length: plan.config.model.max_length,
             metrics: Mutex::new(metrics),
             adapter: None,
         })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn append(&self, v: serde_json::Value) -> Result<()> {
@@ -115,6 +131,9 @@ impl RunWriter {
     /// adapters merged in), and for an adapter run also `<run>/adapter/`
     /// (PEFT's files) when `name` is the best model.
     pub fn save_model(&self, store: &ParamStore, name: &str) -> Result<()> {
+        let (Some(tok), Some(head)) = (&self.tok, &self.head) else {
+            return Err(Error::msg("save_model: not a sequence-classification run"));
+        };
         let tensors: BTreeMap<String, candle_core::Tensor> = if store.adapters.is_empty() {
             store
                 .iter()
@@ -127,7 +146,7 @@ impl RunWriter {
             let meta = serde_json::json!({
                 "base_model_dir": base_dir,
                 "id2label": self.labels.as_ref().map(|l| l.id2label().to_vec()),
-                "head": self.head,
+                "head": head,
                 "max_length": self.max_length,
             });
             write_dir_atomic(&self.dir.join("adapter"), |tmp| {
@@ -145,9 +164,9 @@ impl RunWriter {
             &self.dir.join(name),
             &tensors,
             &self.base_config,
-            &self.tok,
+            tok,
             self.labels.as_ref(),
-            &self.head,
+            head,
             self.max_length,
         )
     }
