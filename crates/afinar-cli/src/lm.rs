@@ -4,7 +4,7 @@
 use afinar::data::sft::{Message, Role};
 use afinar::generate::{generate, GenerateConfig, StopReason};
 use afinar::hub::chat_template::ChatTemplate;
-use afinar::models::decoder::{load_lm, Decoder, LmSource};
+use afinar::models::decoder::{is_gguf, load_lm_with, Decoder, LmSource, LoadOpts};
 use afinar::params::Selector;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, Write};
@@ -58,9 +58,14 @@ pub struct Lm {
     pub model: Decoder,
 }
 
-pub fn load(spec: &str) -> Result<Lm> {
+/// `quantized`: keep a GGUF's linear weights in their own types (dequantised
+/// per matmul) instead of f32.
+pub fn load(spec: &str, quantized: bool) -> Result<Lm> {
     let path = resolve_model(spec)?;
-    let src = load_lm(&path, Selector::none())?;
+    if quantized && !is_gguf(&path) {
+        bail!("--quantized needs a .gguf model; {} is not one", path.display());
+    }
+    let src = load_lm_with(&path, Selector::none(), LoadOpts { quantized })?;
     let model = Decoder::load(&src.store, &src.cfg)?;
     Ok(Lm { src, model })
 }
@@ -104,9 +109,15 @@ impl Lm {
     }
 }
 
-pub fn cmd_generate(model: &str, prompt: &str, chat: bool, args: &SampleArgs) -> Result<i32> {
+pub fn cmd_generate(
+    model: &str,
+    prompt: &str,
+    chat: bool,
+    quantized: bool,
+    args: &SampleArgs,
+) -> Result<i32> {
     afinar::init_threads(None);
-    let lm = load(model)?;
+    let lm = load(model, quantized)?;
     let text = if chat {
         lm.template()?
             .render(&[Message::new(Role::User, prompt)], true)?
@@ -135,9 +146,14 @@ pub fn cmd_generate(model: &str, prompt: &str, chat: bool, args: &SampleArgs) ->
 
 /// Interactive chat: each line is a user turn; the template is applied to the
 /// whole conversation. `/reset` starts over, an empty line or EOF quits.
-pub fn cmd_chat(model: &str, system: Option<&str>, args: &SampleArgs) -> Result<i32> {
+pub fn cmd_chat(
+    model: &str,
+    system: Option<&str>,
+    quantized: bool,
+    args: &SampleArgs,
+) -> Result<i32> {
     afinar::init_threads(None);
-    let lm = load(model)?;
+    let lm = load(model, quantized)?;
     let tmpl = lm.template()?;
     let mut messages: Vec<Message> = system
         .map(|s| vec![Message::new(Role::System, s)])

@@ -81,6 +81,12 @@ enum Cmd {
         merged: Option<PathBuf>,
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// Decoder runs: a GGUF file of the merged model (llama.cpp, ollama).
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// Weight type of the GGUF file: f16, q8_0 or f32.
+        #[arg(long, default_value = "f16")]
+        gguf_type: String,
     },
     /// Tensor names, shapes, dtypes and parameter count of a checkpoint.
     Inspect { path: PathBuf },
@@ -92,6 +98,10 @@ enum Cmd {
         /// Wrap the prompt as a user turn with the model's chat template.
         #[arg(long)]
         chat: bool,
+        /// Keep a GGUF's linear weights quantised (dequantised per matmul):
+        /// less memory, same numbers.
+        #[arg(long)]
+        quantized: bool,
         #[command(flatten)]
         sample: lm::SampleArgs,
     },
@@ -101,6 +111,9 @@ enum Cmd {
         /// A system message to start the conversation with.
         #[arg(long)]
         system: Option<String>,
+        /// Keep a GGUF's linear weights quantised (dequantised per matmul).
+        #[arg(long)]
+        quantized: bool,
         #[command(flatten)]
         sample: lm::SampleArgs,
     },
@@ -168,13 +181,28 @@ fn run(cli: Cli) -> Result<i32> {
             run,
             merged,
             adapter,
+            gguf,
+            gguf_type,
         } => {
-            if merged.is_none() && adapter.is_none() {
-                bail!("give --merged OUT and/or --adapter OUT");
+            if merged.is_none() && adapter.is_none() && gguf.is_none() {
+                bail!("give --merged OUT, --adapter OUT and/or --gguf OUT.gguf");
             }
             init_threads(None);
-            train::run::export(&run, merged.as_deref(), adapter.as_deref())?;
-            for p in merged.iter().chain(adapter.iter()) {
+            if afinar::export::is_decoder(&run) {
+                let ty: afinar::hub::gguf::export::ExportType = gguf_type.parse()?;
+                afinar::export::export_lm(
+                    &run,
+                    merged.as_deref(),
+                    adapter.as_deref(),
+                    gguf.as_deref().map(|g| (g, ty)),
+                )?;
+            } else {
+                if gguf.is_some() {
+                    bail!("--gguf is for decoder LMs; {} is an encoder run", run.display());
+                }
+                train::run::export(&run, merged.as_deref(), adapter.as_deref())?;
+            }
+            for p in merged.iter().chain(adapter.iter()).chain(gguf.iter()) {
                 println!("{}", p.display());
             }
             Ok(0)
@@ -183,13 +211,15 @@ fn run(cli: Cli) -> Result<i32> {
             model,
             prompt,
             chat,
+            quantized,
             sample,
-        } => lm::cmd_generate(&model, &prompt, chat, &sample),
+        } => lm::cmd_generate(&model, &prompt, chat, quantized, &sample),
         Cmd::Chat {
             model,
             system,
+            quantized,
             sample,
-        } => lm::cmd_chat(&model, system.as_deref(), &sample),
+        } => lm::cmd_chat(&model, system.as_deref(), quantized, &sample),
         Cmd::Inspect { path } => {
             print!("{}", afinar::hub::checkpoint::inspect(&path)?);
             Ok(0)

@@ -55,26 +55,33 @@ fn real_minilm_learns_sarcasm_in_80_steps() {
 
 /// SmolLM2-135M-Instruct from its Q4_1 GGUF (Q/K rows un-permuted, tokenizer
 /// from the metadata): the greedy continuation of "The capital of France is"
-/// names Paris, and the chat template path answers the question too.
+/// names Paris, and the chat template path answers the question too; with
+/// `--quantized` (projections kept Q4_1, dequantised per matmul) the text is the same.
 #[test]
 fn smollm2_gguf_greedy_says_paris() {
     if afinar::hub::assets::resolve_asset_path("smollm2-135m-instruct").is_err() {
         eprintln!("SKIPPED: smollm2-135m-instruct not fetched (run `afinar fetch`)");
         return;
     }
-    for extra in [&[][..], &["--chat"][..]] {
-        let prompt = if extra.is_empty() {
-            "The capital of France is"
-        } else {
+    for chat in [false, true] {
+        let prompt = if chat {
             "What is the capital of France?"
+        } else {
+            "The capital of France is"
         };
-        let o = Command::new(env!("CARGO_BIN_EXE_afinar"))
-            .args(["generate", "smollm2-135m-instruct", "--prompt", prompt, "--max-new-tokens", "12"])
-            .args(extra)
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert!(out.contains("Paris"), "{extra:?}: greedy continuation {out:?}");
+        let mut texts = Vec::new();
+        for quantized in [false, true] {
+            let o = Command::new(env!("CARGO_BIN_EXE_afinar"))
+                .args(["generate", "smollm2-135m-instruct", "--prompt", prompt, "--max-new-tokens", "12"])
+                .args(chat.then_some("--chat"))
+                .args(quantized.then_some("--quantized"))
+                .output()
+                .unwrap();
+            let out = String::from_utf8_lossy(&o.stdout).to_string();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert!(out.contains("Paris"), "chat {chat}, quantized {quantized}: greedy continuation {out:?}");
+            texts.push(out);
+        }
+        assert_eq!(texts[0], texts[1], "chat {chat}: f32 and --quantized differ");
     }
 }

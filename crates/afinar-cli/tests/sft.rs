@@ -87,6 +87,19 @@ fn sft_trains_saves_and_generates() {
                 .unwrap();
                 assert_eq!(ac["task_type"], "CAUSAL_LM");
                 assert_eq!(ac["peft_type"], "LORA");
+                // Exports: merged HF folder, the adapter, and GGUF that loads back.
+                let (m2, a2, g) = (d.path().join("m2"), d.path().join("a2"), d.path().join("m.gguf"));
+                let o = afinar(&[
+                    "export".as_ref(), run.as_os_str(), "--merged".as_ref(), m2.as_os_str(),
+                    "--adapter".as_ref(), a2.as_os_str(), "--gguf".as_ref(), g.as_os_str(),
+                    "--gguf-type".as_ref(), "f32".as_ref(),
+                ]);
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                assert!(m2.join("model.safetensors").is_file() && a2.join("adapter_config.json").is_file());
+                for m in [&m2, &g] {
+                    let o = afinar(&["generate".as_ref(), m.as_os_str(), "--prompt".as_ref(), "ab".as_ref(), "--max-new-tokens".as_ref(), "3".as_ref()]);
+                    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                }
             }
             // The saved model generates.
             let model_dir = run.join("model");

@@ -7,6 +7,7 @@
 //! loop (`train`) and export (`export`).
 
 pub mod error;
+pub mod export;
 pub mod fsutil;
 pub mod generate;
 

@@ -5,8 +5,11 @@
 //! `classifier.weight`). A [`Selector`] built from the run config decides by
 //! path patterns which ones train: those become `candle_core::Var`s (they get
 //! gradients and optimizer state); the rest stay plain tensors, which afinar's
-//! ops never compute a gradient for.
+//! ops never compute a gradient for. Weights kept quantised (a GGUF's Q4_0 /
+//! Q4_1 / Q8_0 linears under `base_dtype = "quantized"`) sit beside them as
+//! [`QTensor`]s: always frozen, counted, and read by `nn::qlinear`.
 
+use crate::hub::gguf::QTensor;
 use crate::nn::{GradBuf, Weight};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -197,6 +200,8 @@ impl Param {
 /// All parameters of a model by checkpoint name.
 pub struct ParamStore {
     params: BTreeMap<String, Param>,
+    /// Frozen weights kept quantised, by checkpoint name (`[rows, cols]` = HF `[out, in]`).
+    quantized: BTreeMap<String, Arc<QTensor>>,
     used: RefCell<BTreeSet<String>>,
     selector: Selector,
     /// Where the tensors came from, for error messages.
@@ -213,6 +218,7 @@ impl ParamStore {
     pub fn new(selector: Selector, source: impl Into<String>) -> Self {
         ParamStore {
             params: BTreeMap::new(),
+            quantized: BTreeMap::new(),
             used: RefCell::new(BTreeSet::new()),
             selector,
             source: source.into(),
@@ -257,6 +263,50 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Add a frozen weight kept quantised (replacing an f32 one of the same name).
+    pub fn insert_quantized(&mut self, name: &str, q: Arc<QTensor>) {
+        self.params.remove(name);
+        self.quantized.insert(name.to_string(), q);
+    }
+
+    /// The quantised weight `name`, if it is stored quantised (marks it used).
+    pub fn get_quantized(&self, name: &str) -> Option<Arc<QTensor>> {
+        let q = self.quantized.get(name)?;
+        self.used.borrow_mut().insert(name.to_string());
+        Some(q.clone())
+    }
+
+    pub fn is_quantized(&self, name: &str) -> bool {
+        self.quantized.contains_key(name)
+    }
+
+    /// (name, tensor) of every weight kept quantised, in name order.
+    pub fn quantized(&self) -> impl Iterator<Item = (&String, &Arc<QTensor>)> {
+        self.quantized.iter()
+    }
+
+    /// The shape of `name`, f32 or quantised.
+    pub fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        match self.params.get(name) {
+            Some(p) => Some(p.tensor.dims().to_vec()),
+            None => self.quantized.get(name).map(|q| q.shape().to_vec()),
+        }
+    }
+
+    /// Every parameter as an f32 tensor, quantised ones dequantised (a plain
+    /// checkpoint to save; the quantised bytes are decoded exactly, not rounded again).
+    pub fn f32_state(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out: BTreeMap<String, Tensor> = self
+            .params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.tensor.detach()))
+            .collect();
+        for (n, q) in &self.quantized {
+            out.insert(n.clone(), dequantize(q)?);
+        }
+        Ok(out)
+    }
+
     /// Freeze everything (adapter training: only what is added after trains).
     pub fn freeze_all(&mut self) {
         for p in self.params.values_mut() {
@@ -266,8 +316,12 @@ impl ParamStore {
         }
     }
 
-    /// Make `name` trainable (PEFT's `modules_to_save`).
+    /// Make `name` trainable (PEFT's `modules_to_save`). A quantised weight
+    /// is dequantised to f32 first: what trains fully is f32.
     pub fn make_trainable(&mut self, name: &str) -> Result<()> {
+        if let Some(q) = self.quantized.remove(name) {
+            return self.insert_trainable(name, dequantize(&q)?);
+        }
         if let Some(p) = self.params.get(name) {
             let t = p.tensor.clone();
             self.insert_trainable(name, t)?;
@@ -283,7 +337,15 @@ impl ParamStore {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         let p = self.params.get(name).ok_or_else(|| Error::Tensor {
             name: name.to_string(),
-            msg: format!("missing from {}", self.source),
+            msg: match self.quantized.get(name) {
+                Some(q) => format!(
+                    "is kept quantised ({} {:?}) in {}, but is read here as f32: use base_dtype = \"f32\"",
+                    q.ty(),
+                    q.shape(),
+                    self.source
+                ),
+                None => format!("missing from {}", self.source),
+            },
         })?;
         if p.tensor.dims() != shape {
             return Err(Error::Tensor {
@@ -320,6 +382,7 @@ impl ParamStore {
         let used = self.used.borrow();
         self.params
             .keys()
+            .chain(self.quantized.keys())
             .filter(|k| !used.contains(*k))
             .cloned()
             .collect()
@@ -327,6 +390,7 @@ impl ParamStore {
 
     pub fn remove(&mut self, name: &str) {
         self.params.remove(name);
+        self.quantized.remove(name);
     }
 
     /// (name, var) of every trainable parameter, in name order.
@@ -354,10 +418,11 @@ impl ParamStore {
         self.params.keys().map(|s| s.as_str())
     }
 
-    /// (trainable, total) element counts.
+    /// (trainable, total) element counts; quantised weights count by their
+    /// shape (frozen).
     pub fn counts(&self) -> (usize, usize) {
         let mut t = 0;
-        let mut all = 0;
+        let mut all = self.quantized_count();
         for p in self.params.values() {
             let n = p.tensor.elem_count();
             all += n;
@@ -368,12 +433,29 @@ impl ParamStore {
         (t, all)
     }
 
-    /// PEFT's `print_trainable_parameters` line.
+    /// Elements of the weights kept quantised.
+    pub fn quantized_count(&self) -> usize {
+        self.quantized.values().map(|q| q.rows() * q.cols()).sum()
+    }
+
+    /// PEFT's `print_trainable_parameters` line (and how many frozen
+    /// parameters are kept quantised, when any are).
     pub fn summary(&self) -> String {
         let (t, all) = self.counts();
         let frozen = all - t;
+        let q = self.quantized_count();
+        let quant = if q > 0 {
+            let bytes: usize = self.quantized.values().map(|q| q.bytes().len()).sum();
+            format!(
+                " || quantized params: {q} in {} tensors ({:.1} MiB)",
+                self.quantized.len(),
+                bytes as f64 / (1 << 20) as f64
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "trainable params: {t} || frozen params: {frozen} || all params: {all} || trainable%: {:.4}",
+            "trainable params: {t} || frozen params: {frozen} || all params: {all} || trainable%: {:.4}{quant}",
             100.0 * t as f64 / all.max(1) as f64
         )
     }
@@ -403,6 +485,11 @@ impl ParamStore {
         }
         Ok(out)
     }
+}
+
+/// A quantised matrix as an f32 `[rows, cols]` tensor.
+pub fn dequantize(q: &QTensor) -> Result<Tensor> {
+    Ok(Tensor::from_vec(q.to_f32_vec(), (q.rows(), q.cols()), &Device::Cpu)?)
 }
 
 /// A path prefix into a [`ParamStore`], as candle's `VarBuilder::pp`.
@@ -443,6 +530,10 @@ impl<'a> Path<'a> {
     }
     pub fn get(&self, shape: &[usize], leaf: &str) -> Result<Weight> {
         self.store.get(&self.name(leaf), shape)
+    }
+    /// `leaf` if it is stored quantised.
+    pub fn get_quantized(&self, leaf: &str) -> Option<Arc<QTensor>> {
+        self.store.get_quantized(&self.name(leaf))
     }
 }
 

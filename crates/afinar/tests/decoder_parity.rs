@@ -120,3 +120,45 @@ fn kv_cache_steps_equal_the_full_forward() {
         assert!(e < 1e-5, "{case}: cached vs full logits rel err {e}");
     }
 }
+
+/// A Llama exported to GGUF (F32 / F16 / Q8_0, Q/K rows permuted for
+/// llama.cpp) loads back through afinar's GGUF reader (rows un-permuted)
+/// with the golden logits, within each format's rounding.
+#[test]
+fn llama_gguf_export_reloads_with_the_same_logits() {
+    use afinar::hub::gguf::export::{write_llama_gguf, ExportType, TokenizerMeta};
+    use afinar::models::decoder::{load_lm, DecoderConfig};
+    for case in ["llama-tiny", "llama-tiny-tied"] {
+        let dir = fixtures().join(case);
+        let g = Checkpoint::open(dir.join("golden.safetensors")).unwrap();
+        let src = load_lm(&dir, Selector::none()).unwrap();
+        let DecoderConfig::Llama(cfg) = &src.cfg else { panic!("llama") };
+        let tensors: std::collections::BTreeMap<String, Tensor> =
+            src.store.iter().map(|(n, p)| (n.clone(), p.tensor.clone())).collect();
+        let (b, t) = g.load("input_ids").unwrap().dims2().unwrap();
+        let ids: Vec<u32> = i64s(&g, "input_ids").into_iter().map(|v| v as u32).collect();
+        let mask: Vec<f32> = i64s(&g, "attention_mask").into_iter().map(|v| v as f32).collect();
+        let want = g.load_f32("logits").unwrap();
+        for (ty, tol) in [(ExportType::F32, 1e-4), (ExportType::F16, 5e-3), (ExportType::Q8_0, 3e-2)] {
+            let out = tempfile::tempdir().unwrap();
+            let path = out.path().join("m.gguf");
+            let meta = TokenizerMeta {
+                tokenizer: &src.tokenizer,
+                bos_id: src.bos_id,
+                eos_id: src.eos_ids.first().copied(),
+                pad_id: Some(src.pad_id),
+                chat_template: src.chat_template.as_deref(),
+                pre: "gpt2",
+            };
+            write_llama_gguf(&path, case, cfg, &tensors, &meta, ty).unwrap();
+            let back = load_lm(&path, Selector::none()).unwrap();
+            assert_eq!(back.chat_template, src.chat_template, "{case}");
+            let model = Decoder::load(&back.store, &back.cfg).unwrap();
+            let inp = DecoderInputs::new(ids.clone(), mask.clone(), b, t).unwrap();
+            let logits = model.logits(&model.forward(&inp, None).unwrap()).unwrap().reshape((b, t, ())).unwrap();
+            let e = rel_err(&logits, &want);
+            assert!(e < tol, "{case} {ty:?}: logits rel err {e} (tolerance {tol})");
+            eprintln!("{case} {ty:?}: logits rel err {e:.2e}");
+        }
+    }
+}

@@ -9,6 +9,7 @@
 //! are the only trainable ones besides `modules_to_save`.
 
 pub mod peft;
+pub mod prompt_tuning;
 
 use crate::params::ParamStore;
 use crate::{Error, Result};
@@ -87,6 +88,10 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Patterns<T> {
 pub enum AdapterType {
     Lora,
     Ia3,
+    /// Soft-prompt embeddings prepended to the input (Lester et al. 2021;
+    /// PEFT's PROMPT_TUNING); the whole base is frozen.
+    #[serde(rename = "prompt_tuning")]
+    PromptTuning,
 }
 
 fn d_r() -> usize {
@@ -136,6 +141,27 @@ pub struct AdapterConfig {
     /// A target entry that matches nothing is an error unless this is set.
     #[serde(default)]
     pub allow_unmatched: bool,
+    /// Prompt tuning: number of virtual tokens.
+    #[serde(default)]
+    pub num_virtual_tokens: usize,
+    /// Prompt tuning: "random" (N(0, 1), as PEFT's nn.Embedding),
+    /// "sample_vocab" (embeddings of random vocabulary tokens) or "text"
+    /// (the embeddings of `prompt_tuning_init_text`, repeated to length).
+    #[serde(default = "d_pt_init")]
+    pub prompt_tuning_init: String,
+    pub prompt_tuning_init_text: Option<String>,
+    /// Prompt tuning: the model's shape, recorded in adapter_config.json as
+    /// PEFT records it (filled in from the model; not for the run TOML).
+    #[serde(default, skip_serializing)]
+    pub token_dim: Option<usize>,
+    #[serde(default, skip_serializing)]
+    pub num_layers: Option<usize>,
+    #[serde(default, skip_serializing)]
+    pub num_attention_heads: Option<usize>,
+}
+
+fn d_pt_init() -> String {
+    "random".into()
 }
 
 /// What wraps one linear module.
@@ -241,6 +267,31 @@ impl AdapterConfig {
                 }
             }
         }
+        if self.kind == AdapterType::PromptTuning {
+            if self.num_virtual_tokens == 0 {
+                return bad("prompt tuning needs `num_virtual_tokens` > 0".into());
+            }
+            match self.prompt_tuning_init.to_ascii_lowercase().as_str() {
+                "random" | "sample_vocab" => {}
+                "text" => {
+                    if self.prompt_tuning_init_text.as_deref().is_none_or(|t| t.is_empty()) {
+                        return bad("prompt_tuning_init = \"text\" needs `prompt_tuning_init_text`".into());
+                    }
+                }
+                other => {
+                    return bad(format!(
+                        "`prompt_tuning_init` = `{other}` (random, sample_vocab, text)"
+                    ))
+                }
+            }
+            if !matches!(&self.target_modules, Targets::List(v) if v.is_empty()) {
+                return bad("prompt tuning wraps no module: leave `target_modules` out".into());
+            }
+            return Ok(());
+        }
+        if self.num_virtual_tokens != 0 {
+            return bad("`num_virtual_tokens` is a prompt-tuning option".into());
+        }
         if matches!(&self.target_modules, Targets::List(v) if v.is_empty()) {
             return bad("`target_modules` is empty".into());
         }
@@ -280,6 +331,11 @@ impl AdapterConfig {
         rng: &mut impl Rng,
     ) -> Result<Vec<String>> {
         self.validate()?;
+        if self.kind == AdapterType::PromptTuning {
+            return Err(Error::msg(
+                "adapter: prompt tuning wraps no linear module (it is applied to the input embeddings of a decoder)",
+            ));
+        }
         let mut wrapped = Vec::new();
         for (path, out_f, in_f) in linears {
             if self.modules_to_save.iter().any(|m| matches_key(path, m))
@@ -315,6 +371,9 @@ impl AdapterConfig {
                         Tensor::zeros((*out_f, r), candle_core::DType::F32, &Device::Cpu)?,
                     )?;
                     if self.use_dora {
+                        if store.is_quantized(&format!("{path}.weight")) {
+                            return Err(crate::nn::linear::dora_quantized_error(path));
+                        }
                         let w = store.get(&format!("{path}.weight"), &[*out_f, *in_f])?;
                         let norms = w.t.sqr()?.sum(1)?.sqrt()?;
                         store.insert_trainable(&format!("{path}.lora_magnitude_vector"), norms)?;
@@ -326,6 +385,7 @@ impl AdapterConfig {
                         dora: self.use_dora,
                     }
                 }
+                AdapterType::PromptTuning => unreachable!("refused above"),
                 AdapterType::Ia3 => {
                     let ff = self
                         .feedforward_modules
@@ -370,13 +430,17 @@ impl AdapterConfig {
     }
 }
 
-/// Linear modules of a store: every 2-d `{path}.weight` outside the embeddings.
+/// Linear modules of a store: every 2-d `{path}.weight` outside the
+/// embeddings, f32 or kept quantised, in name order.
 pub fn linear_modules(store: &ParamStore) -> Vec<(String, usize, usize)> {
-    store
-        .iter()
-        .filter_map(|(n, p)| {
+    let f32s = store.iter().map(|(n, p)| (n, p.tensor.dims().to_vec()));
+    let quantized = store.quantized().map(|(n, q)| (n, q.shape().to_vec()));
+    // Name order across both maps (the LoRA init draws from one RNG in this order).
+    let mut all: Vec<(&String, Vec<usize>)> = f32s.chain(quantized).collect();
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    all.into_iter()
+        .filter_map(|(n, d)| {
             let path = n.strip_suffix(".weight")?;
-            let d = p.tensor.dims();
             // Embedding tables are 2-D too, but not linear layers.
             let embedding = path.contains("embeddings")
                 || path.ends_with("embed_tokens")
@@ -434,7 +498,8 @@ mod tests {
 
 /// Every base parameter with the adapters folded in (LoRA: W + s B A; DoRA:
 /// magnitude-rescaled rows; IA3: W and, on outputs, the bias scaled): a plain
-/// checkpoint that transformers loads without PEFT.
+/// f32 checkpoint that transformers loads without PEFT. Weights kept
+/// quantised are dequantised (then merged, where adapted).
 pub fn merged_state(store: &ParamStore) -> Result<BTreeMap<String, Tensor>> {
     if store
         .adapters_merged
@@ -454,6 +519,15 @@ pub fn merged_state(store: &ParamStore) -> Result<BTreeMap<String, Tensor>> {
             out.insert(name.clone(), p.tensor.detach());
         }
     }
+    for (name, q) in store.quantized() {
+        // Adapted ones are dequantised by `merged` below.
+        let adapted = name
+            .strip_suffix(".weight")
+            .is_some_and(|p| store.adapters.contains_key(p));
+        if !adapted {
+            out.insert(name.clone(), crate::params::dequantize(q)?);
+        }
+    }
     for path in store.adapters.keys() {
         let (mw, mb) = adapted_linear(store, path)?.merged()?;
         out.insert(format!("{path}.weight"), mw);
@@ -466,13 +540,26 @@ pub fn merged_state(store: &ParamStore) -> Result<BTreeMap<String, Tensor>> {
 
 /// The wrapped linear module at `path`, as the model loads it.
 fn adapted_linear(store: &ParamStore, path: &str) -> Result<crate::nn::linear::Linear> {
-    let (o, i) = store
-        .iter()
-        .find(|(n, _)| **n == format!("{path}.weight"))
-        .map(|(_, p)| p.tensor.dims2())
-        .ok_or_else(|| Error::msg(format!("adapter on `{path}` but no `{path}.weight`")))??;
+    let (o, i) = match store.dims(&format!("{path}.weight")).as_deref() {
+        Some(&[o, i]) => (o, i),
+        Some(d) => {
+            return Err(Error::msg(format!(
+                "adapter on `{path}` but `{path}.weight` is {d:?}, not 2-D"
+            )))
+        }
+        None => return Err(Error::msg(format!("adapter on `{path}` but no `{path}.weight`"))),
+    };
     let bias = store.contains(&format!("{path}.bias"));
     crate::nn::linear::Linear::load_with(&crate::params::Path::root(store, path), i, o, bias)
+}
+
+/// The f32 base weight of an adapted linear (merging in place needs one).
+fn f32_weight<'a>(lin: &'a crate::nn::linear::Linear, path: &str) -> Result<&'a crate::nn::Weight> {
+    lin.weight.as_f32().ok_or_else(|| {
+        Error::msg(format!(
+            "cannot merge in place into the quantized base weight `{path}.weight`"
+        ))
+    })
 }
 
 /// Overwrite a tensor's values in place (a frozen base weight when merging).
@@ -513,6 +600,17 @@ pub fn merge(store: &ParamStore) -> Result<MergeCache> {
     if store.adapters_merged.load(Ordering::SeqCst) {
         return Err(Error::msg("adapters are already merged"));
     }
+    // Checked before anything is written: a merge is all or nothing.
+    if let Some(path) = store
+        .adapters
+        .keys()
+        .find(|p| store.is_quantized(&format!("{p}.weight")))
+    {
+        return Err(Error::msg(format!(
+            "cannot merge in place into the quantized base weight `{path}.weight`: \
+             merged_state() gives merged f32 weights, or load with base_dtype = \"f32\""
+        )));
+    }
     let mut cache = MergeCache::default();
     for path in store.adapters.keys() {
         let lin = adapted_linear(store, path)?;
@@ -547,7 +645,7 @@ pub fn merge(store: &ParamStore) -> Result<MergeCache> {
                 .dora_factor
                 .insert(path.clone(), (m.t.detach() / norm)?);
         }
-        assign(&lin.weight.t, &mw)?;
+        assign(&f32_weight(&lin, path)?.t, &mw)?;
         if let (Some(b), Some(mb)) = (&lin.bias, mb) {
             assign(&b.t, &mb)?;
         }
@@ -572,7 +670,8 @@ pub fn unmerge(store: &ParamStore, cache: &MergeCache) -> Result<()> {
     }
     for path in store.adapters.keys() {
         let lin = adapted_linear(store, path)?;
-        let w = lin.weight.t.detach();
+        let wt = &f32_weight(&lin, path)?.t;
+        let w = wt.detach();
         match &lin.adapter {
             Some(Adapter::Lora {
                 a,
@@ -591,14 +690,14 @@ pub fn unmerge(store: &ParamStore, cache: &MergeCache) -> Result<()> {
                         (w.broadcast_div(&f.unsqueeze(1)?)? - delta)?
                     }
                 };
-                assign(&lin.weight.t, &w0)?;
+                assign(wt, &w0)?;
             }
             Some(Adapter::Ia3 {
                 l,
                 feedforward: false,
             }) => {
                 let l = l.t.detach();
-                assign(&lin.weight.t, &w.broadcast_div(&l)?)?;
+                assign(wt, &w.broadcast_div(&l)?)?;
                 if let Some(bias) = &lin.bias {
                     assign(&bias.t, &bias.t.detach().div(&l.flatten_all()?)?)?;
                 }
@@ -606,7 +705,7 @@ pub fn unmerge(store: &ParamStore, cache: &MergeCache) -> Result<()> {
             Some(Adapter::Ia3 {
                 l,
                 feedforward: true,
-            }) => assign(&lin.weight.t, &w.broadcast_div(&l.t.detach())?)?,
+            }) => assign(wt, &w.broadcast_div(&l.t.detach())?)?,
             None => {}
         }
     }

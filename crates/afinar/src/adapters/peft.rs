@@ -40,12 +40,16 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
     let kind = match raw["peft_type"].as_str() {
         Some("LORA") => AdapterType::Lora,
         Some("IA3") => AdapterType::Ia3,
+        Some("PROMPT_TUNING") => AdapterType::PromptTuning,
         other => {
             return Err(err(format!(
-                "peft_type {other:?} is not supported (LORA, IA3)"
+                "peft_type {other:?} is not supported (LORA, IA3, PROMPT_TUNING)"
             )))
         }
     };
+    if kind == AdapterType::PromptTuning {
+        return read_prompt_tuning(&raw, &file).map(|c| (c, raw.clone()));
+    }
     // Only bias = "none" is implemented: a PEFT adapter that trained biases
     // would load silently wrong.
     if let Some(b) = raw["bias"].as_str().filter(|b| *b != "none") {
@@ -126,9 +130,67 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
         // A PEFT file names what PEFT matched; entries for other models
         // (PEFT adds `score` for SEQ_CLS) are not an error here.
         allow_unmatched: true,
+        ..prompt_defaults()
     };
     cfg.validate().map_err(|e| err(e.to_string()))?;
     Ok((cfg, raw))
+}
+
+fn prompt_defaults() -> AdapterConfig {
+    AdapterConfig {
+        kind: AdapterType::PromptTuning,
+        r: 8,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: Targets::List(vec![]),
+        exclude_modules: vec![],
+        layers_to_transform: None,
+        rank_pattern: Default::default(),
+        alpha_pattern: Default::default(),
+        use_rslora: false,
+        use_dora: false,
+        init_lora_weights: "kaiming".into(),
+        modules_to_save: vec![],
+        feedforward_modules: vec![],
+        allow_unmatched: false,
+        num_virtual_tokens: 0,
+        prompt_tuning_init: "random".into(),
+        prompt_tuning_init_text: None,
+        token_dim: None,
+        num_layers: None,
+        num_attention_heads: None,
+    }
+}
+
+/// PEFT's PromptTuningConfig: the soft prompt is one tensor,
+/// `prompt_embeddings` `[num_virtual_tokens, token_dim]`.
+fn read_prompt_tuning(raw: &Value, file: &Path) -> Result<AdapterConfig> {
+    let err = |m: String| Error::file(file, m);
+    let n = raw["num_virtual_tokens"]
+        .as_u64()
+        .ok_or_else(|| err("PROMPT_TUNING without `num_virtual_tokens`".into()))? as usize;
+    match raw["num_transformer_submodules"].as_u64() {
+        None | Some(1) => {}
+        Some(k) => {
+            return Err(err(format!(
+                "num_transformer_submodules = {k}: only decoder-only models (1) are supported"
+            )))
+        }
+    }
+    let cfg = AdapterConfig {
+        num_virtual_tokens: n,
+        prompt_tuning_init: raw["prompt_tuning_init"]
+            .as_str()
+            .unwrap_or("RANDOM")
+            .to_ascii_lowercase(),
+        prompt_tuning_init_text: raw["prompt_tuning_init_text"].as_str().map(String::from),
+        token_dim: raw["token_dim"].as_u64().map(|v| v as usize),
+        num_layers: raw["num_layers"].as_u64().map(|v| v as usize),
+        num_attention_heads: raw["num_attention_heads"].as_u64().map(|v| v as usize),
+        ..prompt_defaults()
+    };
+    cfg.validate().map_err(|e| err(e.to_string()))?;
+    Ok(cfg)
 }
 
 /// Overwrite the adapter's parameters (and `modules_to_save`) in `store`
@@ -229,6 +291,23 @@ pub fn save(
                 },
             );
         }
+        AdapterType::PromptTuning => {
+            // PEFT's PromptTuningConfig fields (LoRA's do not apply).
+            for k in ["target_modules", "modules_to_save", "exclude_modules", "layers_to_transform", "layers_pattern"] {
+                c.remove(k);
+            }
+            c.insert("peft_type", json!("PROMPT_TUNING"));
+            c.insert("num_virtual_tokens", json!(cfg.num_virtual_tokens));
+            c.insert("token_dim", json!(cfg.token_dim));
+            c.insert("num_transformer_submodules", json!(1));
+            c.insert("num_attention_heads", json!(cfg.num_attention_heads));
+            c.insert("num_layers", json!(cfg.num_layers));
+            c.insert("prompt_tuning_init", json!(cfg.prompt_tuning_init.to_ascii_uppercase()));
+            c.insert("prompt_tuning_init_text", json!(cfg.prompt_tuning_init_text));
+            c.insert("tokenizer_name_or_path", json!(base_model));
+            c.insert("tokenizer_kwargs", Value::Null);
+            c.insert("modules_to_save", Value::Null);
+        }
         AdapterType::Ia3 => {
             c.insert("peft_type", json!("IA3"));
             c.insert("feedforward_modules", json!(cfg.feedforward_modules));
@@ -237,9 +316,17 @@ pub fn save(
         }
     }
     fsutil::write_json(&dir.join(CONFIG_FILE), &c)?;
+    // PEFT saves the soft prompt under its own name, without the model prefix.
     let tensors = store
         .iter()
         .filter(|(_, p)| p.var.is_some())
-        .map(|(n, p)| (format!("{PREFIX}{n}"), p.tensor.clone()));
+        .map(|(n, p)| {
+            let key = if n == super::prompt_tuning::KEY {
+                n.clone()
+            } else {
+                format!("{PREFIX}{n}")
+            };
+            (key, p.tensor.clone())
+        });
     crate::train::run::write_safetensors(&dir.join(WEIGHTS_FILE), tensors)
 }

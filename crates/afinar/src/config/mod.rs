@@ -39,9 +39,24 @@ pub struct ModelSection {
     /// Override the checkpoint's dropout probabilities (HF config names).
     pub hidden_dropout_prob: Option<f32>,
     pub attention_probs_dropout_prob: Option<f32>,
+    /// How a GGUF model's linear weights are held: "f32" (dequantised once
+    /// at load) or "quantized" (kept in the file's own types, Q4_0 / Q4_1 /
+    /// Q8_0 ..., frozen and dequantised per matmul; QLoRA-style adapter
+    /// training on a quantised base). GGUF sources and adapter runs only.
+    #[serde(default)]
+    pub base_dtype: BaseDtype,
 }
 fn d_max_length() -> usize {
     128
+}
+
+/// `model.base_dtype`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseDtype {
+    #[default]
+    F32,
+    Quantized,
 }
 
 /// What a run trains: a sequence-level head on an encoder, or a decoder LM
@@ -366,6 +381,34 @@ impl Plan {
                 }
             }
         }
+        if c.model.base_dtype == BaseDtype::Quantized {
+            let gguf = match (&c.model.path, &c.model.asset) {
+                (Some(path), _) => path.extension().is_some_and(|e| e == "gguf"),
+                (None, Some(a)) => crate::hub::assets::asset(a).is_ok_and(|a| a.path.ends_with(".gguf")),
+                _ => false,
+            };
+            if !gguf {
+                return err(
+                    "model.base_dtype",
+                    "\"quantized\" needs a GGUF model (a `.gguf` path or a GGUF asset); safetensors load as \"f32\"".into(),
+                );
+            }
+            if c.task.kind != TaskType::Sft {
+                return err("model.base_dtype", "\"quantized\" is for decoder runs (task.type = \"sft\")".into());
+            }
+            if c.adapter.is_none() {
+                return err(
+                    "model.base_dtype",
+                    "\"quantized\" keeps the base frozen: add an [adapter] (full fine-tuning needs \"f32\")".into(),
+                );
+            }
+            if c.adapter.as_ref().is_some_and(|a| a.use_dora) {
+                return err(
+                    "model.base_dtype",
+                    "DoRA needs the base weight's row norms: use \"f32\" with adapter.use_dora".into(),
+                );
+            }
+        }
         if let Some(d) = c.task.dropout {
             if !(0.0..1.0).contains(&d) {
                 return err("task.dropout", format!("{d} is not in [0, 1)"));
@@ -575,6 +618,47 @@ lr = 1e-4
             .unwrap_err()
             .to_string();
         assert!(e.contains("lrr"), "{e}");
+    }
+
+    #[test]
+    fn base_dtype_quantized_needs_a_gguf_adapter_run() {
+        let sft = r#"
+[model]
+path = "m.gguf"
+base_dtype = "quantized"
+[task]
+type = "sft"
+[data]
+train = "t.jsonl"
+messages = "input"
+split = [0.8, 0.1, 0.1]
+[adapter]
+type = "lora"
+target_modules = ["q_proj"]
+[train]
+lr = 1e-4
+"#;
+        let p = Plan::from_str(sft, Path::new("x.toml"), &[]).unwrap();
+        assert_eq!(p.config.model.base_dtype, BaseDtype::Quantized);
+        let asset = sft.replace("path = \"m.gguf\"", "asset = \"smollm2-135m-instruct\"");
+        Plan::from_str(&asset, Path::new("x.toml"), &[]).unwrap();
+        let f32 = Plan::from_str(sft, Path::new("x.toml"), &["model.base_dtype=f32".into()]).unwrap();
+        assert_eq!(f32.config.model.base_dtype, BaseDtype::F32);
+        for (set, want) in [
+            ("model.path=m", "needs a GGUF model"),
+            ("adapter.use_dora=true", "DoRA"),
+            ("model.base_dtype=q4", "base_dtype"),
+        ] {
+            let e = Plan::from_str(sft, Path::new("x.toml"), &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("base_dtype") && e.contains(want), "{set}: {e}");
+        }
+        let no_adapter = &sft[..sft.find("[adapter]").unwrap()].to_string();
+        let e = Plan::from_str(&format!("{no_adapter}[train]\nlr = 1e-4\n"), Path::new("x.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`model.base_dtype`") && e.contains("[adapter]"), "{e}");
     }
 
     #[test]

@@ -358,6 +358,43 @@ impl Decoder {
         }
     }
 
+    /// [`Self::forward_cached`] from input embeddings `[B, Tn, C]`.
+    pub fn forward_cached_embeds(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        match self {
+            Decoder::Llama(m) => m.forward_cached_embeds(x, cache),
+            Decoder::Gpt2(m) => m.forward_cached_embeds(x, cache),
+        }
+    }
+
+    /// The soft prompt `[P, C]` as embeddings (through the embedding op, so
+    /// its gradient lands in the prompt's buffer).
+    pub fn prompt_embeds(prompt: &Weight) -> Result<Tensor> {
+        let p = prompt.t.dim(0)?;
+        let ids = Tensor::arange(0u32, p as u32, &Device::Cpu)?;
+        Ok(nn::embedding(prompt, &ids, None)?)
+    }
+
+    /// Final hidden states `[B, T, C]` of the batch's own positions, with an
+    /// optional soft prompt `[P, C]` in front of every row (prompt tuning:
+    /// the prompt's positions are computed and dropped).
+    pub fn forward_prompted(
+        &self,
+        prompt: Option<&Weight>,
+        inp: &DecoderInputs,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
+        let Some(prompt) = prompt else {
+            return self.forward(inp, rng);
+        };
+        let p = prompt.t.dim(0)?;
+        let x = self.embed(&inp.ids)?; // [B, T, C]
+        let (b, t, c) = x.dims3()?;
+        let pe = Self::prompt_embeds(prompt)?.unsqueeze(0)?.broadcast_as((b, p, c))?;
+        let x = Tensor::cat(&[&pe, &x], 1)?; // [B, P + T, C]
+        let hidden = self.forward_embeds(&x, &inp.with_prefix(p)?, rng)?;
+        Ok(hidden.narrow(1, p, t)?)
+    }
+
     /// Logits `[N, V]` of hidden states `[.., C]` (inference).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let c = self.hidden_size();
@@ -389,8 +426,8 @@ impl Decoder {
 
 /// A decoder LM ready to use: weights, config and tokenizer, from an HF
 /// folder (safetensors + `tokenizer.json` + `tokenizer_config.json`) or a
-/// GGUF file (weights dequantised to f32; tokenizer and chat template from
-/// its metadata).
+/// GGUF file (weights dequantised to f32, or the linears kept quantised with
+/// [`LoadOpts::quantized`]; tokenizer and chat template from its metadata).
 pub struct LmSource {
     pub path: std::path::PathBuf,
     pub cfg: DecoderConfig,
@@ -423,10 +460,37 @@ fn token_str(v: &serde_json::Value) -> Option<String> {
         .or_else(|| v.get("content")?.as_str().map(String::from))
 }
 
-/// Load a decoder from a folder or a `.gguf` file.
+/// How [`load_lm_with`] reads the weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOpts {
+    /// GGUF only: keep the linear layers' weights (q/k/v/o, gate/up/down
+    /// projections) in the file's own types (Q4_0, Q4_1, Q8_0, F16, ...),
+    /// frozen and dequantised per matmul; embeddings, norms and an untied
+    /// LM head are still dequantised to f32. For adapter training
+    /// (QLoRA-style) and inference: the selector must train none of them.
+    pub quantized: bool,
+}
+
+/// Whether `path` is read as a GGUF file.
+pub fn is_gguf(path: &std::path::Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e == "gguf")
+}
+
+/// Load a decoder from a folder or a `.gguf` file (every weight as f32).
 pub fn load_lm(path: &std::path::Path, selector: Selector) -> Result<LmSource> {
-    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-        return load_lm_gguf(path, selector);
+    load_lm_with(path, selector, LoadOpts::default())
+}
+
+/// [`load_lm`] with options (a GGUF's linear weights kept quantised).
+pub fn load_lm_with(path: &std::path::Path, selector: Selector, opts: LoadOpts) -> Result<LmSource> {
+    if is_gguf(path) {
+        return load_lm_gguf(path, selector, opts);
+    }
+    if opts.quantized {
+        return Err(Error::file(
+            path,
+            "quantized loading needs a .gguf file (safetensors weights load as f32)",
+        ));
     }
     let (cfg, raw) = read_decoder_config(path)?;
     let store = load_decoder_params(path, &cfg, selector)?;
@@ -496,18 +560,63 @@ pub fn load_lm(path: &std::path::Path, selector: Selector) -> Result<LmSource> {
     })
 }
 
-fn load_lm_gguf(path: &std::path::Path, selector: Selector) -> Result<LmSource> {
-    use crate::hub::gguf::{self, Gguf};
-    let g = Gguf::open(path)?;
-    let raw = gguf::llama::llama_config_from_gguf(&g)?;
+/// A llama GGUF's config (HF `config.json` from the metadata) and weights
+/// under HF names: f32, or with `opts.quantized` the projections kept as the
+/// file stores them (Q/K rows restored to HF order). Refuses a quantised
+/// weight that `selector` would train.
+pub fn gguf_params(
+    g: &crate::hub::gguf::Gguf,
+    selector: Selector,
+    opts: LoadOpts,
+) -> Result<(DecoderConfig, serde_json::Value, ParamStore)> {
+    use crate::hub::gguf::llama;
+    let path = g.path();
+    let raw = llama::llama_config_from_gguf(g)?;
     let cfg = DecoderConfig::from_value(&raw, path)?;
-    let mut store = ParamStore::new(selector, path.display().to_string());
-    for (hf, _) in gguf::llama::llama_tensor_names(&g) {
-        store.insert(&hf, gguf::llama::llama_tensor_f32(&g, &hf)?)?;
+    let quantize = |hf: &str| {
+        opts.quantized
+            && hf.starts_with("model.layers.")
+            && QUANTIZED_LINEARS.iter().any(|s| hf.ends_with(s))
+    };
+    let mut store = ParamStore::new(selector.clone(), path.display().to_string());
+    for (hf, _) in llama::llama_tensor_names(g) {
+        if quantize(&hf) {
+            if selector.is_trainable(&hf) {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "`{hf}` would train, but quantized weights are frozen: full fine-tuning \
+                         needs base_dtype = \"f32\" (or train an [adapter] on the quantized base)"
+                    ),
+                ));
+            }
+            // Q/K rows back in HF order; whole rows move, nothing is requantised.
+            store.insert_quantized(&hf, Arc::new(llama::llama_qtensor(g, &hf)?));
+        } else {
+            store.insert(&hf, llama::llama_tensor_f32(g, &hf)?)?;
+        }
     }
     if matches!(&cfg, DecoderConfig::Llama(c) if c.tie_word_embeddings) {
         store.remove("lm_head.weight");
     }
+    Ok((cfg, raw, store))
+}
+
+/// The projections a quantised load keeps quantised (`{path}.weight` suffixes).
+const QUANTIZED_LINEARS: &[&str] = &[
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+];
+
+fn load_lm_gguf(path: &std::path::Path, selector: Selector, opts: LoadOpts) -> Result<LmSource> {
+    use crate::hub::gguf::{self, Gguf};
+    let g = Gguf::open(path)?;
+    let (cfg, raw, store) = gguf_params(&g, selector, opts)?;
     let t = gguf::tokenizer::tokenizer_from_gguf(&g)?;
     let tok_str = |id: Option<u32>| {
         id.and_then(|i| t.tokenizer.id_to_token(i)).unwrap_or_default()

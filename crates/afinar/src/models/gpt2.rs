@@ -259,7 +259,13 @@ impl Gpt2 {
     }
 
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, tn) = ids.dims2()?;
+        self.forward_cached_embeds(&self.embed(ids)?, cache)
+    }
+
+    /// [`Self::forward_cached`] from input embeddings `[B, Tn, C]` (a soft
+    /// prompt, then token embeddings).
+    pub fn forward_cached_embeds(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, tn, _) = x.dims3()?;
         let t_past = cache.len;
         let positions: Arc<Vec<u32>> = Arc::new(
             (0..b)
@@ -267,7 +273,7 @@ impl Gpt2 {
                 .collect(),
         );
         cache.ensure_layers(self.blocks.len(), b);
-        let mut x = self.add_positions(&self.embed(ids)?, &positions)?;
+        let mut x = self.add_positions(x, &positions)?;
         for (blk, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             x = blk.forward_cached(&x, c, t_past)?;
         }

@@ -317,7 +317,13 @@ impl Llama {
 
     /// Final hidden states of the new tokens `ids` [B, Tn] after `cache`.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, tn) = ids.dims2()?;
+        self.forward_cached_embeds(&self.embed(ids)?, cache)
+    }
+
+    /// [`Self::forward_cached`] from input embeddings `[B, Tn, C]` (a soft
+    /// prompt, then token embeddings).
+    pub fn forward_cached_embeds(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, tn, _) = x.dims3()?;
         let t_past = cache.len;
         let positions: Arc<Vec<u32>> = Arc::new(
             (0..b)
@@ -325,7 +331,7 @@ impl Llama {
                 .collect(),
         );
         cache.ensure_layers(self.layers.len(), b);
-        let mut x = self.embed(ids)?;
+        let mut x = x.clone();
         for (l, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = l.forward_cached(&x, &positions, &self.rope, c, t_past)?;
         }

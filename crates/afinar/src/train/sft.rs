@@ -20,7 +20,7 @@ use crate::data::sft::{
 use crate::data::{seeded_split, FieldPath};
 use crate::generate::{generate, GenerateConfig};
 use crate::hub::chat_template::ChatTemplate;
-use crate::models::decoder::{load_lm, Decoder, DecoderConfig, DecoderInputs, LmSource};
+use crate::models::decoder::{load_lm_with, Decoder, DecoderConfig, DecoderInputs, LmSource, LoadOpts};
 use crate::nn::DropoutRng;
 use crate::params::{ParamStore, Selector};
 use crate::{fsutil, Error, Result};
@@ -308,7 +308,7 @@ pub const LM_META: &str = "afinar_lm.json";
 /// transformers' `AutoModelForCausalLM` and `afinar generate` load.
 pub fn save_lm(dir: &Path, store: &ParamStore, src: &LmSource) -> Result<()> {
     let tensors: BTreeMap<String, candle_core::Tensor> = if store.adapters.is_empty() {
-        store.iter().map(|(n, p)| (n.clone(), p.tensor.detach())).collect()
+        store.f32_state()?
     } else {
         crate::adapters::merged_state(store)?
     };
@@ -380,7 +380,10 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
     let d = &c.data;
     let model_path = resolve_model_path(plan)?;
     let selector = if c.adapter.is_some() { Selector::none() } else { Selector::all() };
-    let mut src = load_lm(&model_path, selector)?;
+    let load_opts = LoadOpts {
+        quantized: c.model.base_dtype == crate::config::BaseDtype::Quantized,
+    };
+    let mut src = load_lm_with(&model_path, selector, load_opts)?;
     src.cfg
         .set_dropout(c.model.hidden_dropout_prob, c.model.attention_probs_dropout_prob);
     let max_len = c.model.max_length.min(src.cfg.max_positions());

@@ -870,3 +870,125 @@ fn gguf_real_smollm2_qlinear() {
         assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "{name}");
     }
 }
+
+// ---------------------------------------------------------------- quantised loading
+
+/// LoRA on q/v/gate of a decoder loaded from `g`, f32 or quantised; the same
+/// init seed, so both get the same adapter weights.
+fn lora_decoder(
+    g: &Gguf,
+    quantized: bool,
+) -> (crate::models::decoder::Decoder, crate::params::ParamStore) {
+    use crate::models::decoder::{gguf_params, Decoder, LoadOpts};
+    let (cfg, _, mut store) =
+        gguf_params(g, crate::params::Selector::none(), LoadOpts { quantized }).unwrap();
+    let ad: crate::adapters::AdapterConfig = toml::from_str(
+        "type = \"lora\"\nr = 4\nlora_alpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"gate_proj\"]\ninit_lora_weights = \"gaussian\"",
+    )
+    .unwrap();
+    let linears = crate::adapters::linear_modules(&store);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    ad.apply(&mut store, &linears, &["lm_head"], &mut rng).unwrap();
+    // B = 0 at init: give it values so the LoRA path counts in the output.
+    for (n, w) in store.trainable() {
+        if n.contains("lora_B") {
+            let v = Tensor::from_vec(randn(w.t.elem_count(), 9), w.t.shape(), &Device::Cpu)
+                .unwrap()
+                .affine(0.1, 0.0)
+                .unwrap();
+            store.copy_values_from(&[(n, v)].into()).unwrap();
+        }
+    }
+    let model = Decoder::load(&store, &cfg).unwrap();
+    assert!(store.unused().is_empty(), "{:?}", store.unused());
+    (model, store)
+}
+
+/// A tiny llama GGUF (F32 Q/K, Q4_1 V/gate/up, Q4_0 O, Q8_0 down) loaded with
+/// the projections kept quantised: the same hidden states, loss and LoRA
+/// gradients as the f32 load; full fine-tuning is refused.
+#[test]
+fn gguf_quantized_load_matches_f32_with_lora() {
+    use crate::models::decoder::{gguf_params, DecoderInputs, LoadOpts};
+    let dir = tempfile::tempdir().unwrap();
+    let (h, _, _, _, vocab, layers) = LLAMA_DIMS;
+    for tied in [true, false] {
+        let (path, _) = tiny_llama(dir.path(), "llama", tied);
+        let g = Gguf::open(&path).unwrap();
+        let (mq, sq) = lora_decoder(&g, true);
+        let (mf, sf) = lora_decoder(&g, false);
+        assert_eq!(sq.quantized().count(), 7 * layers);
+        assert!(sq.is_quantized("model.layers.1.self_attn.k_proj.weight"));
+        assert!(!sq.is_quantized("model.embed_tokens.weight"));
+        assert_eq!(sq.counts(), sf.counts());
+        assert_eq!(
+            crate::adapters::linear_modules(&sq),
+            crate::adapters::linear_modules(&sf)
+        );
+        let (b, t) = (2, 7);
+        let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % vocab) as u32).collect();
+        let inp = DecoderInputs::new(ids.clone(), vec![1.0; b * t], b, t).unwrap();
+        let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let (hq, hf) = (mq.forward(&inp, None).unwrap(), mf.forward(&inp, None).unwrap());
+        assert_eq!(hq.dims(), &[b, t, h]);
+        let d = (&hq - &hf).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "hidden states differ by {d}");
+        let (lq, _) = mq.lm_loss(&hq, &labels).unwrap();
+        let (lf, _) = mf.lm_loss(&hf, &labels).unwrap();
+        let (lqv, lfv) = (lq.to_scalar::<f32>().unwrap(), lf.to_scalar::<f32>().unwrap());
+        assert!((lqv - lfv).abs() < 1e-4, "loss {lqv} vs {lfv}");
+        lq.backward().unwrap();
+        lf.backward().unwrap();
+        let names: Vec<String> = sq.trainable().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.len(), 2 * 3 * layers);
+        for n in &names {
+            let (gq, gf) = (sq.grad(n).unwrap().unwrap(), sf.grad(n).unwrap().unwrap());
+            let d = (&gq - &gf).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "{n}: gradient differs by {d}");
+        }
+        let e = gguf_params(&g, crate::params::Selector::all(), LoadOpts { quantized: true })
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("would train") && e.contains("base_dtype"), "{e}");
+    }
+}
+
+/// The real SmolLM2 (Q4_1 projections): the quantised load generates the same
+/// greedy tokens as the f32 load (both decode the same bytes).
+#[test]
+fn gguf_real_smollm2_quantized_generates_as_f32() {
+    use crate::generate::{generate, GenerateConfig};
+    use crate::models::decoder::{load_lm_with, Decoder, LoadOpts};
+    let path = match crate::hub::assets::resolve_asset_path("smollm2-135m-instruct") {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+    };
+    let mut out = Vec::new();
+    for quantized in [false, true] {
+        let src = load_lm_with(&path, crate::params::Selector::none(), LoadOpts { quantized })
+            .unwrap();
+        assert_eq!(src.store.quantized().count(), if quantized { 30 * 7 } else { 0 });
+        let model = Decoder::load(&src.store, &src.cfg).unwrap();
+        let ids = src
+            .tokenizer
+            .encode("The capital of France is", false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        let cfg = GenerateConfig { max_new_tokens: 8, ..Default::default() };
+        let decode = |ids: &[u32]| -> crate::Result<String> {
+            src.tokenizer.decode(ids, true).map_err(|e| crate::Error::msg(e.to_string()))
+        };
+        let g = generate(&model, &ids, 2048, &cfg, &decode, &mut |_| {}).unwrap();
+        eprintln!("quantized = {quantized}: {:?} {:?}", g.ids, g.text);
+        out.push((g.ids, g.text));
+    }
+    assert_eq!(out[0].0.len(), 8);
+    assert_eq!(out[0], out[1]);
+    assert!(out[0].1.contains("Paris"), "{:?}", out[0].1);
+}
