@@ -248,6 +248,7 @@ fn fresh_adapters_leave_the_base_outputs_unchanged() {
         modules_to_save: vec![],
         feedforward_modules: vec![],
         allow_unmatched: false,
+        ..AdapterConfig::default()
     };
     let ia3 = AdapterConfig {
         kind: AdapterType::Ia3,
@@ -294,6 +295,7 @@ fn unmatched_targets_and_bad_files_are_errors() {
         modules_to_save: vec![],
         feedforward_modules: vec![],
         allow_unmatched: false,
+        ..AdapterConfig::default()
     };
     let dir = fixtures().join("bert-tiny");
     let (cfg, _) = read_bert_config(&dir).unwrap();

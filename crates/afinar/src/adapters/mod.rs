@@ -164,6 +164,35 @@ fn d_pt_init() -> String {
     "random".into()
 }
 
+/// PEFT's LoraConfig defaults (r 8, alpha 8, no target yet).
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        AdapterConfig {
+            kind: AdapterType::Lora,
+            r: d_r(),
+            lora_alpha: d_alpha(),
+            lora_dropout: 0.0,
+            target_modules: Targets::List(vec![]),
+            exclude_modules: vec![],
+            layers_to_transform: None,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+            use_rslora: false,
+            use_dora: false,
+            init_lora_weights: d_init(),
+            modules_to_save: vec![],
+            feedforward_modules: vec![],
+            allow_unmatched: false,
+            num_virtual_tokens: 0,
+            prompt_tuning_init: d_pt_init(),
+            prompt_tuning_init_text: None,
+            token_dim: None,
+            num_layers: None,
+            num_attention_heads: None,
+        }
+    }
+}
+
 /// What wraps one linear module.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AdapterMeta {

@@ -139,26 +139,7 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
 fn prompt_defaults() -> AdapterConfig {
     AdapterConfig {
         kind: AdapterType::PromptTuning,
-        r: 8,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        target_modules: Targets::List(vec![]),
-        exclude_modules: vec![],
-        layers_to_transform: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-        use_rslora: false,
-        use_dora: false,
-        init_lora_weights: "kaiming".into(),
-        modules_to_save: vec![],
-        feedforward_modules: vec![],
-        allow_unmatched: false,
-        num_virtual_tokens: 0,
-        prompt_tuning_init: "random".into(),
-        prompt_tuning_init_text: None,
-        token_dim: None,
-        num_layers: None,
-        num_attention_heads: None,
+        ..AdapterConfig::default()
     }
 }
 
