@@ -2,7 +2,7 @@
 //! name, an HF folder, a `.gguf` file, or a run folder).
 
 use afinar::data::sft::{Message, Role};
-use afinar::generate::{generate, GenerateConfig, StopReason};
+use afinar::generate::{GenerateConfig, StopReason};
 use afinar::hub::chat_template::ChatTemplate;
 use afinar::models::decoder::{is_gguf, load_lm_with, Decoder, LmSource, LoadOpts};
 use afinar::params::Selector;
@@ -56,18 +56,35 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
 pub struct Lm {
     pub src: LmSource,
     pub model: Decoder,
+    /// Prompt tuning: the soft prompt in front of every input.
+    pub prefix: Option<afinar::candle_core::Tensor>,
 }
 
 /// `quantized`: keep a GGUF's linear weights in their own types (dequantised
 /// per matmul) instead of f32.
 pub fn load(spec: &str, quantized: bool) -> Result<Lm> {
     let path = resolve_model(spec)?;
+    // A run folder with an adapter, or an adapter folder: base + adapter,
+    // unmerged (a run's `model/` is the merged export).
+    let ad = if path.join("adapter").join("adapter_config.json").is_file() {
+        Some(path.join("adapter"))
+    } else if path.join("adapter_config.json").is_file() {
+        Some(path.clone())
+    } else {
+        None
+    };
+    if let Some(ad) = ad {
+        let a = afinar::models::decoder::load_lm_adapter(&ad, None, LoadOpts { quantized })?;
+        let model = Decoder::load(&a.src.store, &a.src.cfg)?;
+        eprintln!("adapter: {:?} from {}", a.adapter.kind, ad.display());
+        return Ok(Lm { src: a.src, model, prefix: a.prompt });
+    }
     if quantized && !is_gguf(&path) {
         bail!("--quantized needs a .gguf model; {} is not one", path.display());
     }
     let src = load_lm_with(&path, Selector::none(), LoadOpts { quantized })?;
     let model = Decoder::load(&src.store, &src.cfg)?;
-    Ok(Lm { src, model })
+    Ok(Lm { src, model, prefix: None })
 }
 
 impl Lm {
@@ -98,8 +115,9 @@ impl Lm {
             tok.decode(ids, true)
                 .map_err(|e| afinar::Error::msg(format!("decoding: {e}")))
         };
-        Ok(generate(
+        Ok(afinar::generate::generate_with_prefix(
             &self.model,
+            self.prefix.as_ref(),
             prompt_ids,
             self.src.cfg.max_positions(),
             &args.config(&self.src.eos_ids),

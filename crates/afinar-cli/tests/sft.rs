@@ -117,6 +117,54 @@ fn sft_trains_saves_and_generates() {
     }
 }
 
+/// Prompt tuning: the base stays frozen, only `prompt_embeddings` trains;
+/// the run writes PEFT's PROMPT_TUNING adapter (no merged model), and
+/// `afinar generate RUN` puts the soft prompt in front of the input.
+#[test]
+fn prompt_tuning_trains_saves_and_generates() {
+    for init in ["random", "text"] {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = config(
+            d.path(),
+            "llama-tiny",
+            &format!(
+                "[adapter]\ntype = \"prompt_tuning\"\nnum_virtual_tokens = 4\nprompt_tuning_init = \"{init}\"\nprompt_tuning_init_text = \"Reverse\"",
+            ),
+        );
+        let run = d.path().join("run");
+        let o = afinar(&["train".as_ref(), cfg.as_os_str(), "--out".as_ref(), run.as_os_str()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{init}: {err}");
+        assert!(err.contains("trainable params: 256 ||"), "{init}: 4 x 64 trainable: {err}");
+        let losses = val_losses(&run);
+        assert!(losses.last().unwrap() < &losses[0], "{init}: {losses:?}");
+        let ac: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("adapter/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ac["peft_type"], "PROMPT_TUNING");
+        assert_eq!(ac["num_virtual_tokens"], 4);
+        assert_eq!(ac["token_dim"], 64);
+        assert_eq!(ac["num_transformer_submodules"], 1);
+        let w = std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&w).unwrap();
+        assert_eq!(st.names(), vec!["prompt_embeddings"]);
+        assert_eq!(st.tensor("prompt_embeddings").unwrap().shape(), &[4, 64]);
+        assert!(!run.join("model").exists(), "a soft prompt does not merge");
+        let o = afinar(&[
+            "generate".as_ref(),
+            run.as_os_str(),
+            "--chat".as_ref(),
+            "--prompt".as_ref(),
+            "abc".as_ref(),
+            "--max-new-tokens".as_ref(),
+            "4".as_ref(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && err.contains("PromptTuning"), "{err}");
+    }
+}
+
 #[test]
 fn bad_sft_configs_fail_naming_the_problem() {
     for (set, want) in [
@@ -124,6 +172,7 @@ fn bad_sft_configs_fail_naming_the_problem() {
         ("data.overflow=\"wrap\"", "data.overflow"),
         ("freeze.preset=\"head_only\"", "freeze"),
         ("data.train=\"nope.jsonl\"", "nope.jsonl"),
+        ("adapter.type=\"prompt_tuning\"", "num_virtual_tokens"),
     ] {
         let d = tempfile::tempdir().unwrap();
         let cfg = config(d.path(), "llama-tiny", "");

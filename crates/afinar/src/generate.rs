@@ -131,20 +131,44 @@ pub fn generate(
     decode: &dyn Fn(&[u32]) -> Result<String>,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generated> {
+    generate_with_prefix(model, None, prompt, max_positions, cfg, decode, on_text)
+}
+
+/// [`generate`] with a soft prompt `[P, C]` (prompt tuning) in front of the
+/// prompt's token embeddings.
+pub fn generate_with_prefix(
+    model: &Decoder,
+    prefix: Option<&Tensor>,
+    prompt: &[u32],
+    max_positions: usize,
+    cfg: &GenerateConfig,
+    decode: &dyn Fn(&[u32]) -> Result<String>,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generated> {
     cfg.validate()?;
+    let prefix_len = match prefix {
+        Some(p) => p.dim(0)?,
+        None => 0,
+    };
     if prompt.is_empty() {
         return Err(Error::msg("generate: empty prompt".to_string()));
     }
-    if prompt.len() >= max_positions {
+    if prefix_len + prompt.len() >= max_positions {
         return Err(Error::msg(format!(
-            "generate: the prompt has {} tokens, the model's context is {max_positions}",
+            "generate: the prompt has {} tokens (+ {prefix_len} virtual), the model's context is {max_positions}",
             prompt.len()
         )));
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut cache = KvCache::new();
     let ids = Tensor::from_slice(prompt, (1, prompt.len()), &Device::Cpu)?;
-    let mut hidden = model.forward_cached(&ids, &mut cache)?;
+    let mut hidden = match prefix {
+        None => model.forward_cached(&ids, &mut cache)?,
+        Some(p) => {
+            let x = Tensor::cat(&[&p.unsqueeze(0)?, &model.embed(&ids)?], 1)?;
+            model.forward_cached_embeds(&x, &mut cache)?
+        }
+    };
     let mut out: Vec<u32> = Vec::new();
     let mut text = String::new();
     let mut stop = StopReason::MaxTokens;

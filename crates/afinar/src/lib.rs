@@ -7,6 +7,8 @@
 //! loop (`train`) and export (`export`).
 
 pub mod error;
+/// The tensor substrate, for callers of the library.
+pub use candle_core;
 pub mod export;
 pub mod fsutil;
 pub mod generate;

@@ -643,3 +643,99 @@ fn load_lm_gguf(path: &std::path::Path, selector: Selector, opts: LoadOpts) -> R
         format: "gguf",
     })
 }
+
+/// A decoder with an adapter folder on top: the adapter's parameters are in
+/// `src.store` (LoRA / IA3, unmerged) or, for prompt tuning, `prompt` holds
+/// the soft prompt `[P, C]` to put in front of every input.
+pub struct AdaptedLm {
+    pub src: LmSource,
+    pub prompt: Option<Tensor>,
+    pub adapter: crate::adapters::AdapterConfig,
+}
+
+/// The base of an adapter folder: `base` if given, else afinar's note
+/// (`afinar_lm.json`), else PEFT's `base_model_name_or_path` (a path, or the
+/// hub id of a fetched asset).
+fn adapter_base(ad: &std::path::Path, raw: &serde_json::Value, base: Option<&std::path::Path>) -> Result<std::path::PathBuf> {
+    if let Some(b) = base {
+        return Ok(b.to_path_buf());
+    }
+    let note = ad.join(crate::train::sft::LM_META);
+    if note.is_file() {
+        if let Some(p) = crate::hub::config::read_config_value(&note)?["base_model_path"].as_str() {
+            return Ok(p.into());
+        }
+    }
+    let named = raw["base_model_name_or_path"].as_str().unwrap_or_default();
+    let p = std::path::PathBuf::from(named);
+    if p.exists() {
+        return Ok(p);
+    }
+    match crate::hub::assets::asset_for_hub_id(named) {
+        Some(a) => crate::hub::assets::resolve_asset_path(a.name),
+        None => Err(Error::file(
+            ad.join(crate::adapters::peft::CONFIG_FILE),
+            format!("the adapter's base model `{named}` is not a folder, file or fetched asset here: pass the base model"),
+        )),
+    }
+}
+
+/// Load the base model of adapter folder `ad` with the adapter applied.
+pub fn load_lm_adapter(
+    ad: &std::path::Path,
+    base: Option<&std::path::Path>,
+    opts: LoadOpts,
+) -> Result<AdaptedLm> {
+    use crate::adapters::{prompt_tuning, AdapterType};
+    let (cfg, raw) = crate::adapters::peft::read_config(ad)?;
+    match raw["task_type"].as_str() {
+        Some("CAUSAL_LM") | None => {}
+        Some(other) => {
+            return Err(Error::file(
+                ad.join(crate::adapters::peft::CONFIG_FILE),
+                format!("task_type {other}: a decoder LM adapter must be CAUSAL_LM"),
+            ))
+        }
+    }
+    let base = adapter_base(ad, &raw, base)?;
+    let mut src = load_lm_with(&base, Selector::none(), opts)?;
+    let mut prompt = None;
+    if cfg.kind == AdapterType::PromptTuning {
+        let dim = src.cfg.hidden_size();
+        if let Some(d) = cfg.token_dim.filter(|&d| d != dim) {
+            return Err(Error::file(
+                ad.join(crate::adapters::peft::CONFIG_FILE),
+                format!("token_dim {d} but the base model's hidden size is {dim} (another base model?)"),
+            ));
+        }
+        let file = ad.join(crate::adapters::peft::WEIGHTS_FILE);
+        let ckpt = Checkpoint::open(&file)?;
+        let t = ckpt.load_f32(prompt_tuning::KEY)?;
+        if t.dims() != [cfg.num_virtual_tokens, dim] {
+            return Err(Error::Tensor {
+                name: prompt_tuning::KEY.into(),
+                msg: format!(
+                    "shape {:?} in {}, expected [{}, {dim}] (num_virtual_tokens, the base's hidden size)",
+                    t.dims(),
+                    file.display(),
+                    cfg.num_virtual_tokens
+                ),
+            });
+        }
+        if let Some(other) = ckpt.names().into_iter().find(|n| n != prompt_tuning::KEY) {
+            return Err(Error::file(&file, format!("unexpected tensor `{other}` in a prompt-tuning adapter")));
+        }
+        src.store.insert(prompt_tuning::KEY, t)?;
+        prompt = Some(src.store.get(prompt_tuning::KEY, &[cfg.num_virtual_tokens, dim])?.t);
+    } else {
+        let linears = crate::adapters::linear_modules(&src.store);
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        cfg.apply(&mut src.store, &linears, &["lm_head"], &mut rng)?;
+        crate::adapters::peft::load_weights(&mut src.store, ad)?;
+    }
+    Ok(AdaptedLm {
+        src,
+        prompt,
+        adapter: cfg,
+    })
+}

@@ -18,7 +18,7 @@ use crate::data::sft::{
     SftFormat, SftTokens,
 };
 use crate::data::{seeded_split, FieldPath};
-use crate::generate::{generate, GenerateConfig};
+use crate::generate::GenerateConfig;
 use crate::hub::chat_template::ChatTemplate;
 use crate::models::decoder::{load_lm_with, Decoder, DecoderConfig, DecoderInputs, LmSource, LoadOpts};
 use crate::nn::DropoutRng;
@@ -143,6 +143,8 @@ struct Sft<'a> {
     tests: &'a [EvalSet],
     eval_bs: usize,
     max_new_tokens: usize,
+    /// Prompt tuning: the soft prompt `[P, C]`.
+    prompt: Option<crate::nn::Weight>,
     saver: Saver<'a>,
 }
 
@@ -168,7 +170,7 @@ impl Sft<'_> {
             let refs: Vec<&SftTokens> = chunk.iter().map(|&i| &rows[i]).collect();
             let b = pad_batch(&refs, self.src.pad_id)?;
             let inp = Self::batch_inputs(&b)?;
-            let hidden = self.model.forward(&inp, None)?;
+            let hidden = self.model.forward_prompted(self.prompt.as_ref(), &inp, None)?;
             let (loss, k) = self.model.lm_loss(&hidden, &b.labels)?;
             sum += loss.to_vec0::<f32>()? as f64 * k as f64;
             n += k;
@@ -179,12 +181,14 @@ impl Sft<'_> {
     /// Greedy answers to the scored rows; the share that equals the answer
     /// exactly (after trimming whitespace).
     fn exact_match(&self, rows: &[Scored]) -> Result<f64> {
-        exact_match(self.model, self.src, self.template, rows, self.max_new_tokens)
+        let prefix = self.prompt.as_ref().map(|p| p.t.detach());
+        exact_match(self.model, prefix.as_ref(), self.src, self.template, rows, self.max_new_tokens)
     }
 }
 
 fn exact_match(
     model: &Decoder,
+    prefix: Option<&candle_core::Tensor>,
     src: &LmSource,
     template: Option<&ChatTemplate>,
     rows: &[Scored],
@@ -216,7 +220,15 @@ fn exact_match(
             .map_err(|e| Error::msg(format!("tokenizing: {e}")))?
             .get_ids()
             .to_vec();
-        let g = generate(model, &ids, src.cfg.max_positions(), &cfg, &decode, &mut |_| {})?;
+        let g = crate::generate::generate_with_prefix(
+            model,
+            prefix,
+            &ids,
+            src.cfg.max_positions(),
+            &cfg,
+            &decode,
+            &mut |_| {},
+        )?;
         if g.text.trim() == r.answer {
             hits += 1;
         }
@@ -243,7 +255,7 @@ impl Objective for Sft<'_> {
         };
         let tokens = b.attention_mask.iter().filter(|&&m| m != 0).count();
         let inp = Self::batch_inputs(&b)?;
-        let hidden = self.model.forward(&inp, Some(drop))?;
+        let hidden = self.model.forward_prompted(self.prompt.as_ref(), &inp, Some(drop))?;
         let (loss, _) = self.model.lm_loss(&hidden, &b.labels)?;
         Ok((loss, tokens))
     }
@@ -287,6 +299,23 @@ struct Saver<'a> {
 
 impl Saver<'_> {
     fn save(&self, store: &ParamStore, name: &str) -> Result<()> {
+        let prompt_tuning =
+            self.adapter.is_some_and(|a| a.kind == crate::adapters::AdapterType::PromptTuning);
+        if prompt_tuning {
+            // The soft prompt does not merge into the weights: the run's
+            // result is the adapter alone (`<run>/adapter`, or
+            // `<run>/checkpoint-last/adapter` when interrupted).
+            let dir = if name == "model" { self.dir.join("adapter") } else { self.dir.join(name).join("adapter") };
+            let ad = self.adapter.expect("prompt tuning is an adapter");
+            let base = std::fs::canonicalize(&self.src.path).unwrap_or(self.src.path.clone());
+            return write_dir_atomic(&dir, |tmp| {
+                crate::adapters::peft::save(tmp, store, ad, &base.display().to_string(), "CAUSAL_LM")?;
+                fsutil::write_json(
+                    &tmp.join(LM_META),
+                    &serde_json::json!({ "base_model_path": base, "task": "sft" }),
+                )
+            });
+        }
         if let (Some(ad), "model") = (self.adapter, name) {
             let base = std::fs::canonicalize(&self.src.path).unwrap_or(self.src.path.clone());
             write_dir_atomic(&self.dir.join("adapter"), |tmp| {
@@ -476,7 +505,24 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
 
     // ---- model
     let mut store = std::mem::replace(&mut src.store, ParamStore::new(Selector::none(), ""));
-    if let Some(ad) = &c.adapter {
+    let mut adapter_cfg = c.adapter.clone();
+    let mut prompt_dim = None;
+    if let Some(ad) = adapter_cfg.as_mut().filter(|a| a.kind == crate::adapters::AdapterType::PromptTuning) {
+        store.freeze_all();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seeds.init);
+        let embed = store
+            .iter()
+            .find(|(n, _)| n.ends_with("embed_tokens.weight") || n.ends_with("wte.weight"))
+            .map(|(_, p)| p.tensor.clone())
+            .ok_or_else(|| Error::msg("prompt tuning: the model has no token embedding"))?;
+        let init = crate::adapters::prompt_tuning::init(ad, &embed, &src.tokenizer, &mut rng)?;
+        let (n, dim) = init.dims2()?;
+        ad.token_dim = Some(dim);
+        ad.num_layers = Some(src.raw_config["num_hidden_layers"].as_u64().or(src.raw_config["n_layer"].as_u64()).unwrap_or(0) as usize);
+        ad.num_attention_heads = Some(src.raw_config["num_attention_heads"].as_u64().or(src.raw_config["n_head"].as_u64()).unwrap_or(0) as usize);
+        store.insert_trainable(crate::adapters::prompt_tuning::KEY, init)?;
+        prompt_dim = Some([n, dim]);
+    } else if let Some(ad) = &c.adapter {
         store.freeze_all();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seeds.init);
         let linears = crate::adapters::linear_modules(&store);
@@ -489,6 +535,9 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
         ad.apply(&mut store, &linears, &["lm_head"], &mut rng)?;
     }
     let model = Decoder::load(&store, &src.cfg)?;
+    let prompt = prompt_dim
+        .map(|shape| store.get(crate::adapters::prompt_tuning::KEY, &shape))
+        .transpose()?;
     crate::models::check_unused(&mut store, &mut |w| on(Event::Info(format!("warning: {w}"))))?;
     on(Event::Info(store.summary()));
     if let Some(ad) = &c.adapter {
@@ -516,7 +565,7 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
             if !set.scored.is_empty() {
                 m.insert(
                     format!("{p}exact_match"),
-                    exact_match(&model, &src, template.as_ref(), &set.scored, max_new_tokens)?,
+                    exact_match(&model, None, &src, template.as_ref(), &set.scored, max_new_tokens)?,
                 );
             }
         }
@@ -533,7 +582,8 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
         tests: &tests,
         eval_bs: c.train.eval_batch_size.unwrap_or(c.train.batch_size * 2),
         max_new_tokens,
-        saver: Saver { dir: opts.run_dir.clone(), src: &src, adapter: c.adapter.as_ref() },
+        prompt,
+        saver: Saver { dir: opts.run_dir.clone(), src: &src, adapter: adapter_cfg.as_ref() },
     };
     run_loop(plan, opts, &store, &obj, &run, t0, on)
 }
