@@ -162,3 +162,74 @@ fn llama_gguf_export_reloads_with_the_same_logits() {
         }
     }
 }
+
+/// Prompt tuning against PEFT: a PROMPT_TUNING adapter written by PEFT 0.21.2
+/// (`scripts/reference/golden_prompt_tuning.py`) reproduces PEFT's logits;
+/// afinar's own written adapter reads back identically, and with
+/// `AFINAR_PT_OUT=dir` it is left there with afinar's logits for the
+/// script's `--check` (PEFT loading afinar's adapter).
+#[test]
+fn prompt_tuning_matches_peft_both_ways() {
+    use afinar::adapters::{peft, prompt_tuning, AdapterConfig, AdapterType};
+    use afinar::models::decoder::{load_lm, load_lm_adapter, LoadOpts};
+    use afinar::nn::Weight;
+    let base = fixtures().join("llama-tiny");
+    let g = Checkpoint::open(base.join("golden.safetensors")).unwrap();
+    let (b, t) = g.load("input_ids").unwrap().dims2().unwrap();
+    let ids: Vec<u32> = i64s(&g, "input_ids").into_iter().map(|v| v as u32).collect();
+    let mask: Vec<f32> = i64s(&g, "attention_mask").into_iter().map(|v| v as f32).collect();
+    let inp = DecoderInputs::new(ids, mask, b, t).unwrap();
+
+    // PEFT -> afinar.
+    let dir = fixtures().join("peft/prompt-tiny");
+    let a = load_lm_adapter(&dir, Some(&base), LoadOpts::default()).unwrap();
+    assert_eq!(a.adapter.kind, AdapterType::PromptTuning);
+    let model = Decoder::load(&a.src.store, &a.src.cfg).unwrap();
+    let prompt = Weight::frozen(a.prompt.clone().unwrap());
+    let logits = model
+        .logits(&model.forward_prompted(Some(&prompt), &inp, None).unwrap())
+        .unwrap()
+        .reshape((b, t, ()))
+        .unwrap();
+    let want = Checkpoint::open(dir.join("golden.safetensors")).unwrap().load_f32("logits").unwrap();
+    let e = rel_err(&logits, &want);
+    assert!(e < 1e-4, "PEFT prompt-tuning logits rel err {e}");
+
+    // afinar -> file -> afinar (and PEFT, through the script).
+    let keep = std::env::var("AFINAR_PT_OUT").ok().map(PathBuf::from);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let mut src = load_lm(&base, Selector::none()).unwrap();
+    let v: Vec<f32> = (0..5 * 64).map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.6).collect();
+    src.store
+        .insert_trainable(prompt_tuning::KEY, Tensor::from_vec(v, (5, 64), &candle_core::Device::Cpu).unwrap())
+        .unwrap();
+    let cfg = AdapterConfig {
+        kind: AdapterType::PromptTuning,
+        num_virtual_tokens: 5,
+        token_dim: Some(64),
+        num_layers: Some(2),
+        num_attention_heads: Some(4),
+        ..AdapterConfig::default()
+    };
+    peft::save(&out.join("adapter"), &src.store, &cfg, "tests/fixtures/llama-tiny", "CAUSAL_LM").unwrap();
+    let model = Decoder::load(&src.store, &src.cfg).unwrap();
+    let w = src.store.get(prompt_tuning::KEY, &[5, 64]).unwrap();
+    let mine = model.logits(&model.forward_prompted(Some(&w), &inp, None).unwrap()).unwrap().reshape((b, t, ())).unwrap();
+    let back = load_lm_adapter(&out.join("adapter"), Some(&base), LoadOpts::default()).unwrap();
+    let m2 = Decoder::load(&back.src.store, &back.src.cfg).unwrap();
+    let again = m2
+        .logits(&m2.forward_prompted(Some(&Weight::frozen(back.prompt.unwrap())), &inp, None).unwrap())
+        .unwrap()
+        .reshape((b, t, ()))
+        .unwrap();
+    assert!(rel_err(&again, &mine) < 1e-6);
+    if keep.is_some() {
+        let m = mine.contiguous().unwrap();
+        afinar::train::run::write_safetensors(
+            &out.join("afinar_logits.safetensors"),
+            std::iter::once(("logits".to_string(), m)),
+        )
+        .unwrap();
+    }
+}
