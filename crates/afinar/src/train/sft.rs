@@ -557,21 +557,6 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
         None
     };
     let max_new_tokens = 48;
-    // Before training: the base model's scores on the same held-out sets.
-    if n_gen > 0 {
-        let mut m = BTreeMap::new();
-        for set in &tests {
-            let p = if set.name == "test" { String::new() } else { format!("{}_", set.name) };
-            if !set.scored.is_empty() {
-                m.insert(
-                    format!("{p}exact_match"),
-                    exact_match(&model, None, &src, template.as_ref(), &set.scored, max_new_tokens)?,
-                );
-            }
-        }
-        run.log_eval(0, "test_before", &m)?;
-        on(Event::Eval { step: 0, split: "test_before".into(), metrics: m, best: false });
-    }
     let obj = Sft {
         model: &model,
         src: &src,
@@ -585,5 +570,13 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
         prompt,
         saver: Saver { dir: opts.run_dir.clone(), src: &src, adapter: adapter_cfg.as_ref() },
     };
+    // Before training: the same test metrics (loss, perplexity, exact match
+    // of greedy answers) of the model as loaded.
+    if n_gen > 0 {
+        if let Some(m) = obj.evaluate(Split::Test)? {
+            run.log_eval(0, "test_before", &m)?;
+            on(Event::Eval { step: 0, split: "test_before".into(), metrics: m, best: false });
+        }
+    }
     run_loop(plan, opts, &store, &obj, &run, t0, on)
 }

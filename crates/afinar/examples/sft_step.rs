@@ -1,0 +1,93 @@
+//! Benchmark: one LoRA SFT step of a decoder LM (SmolLM2-135M by default:
+//! LoRA r=8 on q_proj/v_proj, batch B x seq T of token ids, loss on every
+//! token, f32); step = forward + backward + AdamW. Prints one JSON line like
+//! bench/pytorch_sft.py so bench/sft.py puts them side by side.
+//!
+//! cargo run --release -p afinar --example sft_step -- --model DIR_OR_GGUF --batch 2 --seq 512 --steps 3 --threads 2
+
+use afinar::adapters::{linear_modules, AdapterConfig, Targets};
+use afinar::models::decoder::{load_lm, Decoder, DecoderInputs};
+use afinar::nn::DropoutRng;
+use afinar::optim::{AdamW, AdamWConfig};
+use afinar::params::Selector;
+use rand::SeedableRng;
+use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn peak_rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn main() -> afinar::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let model_path = std::path::PathBuf::from(arg(&args, "--model", ""));
+    let b: usize = arg(&args, "--batch", "2").parse().unwrap();
+    let t: usize = arg(&args, "--seq", "512").parse().unwrap();
+    let steps: usize = arg(&args, "--steps", "3").parse().unwrap();
+    let threads: usize = arg(&args, "--threads", "2").parse().unwrap();
+    afinar::init_threads(Some(threads));
+    let mut src = load_lm(&model_path, Selector::none())?;
+    let lora = AdapterConfig {
+        r: 8,
+        lora_alpha: 16.0,
+        target_modules: Targets::List(vec!["q_proj".into(), "v_proj".into()]),
+        ..AdapterConfig::default()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let linears = linear_modules(&src.store);
+    lora.apply(&mut src.store, &linears, &["lm_head"], &mut rng)?;
+    let model = Decoder::load(&src.store, &src.cfg)?;
+    let mut opt = AdamW::new(
+        src.store.trainable(),
+        AdamWConfig { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+    )?;
+    // The same pseudo-random ids as bench/pytorch_sft.py (an LCG over the vocabulary).
+    let vocab = src.cfg.vocab_size() as u64;
+    let mut x = 12345u64;
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab) as u32
+        })
+        .collect();
+    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let mut times = Vec::new();
+    for s in 0..steps + 1 {
+        let t0 = Instant::now();
+        let inp = DecoderInputs::new(ids.clone(), vec![1.0; b * t], b, t)?;
+        let drop = DropoutRng::new(1, s as u64);
+        let hidden = model.forward(&inp, Some(&drop))?;
+        let (loss, _) = model.lm_loss(&hidden, &labels)?;
+        loss.backward()?;
+        let _ = opt.grad_norm()?;
+        opt.step(1e-4, 1.0)?;
+        if s >= 1 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = sorted[sorted.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({"impl": "afinar", "median_s": median, "steps": times,
+            "tokens_per_s": (b * t) as f64 / median, "peak_rss_mb": peak_rss_mb(), "threads": threads,
+            "batch": b, "seq": t})
+    );
+    Ok(())
+}
