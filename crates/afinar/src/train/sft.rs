@@ -541,7 +541,11 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
     crate::models::check_unused(&mut store, &mut |w| on(Event::Info(format!("warning: {w}"))))?;
     on(Event::Info(store.summary()));
     if let Some(ad) = &c.adapter {
-        on(Event::Info(format!("adapter: {:?} on {} modules", ad.kind, store.adapters.len())));
+        on(Event::Info(if ad.kind == crate::adapters::AdapterType::PromptTuning {
+            format!("adapter: prompt tuning, {} virtual tokens", ad.num_virtual_tokens)
+        } else {
+            format!("adapter: {:?} on {} modules", ad.kind, store.adapters.len())
+        }));
     }
 
     let run = RunWriter::create_log(&opts.run_dir, plan)?;
