@@ -256,7 +256,8 @@ pub fn save(
             c.insert("peft_type", json!("LORA"));
             c.insert("r", json!(cfg.r));
             c.insert("lora_alpha", json!(cfg.lora_alpha));
-            c.insert("lora_dropout", json!(cfg.lora_dropout));
+            // The shortest decimal of the f32 (0.05, not 0.05000000074505806).
+            c.insert("lora_dropout", json!(format!("{}", cfg.lora_dropout).parse::<f64>().unwrap_or(0.0)));
             c.insert("bias", json!("none"));
             c.insert("use_rslora", json!(cfg.use_rslora));
             c.insert("use_dora", json!(cfg.use_dora));
