@@ -51,6 +51,21 @@ fn sft_trains_saves_and_generates() {
             "[adapter]\ntype = \"lora\"\nr = 4\nlora_alpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]",
             true,
         ),
+        (
+            "llama-tiny",
+            "[adapter]\ntype = \"lora\"\nuse_dora = true\nr = 4\nlora_alpha = 8\ntarget_modules = \"all-linear\"",
+            true,
+        ),
+        (
+            "llama-tiny-tied",
+            "[adapter]\ntype = \"ia3\"\ntarget_modules = [\"k_proj\", \"v_proj\", \"down_proj\"]\nfeedforward_modules = [\"down_proj\"]",
+            true,
+        ),
+        (
+            "gpt2-tiny",
+            "[adapter]\ntype = \"lora\"\nr = 4\nlora_alpha = 8\ntarget_modules = [\"c_attn\"]",
+            true,
+        ),
         ("gpt2-tiny", "", false),
         ("llama-tiny-tied", "", false),
     ] {
@@ -86,7 +101,11 @@ fn sft_trains_saves_and_generates() {
                 )
                 .unwrap();
                 assert_eq!(ac["task_type"], "CAUSAL_LM");
-                assert_eq!(ac["peft_type"], "LORA");
+                assert!(ac["peft_type"] == "LORA" || ac["peft_type"] == "IA3", "{ac}");
+                if model.starts_with("gpt2") {
+                    assert_eq!(ac["fan_in_fan_out"], true, "PEFT's flag for Conv1D bases");
+                    continue;
+                }
                 // Exports: merged HF folder, the adapter, and GGUF that loads back.
                 let (m2, a2, g) = (d.path().join("m2"), d.path().join("a2"), d.path().join("m.gguf"));
                 let o = afinar(&[

@@ -158,6 +158,10 @@ pub struct AdapterConfig {
     pub num_layers: Option<usize>,
     #[serde(default, skip_serializing)]
     pub num_attention_heads: Option<usize>,
+    /// PEFT's flag for Conv1D bases (GPT-2), written into adapter_config.json
+    /// (filled in from the model; not for the run TOML).
+    #[serde(default, skip_serializing)]
+    pub fan_in_fan_out: bool,
 }
 
 fn d_pt_init() -> String {
@@ -189,6 +193,7 @@ impl Default for AdapterConfig {
             token_dim: None,
             num_layers: None,
             num_attention_heads: None,
+            fan_in_fan_out: false,
         }
     }
 }

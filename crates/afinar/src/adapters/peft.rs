@@ -60,11 +60,9 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
     if raw["lora_bias"].as_bool() == Some(true) {
         return Err(err("lora_bias = true is not supported".into()));
     }
-    if raw["fan_in_fan_out"].as_bool() == Some(true) {
-        return Err(err(
-            "fan_in_fan_out = true (Conv1D bases) is not supported".into()
-        ));
-    }
+    // fan_in_fan_out = true marks a GPT-2 Conv1D base (weights stored
+    // [in, out]); PEFT's lora_A / lora_B / ia3_l shapes are the same as for
+    // a Linear, and afinar holds every base weight as [out, in]: nothing to do.
     let strings = |k: &str| -> Vec<String> {
         match &raw[k] {
             Value::Array(a) => a
@@ -130,6 +128,7 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
         // A PEFT file names what PEFT matched; entries for other models
         // (PEFT adds `score` for SEQ_CLS) are not an error here.
         allow_unmatched: true,
+        fan_in_fan_out: raw["fan_in_fan_out"].as_bool().unwrap_or(false),
         ..prompt_defaults()
     };
     cfg.validate().map_err(|e| err(e.to_string()))?;
@@ -263,7 +262,7 @@ pub fn save(
             c.insert("use_dora", json!(cfg.use_dora));
             c.insert("rank_pattern", json!(cfg.rank_pattern));
             c.insert("alpha_pattern", json!(cfg.alpha_pattern));
-            c.insert("fan_in_fan_out", json!(false));
+            c.insert("fan_in_fan_out", json!(cfg.fan_in_fan_out));
             c.insert(
                 "init_lora_weights",
                 if cfg.init_lora_weights == "gaussian" {
@@ -293,7 +292,7 @@ pub fn save(
         AdapterType::Ia3 => {
             c.insert("peft_type", json!("IA3"));
             c.insert("feedforward_modules", json!(cfg.feedforward_modules));
-            c.insert("fan_in_fan_out", json!(false));
+            c.insert("fan_in_fan_out", json!(cfg.fan_in_fan_out));
             c.insert("init_ia3_weights", json!(true));
         }
     }

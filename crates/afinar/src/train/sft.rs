@@ -506,6 +506,9 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
     // ---- model
     let mut store = std::mem::replace(&mut src.store, ParamStore::new(Selector::none(), ""));
     let mut adapter_cfg = c.adapter.clone();
+    if let (Some(ad), DecoderConfig::Gpt2(_)) = (adapter_cfg.as_mut(), &src.cfg) {
+        ad.fan_in_fan_out = true; // PEFT's marker for GPT-2's Conv1D layers
+    }
     let mut prompt_dim = None;
     if let Some(ad) = adapter_cfg.as_mut().filter(|a| a.kind == crate::adapters::AdapterType::PromptTuning) {
         store.freeze_all();
