@@ -341,7 +341,13 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<i32>
         let m: Vec<String> = t.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
         println!("test: {}", m.join("  "));
     }
-    println!("model: {}", run_dir.join("model").display());
+    // A prompt-tuning run has no merged model: its result is the adapter.
+    if run_dir.join("model").is_dir() {
+        println!("model: {}", run_dir.join("model").display());
+    }
+    if run_dir.join("adapter").is_dir() {
+        println!("adapter: {}", run_dir.join("adapter").display());
+    }
     Ok(if report.interrupted { 130 } else { 0 })
 }
 
