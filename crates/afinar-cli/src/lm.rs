@@ -77,14 +77,25 @@ pub fn load(spec: &str, quantized: bool) -> Result<Lm> {
         let a = afinar::models::decoder::load_lm_adapter(&ad, None, LoadOpts { quantized })?;
         let model = Decoder::load(&a.src.store, &a.src.cfg)?;
         eprintln!("adapter: {:?} from {}", a.adapter.kind, ad.display());
-        return Ok(Lm { src: a.src, model, prefix: a.prompt });
+        return Ok(Lm {
+            src: a.src,
+            model,
+            prefix: a.prompt,
+        });
     }
     if quantized && !is_gguf(&path) {
-        bail!("--quantized needs a .gguf model; {} is not one", path.display());
+        bail!(
+            "--quantized needs a .gguf model; {} is not one",
+            path.display()
+        );
     }
     let src = load_lm_with(&path, Selector::none(), LoadOpts { quantized })?;
     let model = Decoder::load(&src.store, &src.cfg)?;
-    Ok(Lm { src, model, prefix: None })
+    Ok(Lm {
+        src,
+        model,
+        prefix: None,
+    })
 }
 
 impl Lm {
@@ -106,10 +117,19 @@ impl Lm {
                 self.src.path.display()
             )
         })?;
-        Ok(ChatTemplate::new(src, &self.src.bos_token, &self.src.eos_token)?)
+        Ok(ChatTemplate::new(
+            src,
+            &self.src.bos_token,
+            &self.src.eos_token,
+        )?)
     }
 
-    fn run(&self, prompt_ids: &[u32], args: &SampleArgs, out: &mut dyn FnMut(&str)) -> Result<afinar::generate::Generated> {
+    fn run(
+        &self,
+        prompt_ids: &[u32],
+        args: &SampleArgs,
+        out: &mut dyn FnMut(&str),
+    ) -> Result<afinar::generate::Generated> {
         let tok = &self.src.tokenizer;
         let decode = |ids: &[u32]| -> afinar::Result<String> {
             tok.decode(ids, true)
@@ -193,7 +213,10 @@ pub fn cmd_chat(
         messages.push(Message::new(Role::User, line));
         let ids = lm.encode(&tmpl.render(&messages, true)?)?;
         if ids.len() >= lm.src.cfg.max_positions() {
-            bail!("the conversation no longer fits the model's context ({} tokens)", ids.len());
+            bail!(
+                "the conversation no longer fits the model's context ({} tokens)",
+                ids.len()
+            );
         }
         let g = lm.run(&ids, args, &mut |piece| {
             let _ = stdout.write_all(piece.as_bytes());

@@ -198,7 +198,10 @@ fn run(cli: Cli) -> Result<i32> {
                 )?;
             } else {
                 if gguf.is_some() {
-                    bail!("--gguf is for decoder LMs; {} is an encoder run", run.display());
+                    bail!(
+                        "--gguf is for decoder LMs; {} is an encoder run",
+                        run.display()
+                    );
                 }
                 train::run::export(&run, merged.as_deref(), adapter.as_deref())?;
             }

@@ -162,9 +162,11 @@ fn predict_from_a_peft_made_adapter_folder() {
     .unwrap();
     for case in ["lora-tiny", "dora-tiny", "ia3-tiny"] {
         let dir = peft.join(case);
-        let g = safetensors::SafeTensors::deserialize(
-            Box::leak(std::fs::read(dir.join("golden.safetensors")).unwrap().into_boxed_slice()),
-        )
+        let g = safetensors::SafeTensors::deserialize(Box::leak(
+            std::fs::read(dir.join("golden.safetensors"))
+                .unwrap()
+                .into_boxed_slice(),
+        ))
         .unwrap();
         let t = g.tensor("logits").unwrap();
         let want: Vec<f32> = t
@@ -185,7 +187,10 @@ fn predict_from_a_peft_made_adapter_folder() {
         let got: Vec<f64> = got.into_iter().flatten().collect();
         assert_eq!(got.len(), want.len(), "{case}");
         for (a, b) in got.iter().zip(&want) {
-            assert!((a - *b as f64).abs() < 1e-4, "{case}: {got:?} vs PEFT {want:?}");
+            assert!(
+                (a - *b as f64).abs() < 1e-4,
+                "{case}: {got:?} vs PEFT {want:?}"
+            );
         }
     }
     // Without --base, the adapter's base_model_name_or_path (a relative path
@@ -197,7 +202,10 @@ fn predict_from_a_peft_made_adapter_folder() {
         "x".as_ref(),
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--base") && err.contains("tests/fixtures/bert-tiny"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("--base") && err.contains("tests/fixtures/bert-tiny"),
+        "{err}"
+    );
     // --labels must name one class per classifier row.
     let o = afinar(&[
         "predict".as_ref(),
@@ -210,5 +218,8 @@ fn predict_from_a_peft_made_adapter_folder() {
         "x".as_ref(),
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("3 names") && err.contains("2 rows"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("3 names") && err.contains("2 rows"),
+        "{err}"
+    );
 }

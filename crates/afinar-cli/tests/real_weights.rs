@@ -72,16 +72,29 @@ fn smollm2_gguf_greedy_says_paris() {
         let mut texts = Vec::new();
         for quantized in [false, true] {
             let o = Command::new(env!("CARGO_BIN_EXE_afinar"))
-                .args(["generate", "smollm2-135m-instruct", "--prompt", prompt, "--max-new-tokens", "12"])
+                .args([
+                    "generate",
+                    "smollm2-135m-instruct",
+                    "--prompt",
+                    prompt,
+                    "--max-new-tokens",
+                    "12",
+                ])
                 .args(chat.then_some("--chat"))
                 .args(quantized.then_some("--quantized"))
                 .output()
                 .unwrap();
             let out = String::from_utf8_lossy(&o.stdout).to_string();
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            assert!(out.contains("Paris"), "chat {chat}, quantized {quantized}: greedy continuation {out:?}");
+            assert!(
+                out.contains("Paris"),
+                "chat {chat}, quantized {quantized}: greedy continuation {out:?}"
+            );
             texts.push(out);
         }
-        assert_eq!(texts[0], texts[1], "chat {chat}: f32 and --quantized differ");
+        assert_eq!(
+            texts[0], texts[1],
+            "chat {chat}: f32 and --quantized differ"
+        );
     }
 }

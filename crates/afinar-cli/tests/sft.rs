@@ -30,7 +30,10 @@ fn config(dir: &Path, model: &str, extra: &str) -> PathBuf {
 }
 
 fn afinar(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_afinar")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_afinar"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn val_losses(run: &Path) -> Vec<f64> {
@@ -151,10 +154,18 @@ fn prompt_tuning_trains_saves_and_generates() {
             ),
         );
         let run = d.path().join("run");
-        let o = afinar(&["train".as_ref(), cfg.as_os_str(), "--out".as_ref(), run.as_os_str()]);
+        let o = afinar(&[
+            "train".as_ref(),
+            cfg.as_os_str(),
+            "--out".as_ref(),
+            run.as_os_str(),
+        ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{init}: {err}");
-        assert!(err.contains("trainable params: 256 ||"), "{init}: 4 x 64 trainable: {err}");
+        assert!(
+            err.contains("trainable params: 256 ||"),
+            "{init}: 4 x 64 trainable: {err}"
+        );
         let losses = val_losses(&run);
         assert!(losses.last().unwrap() < &losses[0], "{init}: {losses:?}");
         let ac: serde_json::Value = serde_json::from_str(
@@ -227,7 +238,10 @@ fn bad_sft_configs_fail_naming_the_problem() {
         d.path().join("run").as_os_str(),
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("robot") && err.contains(":2"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("robot") && err.contains(":2"),
+        "{err}"
+    );
 }
 
 /// Decoder bad inputs: a truncated GGUF, a GGUF of an unsupported
@@ -240,9 +254,19 @@ fn bad_decoder_inputs_fail_clearly() {
     use afinar::hub::gguf::GgufValue;
     use afinar::models::decoder::{load_lm, DecoderConfig};
     let d = tempfile::tempdir().unwrap();
-    let src = load_lm(&fixtures().join("llama-tiny"), afinar::params::Selector::none()).unwrap();
-    let DecoderConfig::Llama(cfg) = &src.cfg else { panic!() };
-    let tensors = src.store.iter().map(|(n, p)| (n.clone(), p.tensor.clone())).collect();
+    let src = load_lm(
+        &fixtures().join("llama-tiny"),
+        afinar::params::Selector::none(),
+    )
+    .unwrap();
+    let DecoderConfig::Llama(cfg) = &src.cfg else {
+        panic!()
+    };
+    let tensors = src
+        .store
+        .iter()
+        .map(|(n, p)| (n.clone(), p.tensor.clone()))
+        .collect();
     let good = d.path().join("good.gguf");
     let meta = TokenizerMeta {
         tokenizer: &src.tokenizer,
@@ -257,29 +281,66 @@ fn bad_decoder_inputs_fail_clearly() {
     let bytes = std::fs::read(&good).unwrap();
     let cut = d.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
-    let o = afinar(&["generate".as_ref(), cut.as_os_str(), "--prompt".as_ref(), "a".as_ref()]);
+    let o = afinar(&[
+        "generate".as_ref(),
+        cut.as_os_str(),
+        "--prompt".as_ref(),
+        "a".as_ref(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.code() == Some(1) && err.contains("truncated") && err.contains("cut.gguf"), "{err}");
+    assert!(
+        o.status.code() == Some(1) && err.contains("truncated") && err.contains("cut.gguf"),
+        "{err}"
+    );
     // Another architecture.
     let mut w = GgufWriter::new();
-    w.add_metadata("general.architecture", GgufValue::String("mamba".into())).unwrap();
-    w.add_f32("token_embd.weight", afinar::hub::gguf::quant::GgmlType::F32, &[2, 4], &[0.0; 8]).unwrap();
+    w.add_metadata("general.architecture", GgufValue::String("mamba".into()))
+        .unwrap();
+    w.add_f32(
+        "token_embd.weight",
+        afinar::hub::gguf::quant::GgmlType::F32,
+        &[2, 4],
+        &[0.0; 8],
+    )
+    .unwrap();
     let mamba = d.path().join("mamba.gguf");
     w.write(&mamba).unwrap();
-    let o = afinar(&["generate".as_ref(), mamba.as_os_str(), "--prompt".as_ref(), "a".as_ref()]);
+    let o = afinar(&[
+        "generate".as_ref(),
+        mamba.as_os_str(),
+        "--prompt".as_ref(),
+        "a".as_ref(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.code() == Some(1) && err.contains("mamba") && err.contains("llama"), "{err}");
+    assert!(
+        o.status.code() == Some(1) && err.contains("mamba") && err.contains("llama"),
+        "{err}"
+    );
     // No chat template: the exported GGUF above has none.
-    let o = afinar(&["generate".as_ref(), good.as_os_str(), "--chat".as_ref(), "--prompt".as_ref(), "a".as_ref()]);
+    let o = afinar(&[
+        "generate".as_ref(),
+        good.as_os_str(),
+        "--chat".as_ref(),
+        "--prompt".as_ref(),
+        "a".as_ref(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.code() == Some(1) && err.contains("no chat template"), "{err}");
+    assert!(
+        o.status.code() == Some(1) && err.contains("no chat template"),
+        "{err}"
+    );
     // A chat row without an assistant turn (messages format).
     let data = d.path().join("rows.jsonl");
-    std::fs::write(&data, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n").unwrap();
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
     let cfg = config(d.path(), "llama-tiny", "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("messages = \"input\"\nresponse = \"ideal\"\n", "messages = \"messages\"\n");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "messages = \"input\"\nresponse = \"ideal\"\n",
+        "messages = \"messages\"\n",
+    );
     std::fs::write(&cfg, text).unwrap();
     let run = d.path().join("run");
     let o = afinar(&[
@@ -291,6 +352,9 @@ fn bad_decoder_inputs_fail_clearly() {
         run.as_os_str(),
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.code() == Some(1) && err.contains("assistant") && err.contains("rows.jsonl"), "{err}");
+    assert!(
+        o.status.code() == Some(1) && err.contains("assistant") && err.contains("rows.jsonl"),
+        "{err}"
+    );
     assert!(!run.join("model").exists());
 }

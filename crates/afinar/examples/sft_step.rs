@@ -54,14 +54,22 @@ fn main() -> afinar::Result<()> {
     let model = Decoder::load(&src.store, &src.cfg)?;
     let mut opt = AdamW::new(
         src.store.trainable(),
-        AdamWConfig { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        AdamWConfig {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
     )?;
     // The same pseudo-random ids as bench/pytorch_sft.py (an LCG over the vocabulary).
     let vocab = src.cfg.vocab_size() as u64;
     let mut x = 12345u64;
     let ids: Vec<u32> = (0..b * t)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 33) % vocab) as u32
         })
         .collect();

@@ -18,9 +18,7 @@ pub fn is_decoder(path: &Path) -> bool {
     crate::hub::config::read_config_value(&dir.join("config.json"))
         .ok()
         .and_then(|v| v["model_type"].as_str().map(String::from))
-        .is_some_and(|t| {
-            crate::models::decoder::LLAMA_TYPES.contains(&t.as_str()) || t == "gpt2"
-        })
+        .is_some_and(|t| crate::models::decoder::LLAMA_TYPES.contains(&t.as_str()) || t == "gpt2")
 }
 
 /// `<run>/model` for a run folder, else the path itself.
@@ -55,12 +53,16 @@ pub fn export_lm(
     if let Some(out) = adapter {
         let ad = run.join("adapter");
         if !ad.join(crate::adapters::peft::CONFIG_FILE).is_file() {
-            return Err(Error::file(run, "not an adapter run: no adapter/adapter_config.json"));
+            return Err(Error::file(
+                run,
+                "not an adapter run: no adapter/adapter_config.json",
+            ));
         }
         write_dir_atomic(out, |tmp| {
             for e in std::fs::read_dir(&ad).map_err(|e| Error::io(&ad, e))? {
                 let e = e.map_err(|e| Error::io(&ad, e))?;
-                std::fs::copy(e.path(), tmp.join(e.file_name())).map_err(|er| Error::io(e.path(), er))?;
+                std::fs::copy(e.path(), tmp.join(e.file_name()))
+                    .map_err(|er| Error::io(e.path(), er))?;
             }
             Ok(())
         })?;

@@ -39,7 +39,10 @@ impl Default for GenerateConfig {
 impl GenerateConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
-            return Err(Error::msg(format!("temperature {} must be >= 0", self.temperature)));
+            return Err(Error::msg(format!(
+                "temperature {} must be >= 0",
+                self.temperature
+            )));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
@@ -257,7 +260,17 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(sample(&logits, &p, &mut rng), 1);
         }
-        assert!(GenerateConfig { top_p: Some(1.5), ..Default::default() }.validate().is_err());
-        assert!(GenerateConfig { temperature: -1.0, ..Default::default() }.validate().is_err());
+        assert!(GenerateConfig {
+            top_p: Some(1.5),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(GenerateConfig {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -489,7 +489,11 @@ impl ParamStore {
 
 /// A quantised matrix as an f32 `[rows, cols]` tensor.
 pub fn dequantize(q: &QTensor) -> Result<Tensor> {
-    Ok(Tensor::from_vec(q.to_f32_vec(), (q.rows(), q.cols()), &Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        q.to_f32_vec(),
+        (q.rows(), q.cols()),
+        &Device::Cpu,
+    )?)
 }
 
 /// A path prefix into a [`ParamStore`], as candle's `VarBuilder::pp`.

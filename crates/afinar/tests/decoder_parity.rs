@@ -21,13 +21,32 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
     let b = b.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
     assert_eq!(a.dims(), b.dims());
-    let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_vec0::<f32>().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap().to_vec0::<f32>().unwrap().max(1e-3);
+    let diff = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_vec0::<f32>()
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_vec0::<f32>()
+        .unwrap()
+        .max(1e-3);
     diff / scale
 }
 
 fn i64s(g: &Checkpoint, n: &str) -> Vec<i64> {
-    g.load(n).unwrap().flatten_all().unwrap().to_vec1::<i64>().unwrap()
+    g.load(n)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
 }
 
 fn check(case: &str) {
@@ -39,8 +58,14 @@ fn check(case: &str) {
     check_unused(&mut store, &mut |_| {}).unwrap();
 
     let (b, t) = g.load("input_ids").unwrap().dims2().unwrap();
-    let ids: Vec<u32> = i64s(&g, "input_ids").into_iter().map(|v| v as u32).collect();
-    let mask: Vec<f32> = i64s(&g, "attention_mask").into_iter().map(|v| v as f32).collect();
+    let ids: Vec<u32> = i64s(&g, "input_ids")
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let mask: Vec<f32> = i64s(&g, "attention_mask")
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
     let labels = i64s(&g, "labels");
     let inp = DecoderInputs::new(ids, mask, b, t).unwrap();
 
@@ -52,16 +77,25 @@ fn check(case: &str) {
     let (loss, n) = model.lm_loss(&hidden, &labels).unwrap();
     let want = g.load_f32("loss").unwrap().to_vec1::<f32>().unwrap()[0];
     let got = loss.to_vec0::<f32>().unwrap();
-    assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{case}: loss {got} vs {want}");
+    assert!(
+        (got - want).abs() < 1e-4 * want.abs().max(1.0),
+        "{case}: loss {got} vs {want}"
+    );
     assert!(n > 0);
 
     loss.backward().unwrap();
     let mut checked = 0;
     for name in g.names() {
-        let Some(p) = name.strip_prefix("grad.") else { continue };
+        let Some(p) = name.strip_prefix("grad.") else {
+            continue;
+        };
         let want = g.load_f32(&name).unwrap();
         // GPT-2's Conv1D weights are [in, out] in the checkpoint, [out, in] in afinar.
-        let want = if is_conv1d(p) { want.t().unwrap().contiguous().unwrap() } else { want };
+        let want = if is_conv1d(p) {
+            want.t().unwrap().contiguous().unwrap()
+        } else {
+            want
+        };
         let got = store
             .grad(p)
             .unwrap()
@@ -71,7 +105,10 @@ fn check(case: &str) {
         checked += 1;
     }
     let trainable = store.trainable().len();
-    assert_eq!(checked, trainable, "{case}: every trainable tensor has a golden gradient");
+    assert_eq!(
+        checked, trainable,
+        "{case}: every trainable tensor has a golden gradient"
+    );
 }
 
 #[test]
@@ -101,17 +138,37 @@ fn kv_cache_steps_equal_the_full_forward() {
         let store = load_decoder_params(&dir, &cfg, Selector::none()).unwrap();
         let model = Decoder::load(&store, &cfg).unwrap();
         let t = g.load("input_ids").unwrap().dim(1).unwrap();
-        let row0: Vec<u32> = i64s(&g, "input_ids")[..t].iter().map(|&v| v as u32).collect();
+        let row0: Vec<u32> = i64s(&g, "input_ids")[..t]
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
         let full = model
-            .logits(&model.forward(&DecoderInputs::new(row0.clone(), vec![1.0; t], 1, t).unwrap(), None).unwrap())
+            .logits(
+                &model
+                    .forward(
+                        &DecoderInputs::new(row0.clone(), vec![1.0; t], 1, t).unwrap(),
+                        None,
+                    )
+                    .unwrap(),
+            )
             .unwrap();
         let mut cache = KvCache::new();
         let mut rows = vec![model
-            .logits(&model.forward_cached(&Tensor::from_slice(&row0[..5], (1, 5), &candle_core::Device::Cpu).unwrap(), &mut cache).unwrap())
+            .logits(
+                &model
+                    .forward_cached(
+                        &Tensor::from_slice(&row0[..5], (1, 5), &candle_core::Device::Cpu).unwrap(),
+                        &mut cache,
+                    )
+                    .unwrap(),
+            )
             .unwrap()];
         for &id in &row0[5..] {
             let h = model
-                .forward_cached(&Tensor::from_slice(&[id], (1, 1), &candle_core::Device::Cpu).unwrap(), &mut cache)
+                .forward_cached(
+                    &Tensor::from_slice(&[id], (1, 1), &candle_core::Device::Cpu).unwrap(),
+                    &mut cache,
+                )
                 .unwrap();
             rows.push(model.logits(&h).unwrap());
         }
@@ -132,14 +189,29 @@ fn llama_gguf_export_reloads_with_the_same_logits() {
         let dir = fixtures().join(case);
         let g = Checkpoint::open(dir.join("golden.safetensors")).unwrap();
         let src = load_lm(&dir, Selector::none()).unwrap();
-        let DecoderConfig::Llama(cfg) = &src.cfg else { panic!("llama") };
-        let tensors: std::collections::BTreeMap<String, Tensor> =
-            src.store.iter().map(|(n, p)| (n.clone(), p.tensor.clone())).collect();
+        let DecoderConfig::Llama(cfg) = &src.cfg else {
+            panic!("llama")
+        };
+        let tensors: std::collections::BTreeMap<String, Tensor> = src
+            .store
+            .iter()
+            .map(|(n, p)| (n.clone(), p.tensor.clone()))
+            .collect();
         let (b, t) = g.load("input_ids").unwrap().dims2().unwrap();
-        let ids: Vec<u32> = i64s(&g, "input_ids").into_iter().map(|v| v as u32).collect();
-        let mask: Vec<f32> = i64s(&g, "attention_mask").into_iter().map(|v| v as f32).collect();
+        let ids: Vec<u32> = i64s(&g, "input_ids")
+            .into_iter()
+            .map(|v| v as u32)
+            .collect();
+        let mask: Vec<f32> = i64s(&g, "attention_mask")
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
         let want = g.load_f32("logits").unwrap();
-        for (ty, tol) in [(ExportType::F32, 1e-4), (ExportType::F16, 5e-3), (ExportType::Q8_0, 3e-2)] {
+        for (ty, tol) in [
+            (ExportType::F32, 1e-4),
+            (ExportType::F16, 5e-3),
+            (ExportType::Q8_0, 3e-2),
+        ] {
             let out = tempfile::tempdir().unwrap();
             let path = out.path().join("m.gguf");
             let meta = TokenizerMeta {
@@ -155,9 +227,16 @@ fn llama_gguf_export_reloads_with_the_same_logits() {
             assert_eq!(back.chat_template, src.chat_template, "{case}");
             let model = Decoder::load(&back.store, &back.cfg).unwrap();
             let inp = DecoderInputs::new(ids.clone(), mask.clone(), b, t).unwrap();
-            let logits = model.logits(&model.forward(&inp, None).unwrap()).unwrap().reshape((b, t, ())).unwrap();
+            let logits = model
+                .logits(&model.forward(&inp, None).unwrap())
+                .unwrap()
+                .reshape((b, t, ()))
+                .unwrap();
             let e = rel_err(&logits, &want);
-            assert!(e < tol, "{case} {ty:?}: logits rel err {e} (tolerance {tol})");
+            assert!(
+                e < tol,
+                "{case} {ty:?}: logits rel err {e} (tolerance {tol})"
+            );
             eprintln!("{case} {ty:?}: logits rel err {e:.2e}");
         }
     }
@@ -176,8 +255,14 @@ fn prompt_tuning_matches_peft_both_ways() {
     let base = fixtures().join("llama-tiny");
     let g = Checkpoint::open(base.join("golden.safetensors")).unwrap();
     let (b, t) = g.load("input_ids").unwrap().dims2().unwrap();
-    let ids: Vec<u32> = i64s(&g, "input_ids").into_iter().map(|v| v as u32).collect();
-    let mask: Vec<f32> = i64s(&g, "attention_mask").into_iter().map(|v| v as f32).collect();
+    let ids: Vec<u32> = i64s(&g, "input_ids")
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let mask: Vec<f32> = i64s(&g, "attention_mask")
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
     let inp = DecoderInputs::new(ids, mask, b, t).unwrap();
 
     // PEFT -> afinar.
@@ -191,7 +276,10 @@ fn prompt_tuning_matches_peft_both_ways() {
         .unwrap()
         .reshape((b, t, ()))
         .unwrap();
-    let want = Checkpoint::open(dir.join("golden.safetensors")).unwrap().load_f32("logits").unwrap();
+    let want = Checkpoint::open(dir.join("golden.safetensors"))
+        .unwrap()
+        .load_f32("logits")
+        .unwrap();
     let e = rel_err(&logits, &want);
     assert!(e < 1e-4, "PEFT prompt-tuning logits rel err {e}");
 
@@ -200,9 +288,14 @@ fn prompt_tuning_matches_peft_both_ways() {
     let tmp = tempfile::tempdir().unwrap();
     let out = keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let mut src = load_lm(&base, Selector::none()).unwrap();
-    let v: Vec<f32> = (0..5 * 64).map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.6).collect();
+    let v: Vec<f32> = (0..5 * 64)
+        .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.6)
+        .collect();
     src.store
-        .insert_trainable(prompt_tuning::KEY, Tensor::from_vec(v, (5, 64), &candle_core::Device::Cpu).unwrap())
+        .insert_trainable(
+            prompt_tuning::KEY,
+            Tensor::from_vec(v, (5, 64), &candle_core::Device::Cpu).unwrap(),
+        )
         .unwrap();
     let cfg = AdapterConfig {
         kind: AdapterType::PromptTuning,
@@ -212,14 +305,28 @@ fn prompt_tuning_matches_peft_both_ways() {
         num_attention_heads: Some(4),
         ..AdapterConfig::default()
     };
-    peft::save(&out.join("adapter"), &src.store, &cfg, "tests/fixtures/llama-tiny", "CAUSAL_LM").unwrap();
+    peft::save(
+        &out.join("adapter"),
+        &src.store,
+        &cfg,
+        "tests/fixtures/llama-tiny",
+        "CAUSAL_LM",
+    )
+    .unwrap();
     let model = Decoder::load(&src.store, &src.cfg).unwrap();
     let w = src.store.get(prompt_tuning::KEY, &[5, 64]).unwrap();
-    let mine = model.logits(&model.forward_prompted(Some(&w), &inp, None).unwrap()).unwrap().reshape((b, t, ())).unwrap();
+    let mine = model
+        .logits(&model.forward_prompted(Some(&w), &inp, None).unwrap())
+        .unwrap()
+        .reshape((b, t, ()))
+        .unwrap();
     let back = load_lm_adapter(&out.join("adapter"), Some(&base), LoadOpts::default()).unwrap();
     let m2 = Decoder::load(&back.src.store, &back.src.cfg).unwrap();
     let again = m2
-        .logits(&m2.forward_prompted(Some(&Weight::frozen(back.prompt.unwrap())), &inp, None).unwrap())
+        .logits(
+            &m2.forward_prompted(Some(&Weight::frozen(back.prompt.unwrap())), &inp, None)
+                .unwrap(),
+        )
         .unwrap()
         .reshape((b, t, ()))
         .unwrap();

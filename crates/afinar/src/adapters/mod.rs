@@ -240,7 +240,11 @@ fn pattern_value<T: Copy>(patterns: &Patterns<T>, name: &str) -> Result<Option<T
 /// Several patterns with different values matching one module: the first
 /// one written wins (as in PEFT), but `adapter_config.json` is written with
 /// sorted keys (as PEFT writes it), so a reload may pick another one.
-fn warn_ambiguous<T: Copy + PartialEq + std::fmt::Display>(what: &str, patterns: &Patterns<T>, name: &str) {
+fn warn_ambiguous<T: Copy + PartialEq + std::fmt::Display>(
+    what: &str,
+    patterns: &Patterns<T>,
+    name: &str,
+) {
     let hits: Vec<&(String, T)> = patterns
         .iter()
         .filter(|(p, _)| {
@@ -308,8 +312,14 @@ impl AdapterConfig {
             match self.prompt_tuning_init.to_ascii_lowercase().as_str() {
                 "random" | "sample_vocab" => {}
                 "text" => {
-                    if self.prompt_tuning_init_text.as_deref().is_none_or(|t| t.is_empty()) {
-                        return bad("prompt_tuning_init = \"text\" needs `prompt_tuning_init_text`".into());
+                    if self
+                        .prompt_tuning_init_text
+                        .as_deref()
+                        .is_none_or(|t| t.is_empty())
+                    {
+                        return bad(
+                            "prompt_tuning_init = \"text\" needs `prompt_tuning_init_text`".into(),
+                        );
                     }
                 }
                 other => {
@@ -514,9 +524,11 @@ mod tests {
         let o: T = toml::from_str("[p]\nz = 1\nvalue = 2\n").unwrap();
         assert_eq!(o.p.0[0].0, "z", "TOML document order is kept");
         let v = "bert.encoder.layer.0.attention.self.value";
-        let j: Patterns<usize> = serde_json::from_str(r#"{"value": 4, "layer.0.attention.self.value": 5}"#).unwrap();
+        let j: Patterns<usize> =
+            serde_json::from_str(r#"{"value": 4, "layer.0.attention.self.value": 5}"#).unwrap();
         assert_eq!(pattern_value(&j, v).unwrap(), Some(4));
-        let j: Patterns<usize> = serde_json::from_str(r#"{"layer.0.attention.self.value": 5, "value": 4}"#).unwrap();
+        let j: Patterns<usize> =
+            serde_json::from_str(r#"{"layer.0.attention.self.value": 5, "value": 4}"#).unwrap();
         assert_eq!(pattern_value(&j, v).unwrap(), Some(5));
         let p = Patterns(vec![("value".to_string(), 2usize)]);
         assert_eq!(
@@ -581,7 +593,11 @@ fn adapted_linear(store: &ParamStore, path: &str) -> Result<crate::nn::linear::L
                 "adapter on `{path}` but `{path}.weight` is {d:?}, not 2-D"
             )))
         }
-        None => return Err(Error::msg(format!("adapter on `{path}` but no `{path}.weight`"))),
+        None => {
+            return Err(Error::msg(format!(
+                "adapter on `{path}` but no `{path}.weight`"
+            )))
+        }
     };
     let bias = store.contains(&format!("{path}.bias"));
     crate::nn::linear::Linear::load_with(&crate::params::Path::root(store, path), i, o, bias)

@@ -148,7 +148,8 @@ fn read_prompt_tuning(raw: &Value, file: &Path) -> Result<AdapterConfig> {
     let err = |m: String| Error::file(file, m);
     let n = raw["num_virtual_tokens"]
         .as_u64()
-        .ok_or_else(|| err("PROMPT_TUNING without `num_virtual_tokens`".into()))? as usize;
+        .ok_or_else(|| err("PROMPT_TUNING without `num_virtual_tokens`".into()))?
+        as usize;
     match raw["num_transformer_submodules"].as_u64() {
         None | Some(1) => {}
         Some(k) => {
@@ -256,7 +257,12 @@ pub fn save(
             c.insert("r", json!(cfg.r));
             c.insert("lora_alpha", json!(cfg.lora_alpha));
             // The shortest decimal of the f32 (0.05, not 0.05000000074505806).
-            c.insert("lora_dropout", json!(format!("{}", cfg.lora_dropout).parse::<f64>().unwrap_or(0.0)));
+            c.insert(
+                "lora_dropout",
+                json!(format!("{}", cfg.lora_dropout)
+                    .parse::<f64>()
+                    .unwrap_or(0.0)),
+            );
             c.insert("bias", json!("none"));
             c.insert("use_rslora", json!(cfg.use_rslora));
             c.insert("use_dora", json!(cfg.use_dora));
@@ -274,7 +280,13 @@ pub fn save(
         }
         AdapterType::PromptTuning => {
             // PEFT's PromptTuningConfig fields (LoRA's do not apply).
-            for k in ["target_modules", "modules_to_save", "exclude_modules", "layers_to_transform", "layers_pattern"] {
+            for k in [
+                "target_modules",
+                "modules_to_save",
+                "exclude_modules",
+                "layers_to_transform",
+                "layers_pattern",
+            ] {
                 c.remove(k);
             }
             c.insert("peft_type", json!("PROMPT_TUNING"));
@@ -283,8 +295,14 @@ pub fn save(
             c.insert("num_transformer_submodules", json!(1));
             c.insert("num_attention_heads", json!(cfg.num_attention_heads));
             c.insert("num_layers", json!(cfg.num_layers));
-            c.insert("prompt_tuning_init", json!(cfg.prompt_tuning_init.to_ascii_uppercase()));
-            c.insert("prompt_tuning_init_text", json!(cfg.prompt_tuning_init_text));
+            c.insert(
+                "prompt_tuning_init",
+                json!(cfg.prompt_tuning_init.to_ascii_uppercase()),
+            );
+            c.insert(
+                "prompt_tuning_init_text",
+                json!(cfg.prompt_tuning_init_text),
+            );
             c.insert("tokenizer_name_or_path", json!(base_model));
             c.insert("tokenizer_kwargs", Value::Null);
             c.insert("modules_to_save", Value::Null);
@@ -298,16 +316,13 @@ pub fn save(
     }
     fsutil::write_json(&dir.join(CONFIG_FILE), &c)?;
     // PEFT saves the soft prompt under its own name, without the model prefix.
-    let tensors = store
-        .iter()
-        .filter(|(_, p)| p.var.is_some())
-        .map(|(n, p)| {
-            let key = if n == super::prompt_tuning::KEY {
-                n.clone()
-            } else {
-                format!("{PREFIX}{n}")
-            };
-            (key, p.tensor.clone())
-        });
+    let tensors = store.iter().filter(|(_, p)| p.var.is_some()).map(|(n, p)| {
+        let key = if n == super::prompt_tuning::KEY {
+            n.clone()
+        } else {
+            format!("{PREFIX}{n}")
+        };
+        (key, p.tensor.clone())
+    });
     crate::train::run::write_safetensors(&dir.join(WEIGHTS_FILE), tensors)
 }

@@ -36,7 +36,9 @@ pub fn init(
                 .get_ids()
                 .to_vec();
             if ids.is_empty() {
-                return Err(Error::msg("prompt_tuning_init_text encodes to no token".to_string()));
+                return Err(Error::msg(
+                    "prompt_tuning_init_text encodes to no token".to_string(),
+                ));
             }
             // PEFT repeats the text's tokens to fill, then truncates.
             let ids: Vec<u32> = ids.iter().cycle().take(n).copied().collect();

@@ -384,7 +384,9 @@ impl Plan {
         if c.model.base_dtype == BaseDtype::Quantized {
             let gguf = match (&c.model.path, &c.model.asset) {
                 (Some(path), _) => path.extension().is_some_and(|e| e == "gguf"),
-                (None, Some(a)) => crate::hub::assets::asset(a).is_ok_and(|a| a.path.ends_with(".gguf")),
+                (None, Some(a)) => {
+                    crate::hub::assets::asset(a).is_ok_and(|a| a.path.ends_with(".gguf"))
+                }
                 _ => false,
             };
             if !gguf {
@@ -394,7 +396,10 @@ impl Plan {
                 );
             }
             if c.task.kind != TaskType::Sft {
-                return err("model.base_dtype", "\"quantized\" is for decoder runs (task.type = \"sft\")".into());
+                return err(
+                    "model.base_dtype",
+                    "\"quantized\" is for decoder runs (task.type = \"sft\")".into(),
+                );
             }
             if c.adapter.is_none() {
                 return err(
@@ -405,7 +410,8 @@ impl Plan {
             if c.adapter.as_ref().is_some_and(|a| a.use_dora) {
                 return err(
                     "model.base_dtype",
-                    "DoRA needs the base weight's row norms: use \"f32\" with adapter.use_dora".into(),
+                    "DoRA needs the base weight's row norms: use \"f32\" with adapter.use_dora"
+                        .into(),
                 );
             }
         }
@@ -509,17 +515,26 @@ impl Plan {
                 let chat = d.messages.is_some();
                 let pc = d.prompt.is_some() || d.completion.is_some();
                 if chat == pc {
-                    return err("data", "SFT needs `messages` (chat rows) or `prompt` + `completion`".into());
+                    return err(
+                        "data",
+                        "SFT needs `messages` (chat rows) or `prompt` + `completion`".into(),
+                    );
                 }
                 if pc && (d.prompt.is_none() || d.completion.is_none()) {
                     return err("data", "give both `prompt` and `completion`".into());
                 }
                 if let Some(o) = &d.overflow {
                     if !matches!(o.as_str(), "truncate" | "skip" | "error") {
-                        return err("data.overflow", format!("`{o}` is not truncate, skip or error"));
+                        return err(
+                            "data.overflow",
+                            format!("`{o}` is not truncate, skip or error"),
+                        );
                     }
                 }
-                if c.freeze.preset != "full" || !c.freeze.frozen.is_empty() || !c.freeze.trainable.is_empty() {
+                if c.freeze.preset != "full"
+                    || !c.freeze.frozen.is_empty()
+                    || !c.freeze.trainable.is_empty()
+                {
                     return err("freeze", "SFT trains the whole model or an [adapter]; partial freezing of decoders is not supported yet".into());
                 }
             }
@@ -530,7 +545,10 @@ impl Plan {
                     }
                 }
                 if c.data.packing || c.data.messages.is_some() || c.data.prompt.is_some() {
-                    return err("data", "`messages`, `prompt` and `packing` are for task.type = \"sft\"".into());
+                    return err(
+                        "data",
+                        "`messages`, `prompt` and `packing` are for task.type = \"sft\"".into(),
+                    );
                 }
             }
         }
@@ -642,7 +660,8 @@ lr = 1e-4
         assert_eq!(p.config.model.base_dtype, BaseDtype::Quantized);
         let asset = sft.replace("path = \"m.gguf\"", "asset = \"smollm2-135m-instruct\"");
         Plan::from_str(&asset, Path::new("x.toml"), &[]).unwrap();
-        let f32 = Plan::from_str(sft, Path::new("x.toml"), &["model.base_dtype=f32".into()]).unwrap();
+        let f32 =
+            Plan::from_str(sft, Path::new("x.toml"), &["model.base_dtype=f32".into()]).unwrap();
         assert_eq!(f32.config.model.base_dtype, BaseDtype::F32);
         for (set, want) in [
             ("model.path=m", "needs a GGUF model"),
@@ -655,10 +674,17 @@ lr = 1e-4
             assert!(e.contains("base_dtype") && e.contains(want), "{set}: {e}");
         }
         let no_adapter = &sft[..sft.find("[adapter]").unwrap()].to_string();
-        let e = Plan::from_str(&format!("{no_adapter}[train]\nlr = 1e-4\n"), Path::new("x.toml"), &[])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("`model.base_dtype`") && e.contains("[adapter]"), "{e}");
+        let e = Plan::from_str(
+            &format!("{no_adapter}[train]\nlr = 1e-4\n"),
+            Path::new("x.toml"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`model.base_dtype`") && e.contains("[adapter]"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,9 +9,9 @@
 mod batch;
 mod field;
 mod labels;
+pub mod sft;
 mod source;
 mod split;
-pub mod sft;
 
 pub use batch::{Batch, BatchTensors, EpochOrder};
 pub use field::{FieldPath, Segment};

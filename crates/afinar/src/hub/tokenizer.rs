@@ -365,7 +365,9 @@ mod tests {
         let batch = tok.encode_batch(&["hello world", "hello"], None).unwrap();
         assert_eq!(batch[0].0.len(), 4);
         assert_eq!(batch[1].0, vec![101, 7592, 102]);
-        assert!(tok.encode_batch(&["a"], Some(&[Some("b"), Some("c")])).is_err());
+        assert!(tok
+            .encode_batch(&["a"], Some(&[Some("b"), Some("c")]))
+            .is_err());
         // A row without a pair in a batch with pairs is encoded alone.
         let mixed = tok
             .encode_batch(&["hello world", "hello"], Some(&[None, Some("world")]))

@@ -6,8 +6,8 @@
 //! `candle-transformers/src/models/bert.rs`, on afinar's differentiable ops.
 //! Field names copy the checkpoint keys.
 
-use crate::nn::{self, maybe_dropout, DropoutRng, Weight};
 pub use crate::nn::linear::{Adapter, LayerNorm, Linear};
+use crate::nn::{self, maybe_dropout, DropoutRng, Weight};
 use crate::params::Path;
 use crate::{Error, Result};
 use candle_core::{Tensor, D};

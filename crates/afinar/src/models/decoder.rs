@@ -59,7 +59,9 @@ impl DecoderInputs {
     ) -> Result<Self> {
         let mut x = Self::new(ids, mask, b, t)?;
         if positions.len() != b * t || segments.len() != b * t {
-            return Err(Error::msg("packed inputs: positions / segments length".to_string()));
+            return Err(Error::msg(
+                "packed inputs: positions / segments length".to_string(),
+            ));
         }
         x.positions = Arc::new(positions);
         x.segments = Some(Arc::new(segments));
@@ -76,7 +78,11 @@ impl DecoderInputs {
         let mut seg = self.segments.as_ref().map(|_| Vec::with_capacity(b * tt));
         for r in 0..b {
             pos.extend(0..p as u32);
-            pos.extend(self.positions[r * t..(r + 1) * t].iter().map(|x| x + p as u32));
+            pos.extend(
+                self.positions[r * t..(r + 1) * t]
+                    .iter()
+                    .map(|x| x + p as u32),
+            );
             mask.extend(std::iter::repeat(1.0).take(p));
             mask.extend_from_slice(&self.key_mask[r * t..(r + 1) * t]);
             if let (Some(s), Some(src)) = (seg.as_mut(), self.segments.as_ref()) {
@@ -110,7 +116,9 @@ impl KvCache {
     }
     pub fn ensure_layers(&mut self, n: usize, b: usize) {
         if self.layers.len() != n {
-            self.layers = (0..n).map(|_| (vec![Vec::new(); b], vec![Vec::new(); b])).collect();
+            self.layers = (0..n)
+                .map(|_| (vec![Vec::new(); b], vec![Vec::new(); b]))
+                .collect();
         }
     }
 }
@@ -141,7 +149,9 @@ pub fn cached_attention(
         cache.0[r].extend_from_slice(&kf[r * tn * kvd..(r + 1) * tn * kvd]);
         cache.1[r].extend_from_slice(&vf[r * tn * kvd..(r + 1) * tn * kvd]);
         if cache.0[r].len() != t_total * kvd {
-            return Err(Error::msg("KV cache length out of step with the positions".to_string()));
+            return Err(Error::msg(
+                "KV cache length out of step with the positions".to_string(),
+            ));
         }
         kc.extend_from_slice(&cache.0[r]);
         vc.extend_from_slice(&cache.1[r]);
@@ -389,7 +399,9 @@ impl Decoder {
         let p = prompt.t.dim(0)?;
         let x = self.embed(&inp.ids)?; // [B, T, C]
         let (b, t, c) = x.dims3()?;
-        let pe = Self::prompt_embeds(prompt)?.unsqueeze(0)?.broadcast_as((b, p, c))?;
+        let pe = Self::prompt_embeds(prompt)?
+            .unsqueeze(0)?
+            .broadcast_as((b, p, c))?;
         let x = Tensor::cat(&[&pe, &x], 1)?; // [B, P + T, C]
         let hidden = self.forward_embeds(&x, &inp.with_prefix(p)?, rng)?;
         Ok(hidden.narrow(1, p, t)?)
@@ -448,7 +460,11 @@ pub struct LmSource {
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {
     match v {
         serde_json::Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -482,7 +498,11 @@ pub fn load_lm(path: &std::path::Path, selector: Selector) -> Result<LmSource> {
 }
 
 /// [`load_lm`] with options (a GGUF's linear weights kept quantised).
-pub fn load_lm_with(path: &std::path::Path, selector: Selector, opts: LoadOpts) -> Result<LmSource> {
+pub fn load_lm_with(
+    path: &std::path::Path,
+    selector: Selector,
+    opts: LoadOpts,
+) -> Result<LmSource> {
     if is_gguf(path) {
         return load_lm_gguf(path, selector, opts);
     }
@@ -619,7 +639,8 @@ fn load_lm_gguf(path: &std::path::Path, selector: Selector, opts: LoadOpts) -> R
     let (cfg, raw, store) = gguf_params(&g, selector, opts)?;
     let t = gguf::tokenizer::tokenizer_from_gguf(&g)?;
     let tok_str = |id: Option<u32>| {
-        id.and_then(|i| t.tokenizer.id_to_token(i)).unwrap_or_default()
+        id.and_then(|i| t.tokenizer.id_to_token(i))
+            .unwrap_or_default()
     };
     let mut eos_ids: Vec<u32> = t.eos_id.into_iter().collect();
     // ChatML templates end a turn with <|im_end|>: generation stops there too.
@@ -656,7 +677,11 @@ pub struct AdaptedLm {
 /// The base of an adapter folder: `base` if given, else afinar's note
 /// (`afinar_lm.json`), else PEFT's `base_model_name_or_path` (a path, or the
 /// hub id of a fetched asset).
-fn adapter_base(ad: &std::path::Path, raw: &serde_json::Value, base: Option<&std::path::Path>) -> Result<std::path::PathBuf> {
+fn adapter_base(
+    ad: &std::path::Path,
+    raw: &serde_json::Value,
+    base: Option<&std::path::Path>,
+) -> Result<std::path::PathBuf> {
     if let Some(b) = base {
         return Ok(b.to_path_buf());
     }
@@ -705,7 +730,9 @@ pub fn load_lm_adapter(
         if let Some(d) = cfg.token_dim.filter(|&d| d != dim) {
             return Err(Error::file(
                 ad.join(crate::adapters::peft::CONFIG_FILE),
-                format!("token_dim {d} but the base model's hidden size is {dim} (another base model?)"),
+                format!(
+                    "token_dim {d} but the base model's hidden size is {dim} (another base model?)"
+                ),
             ));
         }
         let file = ad.join(crate::adapters::peft::WEIGHTS_FILE);
@@ -723,10 +750,17 @@ pub fn load_lm_adapter(
             });
         }
         if let Some(other) = ckpt.names().into_iter().find(|n| n != prompt_tuning::KEY) {
-            return Err(Error::file(&file, format!("unexpected tensor `{other}` in a prompt-tuning adapter")));
+            return Err(Error::file(
+                &file,
+                format!("unexpected tensor `{other}` in a prompt-tuning adapter"),
+            ));
         }
         src.store.insert(prompt_tuning::KEY, t)?;
-        prompt = Some(src.store.get(prompt_tuning::KEY, &[cfg.num_virtual_tokens, dim])?.t);
+        prompt = Some(
+            src.store
+                .get(prompt_tuning::KEY, &[cfg.num_virtual_tokens, dim])?
+                .t,
+        );
     } else {
         let linears = crate::adapters::linear_modules(&src.store);
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);

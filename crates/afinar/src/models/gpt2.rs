@@ -84,7 +84,13 @@ impl Gpt2Config {
             );
         }
         if self.n_head == 0 || self.n_embd % self.n_head != 0 {
-            return bad("n_head", format!("n_embd {} is not divisible by {} heads", self.n_embd, self.n_head));
+            return bad(
+                "n_head",
+                format!(
+                    "n_embd {} is not divisible by {} heads",
+                    self.n_embd, self.n_head
+                ),
+            );
         }
         if !self.scale_attn_weights || self.scale_attn_by_inverse_layer_idx {
             return bad(
@@ -93,7 +99,10 @@ impl Gpt2Config {
             );
         }
         if !self.tie_word_embeddings {
-            return bad("tie_word_embeddings", "an untied GPT-2 head is not supported".into());
+            return bad(
+                "tie_word_embeddings",
+                "an untied GPT-2 head is not supported".into(),
+            );
         }
         Ok(())
     }

@@ -91,8 +91,7 @@ impl LlamaConfig {
     }
     /// q/k/v biases: `attention_bias`, or Qwen2's always-on q/k/v biases.
     pub fn qkv_bias(&self) -> bool {
-        self.attention_bias
-            .unwrap_or(self.model_type == "qwen2")
+        self.attention_bias.unwrap_or(self.model_type == "qwen2")
     }
     pub fn o_bias(&self) -> bool {
         self.attention_bias.unwrap_or(false)
@@ -102,17 +101,27 @@ impl LlamaConfig {
     pub fn validate(&self, file: &std::path::Path) -> Result<()> {
         let bad = |key: &str, msg: String| Err(Error::file(file, format!("`{key}`: {msg}")));
         if self.hidden_act != "silu" {
-            return bad("hidden_act", format!("`{}` is not supported (silu)", self.hidden_act));
+            return bad(
+                "hidden_act",
+                format!("`{}` is not supported (silu)", self.hidden_act),
+            );
         }
         let h = self.num_attention_heads;
         if h == 0 || self.kv_heads() == 0 || h % self.kv_heads() != 0 {
             return bad(
                 "num_key_value_heads",
-                format!("{} query heads are not a multiple of {} KV heads", h, self.kv_heads()),
+                format!(
+                    "{} query heads are not a multiple of {} KV heads",
+                    h,
+                    self.kv_heads()
+                ),
             );
         }
         if self.head_dim() % 2 != 0 {
-            return bad("head_dim", format!("{} is odd: RoPE needs pairs", self.head_dim()));
+            return bad(
+                "head_dim",
+                format!("{} is odd: RoPE needs pairs", self.head_dim()),
+            );
         }
         let rope_type = |v: &serde_json::Value| -> Option<String> {
             v.get("rope_type")
@@ -120,7 +129,10 @@ impl LlamaConfig {
                 .and_then(|t| t.as_str())
                 .map(String::from)
         };
-        for (key, v) in [("rope_scaling", &self.rope_scaling), ("rope_parameters", &self.rope_parameters)] {
+        for (key, v) in [
+            ("rope_scaling", &self.rope_scaling),
+            ("rope_parameters", &self.rope_parameters),
+        ] {
             if let Some(t) = v.as_ref().filter(|v| !v.is_null()).and_then(rope_type) {
                 if t != "default" {
                     return bad(key, format!("rope_type `{t}` is not supported (default)"));
@@ -242,7 +254,16 @@ impl LlamaLayer {
         let k = nn::rope(&self.k_proj.forward(&hn)?, rope, positions, self.kv_heads)?;
         let v = self.v_proj.forward(&hn)?;
         let ctx = super::decoder::cached_attention(
-            &q, &k, &v, cache, b, tn, t_past, self.heads, self.kv_heads, self.head_dim,
+            &q,
+            &k,
+            &v,
+            cache,
+            b,
+            tn,
+            t_past,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
         )?;
         let x = x.add(&self.o_proj.forward(&ctx)?)?;
         let hn = self.post_attention_layernorm.forward(&x)?;
@@ -280,7 +301,11 @@ impl Llama {
             layers,
             norm,
             lm_head,
-            rope: Arc::new(RopeTable::new(cfg.head_dim(), cfg.theta(), cfg.max_position_embeddings)),
+            rope: Arc::new(RopeTable::new(
+                cfg.head_dim(),
+                cfg.theta(),
+                cfg.max_position_embeddings,
+            )),
             config: cfg.clone(),
         })
     }

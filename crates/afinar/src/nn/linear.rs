@@ -295,7 +295,6 @@ pub fn maybe_dropout(x: Tensor, p: f32, rng: Option<&DropoutRng>) -> Result<Tens
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,7 +355,8 @@ mod tests {
                 AdapterMeta::Ia3 { feedforward } => {
                     let shape = if *feedforward { [1, IN] } else { [OUT, 1] };
                     let n = shape[0] * shape[1];
-                    s.insert_trainable("m.ia3_l", t(randn(n, 6), &shape)).unwrap();
+                    s.insert_trainable("m.ia3_l", t(randn(n, 6), &shape))
+                        .unwrap();
                 }
             }
             s.adapters.insert("m".into(), meta.clone());
@@ -393,7 +393,10 @@ mod tests {
             // Relative to the gradient's size (sums over every position).
             let scale = max_diff(&b, &b.zeros_like().unwrap()).max(1.0);
             let d = max_diff(&a, &b);
-            assert!(d < 1e-4 * scale, "{ty} {meta:?}: {name} gradient differs by {d}");
+            assert!(
+                d < 1e-4 * scale,
+                "{ty} {meta:?}: {name} gradient differs by {d}"
+            );
         }
         // The base: no gradient buffer on the quantised side at all.
         assert!(sq.grad("m.weight").unwrap().is_none());
@@ -409,7 +412,12 @@ mod tests {
         for ty in [GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_0] {
             check_equal(
                 ty,
-                AdapterMeta::Lora { r: R, scale: 2.0, dropout: 0.0, dora: false },
+                AdapterMeta::Lora {
+                    r: R,
+                    scale: 2.0,
+                    dropout: 0.0,
+                    dora: false,
+                },
             );
         }
     }
@@ -425,7 +433,12 @@ mod tests {
     fn quantized_base_refuses_dora_shape_and_in_place_merge() {
         let (sq, _) = stores(
             GgmlType::Q8_0,
-            AdapterMeta::Lora { r: R, scale: 1.0, dropout: 0.0, dora: true },
+            AdapterMeta::Lora {
+                r: R,
+                scale: 1.0,
+                dropout: 0.0,
+                dora: true,
+            },
         );
         let e = load(&sq).err().unwrap().to_string();
         assert_eq!(
@@ -434,7 +447,12 @@ mod tests {
         );
         let (sq, _) = stores(
             GgmlType::Q8_0,
-            AdapterMeta::Lora { r: R, scale: 1.0, dropout: 0.0, dora: false },
+            AdapterMeta::Lora {
+                r: R,
+                scale: 1.0,
+                dropout: 0.0,
+                dora: false,
+            },
         );
         let e = Linear::load_with(&Path::root(&sq, "m"), IN, OUT + 1, true)
             .err()
@@ -455,21 +473,38 @@ mod tests {
     fn quantized_weights_count_list_and_save_as_f32() {
         let (sq, _) = stores(
             GgmlType::Q4_1,
-            AdapterMeta::Lora { r: R, scale: 1.0, dropout: 0.0, dora: false },
+            AdapterMeta::Lora {
+                r: R,
+                scale: 1.0,
+                dropout: 0.0,
+                dora: false,
+            },
         );
         // weight (quantised) + bias + A + B
         let all = OUT * IN + OUT + R * IN + OUT * R;
         assert_eq!(sq.counts(), (R * IN + OUT * R, all));
         let s = sq.summary();
-        assert!(s.contains(&format!("all params: {all}")) && s.contains("quantized params: 3072 in 1 tensors"), "{s}");
-        assert_eq!(crate::adapters::linear_modules(&sq), vec![("m".to_string(), OUT, IN)]);
-        assert_eq!(sq.unused(), vec!["m.bias", "m.lora_A.weight", "m.lora_B.weight", "m.weight"]);
+        assert!(
+            s.contains(&format!("all params: {all}"))
+                && s.contains("quantized params: 3072 in 1 tensors"),
+            "{s}"
+        );
+        assert_eq!(
+            crate::adapters::linear_modules(&sq),
+            vec![("m".to_string(), OUT, IN)]
+        );
+        assert_eq!(
+            sq.unused(),
+            vec!["m.bias", "m.lora_A.weight", "m.lora_B.weight", "m.weight"]
+        );
         let merged = crate::adapters::merged_state(&sq).unwrap();
         assert_eq!(merged["m.weight"].dims(), &[OUT, IN]);
         assert!(!merged.contains_key("m.lora_A.weight"));
         // modules_to_save on a quantised weight trains it as f32.
         let mut sq = sq;
         sq.make_trainable("m.weight").unwrap();
-        assert!(!sq.is_quantized("m.weight") && sq.trainable().iter().any(|(n, _)| n == "m.weight"));
+        assert!(
+            !sq.is_quantized("m.weight") && sq.trainable().iter().any(|(n, _)| n == "m.weight")
+        );
     }
 }

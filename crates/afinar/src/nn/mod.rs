@@ -2,9 +2,9 @@
 //! hand-written backward where candle's stock ops have none or waste work.
 
 pub mod kernels;
+pub mod linear;
 pub mod llm_kernels;
 pub mod llm_ops;
-pub mod linear;
 pub mod ops;
 pub mod qlinear;
 

@@ -380,7 +380,11 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
 
     // ---- data
     let splits = load_splits(plan)?;
-    let task = c.task.kind.head().ok_or_else(|| Error::msg("not a sequence task"))?;
+    let task = c
+        .task
+        .kind
+        .head()
+        .ok_or_else(|| Error::msg("not a sequence task"))?;
     let labels = match task {
         TaskKind::Classification => {
             Some(LabelMap::from_examples(&splits.train.0, &splits.train.1)?)
@@ -503,7 +507,9 @@ impl Objective for Classify<'_> {
                 None => return Ok(None),
             },
         };
-        Ok(Some(evaluate(self.model, set, self.pad_id, self.eval_bs)?.0))
+        Ok(Some(
+            evaluate(self.model, set, self.pad_id, self.eval_bs)?.0,
+        ))
     }
     fn save(&self, store: &ParamStore, name: &str) -> Result<()> {
         self.run.save_model(store, name)

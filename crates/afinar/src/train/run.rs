@@ -331,8 +331,7 @@ pub struct LoadOptions {
 /// (`adapter_config.json` + `adapter_model.safetensors`, task SEQ_CLS) on
 /// top of a base model.
 pub fn load_run_with(path: &Path, opts: &LoadOptions) -> Result<RunModel> {
-    if path.join(crate::adapters::peft::CONFIG_FILE).is_file()
-        && !path.join(ADAPTER_META).is_file()
+    if path.join(crate::adapters::peft::CONFIG_FILE).is_file() && !path.join(ADAPTER_META).is_file()
     {
         return load_peft_folder(path, opts);
     }

@@ -14,13 +14,15 @@ use super::run::{write_dir_atomic, write_safetensors, RunWriter};
 use super::{run_loop, Event, Objective, Split, TrainOptions, TrainReport};
 use crate::config::Plan;
 use crate::data::sft::{
-    pad_batch, pack, read_sft, Overflow, Role, SftBatch, SftEncoder, SftExample,
-    SftFormat, SftTokens,
+    pack, pad_batch, read_sft, Overflow, Role, SftBatch, SftEncoder, SftExample, SftFormat,
+    SftTokens,
 };
 use crate::data::{seeded_split, FieldPath};
 use crate::generate::GenerateConfig;
 use crate::hub::chat_template::ChatTemplate;
-use crate::models::decoder::{load_lm_with, Decoder, DecoderConfig, DecoderInputs, LmSource, LoadOpts};
+use crate::models::decoder::{
+    load_lm_with, Decoder, DecoderConfig, DecoderInputs, LmSource, LoadOpts,
+};
 use crate::nn::DropoutRng;
 use crate::params::{ParamStore, Selector};
 use crate::{fsutil, Error, Result};
@@ -35,7 +37,10 @@ pub fn resolve_model_path(plan: &Plan) -> Result<PathBuf> {
     let m = &plan.config.model;
     if let Some(p) = &m.path {
         if !p.exists() {
-            return Err(Error::file(p, "model path does not exist (config `model.path`)"));
+            return Err(Error::file(
+                p,
+                "model path does not exist (config `model.path`)",
+            ));
         }
         return Ok(p.clone());
     }
@@ -170,7 +175,9 @@ impl Sft<'_> {
             let refs: Vec<&SftTokens> = chunk.iter().map(|&i| &rows[i]).collect();
             let b = pad_batch(&refs, self.src.pad_id)?;
             let inp = Self::batch_inputs(&b)?;
-            let hidden = self.model.forward_prompted(self.prompt.as_ref(), &inp, None)?;
+            let hidden = self
+                .model
+                .forward_prompted(self.prompt.as_ref(), &inp, None)?;
             let (loss, k) = self.model.lm_loss(&hidden, &b.labels)?;
             sum += loss.to_vec0::<f32>()? as f64 * k as f64;
             n += k;
@@ -182,7 +189,14 @@ impl Sft<'_> {
     /// exactly (after trimming whitespace).
     fn exact_match(&self, rows: &[Scored]) -> Result<f64> {
         let prefix = self.prompt.as_ref().map(|p| p.t.detach());
-        exact_match(self.model, prefix.as_ref(), self.src, self.template, rows, self.max_new_tokens)
+        exact_match(
+            self.model,
+            prefix.as_ref(),
+            self.src,
+            self.template,
+            rows,
+            self.max_new_tokens,
+        )
     }
 }
 
@@ -246,16 +260,16 @@ impl Objective for Sft<'_> {
     fn loss(&self, idx: &[usize], drop: &DropoutRng) -> Result<(candle_core::Tensor, usize)> {
         let b = match &self.packed {
             Some(p) => SftBatch::from_packed(&idx.iter().map(|&i| &p[i]).collect::<Vec<_>>())?,
-            None => {
-                pad_batch(
-                    &idx.iter().map(|&i| &self.train_rows[i]).collect::<Vec<_>>(),
-                    self.src.pad_id,
-                )?
-            }
+            None => pad_batch(
+                &idx.iter().map(|&i| &self.train_rows[i]).collect::<Vec<_>>(),
+                self.src.pad_id,
+            )?,
         };
         let tokens = b.attention_mask.iter().filter(|&&m| m != 0).count();
         let inp = Self::batch_inputs(&b)?;
-        let hidden = self.model.forward_prompted(self.prompt.as_ref(), &inp, Some(drop))?;
+        let hidden = self
+            .model
+            .forward_prompted(self.prompt.as_ref(), &inp, Some(drop))?;
         let (loss, _) = self.model.lm_loss(&hidden, &b.labels)?;
         Ok((loss, tokens))
     }
@@ -270,7 +284,11 @@ impl Objective for Sft<'_> {
             Split::Test => {
                 for set in self.tests {
                     let (loss, _) = self.loss_on(&set.tokens)?;
-                    let p = if set.name == "test" { String::new() } else { format!("{}_", set.name) };
+                    let p = if set.name == "test" {
+                        String::new()
+                    } else {
+                        format!("{}_", set.name)
+                    };
                     if set.name == "test" {
                         m.insert("loss".into(), loss);
                     } else {
@@ -299,17 +317,28 @@ struct Saver<'a> {
 
 impl Saver<'_> {
     fn save(&self, store: &ParamStore, name: &str) -> Result<()> {
-        let prompt_tuning =
-            self.adapter.is_some_and(|a| a.kind == crate::adapters::AdapterType::PromptTuning);
+        let prompt_tuning = self
+            .adapter
+            .is_some_and(|a| a.kind == crate::adapters::AdapterType::PromptTuning);
         if prompt_tuning {
             // The soft prompt does not merge into the weights: the run's
             // result is the adapter alone (`<run>/adapter`, or
             // `<run>/checkpoint-last/adapter` when interrupted).
-            let dir = if name == "model" { self.dir.join("adapter") } else { self.dir.join(name).join("adapter") };
+            let dir = if name == "model" {
+                self.dir.join("adapter")
+            } else {
+                self.dir.join(name).join("adapter")
+            };
             let ad = self.adapter.expect("prompt tuning is an adapter");
             let base = std::fs::canonicalize(&self.src.path).unwrap_or(self.src.path.clone());
             return write_dir_atomic(&dir, |tmp| {
-                crate::adapters::peft::save(tmp, store, ad, &base.display().to_string(), "CAUSAL_LM")?;
+                crate::adapters::peft::save(
+                    tmp,
+                    store,
+                    ad,
+                    &base.display().to_string(),
+                    "CAUSAL_LM",
+                )?;
                 fsutil::write_json(
                     &tmp.join(LM_META),
                     &serde_json::json!({ "base_model_path": base, "task": "sft" }),
@@ -319,7 +348,13 @@ impl Saver<'_> {
         if let (Some(ad), "model") = (self.adapter, name) {
             let base = std::fs::canonicalize(&self.src.path).unwrap_or(self.src.path.clone());
             write_dir_atomic(&self.dir.join("adapter"), |tmp| {
-                crate::adapters::peft::save(tmp, store, ad, &base.display().to_string(), "CAUSAL_LM")?;
+                crate::adapters::peft::save(
+                    tmp,
+                    store,
+                    ad,
+                    &base.display().to_string(),
+                    "CAUSAL_LM",
+                )?;
                 fsutil::write_json(
                     &tmp.join(LM_META),
                     &serde_json::json!({ "base_model_path": base, "task": "sft" }),
@@ -403,18 +438,28 @@ fn read_rows(
     Ok(out)
 }
 
-pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Result<TrainReport> {
+pub fn train_sft(
+    plan: &Plan,
+    opts: &TrainOptions,
+    on: &mut dyn FnMut(Event),
+) -> Result<TrainReport> {
     let t0 = Instant::now();
     let c = &plan.config;
     let d = &c.data;
     let model_path = resolve_model_path(plan)?;
-    let selector = if c.adapter.is_some() { Selector::none() } else { Selector::all() };
+    let selector = if c.adapter.is_some() {
+        Selector::none()
+    } else {
+        Selector::all()
+    };
     let load_opts = LoadOpts {
         quantized: c.model.base_dtype == crate::config::BaseDtype::Quantized,
     };
     let mut src = load_lm_with(&model_path, selector, load_opts)?;
-    src.cfg
-        .set_dropout(c.model.hidden_dropout_prob, c.model.attention_probs_dropout_prob);
+    src.cfg.set_dropout(
+        c.model.hidden_dropout_prob,
+        c.model.attention_probs_dropout_prob,
+    );
     let max_len = c.model.max_length.min(src.cfg.max_positions());
     let template = src
         .chat_template
@@ -446,7 +491,10 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
             path: PathBuf::from(&d.train),
             rows: idx
                 .iter()
-                .map(|&i| crate::data::sft::SftRow { line: i + 1, example: all[i].clone() })
+                .map(|&i| crate::data::sft::SftRow {
+                    line: i + 1,
+                    example: all[i].clone(),
+                })
                 .collect(),
         };
         let (t, stats) = enc.encode_rows(&rows)?;
@@ -466,7 +514,10 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
                 rows: ex
                     .into_iter()
                     .enumerate()
-                    .map(|(i, example)| crate::data::sft::SftRow { line: i + 1, example })
+                    .map(|(i, example)| crate::data::sft::SftRow {
+                        line: i + 1,
+                        example,
+                    })
                     .collect(),
             })?;
             t
@@ -481,16 +532,28 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
     let mut tests = vec![EvalSet {
         name: "test".into(),
         tokens: encode(&test_idx, "test", on)?,
-        scored: test_idx.iter().filter_map(|&i| scored(&all[i])).take(n_gen).collect(),
+        scored: test_idx
+            .iter()
+            .filter_map(|&i| scored(&all[i]))
+            .take(n_gen)
+            .collect(),
     }];
     if let Some(h) = &d.heldout_tasks {
-        for (task, ex) in read_rows(&resolve_data_files(h)?, &format, d.max_rows_per_file, d.split_seed)? {
+        for (task, ex) in read_rows(
+            &resolve_data_files(h)?,
+            &format,
+            d.max_rows_per_file,
+            d.split_seed,
+        )? {
             let (tokens, stats) = enc.encode_rows(&crate::data::sft::SftRows {
                 path: PathBuf::from(h),
                 rows: ex
                     .iter()
                     .enumerate()
-                    .map(|(i, e)| crate::data::sft::SftRow { line: i + 1, example: e.clone() })
+                    .map(|(i, e)| crate::data::sft::SftRow {
+                        line: i + 1,
+                        example: e.clone(),
+                    })
                     .collect(),
             })?;
             on(Event::Info(format!("data (held-out task {task}): {stats}")));
@@ -501,7 +564,11 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
             });
         }
     }
-    let val = EvalSet { name: "validation".into(), tokens: val_tokens, scored: vec![] };
+    let val = EvalSet {
+        name: "validation".into(),
+        tokens: val_tokens,
+        scored: vec![],
+    };
 
     // ---- model
     let mut store = std::mem::replace(&mut src.store, ParamStore::new(Selector::none(), ""));
@@ -510,7 +577,10 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
         ad.fan_in_fan_out = true; // PEFT's marker for GPT-2's Conv1D layers
     }
     let mut prompt_dim = None;
-    if let Some(ad) = adapter_cfg.as_mut().filter(|a| a.kind == crate::adapters::AdapterType::PromptTuning) {
+    if let Some(ad) = adapter_cfg
+        .as_mut()
+        .filter(|a| a.kind == crate::adapters::AdapterType::PromptTuning)
+    {
         store.freeze_all();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seeds.init);
         let embed = store
@@ -521,8 +591,18 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
         let init = crate::adapters::prompt_tuning::init(ad, &embed, &src.tokenizer, &mut rng)?;
         let (n, dim) = init.dims2()?;
         ad.token_dim = Some(dim);
-        ad.num_layers = Some(src.raw_config["num_hidden_layers"].as_u64().or(src.raw_config["n_layer"].as_u64()).unwrap_or(0) as usize);
-        ad.num_attention_heads = Some(src.raw_config["num_attention_heads"].as_u64().or(src.raw_config["n_head"].as_u64()).unwrap_or(0) as usize);
+        ad.num_layers = Some(
+            src.raw_config["num_hidden_layers"]
+                .as_u64()
+                .or(src.raw_config["n_layer"].as_u64())
+                .unwrap_or(0) as usize,
+        );
+        ad.num_attention_heads = Some(
+            src.raw_config["num_attention_heads"]
+                .as_u64()
+                .or(src.raw_config["n_head"].as_u64())
+                .unwrap_or(0) as usize,
+        );
         store.insert_trainable(crate::adapters::prompt_tuning::KEY, init)?;
         prompt_dim = Some([n, dim]);
     } else if let Some(ad) = &c.adapter {
@@ -530,7 +610,11 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seeds.init);
         let linears = crate::adapters::linear_modules(&store);
         for (path, _, _) in &linears {
-            if ad.modules_to_save.iter().any(|m| crate::adapters::matches_key(path, m)) {
+            if ad
+                .modules_to_save
+                .iter()
+                .any(|m| crate::adapters::matches_key(path, m))
+            {
                 store.make_trainable(&format!("{path}.weight"))?;
                 store.make_trainable(&format!("{path}.bias"))?;
             }
@@ -541,14 +625,21 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
     let prompt = prompt_dim
         .map(|shape| store.get(crate::adapters::prompt_tuning::KEY, &shape))
         .transpose()?;
-    crate::models::check_unused(&mut store, &mut |w| on(Event::Info(format!("warning: {w}"))))?;
+    crate::models::check_unused(&mut store, &mut |w| {
+        on(Event::Info(format!("warning: {w}")))
+    })?;
     on(Event::Info(store.summary()));
     if let Some(ad) = &c.adapter {
-        on(Event::Info(if ad.kind == crate::adapters::AdapterType::PromptTuning {
-            format!("adapter: prompt tuning, {} virtual tokens", ad.num_virtual_tokens)
-        } else {
-            format!("adapter: {:?} on {} modules", ad.kind, store.adapters.len())
-        }));
+        on(Event::Info(
+            if ad.kind == crate::adapters::AdapterType::PromptTuning {
+                format!(
+                    "adapter: prompt tuning, {} virtual tokens",
+                    ad.num_virtual_tokens
+                )
+            } else {
+                format!("adapter: {:?} on {} modules", ad.kind, store.adapters.len())
+            },
+        ));
     }
 
     let run = RunWriter::create_log(&opts.run_dir, plan)?;
@@ -575,14 +666,23 @@ pub fn train_sft(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) ->
         eval_bs: c.train.eval_batch_size.unwrap_or(c.train.batch_size * 2),
         max_new_tokens,
         prompt,
-        saver: Saver { dir: opts.run_dir.clone(), src: &src, adapter: adapter_cfg.as_ref() },
+        saver: Saver {
+            dir: opts.run_dir.clone(),
+            src: &src,
+            adapter: adapter_cfg.as_ref(),
+        },
     };
     // Before training: the same test metrics (loss, perplexity, exact match
     // of greedy answers) of the model as loaded.
     if n_gen > 0 {
         if let Some(m) = obj.evaluate(Split::Test)? {
             run.log_eval(0, "test_before", &m)?;
-            on(Event::Eval { step: 0, split: "test_before".into(), metrics: m, best: false });
+            on(Event::Eval {
+                step: 0,
+                split: "test_before".into(),
+                metrics: m,
+                best: false,
+            });
         }
     }
     run_loop(plan, opts, &store, &obj, &run, t0, on)

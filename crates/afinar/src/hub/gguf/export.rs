@@ -105,11 +105,9 @@ fn vocab_of(tok: &tokenizers::Tokenizer) -> Result<GgufVocab> {
             a.iter()
                 .filter_map(|m| match m {
                     serde_json::Value::String(s) => Some(s.clone()),
-                    serde_json::Value::Array(p) => Some(format!(
-                        "{} {}",
-                        p.first()?.as_str()?,
-                        p.get(1)?.as_str()?
-                    )),
+                    serde_json::Value::Array(p) => {
+                        Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
+                    }
                     _ => None,
                 })
                 .collect()
@@ -168,7 +166,10 @@ pub fn write_llama_gguf(
     w.add_metadata("tokenizer.ggml.tokens", str_array(&v.tokens))?;
     w.add_metadata(
         "tokenizer.ggml.token_type",
-        GgufValue::Array(super::GgufValueType::I32, v.types.iter().map(|&t| GgufValue::I32(t)).collect()),
+        GgufValue::Array(
+            super::GgufValueType::I32,
+            v.types.iter().map(|&t| GgufValue::I32(t)).collect(),
+        ),
     )?;
     w.add_metadata("tokenizer.ggml.merges", str_array(&v.merges))?;
     for (key, id) in [
@@ -202,7 +203,11 @@ pub fn write_llama_gguf(
         };
         let shape = t.dims().to_vec();
         let vals = t.flatten_all()?.to_vec1::<f32>()?;
-        let tty = if shape.len() == 1 { GgmlType::F32 } else { ty.ggml() };
+        let tty = if shape.len() == 1 {
+            GgmlType::F32
+        } else {
+            ty.ggml()
+        };
         w.add_f32(g, tty, &shape, &vals)?;
     }
     w.write(path)

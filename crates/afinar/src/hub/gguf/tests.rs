@@ -888,7 +888,8 @@ fn lora_decoder(
     .unwrap();
     let linears = crate::adapters::linear_modules(&store);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    ad.apply(&mut store, &linears, &["lm_head"], &mut rng).unwrap();
+    ad.apply(&mut store, &linears, &["lm_head"], &mut rng)
+        .unwrap();
     // B = 0 at init: give it values so the LoRA path counts in the output.
     for (n, w) in store.trainable() {
         if n.contains("lora_B") {
@@ -929,13 +930,29 @@ fn gguf_quantized_load_matches_f32_with_lora() {
         let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % vocab) as u32).collect();
         let inp = DecoderInputs::new(ids.clone(), vec![1.0; b * t], b, t).unwrap();
         let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        let (hq, hf) = (mq.forward(&inp, None).unwrap(), mf.forward(&inp, None).unwrap());
+        let (hq, hf) = (
+            mq.forward(&inp, None).unwrap(),
+            mf.forward(&inp, None).unwrap(),
+        );
         assert_eq!(hq.dims(), &[b, t, h]);
-        let d = (&hq - &hf).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "hidden states differ by {d}");
+        let d = (&hq - &hf)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(
+            d.to_scalar::<f32>().unwrap() < 1e-4,
+            "hidden states differ by {d}"
+        );
         let (lq, _) = mq.lm_loss(&hq, &labels).unwrap();
         let (lf, _) = mf.lm_loss(&hf, &labels).unwrap();
-        let (lqv, lfv) = (lq.to_scalar::<f32>().unwrap(), lf.to_scalar::<f32>().unwrap());
+        let (lqv, lfv) = (
+            lq.to_scalar::<f32>().unwrap(),
+            lf.to_scalar::<f32>().unwrap(),
+        );
         assert!((lqv - lfv).abs() < 1e-4, "loss {lqv} vs {lfv}");
         lq.backward().unwrap();
         lf.backward().unwrap();
@@ -943,14 +960,25 @@ fn gguf_quantized_load_matches_f32_with_lora() {
         assert_eq!(names.len(), 2 * 3 * layers);
         for n in &names {
             let (gq, gf) = (sq.grad(n).unwrap().unwrap(), sf.grad(n).unwrap().unwrap());
-            let d = (&gq - &gf).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let d = (&gq - &gf)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
             let d = d.to_scalar::<f32>().unwrap();
             assert!(d < 1e-4, "{n}: gradient differs by {d}");
         }
-        let e = gguf_params(&g, crate::params::Selector::all(), LoadOpts { quantized: true })
-            .err()
-            .unwrap()
-            .to_string();
+        let e = gguf_params(
+            &g,
+            crate::params::Selector::all(),
+            LoadOpts { quantized: true },
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("would train") && e.contains("base_dtype"), "{e}");
     }
 }
@@ -970,9 +998,16 @@ fn gguf_real_smollm2_quantized_generates_as_f32() {
     };
     let mut out = Vec::new();
     for quantized in [false, true] {
-        let src = load_lm_with(&path, crate::params::Selector::none(), LoadOpts { quantized })
-            .unwrap();
-        assert_eq!(src.store.quantized().count(), if quantized { 30 * 7 } else { 0 });
+        let src = load_lm_with(
+            &path,
+            crate::params::Selector::none(),
+            LoadOpts { quantized },
+        )
+        .unwrap();
+        assert_eq!(
+            src.store.quantized().count(),
+            if quantized { 30 * 7 } else { 0 }
+        );
         let model = Decoder::load(&src.store, &src.cfg).unwrap();
         let ids = src
             .tokenizer
@@ -980,9 +1015,14 @@ fn gguf_real_smollm2_quantized_generates_as_f32() {
             .unwrap()
             .get_ids()
             .to_vec();
-        let cfg = GenerateConfig { max_new_tokens: 8, ..Default::default() };
+        let cfg = GenerateConfig {
+            max_new_tokens: 8,
+            ..Default::default()
+        };
         let decode = |ids: &[u32]| -> crate::Result<String> {
-            src.tokenizer.decode(ids, true).map_err(|e| crate::Error::msg(e.to_string()))
+            src.tokenizer
+                .decode(ids, true)
+                .map_err(|e| crate::Error::msg(e.to_string()))
         };
         let g = generate(&model, &ids, 2048, &cfg, &decode, &mut |_| {}).unwrap();
         eprintln!("quantized = {quantized}: {:?} {:?}", g.ids, g.text);
