@@ -114,6 +114,14 @@ impl KvCache {
     pub fn new() -> Self {
         Self::default()
     }
+    /// Ready the cache of an `n`-layer model for `tn` new positions of `b`
+    /// rows; returns their position ids `[b * tn]` (continuing the cache).
+    pub fn begin(&mut self, n: usize, b: usize, tn: usize) -> Arc<Vec<u32>> {
+        self.ensure_layers(n, b);
+        let t_past = self.len as u32;
+        Arc::new((0..b).flat_map(|_| t_past..t_past + tn as u32).collect())
+    }
+
     pub fn ensure_layers(&mut self, n: usize, b: usize) {
         if self.layers.len() != n {
             self.layers = (0..n)

@@ -276,12 +276,7 @@ impl Gpt2 {
     pub fn forward_cached_embeds(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, tn, _) = x.dims3()?;
         let t_past = cache.len;
-        let positions: Arc<Vec<u32>> = Arc::new(
-            (0..b)
-                .flat_map(|_| (t_past..t_past + tn).map(|p| p as u32))
-                .collect(),
-        );
-        cache.ensure_layers(self.blocks.len(), b);
+        let positions = cache.begin(self.blocks.len(), b, tn);
         let mut x = self.add_positions(x, &positions)?;
         for (blk, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             x = blk.forward_cached(&x, c, t_past)?;

@@ -350,12 +350,7 @@ impl Llama {
     pub fn forward_cached_embeds(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, tn, _) = x.dims3()?;
         let t_past = cache.len;
-        let positions: Arc<Vec<u32>> = Arc::new(
-            (0..b)
-                .flat_map(|_| (t_past..t_past + tn).map(|p| p as u32))
-                .collect(),
-        );
-        cache.ensure_layers(self.layers.len(), b);
+        let positions = cache.begin(self.layers.len(), b, tn);
         let mut x = x.clone();
         for (l, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = l.forward_cached(&x, &positions, &self.rope, c, t_past)?;

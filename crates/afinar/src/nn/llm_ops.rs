@@ -17,31 +17,10 @@
 pub use super::llm_kernels::RopeTable;
 use super::llm_kernels::{self as lk, CausalShape, Visibility};
 use super::ops::with_f32;
+use super::ops::{cerr, f32s, tensor, CResult};
 use super::Weight;
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Arc;
-
-type CResult<T> = candle_core::Result<T>;
-
-fn cerr(msg: impl std::fmt::Display) -> candle_core::Error {
-    candle_core::Error::Msg(msg.to_string())
-}
-
-/// The contiguous f32 slice behind a custom op's input.
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        return Err(cerr(format!("{what}: expected f32, found {:?}", s.dtype())));
-    };
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| cerr(format!("{what}: input must be contiguous")))?;
-    Ok(&v[a..b])
-}
-
-fn tensor(v: Vec<f32>, shape: impl Into<Shape>) -> CResult<Tensor> {
-    Tensor::from_vec(v, shape, &Device::Cpu)
-}
 
 fn last_dim(dims: &[usize], what: &str) -> CResult<usize> {
     dims.last()
@@ -647,7 +626,7 @@ pub fn lm_logits(hidden: &Tensor, weight: &Tensor) -> CResult<Tensor> {
 mod tests {
     use super::*;
     use crate::nn::kernels;
-    use candle_core::{DType, Var};
+    use candle_core::{DType, Device, Var};
 
     fn rand_vec(n: usize, seed: u64, amp: f32) -> Vec<f32> {
         (0..n)

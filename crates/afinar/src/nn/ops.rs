@@ -16,14 +16,14 @@ use candle_core::{
 use rayon::prelude::*;
 use std::sync::Arc;
 
-type CResult<T> = candle_core::Result<T>;
+pub(crate) type CResult<T> = candle_core::Result<T>;
 
-fn cerr(msg: impl std::fmt::Display) -> candle_core::Error {
+pub(crate) fn cerr(msg: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(msg.to_string())
 }
 
 /// The contiguous f32 slice behind a custom op's input.
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
     let v = match s {
         CpuStorage::F32(v) => v,
         other => {
@@ -64,7 +64,7 @@ pub(crate) fn with_f32<R>(
     }
 }
 
-fn tensor(v: Vec<f32>, shape: impl Into<Shape>) -> CResult<Tensor> {
+pub(crate) fn tensor(v: Vec<f32>, shape: impl Into<Shape>) -> CResult<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)
 }
 

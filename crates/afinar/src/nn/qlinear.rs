@@ -17,28 +17,13 @@
 use super::kernels::{self, Mat};
 use super::Weight;
 use crate::hub::gguf::QTensor;
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Arc;
 
-type CResult<T> = candle_core::Result<T>;
-
-fn cerr(msg: impl std::fmt::Display) -> candle_core::Error {
-    candle_core::Error::Msg(msg.to_string())
-}
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        return Err(cerr(format!("{what}: expected f32, found {:?}", s.dtype())));
-    };
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| cerr(format!("{what}: input must be contiguous")))?;
-    Ok(&v[a..b])
-}
+use super::ops::{cerr, f32s, CResult};
 
 thread_local! {
     /// The dequantised tile of the thread doing it (reused across calls).
