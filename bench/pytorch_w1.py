@@ -35,7 +35,8 @@ DEFAULT_MODEL = ROOT / ".cache" / "afinar" / "all-minilm-l6-v2-dev"
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["full", "last2", "infer", "lora"], default="full")
+    ap.add_argument("--mode", choices=["full", "last2", "infer", "lora", "full-ckpt", "lora-ckpt"],
+                    default="full")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
@@ -44,6 +45,8 @@ def main():
     ap.add_argument("--random", action="store_true", help="random weights from config.json")
     ap.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
     args = ap.parse_args()
+    ckpt = args.mode.endswith("-ckpt")
+    args.mode = args.mode.removesuffix("-ckpt")
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -68,6 +71,8 @@ def main():
         keep = ("bert.encoder.layer.4.", "bert.encoder.layer.5.", "bert.pooler.", "classifier.")
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(keep))
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.mode == "lora":
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
@@ -101,7 +106,7 @@ def main():
         step()
         times.append(time.perf_counter() - t0)
     print(json.dumps({
-        "impl": "pytorch", "mode": args.mode, "median_s": round(statistics.median(times), 4),
+        "impl": "pytorch", "mode": args.mode + ("-ckpt" if ckpt else ""), "median_s": round(statistics.median(times), 4),
         "steps": [round(t, 4) for t in times],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": args.threads, "batch": args.batch, "seq": args.seq, "attn": args.attn,

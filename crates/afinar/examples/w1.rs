@@ -22,6 +22,11 @@ use common::{arg, peak_rss_mb};
 fn main() -> afinar::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mode = arg(&args, "--mode", "full");
+    // "full-ckpt", "lora-ckpt": the same with activation checkpointing per layer.
+    let (mode, ckpt) = match mode.strip_suffix("-ckpt") {
+        Some(m) => (m.to_string(), true),
+        None => (mode, false),
+    };
     let steps: usize = arg(&args, "--steps", "5").parse().unwrap();
     let threads: usize = arg(&args, "--threads", "2").parse().unwrap();
     let dir = match args.iter().position(|a| a == "--model") {
@@ -64,7 +69,8 @@ fn main() -> afinar::Result<()> {
     )
     .expect("valid adapter config");
     let adapter = (mode == "lora").then_some(&lora);
-    let model = SequenceModel::build_with_adapter(&mut store, &cfg, &head, 0, adapter)?;
+    let mut model = SequenceModel::build_with_adapter(&mut store, &cfg, &head, 0, adapter)?;
+    model.bert.gradient_checkpointing = ckpt;
     let b: usize = arg(&args, "--batch", "16").parse().unwrap();
     let t: usize = arg(&args, "--seq", "128").parse().unwrap();
     let ids: Vec<u32> = (0..b * t)

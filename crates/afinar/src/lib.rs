@@ -33,6 +33,29 @@ pub mod train;
 /// from the pool doing the real work; afinar keeps candle's remaining
 /// elementwise ops on the calling thread (`CANDLE_NUM_THREADS=1`), unless
 /// the user set that variable.
+/// The compute device named by `train.device`: "cpu", "cuda" or "cuda:N".
+pub fn device(name: &str) -> Result<candle_core::Device> {
+    let ordinal = match name {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" => Some(0),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok()),
+    };
+    let Some(ordinal) = ordinal else {
+        return Err(Error::msg(format!(
+            "device {name:?}: use \"cpu\", \"cuda\" or \"cuda:N\""
+        )));
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(Error::msg(format!(
+            "device {name:?}: this afinar was built without the cuda feature (scripts/build-cuda.sh builds one with it)"
+        )));
+    }
+    candle_core::Device::new_cuda(ordinal)
+        .map_err(|e| Error::msg(format!("device {name:?}: no usable CUDA device ({e})")))
+}
+
 pub fn init_threads(n: Option<usize>) -> usize {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

@@ -57,6 +57,9 @@ pub enum BaseDtype {
     #[default]
     F32,
     Quantized,
+    /// bf16 frozen base on a GPU (train.device = "cuda"): bf16 compute, f32
+    /// trainable weights and loss.
+    Bf16,
 }
 
 /// What a run trains: a sequence-level head on an encoder, or a decoder LM
@@ -229,6 +232,18 @@ pub struct TrainSection {
     pub log_every: usize,
     /// Threads for the CPU kernels (default: all cores).
     pub threads: Option<usize>,
+    /// "cpu" (default), "cuda" or "cuda:N" (a build with the cuda feature;
+    /// decoder SFT runs).
+    #[serde(default = "d_device")]
+    pub device: String,
+    /// Recompute each layer's activations in backward instead of keeping
+    /// them (transformers' `gradient_checkpointing`): less memory, one extra
+    /// forward per step.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+}
+fn d_device() -> String {
+    "cpu".into()
 }
 fn d_epochs() -> usize {
     1
@@ -380,6 +395,35 @@ impl Plan {
                     return err(key, format!("{d} is not in [0, 1)"));
                 }
             }
+        }
+        if c.train.device != "cpu" {
+            if !(c.train.device == "cuda" || c.train.device.starts_with("cuda:")) {
+                return err(
+                    "train.device",
+                    format!(
+                        "{:?} is not a device: use \"cpu\", \"cuda\" or \"cuda:N\"",
+                        c.train.device
+                    ),
+                );
+            }
+            if c.task.kind != TaskType::Sft {
+                return err(
+                    "train.device",
+                    "a GPU trains decoder SFT runs (task.type = \"sft\"); classification runs train on the CPU".into(),
+                );
+            }
+            if c.model.base_dtype == BaseDtype::Quantized {
+                return err(
+                    "model.base_dtype",
+                    "\"quantized\" is a CPU path: on a GPU use \"bf16\" or \"f32\"".into(),
+                );
+            }
+        }
+        if c.model.base_dtype == BaseDtype::Bf16 && c.train.device == "cpu" {
+            return err(
+                "model.base_dtype",
+                "\"bf16\" is for GPU runs (train.device = \"cuda\"); on the CPU use \"f32\" or \"quantized\"".into(),
+            );
         }
         if c.model.base_dtype == BaseDtype::Quantized {
             let gguf = match (&c.model.path, &c.model.asset) {

@@ -178,6 +178,42 @@ impl BertLayer {
         })
     }
 
+    /// A trainable tensor of the layer (for [`nn::checkpoint`]).
+    fn anchor(&self) -> Option<Tensor> {
+        [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attn_out,
+            &self.intermediate,
+            &self.output,
+        ]
+        .iter()
+        .find_map(|l| l.trainable_tensor())
+        .or_else(|| self.attn_ln.trainable_tensor())
+        .or_else(|| self.out_ln.trainable_tensor())
+    }
+
+    /// The layer, checkpointed in training when `on` (see [`nn::checkpoint`]).
+    fn forward_ckpt(
+        self: &Arc<Self>,
+        x: &Tensor,
+        mask: &Arc<Vec<f32>>,
+        rng: Option<&DropoutRng>,
+        on: bool,
+    ) -> Result<Tensor> {
+        if !on || rng.is_none() {
+            return self.forward(x, mask, rng);
+        }
+        let (l, m) = (self.clone(), mask.clone());
+        nn::checkpoint(
+            x,
+            self.anchor().as_ref(),
+            rng,
+            Arc::new(move |x, r| l.forward(x, &m, r)),
+        )
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -208,8 +244,11 @@ impl BertLayer {
 /// The encoder body (no pooler: the pooler belongs to the head).
 pub struct Bert {
     embeddings: BertEmbeddings,
-    layers: Vec<BertLayer>,
+    layers: Vec<Arc<BertLayer>>,
     pub config: BertConfig,
+    /// Recompute each layer in backward instead of keeping its activations
+    /// (transformers' `gradient_checkpointing`); training only.
+    pub gradient_checkpointing: bool,
 }
 
 impl Bert {
@@ -217,12 +256,13 @@ impl Bert {
     pub fn load(p: &Path, cfg: &BertConfig) -> Result<Self> {
         let embeddings = BertEmbeddings::load(&p.pp("embeddings"), cfg)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| BertLayer::load(&p.pp("encoder").pp("layer").pp(i), cfg))
+            .map(|i| BertLayer::load(&p.pp("encoder").pp("layer").pp(i), cfg).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         Ok(Bert {
             embeddings,
             layers,
             config: cfg.clone(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -239,7 +279,7 @@ impl Bert {
         let mut x = self.embeddings.forward(input_ids, type_ids, dropout)?;
         let mut all = vec![x.clone()];
         for l in &self.layers {
-            x = l.forward(&x, attention_mask, dropout)?;
+            x = l.forward_ckpt(&x, attention_mask, dropout, self.gradient_checkpointing)?;
             all.push(x.clone());
         }
         Ok(all)
@@ -255,7 +295,7 @@ impl Bert {
     ) -> Result<Tensor> {
         let mut x = self.embeddings.forward(input_ids, type_ids, dropout)?;
         for l in &self.layers {
-            x = l.forward(&x, attention_mask, dropout)?;
+            x = l.forward_ckpt(&x, attention_mask, dropout, self.gradient_checkpointing)?;
         }
         Ok(x)
     }

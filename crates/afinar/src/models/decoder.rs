@@ -10,10 +10,11 @@ use crate::hub::checkpoint::Checkpoint;
 use crate::nn::{self, DropoutRng, Weight};
 use crate::params::{ParamStore, Path, Selector};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
 /// Token ids and masks of one batch for a decoder.
+#[derive(Clone)]
 pub struct DecoderInputs {
     pub ids: Tensor, // [B, T] u32
     pub b: usize,
@@ -147,9 +148,12 @@ pub fn cached_attention(
     d: usize,
 ) -> Result<Tensor> {
     let kvd = kv_heads * d;
-    let kf = k.flatten_all()?.to_vec1::<f32>()?;
-    let vf = v.flatten_all()?.to_vec1::<f32>()?;
-    let qf = q.flatten_all()?.to_vec1::<f32>()?;
+    // On a GPU the new token's q/k/v come over to the CPU cache (generation
+    // only: there is no GPU kernel for the cached path yet).
+    let host = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    };
+    let (kf, vf, qf) = (host(k)?, host(v)?, host(q)?);
     let t_total = t_past + tn;
     let mut kc = Vec::with_capacity(b * t_total * kvd);
     let mut vc = Vec::with_capacity(b * t_total * kvd);
@@ -166,7 +170,8 @@ pub fn cached_attention(
     }
     let mut out = vec![0f32; b * tn * heads * d];
     nn::attention_with_cache(&qf, &kc, &vc, b, tn, t_total, heads, kv_heads, d, &mut out);
-    Ok(Tensor::from_vec(out, (b, tn, heads * d), &Device::Cpu)?)
+    let out = Tensor::from_vec(out, (b, tn, heads * d), &Device::Cpu)?;
+    Ok(out.to_device(q.device())?.to_dtype(q.dtype())?)
 }
 
 /// A decoder's `config.json`, by `model_type`.
@@ -313,6 +318,14 @@ pub enum Decoder {
 }
 
 impl Decoder {
+    /// Recompute each layer in backward instead of keeping its activations.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        match self {
+            Decoder::Llama(m) => m.gradient_checkpointing = on,
+            Decoder::Gpt2(m) => m.gradient_checkpointing = on,
+        }
+    }
+
     pub fn load(store: &ParamStore, cfg: &DecoderConfig) -> Result<Self> {
         let p = Path::root(store, "");
         Ok(match cfg {

@@ -162,6 +162,34 @@ impl Gpt2Block {
         maybe_dropout(self.mlp_proj.forward_t(&f, rng)?, self.resid_pdrop, rng)
     }
 
+    fn anchor(&self) -> Option<Tensor> {
+        [&self.c_attn, &self.attn_proj, &self.c_fc, &self.mlp_proj]
+            .iter()
+            .find_map(|l| l.trainable_tensor())
+            .or_else(|| self.ln_1.trainable_tensor())
+            .or_else(|| self.ln_2.trainable_tensor())
+    }
+
+    /// The block, checkpointed in training when `on` (see [`nn::checkpoint`]).
+    fn forward_ckpt(
+        self: &Arc<Self>,
+        x: &Tensor,
+        inp: &DecoderInputs,
+        rng: Option<&DropoutRng>,
+        on: bool,
+    ) -> Result<Tensor> {
+        if !on || rng.is_none() {
+            return self.forward(x, inp, rng);
+        }
+        let (l, i) = (self.clone(), inp.clone());
+        nn::checkpoint(
+            x,
+            self.anchor().as_ref(),
+            rng,
+            Arc::new(move |x, d| l.forward(x, &i, d)),
+        )
+    }
+
     fn forward(&self, x: &Tensor, inp: &DecoderInputs, rng: Option<&DropoutRng>) -> Result<Tensor> {
         let (q, k, v) = self.split_qkv(&self.c_attn.forward_t(&self.ln_1.forward(x)?, rng)?)?;
         let drop = rng
@@ -202,7 +230,9 @@ impl Gpt2Block {
 pub struct Gpt2 {
     wte: Weight,
     wpe: Weight,
-    blocks: Vec<Gpt2Block>,
+    blocks: Vec<Arc<Gpt2Block>>,
+    /// Recompute each block in backward (training only): [`nn::checkpoint`].
+    pub gradient_checkpointing: bool,
     ln_f: LayerNorm,
     embd_pdrop: f32,
     pub config: Gpt2Config,
@@ -217,11 +247,12 @@ impl Gpt2 {
             wte: t.get(&[cfg.vocab_size, c], "wte.weight")?,
             wpe: t.get(&[cfg.n_positions, c], "wpe.weight")?,
             blocks: (0..cfg.n_layer)
-                .map(|i| Gpt2Block::load(&t.pp("h").pp(i), cfg))
+                .map(|i| Gpt2Block::load(&t.pp("h").pp(i), cfg).map(Arc::new))
                 .collect::<Result<Vec<_>>>()?,
             ln_f: LayerNorm::load(&t.pp("ln_f"), c, cfg.layer_norm_epsilon)?,
             embd_pdrop: cfg.embd_pdrop,
             config: cfg.clone(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -262,7 +293,7 @@ impl Gpt2 {
     ) -> Result<Tensor> {
         let mut x = maybe_dropout(self.add_positions(x, &inp.positions)?, self.embd_pdrop, rng)?;
         for blk in &self.blocks {
-            x = blk.forward(&x, inp, rng)?;
+            x = blk.forward_ckpt(&x, inp, rng, self.gradient_checkpointing)?;
         }
         self.ln_f.forward(&x)
     }

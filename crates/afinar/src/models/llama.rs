@@ -208,6 +208,47 @@ impl LlamaLayer {
         self.down_proj.forward_t(&nn::silu_mul(&g, &u)?, rng)
     }
 
+    fn anchor(&self) -> Option<Tensor> {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+        .iter()
+        .find_map(|l| l.trainable_tensor())
+        .or_else(|| {
+            [&self.input_layernorm, &self.post_attention_layernorm]
+                .iter()
+                .find(|n| n.weight.is_trainable())
+                .map(|n| n.weight.t.clone())
+        })
+    }
+
+    /// The layer, checkpointed in training when `on` (see [`nn::checkpoint`]).
+    fn forward_ckpt(
+        self: &Arc<Self>,
+        x: &Tensor,
+        inp: &DecoderInputs,
+        rope: &Arc<RopeTable>,
+        rng: Option<&DropoutRng>,
+        on: bool,
+    ) -> Result<Tensor> {
+        if !on || rng.is_none() {
+            return self.forward(x, inp, rope, rng);
+        }
+        let (l, i, r) = (self.clone(), inp.clone(), rope.clone());
+        nn::checkpoint(
+            x,
+            self.anchor().as_ref(),
+            rng,
+            Arc::new(move |x, d| l.forward(x, &i, &r, d)),
+        )
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -274,7 +315,9 @@ impl LlamaLayer {
 /// The decoder body with its final norm and LM head weight.
 pub struct Llama {
     embed_tokens: Weight,
-    layers: Vec<LlamaLayer>,
+    layers: Vec<Arc<LlamaLayer>>,
+    /// Recompute each layer in backward (training only): [`nn::checkpoint`].
+    pub gradient_checkpointing: bool,
     norm: RmsNorm,
     lm_head: Weight,
     rope: Arc<RopeTable>,
@@ -288,7 +331,7 @@ impl Llama {
         let m = p.pp("model");
         let embed_tokens = m.get(&[v, h], "embed_tokens.weight")?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| LlamaLayer::load(&m.pp("layers").pp(i), cfg))
+            .map(|i| LlamaLayer::load(&m.pp("layers").pp(i), cfg).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&m.pp("norm"), h, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -297,6 +340,7 @@ impl Llama {
             p.get(&[v, h], "lm_head.weight")?
         };
         Ok(Llama {
+            gradient_checkpointing: false,
             embed_tokens,
             layers,
             norm,
@@ -335,7 +379,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for l in &self.layers {
-            x = l.forward(&x, inp, &self.rope, rng)?;
+            x = l.forward_ckpt(&x, inp, &self.rope, rng, self.gradient_checkpointing)?;
         }
         self.norm.forward(&x)
     }

@@ -92,6 +92,29 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// A trainable tensor of this layer (weight, bias or adapter), if any:
+    /// what keeps a checkpointed layer in the graph ([`nn::checkpoint`]).
+    pub fn trainable_tensor(&self) -> Option<Tensor> {
+        let mut ws: Vec<&Weight> = vec![];
+        if let Base::F32(w) = &self.weight {
+            ws.push(w);
+        }
+        ws.extend(self.bias.as_ref());
+        match &self.adapter {
+            Some(Adapter::Lora {
+                a, b, magnitude, ..
+            }) => {
+                ws.extend([a, b]);
+                ws.extend(magnitude.as_ref());
+            }
+            Some(Adapter::Ia3 { l, .. }) => ws.push(l),
+            None => {}
+        }
+        ws.into_iter()
+            .find(|w| w.is_trainable())
+            .map(|w| w.t.clone())
+    }
+
     /// `{path}.weight` [out, in] and `{path}.bias` [out].
     pub fn load(p: &Path, in_f: usize, out_f: usize) -> Result<Self> {
         Self::load_with(p, in_f, out_f, true)
@@ -177,6 +200,26 @@ impl Linear {
                 dropout,
                 magnitude,
             } => {
+                #[cfg(feature = "cuda")]
+                if x.device().is_cuda() && magnitude.is_none() {
+                    // One fused node on a GPU when only the adapter trains.
+                    if let Base::F32(w) = &self.weight {
+                        if !w.is_trainable()
+                            && !self.bias.as_ref().is_some_and(|b| b.is_trainable())
+                        {
+                            let drop = rng.filter(|_| *dropout > 0.0).map(|r| (*dropout, r.next()));
+                            return Ok(nn::cuda::lora_linear(
+                                x,
+                                w,
+                                self.bias.as_ref(),
+                                a,
+                                b,
+                                *scale,
+                                drop,
+                            )?);
+                        }
+                    }
+                }
                 let xd = maybe_dropout(x.clone(), *dropout, rng)?;
                 let dropped = rng.is_some() && *dropout > 0.0;
                 // [.., in] -> [.., r] -> [.., out]: B A is never formed.
@@ -285,6 +328,12 @@ impl LayerNorm {
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(nn::layer_norm(x, &self.weight, &self.bias, self.eps)?)
+    }
+    pub fn trainable_tensor(&self) -> Option<Tensor> {
+        [&self.weight, &self.bias]
+            .into_iter()
+            .find(|w| w.is_trainable())
+            .map(|w| w.t.clone())
     }
 }
 

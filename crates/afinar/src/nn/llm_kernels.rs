@@ -260,6 +260,10 @@ impl RopeTable {
     pub fn max_pos(&self) -> usize {
         self.max_pos
     }
+    /// The whole (cos, sin) tables, `max_pos x head_dim / 2` each.
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
     /// (cos, sin) rows of `head_dim / 2` for position `p`.
     pub fn row(&self, p: usize) -> (&[f32], &[f32]) {
         let h = self.head_dim / 2;

@@ -91,6 +91,10 @@ impl CustomOp2 for RmsNormOp {
 /// x `[.., C]`, weight `[C]`. A trainable weight accumulates its gradient
 /// (summed over rows) into its buffer.
 pub fn rms_norm(x: &Tensor, weight: &Weight, eps: f64) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::cuda::rms_norm(x, weight, eps as f32);
+    }
     x.contiguous()?.apply_op2_arc(
         &weight.t.contiguous()?,
         Arc::new(Box::new(RmsNormOp {
@@ -169,11 +173,17 @@ pub fn rope(
     positions: &Arc<Vec<u32>>,
     heads: usize,
 ) -> CResult<Tensor> {
-    x.contiguous()?.apply_op1_arc(Arc::new(Box::new(RopeOp {
+    let op = RopeOp {
         table: table.clone(),
         positions: positions.clone(),
         heads,
-    })))
+    };
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        op.check(x.dims())?;
+        return super::cuda::rope(x, table, positions, heads);
+    }
+    x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))
 }
 
 // ------------------------------------------------------------------ SwiGLU
@@ -229,6 +239,10 @@ impl CustomOp2 for SiluMulOp {
 
 /// SwiGLU's `silu(gate) * up` (Llama's MLP before `down_proj`); same shapes.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gate.device().is_cuda() {
+        return super::cuda::silu_mul(gate, up);
+    }
     gate.contiguous()?
         .apply_op2_arc(&up.contiguous()?, Arc::new(Box::new(SiluMulOp)))
 }
@@ -261,6 +275,10 @@ impl CustomOp1 for GeluTanhOp {
 /// GPT-2's `gelu_new` (= `gelu_pytorch_tanh`):
 /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
 pub fn gelu_tanh(x: &Tensor) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::cuda::gelu(x, 0);
+    }
     x.contiguous()?
         .apply_op1_arc(Arc::new(Box::new(GeluTanhOp)))
 }
@@ -443,17 +461,31 @@ pub fn causal_attention_dropout(
         }
     }
     let dropout = dropout.filter(|(p, _)| *p > 0.0);
-    q.contiguous()?.apply_op3_arc(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        Arc::new(Box::new(CausalAttentionOp {
+    let op = CausalAttentionOp {
+        heads,
+        kv_heads,
+        key_mask,
+        segments,
+        dropout,
+    };
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        let sh = op.shape(q.dims(), k.dims(), v.dims())?;
+        let args = super::cuda::AttnArgs {
+            b: sh.b,
+            t: sh.t,
             heads,
             kv_heads,
-            key_mask,
-            segments,
+            d: sh.d,
+            causal: true,
+            key_mask: &op.key_mask,
+            segments: op.segments.as_ref(),
             dropout,
-        })),
-    )
+        };
+        return super::cuda::attention(q, k, v, args);
+    }
+    q.contiguous()?
+        .apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
 }
 
 // ------------------------------------------------------------------ LM head + cross-entropy
@@ -580,6 +612,17 @@ pub fn lm_cross_entropy(
     targets: Arc<Vec<i64>>,
     chunk_rows: usize,
 ) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if hidden.device().is_cuda() {
+        let op = LmCrossEntropyOp {
+            w: weight.clone(),
+            targets: targets.clone(),
+            chunk_rows,
+        };
+        let (_, _, v) = op.dims(hidden.dims(), weight.t.dims())?;
+        let valid = lk::lm_valid_rows(&targets, v).map_err(cerr)?;
+        return super::cuda::lm_cross_entropy(hidden, weight, &targets, &valid);
+    }
     hidden.contiguous()?.apply_op2_arc(
         &weight.t.contiguous()?,
         Arc::new(Box::new(LmCrossEntropyOp {
@@ -600,6 +643,10 @@ pub fn lm_logits(hidden: &Tensor, weight: &Tensor) -> CResult<Tensor> {
             "lm_logits: hidden {:?} but weight [{v}, {c}]",
             hidden.dims()
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if hidden.device().is_cuda() {
+        return super::cuda::lm_logits(hidden, weight);
     }
     let out = with_f32(hidden, "lm_logits hidden", |h| {
         with_f32(weight, "lm_logits weight", |w| {

@@ -1,6 +1,9 @@
 //! afinar's own layers: differentiable end to end on the training path, with
 //! hand-written backward where candle's stock ops have none or waste work.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod graph;
 pub mod kernels;
 pub mod linear;
 pub mod llm_kernels;
@@ -8,6 +11,7 @@ pub mod llm_ops;
 pub mod ops;
 pub mod qlinear;
 
+pub use graph::{checkpoint, LayerFn};
 pub use linear::maybe_dropout;
 pub use llm_kernels::{attention_with_cache, attention_with_cache_masked};
 pub use llm_ops::{
@@ -17,6 +21,21 @@ pub use llm_ops::{
 pub use ops::{attention, cross_entropy, dropout, embedding, gelu, layer_norm, linear, scale_last};
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static AUTOCAST_BF16: AtomicBool = AtomicBool::new(false);
+
+/// bf16 compute on a GPU (torch.autocast's role): embedding lookups hand bf16
+/// activations to the rest of the model; f32 trainable weights are cast to
+/// bf16 inside each product and their gradients come back in f32.
+/// [`crate::params::ParamStore::to_device`] turns it on for a bf16 base.
+pub fn set_autocast_bf16(on: bool) {
+    AUTOCAST_BF16.store(on, Ordering::Relaxed);
+}
+
+pub fn autocast_bf16() -> bool {
+    AUTOCAST_BF16.load(Ordering::Relaxed)
+}
 
 /// Seeds for the dropout sites of one forward pass. Each call of `next`
 /// gives a fresh seed; the same (seed, step) replays the same masks, so the
@@ -31,6 +50,16 @@ impl DropoutRng {
         DropoutRng {
             base: kernels::splitmix64(seed ^ kernels::splitmix64(step.wrapping_add(0x5eed))),
             counter: Cell::new(0),
+        }
+    }
+    /// (base, counter): enough to replay the same seeds ([`Self::from_state`]).
+    pub fn state(&self) -> (u64, u64) {
+        (self.base, self.counter.get())
+    }
+    pub fn from_state((base, counter): (u64, u64)) -> Self {
+        DropoutRng {
+            base,
+            counter: Cell::new(counter),
         }
     }
     pub fn next(&self) -> u64 {
@@ -58,6 +87,8 @@ pub struct GradBuf {
 struct GradState {
     data: Vec<f32>,
     written: bool,
+    /// The gradient of a parameter that lives on a GPU (f32, on its device).
+    dev: Option<Tensor>,
 }
 
 impl GradBuf {
@@ -93,6 +124,34 @@ impl GradBuf {
         })
     }
 
+    /// Add a gradient tensor: on the CPU through [`add`](Self::add); on a GPU
+    /// it stays there (cast to f32, summed with what this step already holds).
+    pub fn add_tensor(&self, g: &Tensor) -> candle_core::Result<()> {
+        let g = g.detach().to_dtype(candle_core::DType::F32)?;
+        if g.device().is_cpu() {
+            self.add(&g.flatten_all()?.to_vec1::<f32>()?);
+            return Ok(());
+        }
+        let mut s = self.state.lock().unwrap();
+        let sum = match (&s.dev, s.written) {
+            (Some(d), true) => (d + &g)?,
+            _ => g,
+        };
+        s.dev = Some(sum);
+        s.written = true;
+        Ok(())
+    }
+
+    /// The gradient held on a GPU, if one was written since the last `clear`.
+    pub fn device_grad(&self) -> Option<Tensor> {
+        let s = self.state.lock().unwrap();
+        if s.written {
+            s.dev.clone()
+        } else {
+            None
+        }
+    }
+
     /// The gradient, if anything was written since the last `clear`.
     pub fn read<R>(&self, f: impl FnOnce(Option<&[f32]>) -> R) -> R {
         let s = self.state.lock().unwrap();
@@ -108,7 +167,9 @@ impl GradBuf {
 
     /// Start a new accumulation (after the optimizer step).
     pub fn clear(&self) {
-        self.state.lock().unwrap().written = false;
+        let mut s = self.state.lock().unwrap();
+        s.written = false;
+        s.dev = None;
     }
 }
 
@@ -144,6 +205,7 @@ impl Weight {
     pub fn grad_tensor(&self) -> candle_core::Result<Option<Tensor>> {
         match &self.grad {
             None => Ok(None),
+            Some(g) if !self.t.device().is_cpu() => Ok(g.device_grad()),
             Some(g) => g.read(|d| {
                 d.map(|d| Tensor::from_slice(d, self.t.shape(), &candle_core::Device::Cpu))
                     .transpose()

@@ -231,6 +231,10 @@ impl CustomOp3 for LinearOp {
 /// A frozen weight or bias costs no gradient computation; trainable ones
 /// accumulate into their gradient buffers.
 pub fn linear(x: &Tensor, w: &Weight, b: Option<&Weight>) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::cuda::linear(x, w, b);
+    }
     let x = x.contiguous()?;
     let op = LinearOp {
         w: w.clone(),
@@ -284,6 +288,10 @@ impl CustomOp1 for GeluOp {
 
 /// Exact (erf) GELU, as BERT's `hidden_act = "gelu"`.
 pub fn gelu(x: &Tensor) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::cuda::gelu(x, 1);
+    }
     x.contiguous()?.apply_op1_arc(Arc::new(Box::new(GeluOp)))
 }
 
@@ -365,6 +373,10 @@ impl CustomOp3 for LayerNormOp {
 
 /// LayerNorm over the last dimension.
 pub fn layer_norm(x: &Tensor, weight: &Weight, bias: &Weight, eps: f64) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::cuda::layer_norm(x, weight, bias, eps as f32);
+    }
     x.contiguous()?.apply_op3_arc(
         &weight.t.contiguous()?,
         &bias.t.contiguous()?,
@@ -410,6 +422,10 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> CResult<Tensor> {
     }
     if p >= 1.0 {
         return Err(cerr(format!("dropout probability {p} must be < 1")));
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::cuda::dropout(x, p, seed);
     }
     x.contiguous()?
         .apply_op1_arc(Arc::new(Box::new(DropoutOp { p, seed })))
@@ -544,6 +560,31 @@ pub fn attention(
     let c = q.dim(2)?;
     let scale = 1.0 / ((c / heads) as f32).sqrt();
     let dropout = dropout.filter(|(p, _)| *p > 0.0);
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        let (b, t, _) = q.dims3()?;
+        if key_mask.len() != b * t || k.dims() != q.dims() || v.dims() != q.dims() {
+            return Err(cerr(format!(
+                "attention: q {:?}, k {:?}, v {:?} with {} mask entries",
+                q.dims(),
+                k.dims(),
+                v.dims(),
+                key_mask.len()
+            )));
+        }
+        let args = super::cuda::AttnArgs {
+            b,
+            t,
+            heads,
+            kv_heads: heads,
+            d: c / heads,
+            causal: false,
+            key_mask: &key_mask,
+            segments: None,
+            dropout,
+        };
+        return super::cuda::attention(q, k, v, args);
+    }
     q.contiguous()?.apply_op3_arc(
         &k.contiguous()?,
         &v.contiguous()?,
@@ -627,6 +668,10 @@ impl CustomOp2 for EmbeddingOp {
 /// Rows of `weight` `[V, H]` for `ids` (any shape, u32) -> `[..ids, H]`.
 /// The gradient skips `padding_idx`, as `nn.Embedding(padding_idx=...)`.
 pub fn embedding(weight: &Weight, ids: &Tensor, padding_idx: Option<u32>) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if weight.t.device().is_cuda() {
+        return super::cuda::embedding(weight, ids, padding_idx);
+    }
     let op = EmbeddingOp {
         padding_idx,
         w: weight.clone(),
@@ -739,6 +784,11 @@ impl CustomOp2 for ScaleLastOp {
 /// `y * (v / div)` over the last dimension; `v` (`[d]` elements, any shape)
 /// may be trainable, `div` is a constant.
 pub fn scale_last(y: &Tensor, v: &Weight, div: Option<Arc<Vec<f32>>>) -> CResult<Tensor> {
+    if !y.device().is_cpu() {
+        return Err(cerr(
+            "IA3 / DoRA scaling has no GPU kernel yet: train IA3 and DoRA on the CPU",
+        ));
+    }
     let op = ScaleLastOp { v: v.clone(), div };
     y.contiguous()?
         .apply_op2_arc(&v.t.contiguous()?, Arc::new(Box::new(op)))
@@ -811,6 +861,20 @@ impl CustomOp2 for CrossEntropyOp {
 
 /// Mean cross-entropy of `[N, C]` logits against `[N]` u32 class ids.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    if !logits.device().is_cpu() {
+        // A few classes: candle's differentiable ops are enough here.
+        let l = logits.to_dtype(DType::F32)?;
+        let n = l.dim(0)?;
+        let max = l.max_keepdim(1)?.detach();
+        let z = l.broadcast_sub(&max)?;
+        let lse = z.exp()?.sum_keepdim(1)?.log()?;
+        let t = targets
+            .to_device(l.device())?
+            .to_dtype(DType::U32)?
+            .reshape((n, 1))?;
+        let picked = z.gather(&t, 1)?;
+        return (lse - picked)?.mean_all();
+    }
     logits.contiguous()?.apply_op2_arc(
         &targets.to_dtype(DType::U32)?.contiguous()?,
         Arc::new(Box::new(CrossEntropyOp)),

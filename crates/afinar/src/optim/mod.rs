@@ -46,6 +46,9 @@ struct Slot {
     decay: bool,
     m: Vec<f32>,
     v: Vec<f32>,
+    /// m and v of a parameter on a GPU (f32, on its device; made at the first step).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    dev_state: Option<(candle_core::Tensor, candle_core::Tensor)>,
 }
 
 pub struct AdamW {
@@ -115,13 +118,19 @@ impl AdamW {
         let slots = params
             .into_iter()
             .map(|(name, w)| {
-                let n = w.t.elem_count();
+                // A parameter on a GPU keeps its state there.
+                let n = if w.t.device().is_cpu() {
+                    w.t.elem_count()
+                } else {
+                    0
+                };
                 Slot {
                     decay: decays(&name),
                     name,
                     w,
                     m: vec![0.0; n],
                     v: vec![0.0; n],
+                    dev_state: None,
                 }
             })
             .collect();
@@ -133,13 +142,24 @@ impl AdamW {
     }
 
     pub fn num_params(&self) -> usize {
-        self.slots.iter().map(|s| s.m.len()).sum()
+        self.slots.iter().map(|s| s.w.t.elem_count()).sum()
     }
 
     /// The global L2 norm of the accumulated gradients (missing ones count as 0).
     pub fn grad_norm(&self) -> Result<f64> {
         let mut total = 0f64;
+        let on_gpu: Vec<candle_core::Tensor> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.w.grad.as_ref().and_then(|b| b.device_grad()))
+            .collect();
+        if !on_gpu.is_empty() {
+            total += gpu_sum_squares(&on_gpu)?;
+        }
         for s in &self.slots {
+            if !s.w.t.device().is_cpu() {
+                continue;
+            }
             if let Some(buf) = &s.w.grad {
                 total += buf.read(|d| {
                     d.map_or(0.0, |d| {
@@ -174,6 +194,13 @@ impl AdamW {
                 bc2_sqrt: bc2.sqrt() as f32,
                 grad_scale: grad_scale as f32,
             };
+            if !s.w.t.device().is_cpu() {
+                if let Some(g) = buf.device_grad() {
+                    gpu_update(s, &g, h)?;
+                }
+                buf.clear();
+                continue;
+            }
             let (m, v, t) = (&mut s.m, &mut s.v, &s.w.t);
             let res = buf.read(|g| -> Result<()> {
                 // No gradient this step (the parameter was not used): no update,
@@ -195,6 +222,58 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_sum_squares(gs: &[candle_core::Tensor]) -> Result<f64> {
+    let v = crate::nn::cuda::sum_squares(gs)?;
+    Ok(v.iter().map(|x| *x as f64).sum())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_sum_squares(gs: &[candle_core::Tensor]) -> Result<f64> {
+    let mut total = 0f64;
+    for g in gs {
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(total)
+}
+
+/// The fused update of a parameter that lives on a GPU.
+#[cfg(feature = "cuda")]
+fn gpu_update(s: &mut Slot, g: &candle_core::Tensor, h: Hyper) -> Result<()> {
+    if s.dev_state.is_none() {
+        let z =
+            || candle_core::Tensor::zeros(s.w.t.shape(), candle_core::DType::F32, s.w.t.device());
+        s.dev_state = Some((z()?, z()?));
+    }
+    let (m, v) = s.dev_state.as_ref().unwrap();
+    let hy = crate::nn::cuda::AdamHyper {
+        lr: h.lr,
+        wd: h.wd,
+        b1: h.b1,
+        b2: h.b2,
+        eps: h.eps,
+        bc1: h.bc1,
+        bc2_sqrt: h.bc2_sqrt,
+        grad_scale: h.grad_scale,
+    };
+    crate::nn::cuda::adamw(&s.w.t, g, m, v, hy).map_err(|e| Error::Tensor {
+        name: s.name.clone(),
+        msg: e.to_string(),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_update(s: &mut Slot, _g: &candle_core::Tensor, _h: Hyper) -> Result<()> {
+    Err(Error::Tensor {
+        name: s.name.clone(),
+        msg: "is on a GPU but afinar was built without the cuda feature".into(),
+    })
 }
 
 /// Learning-rate schedules with linear warm-up.

@@ -443,13 +443,14 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             .or(bert_cfg.classifier_dropout)
             .unwrap_or(bert_cfg.hidden_dropout_prob),
     };
-    let model = SequenceModel::build_with_adapter(
+    let mut model = SequenceModel::build_with_adapter(
         &mut store,
         &bert_cfg,
         &head,
         c.seeds.init,
         c.adapter.as_ref(),
     )?;
+    model.bert.gradient_checkpointing = c.train.gradient_checkpointing;
     models::check_unused(&mut store, &mut |w| {
         on(Event::Info(format!("warning: {w}")))
     })?;

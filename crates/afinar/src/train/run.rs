@@ -283,7 +283,7 @@ pub fn write_safetensors(
     tensors: impl Iterator<Item = (String, candle_core::Tensor)>,
 ) -> Result<()> {
     let tensors: Vec<(String, candle_core::Tensor)> = tensors
-        .map(|(n, t)| Ok((n, t.contiguous()?)))
+        .map(|(n, t)| Ok((n, t.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     let bytes =

@@ -621,7 +621,20 @@ pub fn train_sft(
         }
         ad.apply(&mut store, &linears, &["lm_head"], &mut rng)?;
     }
-    let model = Decoder::load(&store, &src.cfg)?;
+    let device = crate::device(&c.train.device)?;
+    if !device.is_cpu() {
+        let dt = match c.model.base_dtype {
+            crate::config::BaseDtype::Bf16 => candle_core::DType::BF16,
+            _ => candle_core::DType::F32,
+        };
+        store.to_device(&device, dt)?;
+        on(Event::Info(format!(
+            "device: {} (frozen weights {dt:?}, trainable f32)",
+            c.train.device
+        )));
+    }
+    let mut model = Decoder::load(&store, &src.cfg)?;
+    model.set_gradient_checkpointing(c.train.gradient_checkpointing);
     let prompt = prompt_dim
         .map(|shape| store.get(crate::adapters::prompt_tuning::KEY, &shape))
         .transpose()?;

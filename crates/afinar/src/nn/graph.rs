@@ -1,0 +1,222 @@
+//! Joining candle's graph with a result computed outside it, and activation
+//! checkpointing built on that.
+//!
+//! [`attach`] records one node whose forward hands over a tensor computed
+//! from detached inputs and whose backward is a closure: the CUDA ops use it
+//! (forward with cuBLAS and afinar's kernels, backward their own), and so
+//! does [`checkpoint`] (forward without keeping the layer's graph, backward
+//! recomputes the layer and back-propagates through it).
+
+use super::ops::{cerr, CResult};
+use super::DropoutRng;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor, Var,
+};
+use std::sync::{Arc, Mutex};
+
+type BwdFn = Box<dyn Fn(&Tensor) -> CResult<Vec<Option<Tensor>>> + Send + Sync>;
+
+/// A graph node whose forward hands over a result computed outside the
+/// graph and whose backward is `bwd(grad)` (one entry per input).
+struct Attach {
+    name: &'static str,
+    y: Mutex<Option<Tensor>>,
+    bwd: BwdFn,
+}
+
+impl Attach {
+    /// The precomputed result, contiguous from offset 0 (it is handed over once).
+    fn take(&self) -> CResult<Tensor> {
+        let y = self
+            .y
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| cerr(format!("{}: forward ran twice", self.name)))?;
+        if y.is_contiguous() && y.layout().start_offset() == 0 {
+            Ok(y)
+        } else {
+            y.copy()
+        }
+    }
+    fn cpu(&self) -> CResult<(CpuStorage, Shape)> {
+        let y = self.take()?;
+        let (st, l) = y.storage_and_layout();
+        match &*st {
+            Storage::Cpu(s) => Ok((s.try_clone(l)?, y.shape().clone())),
+            _ => Err(cerr(format!("{}: result is not on the CPU", self.name))),
+        }
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let y = self.take()?;
+        let (st, l) = y.storage_and_layout();
+        match &*st {
+            Storage::Cuda(s) => Ok((s.try_clone(l)?, y.shape().clone())),
+            _ => Err(cerr(format!(
+                "{}: result is not on a CUDA device",
+                self.name
+            ))),
+        }
+    }
+    fn grads(&self, g: &Tensor, n: usize) -> CResult<Vec<Option<Tensor>>> {
+        let mut v = (self.bwd)(g)?;
+        v.resize(n, None);
+        Ok(v)
+    }
+}
+
+impl CustomOp1 for Attach {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn bwd(&self, _: &Tensor, _: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(self.grads(g, 1)?.remove(0))
+    }
+}
+
+impl CustomOp2 for Attach {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let mut v = self.grads(g, 2)?.into_iter();
+        Ok((v.next().flatten(), v.next().flatten()))
+    }
+}
+
+impl CustomOp3 for Attach {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut v = self.grads(g, 3)?.into_iter();
+        Ok((v.next().flatten(), v.next().flatten(), v.next().flatten()))
+    }
+}
+
+/// `y` (computed from `args` outside the graph) as a node of the graph with
+/// backward `bwd`. Without any input that needs a gradient, `y` as is.
+pub fn attach(
+    name: &'static str,
+    args: &[&Tensor],
+    y: Tensor,
+    bwd: impl Fn(&Tensor) -> CResult<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> CResult<Tensor> {
+    if !args.iter().any(|a| a.track_op()) {
+        return Ok(y);
+    }
+    let op = Attach {
+        name,
+        y: Mutex::new(Some(y)),
+        bwd: Box::new(bwd),
+    };
+    match args {
+        [a] => a.apply_op1_arc(Arc::new(Box::new(op))),
+        [a, b] => a.apply_op2_arc(b, Arc::new(Box::new(op))),
+        [a, b, c] => a.apply_op3_arc(b, c, Arc::new(Box::new(op))),
+        _ => Err(cerr(format!(
+            "{name}: 1 to 3 graph inputs, got {}",
+            args.len()
+        ))),
+    }
+}
+
+/// A layer as checkpointing runs it: input, and the dropout seeds of this pass.
+pub type LayerFn = Arc<dyn Fn(&Tensor, Option<&DropoutRng>) -> crate::Result<Tensor> + Send + Sync>;
+
+/// Activation checkpointing (`torch.utils.checkpoint`): `f(x)` runs now and
+/// only its output is kept; backward runs `f` again on the saved input, with
+/// the same dropout masks, and back-propagates through that recomputation
+/// (trainable weights inside accumulate their gradients as usual). One
+/// layer's activations live at a time instead of every layer's, for one
+/// extra forward. `anchor` is a trainable tensor used inside `f`, which
+/// keeps the node in the graph when `x` itself needs no gradient (adapters
+/// on a frozen embedding).
+pub fn checkpoint(
+    x: &Tensor,
+    anchor: Option<&Tensor>,
+    rng: Option<&DropoutRng>,
+    f: LayerFn,
+) -> crate::Result<Tensor> {
+    let seeds = rng.map(|r| r.state());
+    let y = f(&x.detach(), rng)?.detach();
+    let xd = x.detach();
+    let mut args = vec![x];
+    args.extend(anchor);
+    let y = attach("afinar-checkpoint", &args, y, move |g| {
+        let xv = Var::from_tensor(&xd)?;
+        let r = seeds.map(DropoutRng::from_state);
+        let y = f(xv.as_tensor(), r.as_ref()).map_err(cerr)?;
+        let grads = (y * g.detach())?.sum_all()?.backward()?;
+        Ok(vec![grads.get(xv.as_tensor()).cloned()])
+    })?;
+    Ok(y)
+}
