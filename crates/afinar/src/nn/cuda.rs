@@ -74,10 +74,10 @@ fn ptr(t: &Tensor) -> CResult<u64> {
     Ok(p + (l.start_offset() * size) as u64)
 }
 
-/// A fresh (uninitialised) tensor; every kernel that fills one writes all of it.
-fn empty(shape: impl Into<Shape>, dt: DType, dev: &CudaDevice) -> CResult<Tensor> {
-    let shape = shape.into();
-    let n = shape.elem_count().max(1);
+/// A fresh (uninitialised) buffer of `n` elements; every kernel that fills
+/// one writes all of it.
+fn empty_st(n: usize, dt: DType, dev: &CudaDevice) -> CResult<CudaStorage> {
+    let n = n.max(1);
     // SAFETY: every caller launches a kernel that writes each element before any read.
     let slice = unsafe {
         match dt {
@@ -86,16 +86,64 @@ fn empty(shape: impl Into<Shape>, dt: DType, dev: &CudaDevice) -> CResult<Tensor
             other => return Err(cerr(format!("cuda op: cannot allocate {other:?}"))),
         }
     };
-    let st = CudaStorage {
+    Ok(CudaStorage {
         slice,
         device: dev.clone(),
-    };
+    })
+}
+
+/// The device address of a buffer from [`empty_st`].
+fn sptr(st: &CudaStorage) -> u64 {
+    let stream = st.device.cuda_stream();
+    match &st.slice {
+        CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+        _ => 0,
+    }
+}
+
+/// A fresh (uninitialised) tensor; every kernel that fills one writes all of it.
+fn empty(shape: impl Into<Shape>, dt: DType, dev: &CudaDevice) -> CResult<Tensor> {
+    let shape = shape.into();
+    let st = empty_st(shape.elem_count(), dt, dev)?;
     Ok(Tensor::from_storage(
         Storage::Cuda(st),
         shape,
         BackpropOp::none(),
         false,
     ))
+}
+
+/// [B, X, Y, D] -> [B, Y, X, D] (tokens-first <-> heads-first) into `out`.
+fn swap12_into(x: &Tensor, dims: (usize, usize, usize, usize), out: u64) -> CResult<()> {
+    let dev = cuda_dev(x)?;
+    let s = sfx(x.dtype(), "swap12")?;
+    let x = x.contiguous()?;
+    let (b, xn, yn, d) = dims;
+    if x.elem_count() != b * xn * yn * d {
+        return Err(cerr(format!("swap12: {:?} is not {dims:?}", x.dims())));
+    }
+    launch(
+        &dev,
+        &format!("swap12_{s}"),
+        (blocks(x.elem_count()), 1),
+        256,
+        &[
+            A::P(ptr(&x)?),
+            A::P(out),
+            A::L(b as i64),
+            A::I(xn as i32),
+            A::I(yn as i32),
+            A::I(d as i32),
+        ],
+    )
+}
+
+fn swap12(x: &Tensor, dims: (usize, usize, usize, usize)) -> CResult<Tensor> {
+    let (b, xn, yn, d) = dims;
+    let out = empty((b, yn, xn, d), x.dtype(), &cuda_dev(x)?)?;
+    swap12_into(x, dims, ptr(&out)?)?;
+    Ok(out)
 }
 
 /// Kernel arguments.
@@ -255,7 +303,22 @@ pub fn profile_report() -> String {
     out
 }
 
-/// [`graph::attach`] with the backward timed under `name`.
+/// [`super::graph::attach_storage`] with the backward timed under `name`.
+fn attach_storage(
+    name: &'static str,
+    args: &[&Tensor],
+    st: CudaStorage,
+    shape: Shape,
+    bwd: impl Fn(&Tensor) -> CResult<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> CResult<Tensor> {
+    let dev = st.device.clone();
+    super::graph::attach_storage(name, args, st, shape, move |g| {
+        let _t = Timer::start(name, "backward", &dev);
+        bwd(g)
+    })
+}
+
+/// [`super::graph::attach`] with the backward timed under `name`.
 fn attach(
     name: &'static str,
     args: &[&Tensor],
@@ -392,7 +455,7 @@ pub fn rms_norm(x: &Tensor, w: &Weight, eps: f32) -> CResult<Tensor> {
         .ok_or_else(|| cerr("rms_norm: scalar input"))?;
     let rows = x.elem_count() / d;
     let wc = cast(&w.t, dt)?;
-    let y = empty(x.shape(), dt, &dev)?;
+    let y = empty_st(x.elem_count(), dt, &dev)?;
     let rstd = empty(rows, DType::F32, &dev)?;
     let xd = x.detach();
     launch(
@@ -403,7 +466,7 @@ pub fn rms_norm(x: &Tensor, w: &Weight, eps: f32) -> CResult<Tensor> {
         &[
             A::P(ptr(&xd)?),
             A::P(ptr(&wc)?),
-            A::P(ptr(&y)?),
+            A::P(sptr(&y)),
             A::P(ptr(&rstd)?),
             A::I(d as i32),
             A::F(eps),
@@ -411,7 +474,8 @@ pub fn rms_norm(x: &Tensor, w: &Weight, eps: f32) -> CResult<Tensor> {
     )?;
     let want_dx = x.track_op();
     let wg = w.clone();
-    attach("afinar-cuda-rms-norm", &[&x, &w.t], y, move |g| {
+    let shape = x.shape().clone();
+    attach_storage("afinar-cuda-rms-norm", &[&x, &w.t], y, shape, move |g| {
         let g = g.contiguous()?;
         if wg.grad.is_some() {
             // dw = sum over rows of dy * x * rstd
@@ -597,7 +661,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
         )));
     }
     let n = g.elem_count();
-    let y = empty(g.shape(), dt, &dev)?;
+    let y = empty_st(n, dt, &dev)?;
     launch(
         &dev,
         &format!("silu_mul_fwd_{s}"),
@@ -606,11 +670,12 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
         &[
             A::P(ptr(&g)?),
             A::P(ptr(&u)?),
-            A::P(ptr(&y)?),
+            A::P(sptr(&y)),
             A::L(n as i64),
         ],
     )?;
-    attach("afinar-cuda-silu-mul", &[gate, up], y, move |dy| {
+    let shape = g.shape().clone();
+    attach_storage("afinar-cuda-silu-mul", &[gate, up], y, shape, move |dy| {
         let dy = dy.contiguous()?;
         let dg = empty(g.shape(), dt, &dev)?;
         let du = empty(g.shape(), dt, &dev)?;
@@ -738,18 +803,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, a: AttnArgs) -> CResult<Ten
     let g = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     // [B, T, H, D] -> [B, H, T, D] = [B, KV, G*T, D]
-    let qg = q
-        .detach()
-        .reshape((b, t, heads, d))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, kv_heads, g * t, d))?;
-    let heads_first = |x: &Tensor| -> CResult<Tensor> {
-        x.detach()
-            .reshape((b, t, kv_heads, d))?
-            .transpose(1, 2)?
-            .contiguous()
-    };
+    let qg = swap12(&q.detach(), (b, t, heads, d))?.reshape((b, kv_heads, g * t, d))?;
+    let heads_first = |x: &Tensor| swap12(&x.detach(), (b, t, kv_heads, d));
     let (kh, vh) = (heads_first(k)?, heads_first(v)?); // [B, KV, T, D]
     let scores = qg.matmul(&kh.t()?)?; // [B, KV, G*T, T]
     let km = upload(a.key_mask, &dev)?;
@@ -758,7 +813,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, a: AttnArgs) -> CResult<Ten
     launch(
         &dev,
         &format!("attn_softmax_{s}"),
-        ((g * t) as u32, (b * kv_heads) as u32),
+        ((g * t).div_ceil(4) as u32, (b * kv_heads) as u32),
         128,
         &[
             A::P(ptr(&scores)?),
@@ -770,6 +825,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, a: AttnArgs) -> CResult<Ten
             }),
             A::I(kv_heads as i32),
             A::I(t as i32),
+            A::I((g * t) as i32),
             A::F(scale),
             A::I(causal as i32),
         ],
@@ -783,16 +839,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, a: AttnArgs) -> CResult<Ten
         None => p.clone(),
     };
     let o = pd.matmul(&vh)?; // [B, KV, G*T, D] = [B, H, T, D]
-    let out = o
-        .reshape((b, heads, t, d))?
-        .transpose(1, 2)?
-        .reshape((b, t, heads * d))?;
-    attach("afinar-cuda-attention", &[q, k, v], out, move |go| {
-        let go = go
-            .reshape((b, t, heads, d))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, kv_heads, g * t, d))?;
+    let out = empty_st(b * t * heads * d, dt, &dev)?;
+    swap12_into(&o, (b, heads, t, d), sptr(&out))?;
+    drop(o);
+    let shape = Shape::from((b, t, heads * d));
+    attach_storage("afinar-cuda-attention", &[q, k, v], out, shape, move |go| {
+        let go = swap12(go, (b, t, heads, d))?.reshape((b, kv_heads, g * t, d))?;
         let dpd = go.matmul(&vh.t()?)?; // [B, KV, G*T, T]
         let dvh = pd.t()?.matmul(&go)?; // [B, KV, T, D]
         let dp = match dropout {
@@ -800,15 +852,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, a: AttnArgs) -> CResult<Ten
             None => dpd,
         };
         let ds = empty(dp.shape(), dt, &dev)?;
+        let rows = b * heads * t;
         launch(
             &dev,
             &format!("softmax_bwd_{s}"),
-            ((b * heads * t) as u32, 1),
+            (rows.div_ceil(4) as u32, 1),
             128,
             &[
                 A::P(ptr(&p)?),
                 A::P(ptr(&dp)?),
                 A::P(ptr(&ds)?),
+                A::L(rows as i64),
                 A::I(t as i32),
                 A::F(scale),
             ],
@@ -816,9 +870,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, a: AttnArgs) -> CResult<Ten
         let dqg = ds.matmul(&kh)?; // [B, KV, G*T, D]
         let dkh = ds.t()?.matmul(&qg)?; // [B, KV, T, D]
         let tokens_first = |x: Tensor, n: usize| -> CResult<Tensor> {
-            x.reshape((b, n, t, d))?
-                .transpose(1, 2)?
-                .reshape((b, t, n * d))
+            swap12(&x, (b, n, t, d))?.reshape((b, t, n * d))
         };
         Ok(vec![
             Some(tokens_first(dqg, heads)?),

@@ -238,19 +238,29 @@ __device__ void dropout(const T* x, T* y, long long n, float p, unsigned long lo
 
 // ------------------------------------------------------------------ attention softmax
 // Scores s [B * KV, G * T, T]: for each kv head, the rows of its G query heads one after the
-// other (grouped-query attention without copying K and V per query head). One block per
-// (row, b * KV + kv). Probabilities p = softmax(s * scale) over the visible keys: j <= i (if
-// causal), key_mask[b, j] != 0, same segment (if segments). Masked keys get exactly 0; a row
-// with no visible key is all 0 (as on the CPU).
+// other (grouped-query attention without copying K and V per query head). One warp per row
+// (blockDim.x / 32 rows per block, blockIdx.y = b * KV + kv). Probabilities
+// p = softmax(s * scale) over the visible keys: j <= i (if causal), key_mask[b, j] != 0, same
+// segment (if segments). Masked keys get exactly 0; a row with no visible key is all 0 (as on
+// the CPU).
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
 template <typename T>
 __device__ void attn_softmax(const T* s, T* p, const float* km, const unsigned* seg, int kv_heads,
-                             int t, float scale, int causal) {
-    __shared__ float sh[32];
-    int row = blockIdx.x;
+                             int t, int rows, float scale, int causal) {
+    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    int lane = threadIdx.x & 31;
     int qi = row % t;
     long long bh = blockIdx.y;
     long long b = bh / kv_heads;
-    long long rows = gridDim.x;
     const T* sr = s + (bh * rows + row) * (long long)t;
     T* pr = p + (bh * rows + row) * (long long)t;
     const float* kmb = km + b * t;
@@ -258,40 +268,56 @@ __device__ void attn_softmax(const T* s, T* p, const float* km, const unsigned* 
     unsigned sq = sg ? sg[qi] : 0u;
     int n = causal ? qi + 1 : t;
     float mx = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    for (int j = lane; j < n; j += 32) {
         bool vis = kmb[j] != 0.f && (!sg || sg[j] == sq);
         if (vis) mx = fmaxf(mx, ld(sr, j) * scale);
     }
-    mx = block_max(mx, sh);
+    mx = warp_max(mx);
     if (mx == -INFINITY) {
-        for (int j = threadIdx.x; j < t; j += blockDim.x) st(pr, j, 0.f);
+        for (int j = lane; j < t; j += 32) st(pr, j, 0.f);
         return;
     }
     float sum = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    for (int j = lane; j < n; j += 32) {
         bool vis = kmb[j] != 0.f && (!sg || sg[j] == sq);
         if (vis) sum += expf(ld(sr, j) * scale - mx) * kmb[j];
     }
-    float inv = 1.f / block_sum(sum, sh);
-    for (int j = threadIdx.x; j < t; j += blockDim.x) {
+    float inv = 1.f / warp_sum(sum);
+    for (int j = lane; j < t; j += 32) {
         bool vis = j < n && kmb[j] != 0.f && (!sg || sg[j] == sq);
         st(pr, j, vis ? expf(ld(sr, j) * scale - mx) * kmb[j] * inv : 0.f);
     }
 }
 
-// ds = p * (dp - sum(p * dp)) * scale, one block per row of t.
+// ds = p * (dp - sum(p * dp)) * scale, one warp per row of t (`rows` rows in all).
 template <typename T>
-__device__ void softmax_bwd(const T* p, const T* dp, T* ds, int t, float scale) {
-    __shared__ float sh[32];
-    long long r = blockIdx.x;
+__device__ void softmax_bwd(const T* p, const T* dp, T* ds, long long rows, int t, float scale) {
+    long long r = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    int lane = threadIdx.x & 31;
     const T* pr = p + r * t;
     const T* gr = dp + r * t;
     T* dr = ds + r * t;
     float s = 0.f;
-    for (int j = threadIdx.x; j < t; j += blockDim.x) s += ld(pr, j) * ld(gr, j);
-    s = block_sum(s, sh);
-    for (int j = threadIdx.x; j < t; j += blockDim.x)
-        st(dr, j, ld(pr, j) * (ld(gr, j) - s) * scale);
+    for (int j = lane; j < t; j += 32) s += ld(pr, j) * ld(gr, j);
+    s = warp_sum(s);
+    for (int j = lane; j < t; j += 32) st(dr, j, ld(pr, j) * (ld(gr, j) - s) * scale);
+}
+
+// out[b, y, x, :] = in[b, x, y, :] for in [B, X, Y, D]: tokens-first <-> heads-first.
+template <typename T>
+__device__ void swap12(const T* in, T* out, long long bn, int xn, int yn, int d) {
+    long long n = bn * xn * yn * d;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        int k = (int)(i % d);
+        long long r = i / d;
+        int x = (int)(r % xn);
+        r /= xn;
+        int y = (int)(r % yn);
+        long long b = r / yn;
+        out[i] = in[((b * xn + x) * yn + y) * d + k];
+    }
 }
 
 // ------------------------------------------------------------------ cross-entropy
@@ -368,12 +394,15 @@ __device__ void ce_bwd(T* logits, const float* lse, const long long* tg, int v, 
     }                                                                                              \
     extern "C" __global__ void attn_softmax_##S(const T* s, T* p, const float* km,                 \
                                                 const unsigned* seg, int kv_heads, int t,          \
-                                                float scale, int causal) {                         \
-        attn_softmax<T>(s, p, km, seg, kv_heads, t, scale, causal);                                \
+                                                int rows, float scale, int causal) {               \
+        attn_softmax<T>(s, p, km, seg, kv_heads, t, rows, scale, causal);                          \
     }                                                                                              \
-    extern "C" __global__ void softmax_bwd_##S(const T* p, const T* dp, T* ds, int t,              \
-                                               float scale) {                                      \
-        softmax_bwd<T>(p, dp, ds, t, scale);                                                       \
+    extern "C" __global__ void softmax_bwd_##S(const T* p, const T* dp, T* ds, long long rows,     \
+                                               int t, float scale) {                               \
+        softmax_bwd<T>(p, dp, ds, rows, t, scale);                                                 \
+    }                                                                                              \
+    extern "C" __global__ void swap12_##S(const T* in, T* out, long long b, int x, int y, int d) { \
+        swap12<T>(in, out, b, x, y, d);                                                            \
     }                                                                                              \
     extern "C" __global__ void ce_fwd_##S(const T* l, const long long* tg, float* lse,             \
                                           float* loss, int v) {                                    \

@@ -22,6 +22,10 @@ type BwdFn = Box<dyn Fn(&Tensor) -> CResult<Vec<Option<Tensor>>> + Send + Sync>;
 struct Attach {
     name: &'static str,
     y: Mutex<Option<Tensor>>,
+    /// A result written by afinar's own kernel into a fresh buffer: handed
+    /// over as is (no copy).
+    #[cfg(feature = "cuda")]
+    st: Mutex<Option<(candle_core::CudaStorage, Shape)>>,
     bwd: BwdFn,
 }
 
@@ -50,6 +54,9 @@ impl Attach {
     }
     #[cfg(feature = "cuda")]
     fn cuda(&self) -> CResult<(candle_core::CudaStorage, Shape)> {
+        if let Some(out) = self.st.lock().unwrap().take() {
+            return Ok(out);
+        }
         let y = self.take()?;
         let (st, l) = y.storage_and_layout();
         match &*st {
@@ -176,8 +183,14 @@ pub fn attach(
     let op = Attach {
         name,
         y: Mutex::new(Some(y)),
+        #[cfg(feature = "cuda")]
+        st: Mutex::new(None),
         bwd: Box::new(bwd),
     };
+    apply(name, args, op)
+}
+
+fn apply(name: &'static str, args: &[&Tensor], op: Attach) -> CResult<Tensor> {
     match args {
         [a] => a.apply_op1_arc(Arc::new(Box::new(op))),
         [a, b] => a.apply_op2_arc(b, Arc::new(Box::new(op))),
@@ -187,6 +200,33 @@ pub fn attach(
             args.len()
         ))),
     }
+}
+
+/// [`attach`] for a result in a fresh CUDA buffer (written by afinar's own
+/// kernel): the node takes the buffer itself, no copy.
+#[cfg(feature = "cuda")]
+pub fn attach_storage(
+    name: &'static str,
+    args: &[&Tensor],
+    st: candle_core::CudaStorage,
+    shape: Shape,
+    bwd: impl Fn(&Tensor) -> CResult<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> CResult<Tensor> {
+    if !args.iter().any(|a| a.track_op()) {
+        return Ok(Tensor::from_storage(
+            Storage::Cuda(st),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ));
+    }
+    let op = Attach {
+        name,
+        y: Mutex::new(None),
+        st: Mutex::new(Some((st, shape))),
+        bwd: Box::new(bwd),
+    };
+    apply(name, args, op)
 }
 
 /// A layer as checkpointing runs it: input, and the dropout seeds of this pass.
