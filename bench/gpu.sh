@@ -31,6 +31,44 @@ if [ "${1:-}" = profile ]; then
   exit 0
 fi
 
+if [ "${1:-}" = cli ]; then
+  # The CLI end to end on the GPU: LoRA SFT of the tiny Llama fixture, bf16 base,
+  # activation checkpointing, evaluation with generation; then the same run on the CPU.
+  for dev in cuda cpu; do
+    dt=$([ $dev = cuda ] && echo bf16 || echo f32)
+    cat >/tmp/sft-$dev.toml <<TOML
+[model]
+path = "$PWD/tests/fixtures/llama-tiny"
+max_length = 64
+base_dtype = "$dt"
+[task]
+type = "sft"
+[data]
+train = "$PWD/tests/fixtures/sft-tiny/train.jsonl"
+messages = "input"
+response = "ideal"
+split = [0.7, 0.15, 0.15]
+generate_eval_rows = 3
+[adapter]
+type = "lora"
+r = 8
+target_modules = ["q_proj", "v_proj"]
+[train]
+epochs = 3
+batch_size = 8
+lr = 1e-2
+eval_every = 5
+device = "$dev"
+gradient_checkpointing = true
+TOML
+    echo "== afinar train on $dev"
+    timeout 120 "$BIN/afinar" train /tmp/sft-$dev.toml --out /tmp/run-$dev 2>&1 | tail -12 | tee -a "$OUT/cli.log"
+    ls /tmp/run-$dev | tee -a "$OUT/cli.log"
+    tail -2 /tmp/run-$dev/metrics.jsonl | tee -a "$OUT/cli.log"
+  done
+  exit 0
+fi
+
 echo "== parity (CPU vs CUDA, and the decoder fixtures on CUDA)"
 timeout 180 "$BIN/cuda_parity" --test-threads=1 --nocapture 2>&1 | tee "$OUT/parity.log" | tail -40
 

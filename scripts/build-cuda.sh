@@ -8,7 +8,7 @@
 #   (scripts/patch_candle_backprop.py).
 #
 # Usage: scripts/build-cuda.sh [--gpu-bundle] -> target/cuda/release/afinar + target/cuda/afinar-cuda.gz
-#        (--gpu-bundle: also .gpu/{sft_step,cuda_parity}.gz for bench/gpu.sh)
+#        (--gpu-bundle: also .gpu/{sft_step,cuda_parity,afinar}.gz for bench/gpu.sh)
 # Env:   AFINAR_CUDA_TC  toolchain folder (default ~/.cache/afinar/cuda-tc)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,7 +67,8 @@ for l in sys.stdin:
         print(m["executable"])')
   mkdir -p .gpu
   rm -f .gpu/*.gz
-  for pair in "$CARGO_TARGET_DIR/release/examples/sft_step:sft_step" "$TEST:cuda_parity"; do
+  for pair in "$CARGO_TARGET_DIR/release/examples/sft_step:sft_step" "$TEST:cuda_parity" \
+    "$CARGO_TARGET_DIR/release/afinar:afinar"; do
     src=${pair%%:*} name=${pair##*:}
     strip -o ".gpu/$name" "$src" && gzip -f ".gpu/$name"
   done

@@ -732,6 +732,75 @@ lr = 1e-4
     }
 
     #[test]
+    fn train_device_and_bf16_base_are_checked() {
+        let sft = r#"
+[model]
+path = "m"
+[task]
+type = "sft"
+[data]
+train = "t.jsonl"
+messages = "input"
+split = [0.8, 0.1, 0.1]
+[adapter]
+type = "lora"
+target_modules = ["q_proj"]
+[train]
+lr = 1e-4
+"#;
+        let p = Plan::from_str(sft, Path::new("x.toml"), &[]).unwrap();
+        assert_eq!(p.config.train.device, "cpu");
+        assert!(!p.config.train.gradient_checkpointing);
+        let gpu = Plan::from_str(
+            sft,
+            Path::new("x.toml"),
+            &[
+                "train.device=cuda:1".into(),
+                "model.base_dtype=bf16".into(),
+                "train.gradient_checkpointing=true".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(gpu.config.model.base_dtype, BaseDtype::Bf16);
+        assert!(gpu.config.train.gradient_checkpointing);
+        for (sets, key, want) in [
+            (vec!["train.device=gpu"], "`train.device`", "not a device"),
+            (
+                vec!["model.base_dtype=bf16"],
+                "`model.base_dtype`",
+                "GPU runs",
+            ),
+            (
+                vec![
+                    "train.device=cuda",
+                    "model.path=m.gguf",
+                    "model.base_dtype=quantized",
+                ],
+                "`model.base_dtype`",
+                "CPU path",
+            ),
+            (
+                vec!["task.type=classification", "train.device=cuda"],
+                "`train.device`",
+                "decoder SFT",
+            ),
+        ] {
+            let sets: Vec<String> = sets.into_iter().map(String::from).collect();
+            let e = Plan::from_str(sft, Path::new("x.toml"), &sets)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains(want), "{sets:?}: {e}");
+        }
+        // Without the cuda feature, asking for a GPU is an error naming the feature.
+        if !cfg!(feature = "cuda") {
+            let e = crate::device("cuda").unwrap_err().to_string();
+            assert!(e.contains("cuda feature"), "{e}");
+        }
+        assert!(crate::device("cpu").unwrap().is_cpu());
+        assert!(crate::device("tpu").is_err());
+    }
+
+    #[test]
     fn invalid_values_name_the_key() {
         for (from, to, key) in [
             ("lr = 1e-4", "lr = -1.0", "train.lr"),

@@ -200,15 +200,14 @@ impl Linear {
                 dropout,
                 magnitude,
             } => {
-                #[cfg(feature = "cuda")]
-                if x.device().is_cuda() && magnitude.is_none() {
-                    // One fused node on a GPU when only the adapter trains.
+                if magnitude.is_none() {
+                    // One fused op when only the adapter trains (frozen F32 base and bias).
                     if let Base::F32(w) = &self.weight {
                         if !w.is_trainable()
                             && !self.bias.as_ref().is_some_and(|b| b.is_trainable())
                         {
                             let drop = rng.filter(|_| *dropout > 0.0).map(|r| (*dropout, r.next()));
-                            return Ok(nn::cuda::lora_linear(
+                            return Ok(nn::ops::lora_linear(
                                 x,
                                 w,
                                 self.bias.as_ref(),

@@ -250,6 +250,270 @@ pub fn linear(x: &Tensor, w: &Weight, b: Option<&Weight>) -> CResult<Tensor> {
     }
 }
 
+// ------------------------------------------------------------------ LoRA linear
+
+/// A LoRA-wrapped frozen linear as one op (PEFT's `Linear.forward`):
+/// y = x W^T + b + s * (drop(x) A^T) B^T, the adapter's sum folded into the
+/// last GEMM (beta = 1). Backward: gh = s g B, dB += s g^T h, dA += gh^T
+/// drop(x), dx = g W + drop(gh A) (the dropout mask regenerated from its
+/// seed, never stored). One graph node instead of five saves candle's
+/// per-node gradient passes (a memset and an add each) and its
+/// single-threaded elementwise ops.
+struct LoraLinearOp {
+    w: Weight,
+    b: Option<Weight>,
+    a: Weight,
+    bw: Weight,
+    scale: f32,
+    dropout: Option<(f32, u64)>,
+    /// drop(x) from the forward, for the backward (with dropout only; as
+    /// torch keeps the dropout's output for the A product).
+    xd: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl LoraLinearOp {
+    fn dims(&self) -> CResult<(usize, usize, usize)> {
+        let (out_f, in_f) = self.w.t.dims2()?;
+        let r = self.a.t.dim(0)?;
+        Ok((out_f, in_f, r))
+    }
+    /// drop(x) (x itself without dropout).
+    fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
+        self.dropout.map(|(p, seed)| {
+            let mut xd = vec![0f32; x.len()];
+            kernels::dropout(x, p, seed, &mut xd);
+            xd
+        })
+    }
+}
+
+impl CustomOp3 for LoraLinearOp {
+    fn name(&self) -> &'static str {
+        "afinar-lora-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (out_f, in_f, r) = self.dims()?;
+        let x = f32s(s1, l1, "lora input")?;
+        let a = f32s(s2, l2, "lora_A")?;
+        let bw = f32s(s3, l3, "lora_B")?;
+        if l1.dims().last() != Some(&in_f) || a.len() != r * in_f || bw.len() != out_f * r {
+            return Err(cerr(format!(
+                "lora linear: input {:?}, weight [{out_f}, {in_f}], lora_A {:?}, lora_B {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )));
+        }
+        let n = x.len() / in_f;
+        let par = kernels::parallelism();
+        let mut y = vec![0f32; n * out_f];
+        if let Some(b) = &self.b {
+            with_f32(&b.t, "linear bias", |b| {
+                y.par_chunks_mut(out_f).for_each(|r| r.copy_from_slice(b));
+                Ok(())
+            })?;
+        }
+        with_f32(&self.w.t, "linear weight", |w| {
+            kernels::matmul(
+                &mut y,
+                out_f,
+                Mat::rm(x, n, in_f),
+                Mat::rm(w, out_f, in_f).t(),
+                1.0,
+                self.b.is_some(),
+                par,
+            );
+            Ok(())
+        })?;
+        let xd = self.dropped(x);
+        let mut h = vec![0f32; n * r];
+        kernels::matmul(
+            &mut h,
+            r,
+            Mat::rm(xd.as_deref().unwrap_or(x), n, in_f),
+            Mat::rm(a, r, in_f).t(),
+            1.0,
+            false,
+            par,
+        );
+        *self.xd.lock().unwrap() = xd;
+        kernels::matmul(
+            &mut y,
+            out_f,
+            Mat::rm(&h, n, r),
+            Mat::rm(bw, out_f, r).t(),
+            self.scale,
+            true,
+            par,
+        );
+        let mut shape = l1.dims().to_vec();
+        *shape.last_mut().unwrap() = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        bw: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out_f, in_f, r) = self.dims()?;
+        let par = kernels::parallelism();
+        let dx = with_f32(grad, "lora grad", |g| {
+            with_f32(x, "lora input", |xv| {
+                with_f32(a, "lora_A", |av| {
+                    with_f32(bw, "lora_B", |bv| {
+                        let n = g.len() / out_f;
+                        // drop(x) kept by the forward (regenerated if the op runs backward twice)
+                        let kept = self.xd.lock().unwrap().take();
+                        let xd = kept.or_else(|| self.dropped(xv));
+                        let xd = xd.as_deref().unwrap_or(xv);
+                        // h = drop(x) A^T, recomputed ([n, r]: cheap)
+                        let mut h = vec![0f32; n * r];
+                        kernels::matmul(
+                            &mut h,
+                            r,
+                            Mat::rm(xd, n, in_f),
+                            Mat::rm(av, r, in_f).t(),
+                            1.0,
+                            false,
+                            par,
+                        );
+                        // gh = s g B  [n, r]
+                        let mut gh = vec![0f32; n * r];
+                        kernels::matmul(
+                            &mut gh,
+                            r,
+                            Mat::rm(g, n, out_f),
+                            Mat::rm(bv, out_f, r),
+                            self.scale,
+                            false,
+                            par,
+                        );
+                        if let Some(buf) = &self.bw.grad {
+                            buf.accumulate(out_f * r, false, |d, overwrite| {
+                                kernels::matmul(
+                                    d,
+                                    r,
+                                    Mat::rm(g, n, out_f).t(),
+                                    Mat::rm(&h, n, r),
+                                    self.scale,
+                                    !overwrite,
+                                    par,
+                                )
+                            });
+                        }
+                        if let Some(buf) = &self.a.grad {
+                            buf.accumulate(r * in_f, false, |d, overwrite| {
+                                kernels::matmul(
+                                    d,
+                                    in_f,
+                                    Mat::rm(&gh, n, r).t(),
+                                    Mat::rm(xd, n, in_f),
+                                    1.0,
+                                    !overwrite,
+                                    par,
+                                )
+                            });
+                        }
+                        if !needs_grad(x) {
+                            return Ok(None);
+                        }
+                        let mut dx = vec![0f32; n * in_f];
+                        with_f32(&self.w.t, "linear weight", |w| {
+                            kernels::matmul(
+                                &mut dx,
+                                in_f,
+                                Mat::rm(g, n, out_f),
+                                Mat::rm(w, out_f, in_f),
+                                1.0,
+                                false,
+                                par,
+                            );
+                            Ok(())
+                        })?;
+                        match self.dropout {
+                            None => kernels::matmul(
+                                &mut dx,
+                                in_f,
+                                Mat::rm(&gh, n, r),
+                                Mat::rm(av, r, in_f),
+                                1.0,
+                                true,
+                                par,
+                            ),
+                            Some((p, seed)) => {
+                                let mut dl = vec![0f32; n * in_f];
+                                kernels::matmul(
+                                    &mut dl,
+                                    in_f,
+                                    Mat::rm(&gh, n, r),
+                                    Mat::rm(av, r, in_f),
+                                    1.0,
+                                    false,
+                                    par,
+                                );
+                                let mut dld = vec![0f32; n * in_f];
+                                kernels::dropout(&dl, p, seed, &mut dld);
+                                dx.par_chunks_mut(4096).zip(dld.par_chunks(4096)).for_each(
+                                    |(d, l)| {
+                                        for (d, l) in d.iter_mut().zip(l) {
+                                            *d += l;
+                                        }
+                                    },
+                                );
+                            }
+                        }
+                        Ok(Some(tensor(dx, x.shape())?))
+                    })
+                })
+            })
+        })?;
+        Ok((dx, None, None))
+    }
+}
+
+/// A frozen linear (`w`, optional frozen bias) wrapped by LoRA `a` `[r, in]`,
+/// `bw` `[out, r]` with scale `s` and adapter dropout `(p, seed)`: one op
+/// (forward and backward as [`LoraLinearOp`]).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Weight,
+    b: Option<&Weight>,
+    a: &Weight,
+    bw: &Weight,
+    scale: f64,
+    dropout: Option<(f32, u64)>,
+) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::cuda::lora_linear(x, w, b, a, bw, scale, dropout);
+    }
+    let op = LoraLinearOp {
+        w: w.clone(),
+        b: b.cloned(),
+        a: a.clone(),
+        bw: bw.clone(),
+        scale: scale as f32,
+        dropout,
+        xd: std::sync::Mutex::new(None),
+    };
+    x.contiguous()?.apply_op3_arc(
+        &a.t.contiguous()?,
+        &bw.t.contiguous()?,
+        Arc::new(Box::new(op)),
+    )
+}
+
 // ------------------------------------------------------------------ GELU
 
 struct GeluOp;
