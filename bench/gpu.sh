@@ -62,7 +62,7 @@ device = "$dev"
 gradient_checkpointing = true
 TOML
     echo "== afinar train on $dev"
-    timeout 120 "$BIN/afinar" train /tmp/sft-$dev.toml --out /tmp/run-$dev 2>&1 | tail -12 | tee -a "$OUT/cli.log"
+    RUST_BACKTRACE=0 timeout 120 "$BIN/afinar" train /tmp/sft-$dev.toml --out /tmp/run-$dev 2>&1 | tail -14 | tee -a "$OUT/cli.log"
     ls /tmp/run-$dev | tee -a "$OUT/cli.log"
     tail -2 /tmp/run-$dev/metrics.jsonl | tee -a "$OUT/cli.log"
   done

@@ -299,8 +299,8 @@ impl ParamStore {
         let mut out: BTreeMap<String, Tensor> = self
             .params
             .iter()
-            .map(|(n, p)| (n.clone(), p.tensor.detach()))
-            .collect();
+            .map(|(n, p)| Ok((n.clone(), p.tensor.detach().to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
         for (n, q) in &self.quantized {
             out.insert(n.clone(), dequantize(q)?);
         }

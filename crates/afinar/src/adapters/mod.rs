@@ -562,7 +562,11 @@ pub fn merged_state(store: &ParamStore) -> Result<BTreeMap<String, Tensor>> {
             || name.ends_with(".lora_magnitude_vector")
             || name.ends_with(".ia3_l");
         if !is_adapter {
-            out.insert(name.clone(), p.tensor.detach());
+            // f32 also for a bf16 base trained on a GPU
+            out.insert(
+                name.clone(),
+                p.tensor.detach().to_dtype(candle_core::DType::F32)?,
+            );
         }
     }
     for (name, q) in store.quantized() {

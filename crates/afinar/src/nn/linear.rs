@@ -57,7 +57,8 @@ impl Base {
     /// The weight as a detached f32 tensor (a quantised one dequantised).
     pub fn to_f32(&self) -> Result<Tensor> {
         match self {
-            Base::F32(w) => Ok(w.t.detach()),
+            // A bf16 frozen base on a GPU comes back as f32 too.
+            Base::F32(w) => Ok(w.t.detach().to_dtype(candle_core::DType::F32)?),
             Base::Quantized(q) => crate::params::dequantize(q),
         }
     }
@@ -263,7 +264,11 @@ impl Linear {
     /// A quantised base is dequantised to f32 first: the result is f32.
     pub fn merged(&self) -> Result<(Tensor, Option<Tensor>)> {
         let w = self.weight.to_f32()?;
-        let b = self.bias.as_ref().map(|b| b.t.detach());
+        let b = self
+            .bias
+            .as_ref()
+            .map(|b| b.t.detach().to_dtype(candle_core::DType::F32))
+            .transpose()?;
         Ok(match &self.adapter {
             None => (w, b),
             Some(Adapter::Lora {
