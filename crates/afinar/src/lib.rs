@@ -27,24 +27,6 @@ pub mod params;
 pub mod plot;
 pub mod train;
 
-extern "C" {
-    /// mimalloc's option setter (linked in through the `mimalloc` crate).
-    fn mi_option_set(option: std::os::raw::c_int, value: std::os::raw::c_long);
-}
-
-/// Training allocates the same large activation buffers every step. mimalloc
-/// by default gives freed memory back to the OS after 10 ms, and the next
-/// step page-faults it in again (zeroed by the kernel): 5-10% of a CPU step.
-/// `purge_delay = -1` keeps it mapped; peak memory is unchanged (the same
-/// buffers are reused). An explicit `MIMALLOC_PURGE_DELAY` wins.
-fn keep_freed_memory() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // mi_option_purge_delay: index 15 of mimalloc's mi_option_t (v2 and v3).
-        // SAFETY: called at start-up, before worker threads exist.
-        unsafe { mi_option_set(15, -1) }
-    }
-}
-
 /// The compute device named by `train.device`: "cpu", "cuda" or "cuda:N".
 pub fn device(name: &str) -> Result<candle_core::Device> {
     let ordinal = match name {
@@ -75,7 +57,6 @@ pub fn device(name: &str) -> Result<candle_core::Device> {
 /// elementwise ops on the calling thread (`CANDLE_NUM_THREADS=1`), unless
 /// the user set that variable.
 pub fn init_threads(n: Option<usize>) -> usize {
-    keep_freed_memory();
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }

@@ -225,7 +225,7 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
     return z ^ (z >> 31);
 }
 __device__ __forceinline__ float uniform01(unsigned long long seed, unsigned long long i) {
-    unsigned long long z = splitmix64(seed ^ splitmix64(i));
+    unsigned long long z = splitmix64(seed + i * 0x9E3779B97F4A7C15ull);
     return (float)(z >> 40) * (1.f / 16777216.f);
 }
 template <typename T>

@@ -267,7 +267,8 @@ pub fn layer_norm_bwd(
 /// is a pure function, so backward regenerates it instead of storing it.
 #[inline]
 pub fn uniform(seed: u64, i: u64) -> f32 {
-    let z = splitmix64(seed ^ splitmix64(i));
+    // Element i of the SplitMix64 stream seeded at `seed`: one mix per element.
+    let z = splitmix64(seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
     (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
