@@ -252,6 +252,24 @@ fn toml_syntax_error() {
 }
 
 #[test]
+fn gpu_settings_that_do_not_fit_the_run() {
+    let c = Case::new();
+    let cfg = tiny_config_file(c.d());
+    c.train(&cfg, &["train.device=gpu"]).fails_with(&[
+        "tiny.toml",
+        "`train.device`",
+        "\"gpu\" is not a device",
+        "\"cuda:N\"",
+    ]);
+    // The tiny run is a classification run: the GPU path trains decoder SFT.
+    c.train(&cfg, &["train.device=cuda"])
+        .fails_with(&["`train.device`", "decoder SFT runs"]);
+    c.train(&cfg, &["model.base_dtype=bf16"])
+        .fails_with(&["`model.base_dtype`", "\"bf16\" is for GPU runs"]);
+    c.no_run_folder();
+}
+
+#[test]
 fn unknown_set_key() {
     let c = Case::new();
     let cfg = tiny_config_file(c.d());
