@@ -392,6 +392,18 @@ fn head_view(x: &[f32], sh: AttnShape, bi: usize, hi: usize) -> Mat<'_> {
     }
 }
 
+/// The backward's second use of a dropout mask, without hashing again:
+/// `dp[j] *= 1/(1-p)` where `pd[j]` (the dropped probabilities) was kept,
+/// else 0. Where the probability itself is 0 the mask does not matter (its
+/// dS term is P * (..) = 0), and where it is not, `pd[j] != 0` exactly when
+/// the element was kept.
+pub(crate) fn reuse_dropout_mask(dp: &mut [f32], pd: &[f32], p: f32) {
+    let scale = 1.0 / (1.0 - p);
+    for (d, &k) in dp.iter_mut().zip(pd) {
+        *d = if k != 0.0 { *d * scale } else { 0.0 };
+    }
+}
+
 fn apply_dropout_rows(p_mat: &mut [f32], p: f32, seed: u64, base: u64) {
     let scale = 1.0 / (1.0 - p);
     for (j, v) in p_mat.iter_mut().enumerate() {
@@ -508,9 +520,9 @@ pub fn attention_bwd(
             );
             // dPd = dO V^T
             matmul(dp, t, dom, vm.t(), 1.0, false, Parallelism::None);
-            if let Some((pr, seed)) = dropout {
+            if let Some((pr, _)) = dropout {
                 // d(P) = d(Pd) * mask / (1 - p)
-                apply_dropout_rows(dp, pr, seed, (bh * t * t) as u64);
+                reuse_dropout_mask(dp, pd, pr);
             }
             // dS = P * (dP - rowsum(dP * P)), times the score scale.
             for i in 0..t {

@@ -684,8 +684,8 @@ pub fn causal_attention_bwd(
                 );
                 // dPd = dO V^T
                 matmul(dp, kn, dom, vmat.t(), 1.0, false, Parallelism::None);
-                if let Some((pr, seed)) = dropout {
-                    dropout_block(dp, kn, t, r0, bh, pr, seed);
+                if let Some((pr, _)) = dropout {
+                    super::kernels::reuse_dropout_mask(dp, pv, pr);
                 }
                 // dS = P * (dP - rowsum(dP * P)) * scale
                 for (pr, dr) in p.chunks(kn).zip(dp.chunks_mut(kn)) {
