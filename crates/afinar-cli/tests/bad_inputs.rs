@@ -609,6 +609,33 @@ fn train_into_a_folder_that_holds_a_run() {
     assert_no_tmp(c.d());
 }
 
+#[test]
+fn run_folder_in_use_by_another_process() {
+    let c = Case::new();
+    let cfg = tiny_config_file(c.d());
+    std::fs::create_dir_all(c.run()).unwrap();
+    let lock = c.run().join(".afinar.lock");
+    // A live writer: this test process.
+    std::fs::write(&lock, format!("{}\n", std::process::id())).unwrap();
+    c.train(&cfg, &["train.epochs=1"]).fails_with(&[
+        "run",
+        "in use by process",
+        &std::process::id().to_string(),
+        ".afinar.lock",
+    ]);
+    assert!(!c.run().join("results.json").exists() && !c.run().join("model").exists());
+    assert!(lock.exists(), "the other writer's lock stays");
+    // A writer that is gone (killed): its lock is taken over, the run goes on.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    std::fs::write(&lock, format!("{dead}\n")).unwrap();
+    c.train(&cfg, &["train.epochs=1"]).ok();
+    assert!(c.run().join("results.json").exists());
+    assert!(!lock.exists(), "the lock is removed when the run ends");
+    assert_no_tmp(c.d());
+}
+
 // ---------------------------------------------------------------- eval / predict / inspect
 
 /// A trained run for the eval/predict cases.

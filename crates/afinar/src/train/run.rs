@@ -39,6 +39,64 @@ pub struct RunWriter {
     metrics: Mutex<std::fs::File>,
     /// Adapter runs: the adapter config and the base model's folder.
     pub adapter: Option<(crate::adapters::AdapterConfig, PathBuf)>,
+    /// Held while this process writes the folder (removed on drop).
+    _lock: RunLock,
+}
+
+/// The lock file of a run folder: `.afinar.lock`, holding the writer's pid.
+pub const LOCK_FILE: &str = ".afinar.lock";
+
+/// One process writes a run folder at a time. The lock file is created
+/// atomically (`create_new`); a lock left by a process that no longer runs
+/// (killed with SIGKILL, a crashed machine) is taken over.
+struct RunLock {
+    path: PathBuf,
+}
+
+impl RunLock {
+    fn take(dir: &Path) -> Result<Self> {
+        let path = dir.join(LOCK_FILE);
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    writeln!(f, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+                    return Ok(RunLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    let pid = holder.trim().parse::<u32>().ok();
+                    let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                    if alive {
+                        return Err(Error::file(
+                            dir,
+                            format!(
+                                "run folder is in use by process {} (lock file {LOCK_FILE}): choose another --out, or wait for that run to end",
+                                pid.unwrap_or(0)
+                            ),
+                        ));
+                    }
+                    // Stale: its writer is gone.
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        }
+        Err(Error::file(
+            dir,
+            format!("could not take the lock file {LOCK_FILE}: another process keeps taking it"),
+        ))
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl RunWriter {
@@ -62,6 +120,7 @@ impl RunWriter {
     /// save their models themselves, e.g. SFT).
     pub fn create_log(dir: &Path, plan: &Plan) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let lock = RunLock::take(dir)?;
         fsutil::write_atomic(&dir.join("config.toml"), plan.to_toml()?.as_bytes())?;
         let mpath = dir.join("metrics.jsonl");
         // Truncate: a folder may hold the log of a run that failed (a run
@@ -82,6 +141,7 @@ impl RunWriter {
             max_length: plan.config.model.max_length,
             metrics: Mutex::new(metrics),
             adapter: None,
+            _lock: lock,
         })
     }
 
