@@ -40,7 +40,7 @@ fn main() -> afinar::Result<()> {
         "bf16" => candle_core::DType::BF16,
         other => panic!("--dtype {other}: f32 or bf16"),
     };
-    common::keep_freed_memory();
+    afinar::keep_freed_memory();
     afinar::init_threads(Some(threads));
     let mut src = load_lm(&model_path, Selector::none())?;
     let lora = AdapterConfig {

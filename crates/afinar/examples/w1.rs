@@ -33,7 +33,7 @@ fn main() -> afinar::Result<()> {
         Some(i) => std::path::PathBuf::from(&args[i + 1]),
         None => afinar::hub::assets::resolve_asset_path("all-minilm-l6-v2")?,
     };
-    common::keep_freed_memory();
+    afinar::keep_freed_memory();
     afinar::init_threads(Some(threads));
     let (cfg, _) = read_bert_config(&dir)?;
     let preset = match mode.as_str() {

@@ -444,8 +444,8 @@ pub fn lora_linear(
 // ------------------------------------------------------------------ norms
 
 pub fn rms_norm(x: &Tensor, w: &Weight, eps: f32) -> CResult<Tensor> {
-    let _t = Timer::start("afinar-cuda-rms-norm", "forward", &cuda_dev(x)?);
     let dev = cuda_dev(x)?;
+    let _t = Timer::start("afinar-cuda-rms-norm", "forward", &dev);
     let x = x.contiguous()?;
     let dt = x.dtype();
     let s = sfx(dt, "rms_norm")?;
@@ -509,8 +509,8 @@ pub fn rms_norm(x: &Tensor, w: &Weight, eps: f32) -> CResult<Tensor> {
 }
 
 pub fn layer_norm(x: &Tensor, w: &Weight, b: &Weight, eps: f32) -> CResult<Tensor> {
-    let _t = Timer::start("afinar-cuda-layer-norm", "forward", &cuda_dev(x)?);
     let dev = cuda_dev(x)?;
+    let _t = Timer::start("afinar-cuda-layer-norm", "forward", &dev);
     let x = x.contiguous()?;
     let dt = x.dtype();
     let s = sfx(dt, "layer_norm")?;
@@ -623,8 +623,8 @@ pub fn rope(
     positions: &Arc<Vec<u32>>,
     heads: usize,
 ) -> CResult<Tensor> {
-    let _t = Timer::start("afinar-cuda-rope", "forward", &cuda_dev(x)?);
     let dev = cuda_dev(x)?;
+    let _t = Timer::start("afinar-cuda-rope", "forward", &dev);
     let hd = table.head_dim();
     // cos then sin, uploaded once per table.
     let both = upload_with(table, &dev, |t| {
@@ -646,8 +646,8 @@ pub fn rope(
 // ------------------------------------------------------------------ activations
 
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
-    let _t = Timer::start("afinar-cuda-silu-mul", "forward", &cuda_dev(gate)?);
     let dev = cuda_dev(gate)?;
+    let _t = Timer::start("afinar-cuda-silu-mul", "forward", &dev);
     let dt = gate.dtype();
     let s = sfx(dt, "silu_mul")?;
     let (g, u) = (gate.detach().contiguous()?, up.detach().contiguous()?);
@@ -699,8 +699,8 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
 
 /// kind 0: tanh GELU (GPT-2), 1: exact erf GELU (BERT).
 pub fn gelu(x: &Tensor, kind: i32) -> CResult<Tensor> {
-    let _t = Timer::start("afinar-cuda-gelu", "forward", &cuda_dev(x)?);
     let dev = cuda_dev(x)?;
+    let _t = Timer::start("afinar-cuda-gelu", "forward", &dev);
     let dt = x.dtype();
     let s = sfx(dt, "gelu")?;
     let xd = x.detach().contiguous()?;
@@ -787,8 +787,8 @@ pub struct AttnArgs<'a> {
 /// dV = P^T dO and dK = dS^T Q_g (the sum over a group's query heads happens
 /// inside the GEMM), dS = the softmax backward (one kernel), dQ = dS K.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, a: AttnArgs) -> CResult<Tensor> {
-    let _t = Timer::start("afinar-cuda-attention", "forward", &cuda_dev(q)?);
     let dev = cuda_dev(q)?;
+    let _t = Timer::start("afinar-cuda-attention", "forward", &dev);
     let dt = q.dtype();
     let s = sfx(dt, "attention")?;
     let AttnArgs {
@@ -930,8 +930,8 @@ pub fn lm_cross_entropy(
     targets: &Arc<Vec<i64>>,
     valid: &[usize],
 ) -> CResult<Tensor> {
-    let _t = Timer::start("afinar-cuda-lm-cross-entropy", "forward", &cuda_dev(h)?);
     let dev = cuda_dev(h)?;
+    let _t = Timer::start("afinar-cuda-lm-cross-entropy", "forward", &dev);
     let cdev = Device::Cuda(dev.clone());
     let dt = h.dtype();
     let s = sfx(dt, "lm_cross_entropy")?;
@@ -1037,8 +1037,8 @@ pub struct AdamHyper {
 
 /// One fused AdamW update of the f32 parameter `p` in place (m, v: f32 state).
 pub fn adamw(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, h: AdamHyper) -> CResult<()> {
-    let _t = Timer::start("afinar-cuda-adamw", "forward", &cuda_dev(p)?);
     let dev = cuda_dev(p)?;
+    let _t = Timer::start("afinar-cuda-adamw", "forward", &dev);
     let n = p.elem_count();
     for (t, what) in [(p, "parameter"), (g, "gradient"), (m, "m"), (v, "v")] {
         if t.dtype() != DType::F32 || t.elem_count() != n {
