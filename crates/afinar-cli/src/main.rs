@@ -37,15 +37,20 @@ enum Cmd {
         #[arg(default_value = "all")]
         name: String,
     },
-    /// Train as a run config says.
+    /// Train as a run config says, or continue a stopped run (`--resume RUN`).
     Train {
-        config: PathBuf,
+        #[arg(required_unless_present = "resume")]
+        config: Option<PathBuf>,
         /// Override a config key: `--set train.lr=3e-5` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Run folder (default: runs/<config name>-<UTC time>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Continue the run in this folder from its latest checkpoint, with
+        /// the config saved there (the same losses as a run never stopped).
+        #[arg(long, value_name = "RUN", conflicts_with_all = ["config", "set", "out"])]
+        resume: Option<PathBuf>,
     },
     /// Evaluate a run (its test split) or a model folder on a data file.
     Eval {
@@ -121,7 +126,12 @@ enum Cmd {
 
 fn main() {
     afinar::keep_freed_memory();
-    let cli = Cli::parse();
+    // A usage error exits 1 like every other error (clap's default is 2);
+    // --help and --version print and exit 0.
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { 1 } else { 0 });
+    });
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -188,9 +198,21 @@ fn run(cli: Cli) -> Result<i32> {
             if merged.is_none() && adapter.is_none() && gguf.is_none() {
                 bail!("give --merged OUT, --adapter OUT and/or --gguf OUT.gguf");
             }
+            // Every argument is checked before anything is loaded or written.
+            let ty: afinar::hub::gguf::export::ExportType = gguf_type
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--gguf-type: {e}"))?;
+            if !run.exists() {
+                bail!("{}: no such run folder", run.display());
+            }
+            for out in merged.iter().chain(adapter.iter()) {
+                afinar::export::check_output_folder(&run, out)?;
+            }
+            if let Some(g) = &gguf {
+                afinar::export::check_output_gguf(g)?;
+            }
             init_threads(None);
             if afinar::export::is_decoder(&run) {
-                let ty: afinar::hub::gguf::export::ExportType = gguf_type.parse()?;
                 afinar::export::export_lm(
                     &run,
                     merged.as_deref(),
@@ -225,10 +247,19 @@ fn run(cli: Cli) -> Result<i32> {
             sample,
         } => lm::cmd_chat(&model, system.as_deref(), quantized, &sample),
         Cmd::Inspect { path } => {
-            print!("{}", afinar::hub::checkpoint::inspect(&path)?);
+            print!("{}", afinar::hub::inspect::describe(&path)?);
             Ok(0)
         }
-        Cmd::Train { config, set, out } => cmd_train(&config, &set, out),
+        Cmd::Train {
+            config,
+            set,
+            out,
+            resume,
+        } => match (config, resume) {
+            (_, Some(run)) => cmd_train(&run.join("config.toml"), &[], Some(run), true),
+            (Some(config), None) => cmd_train(&config, &set, out, false),
+            (None, None) => bail!("give a run config, or --resume RUN"),
+        },
         Cmd::Eval { run, load, data } => cmd_eval(&run, &load.options(), data.as_deref()),
         Cmd::Predict {
             run,
@@ -241,7 +272,25 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<i32> {
+fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>, resume: bool) -> Result<i32> {
+    if resume {
+        let run = out.as_deref().unwrap_or(Path::new("."));
+        if !run.is_dir() {
+            bail!("--resume {}: no such run folder", run.display());
+        }
+        if run.join("results.json").exists() {
+            bail!(
+                "--resume {}: this run finished (results.json is there): nothing to resume",
+                run.display()
+            );
+        }
+        if !config.is_file() {
+            bail!(
+                "--resume {}: not a run folder (no config.toml)",
+                run.display()
+            );
+        }
+    }
     let plan = Plan::load(config, set)?;
     init_threads(plan.config.train.threads);
     let stem = config
@@ -250,11 +299,22 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<i32>
         .unwrap_or_else(|| "run".into());
     let run_dir =
         out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{stem}-{}", utc_stamp())));
-    if run_dir.join("model").exists() || run_dir.join("results.json").exists() {
-        bail!(
-            "run folder {} already holds a run: choose another --out",
-            run_dir.display()
-        );
+    if !resume {
+        if run_dir.join("results.json").exists() {
+            bail!(
+                "run folder {} already holds a finished run: choose another --out",
+                run_dir.display()
+            );
+        }
+        let unfinished = run_dir.join("model").exists()
+            || train::checkpoint::list(&run_dir).is_ok_and(|l| !l.is_empty());
+        if unfinished {
+            bail!(
+                "run folder {} holds an unfinished run: continue it with `afinar train --resume {}`, or choose another --out",
+                run_dir.display(),
+                run_dir.display()
+            );
+        }
     }
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -271,11 +331,12 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<i32>
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut on = |ev: Event| match ev {
         Event::Info(s) => bar.suspend(|| eprintln!("{s}")),
-        Event::Start { total_steps } => {
+        Event::Start { total_steps, step } => {
             if tty {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             }
             bar.set_length(total_steps as u64);
+            bar.set_position(step as u64);
             bar.set_style(
                 ProgressStyle::with_template(
                     "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -320,10 +381,19 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<i32>
         &TrainOptions {
             run_dir: run_dir.clone(),
             stop,
+            resume,
         },
         &mut on,
     )?;
     bar.finish_and_clear();
+    if report.interrupted {
+        eprintln!(
+            "stopped at step {}; continue with: afinar train --resume {}",
+            report.steps,
+            run_dir.display()
+        );
+        return Ok(130);
+    }
     let best: Vec<String> = report
         .best_validation
         .iter()
@@ -352,7 +422,7 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>) -> Result<i32>
     if run_dir.join("adapter").is_dir() {
         println!("adapter: {}", run_dir.join("adapter").display());
     }
-    Ok(if report.interrupted { 130 } else { 0 })
+    Ok(0)
 }
 
 /// For a PEFT adapter folder made by Python PEFT (what its files do not say).
@@ -428,6 +498,9 @@ fn cmd_predict(
     file: Option<PathBuf>,
     output: Option<PathBuf>,
 ) -> Result<i32> {
+    if text.is_none() && file.is_none() {
+        bail!("give --text TEXT or --file FILE (JSONL rows with a `text` field)");
+    }
     init_threads(None);
     let rm = train::run::load_run_with(run, load)?;
     let rows: Vec<(String, Option<String>)> = match (text, file) {
@@ -453,7 +526,7 @@ fn cmd_predict(
             }
             rows
         }
-        (None, None) => bail!("give --text or --file"),
+        (None, None) => unreachable!("checked above"),
     };
     let mut lines = Vec::new();
     for chunk in rows.chunks(64) {

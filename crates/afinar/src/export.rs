@@ -30,6 +30,88 @@ fn model_of(path: &Path) -> PathBuf {
     }
 }
 
+/// The files an export folder holds (a merged checkpoint or an adapter):
+/// an existing folder with only these is an earlier export, replaced whole.
+const EXPORT_FILES: &[&str] = &[
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "chat_template.jinja",
+    crate::hub::tokenizer::TOKENIZER_FILE,
+    "tokenizer_config.json",
+    crate::hub::tokenizer::VOCAB_FILE,
+    "special_tokens_map.json",
+    crate::adapters::peft::CONFIG_FILE,
+    crate::adapters::peft::WEIGHTS_FILE,
+    crate::train::run::ADAPTER_META,
+    crate::train::sft::LM_META,
+];
+
+/// Where `afinar export` may write `out` (a folder, replaced whole) for
+/// `run`: a new or empty folder, or an earlier export. Refused, with
+/// nothing written: an existing file, the run folder itself or a folder
+/// holding it, and a folder with anything an export does not write.
+pub fn check_output_folder(run: &Path, out: &Path) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        return Err(Error::file(
+            out,
+            "exists and is not a folder: export writes a folder here (choose a new one)",
+        ));
+    }
+    if !out.exists() {
+        return Ok(());
+    }
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (run_c, out_c) = (canon(run), canon(out));
+    if run_c.starts_with(&out_c) {
+        return Err(Error::file(
+            out,
+            format!(
+                "is (or holds) the run folder {}: exporting there would replace it; choose another folder",
+                run.display()
+            ),
+        ));
+    }
+    let mut others = Vec::new();
+    for e in std::fs::read_dir(out).map_err(|e| Error::io(out, e))? {
+        let e = e.map_err(|e| Error::io(out, e))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let is_file = e.file_type().is_ok_and(|t| t.is_file());
+        if !(is_file && EXPORT_FILES.contains(&name.as_str())) {
+            others.push(name);
+        }
+    }
+    if !others.is_empty() {
+        others.sort();
+        others.truncate(5);
+        return Err(Error::file(
+            out,
+            format!(
+                "holds files an export does not write ({others:?}): export replaces the whole folder, so choose a new or empty one"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Where `afinar export --gguf` may write `out`: a new `.gguf` file or an
+/// earlier GGUF export; never a folder or another kind of file.
+pub fn check_output_gguf(out: &Path) -> Result<()> {
+    if out.extension().is_none_or(|e| e != "gguf") {
+        return Err(Error::file(out, "the GGUF output must end in .gguf"));
+    }
+    if out.is_dir() {
+        return Err(Error::file(out, "is a folder: --gguf writes one file"));
+    }
+    if out.exists() && !crate::hub::inspect::has_gguf_magic(out) {
+        return Err(Error::file(
+            out,
+            "exists and is not a GGUF file: not overwritten",
+        ));
+    }
+    Ok(())
+}
+
 /// llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer: SmolLM's
 /// family splits digits one by one, GPT-2's does not.
 fn pre_name(tok: &tokenizers::Tokenizer) -> &'static str {
@@ -104,4 +186,56 @@ pub fn export_lm(
         write_llama_gguf(out, &name, cfg, &tensors, &meta, ty)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_targets_that_would_destroy_something_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("runs/r");
+        std::fs::create_dir_all(run.join("model")).unwrap();
+        std::fs::write(run.join("results.json"), "{}").unwrap();
+        // New, empty, or an earlier export: fine.
+        check_output_folder(&run, &d.path().join("new")).unwrap();
+        std::fs::create_dir(d.path().join("empty")).unwrap();
+        check_output_folder(&run, &d.path().join("empty")).unwrap();
+        let old = d.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        for f in ["config.json", "model.safetensors", "vocab.txt"] {
+            std::fs::write(old.join(f), "x").unwrap();
+        }
+        check_output_folder(&run, &old).unwrap();
+        // The run itself, a folder holding it, a file, a folder with other things.
+        for (out, want) in [
+            (run.clone(), "is (or holds) the run folder"),
+            (d.path().join("runs"), "is (or holds) the run folder"),
+            (run.join("results.json"), "exists and is not a folder"),
+            (d.path().to_path_buf(), "is (or holds) the run folder"),
+        ] {
+            let err = check_output_folder(&run, &out).unwrap_err().to_string();
+            assert!(err.contains(want), "{}: {err}", out.display());
+        }
+        std::fs::write(old.join("notes.md"), "mine").unwrap();
+        let err = check_output_folder(&run, &old).unwrap_err().to_string();
+        assert!(
+            err.contains("notes.md") && err.contains("new or empty"),
+            "{err}"
+        );
+
+        check_output_gguf(&d.path().join("m.gguf")).unwrap();
+        let err = check_output_gguf(&d.path().join("m.bin"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must end in .gguf"), "{err}");
+        std::fs::write(d.path().join("t.gguf"), "not gguf").unwrap();
+        let err = check_output_gguf(&d.path().join("t.gguf"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a GGUF file"), "{err}");
+        std::fs::write(d.path().join("g.gguf"), b"GGUF\x03\0\0\0").unwrap();
+        check_output_gguf(&d.path().join("g.gguf")).unwrap();
+    }
 }

@@ -11,6 +11,8 @@ pub mod error;
 pub use candle_core;
 pub mod export;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod generate;
 
 pub use error::{Error, Result};

@@ -177,8 +177,12 @@ pub fn plot_run(records: &[Value], out_png: &Path) -> Result<()> {
         .unwrap_or("plot");
     let tmp: PathBuf = out_png.with_file_name(format!(".{stem}.tmp.{}.png", std::process::id()));
     let drawn = draw(&curves, &tmp, out_png);
-    let res =
-        drawn.and_then(|()| std::fs::rename(&tmp, out_png).map_err(|e| Error::io(out_png, e)));
+    let res = drawn.and_then(|()| {
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, out_png))
+            .map_err(|e| Error::io(out_png, e))
+    });
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

@@ -162,6 +162,10 @@ pub struct AdapterConfig {
     /// (filled in from the model; not for the run TOML).
     #[serde(default, skip_serializing)]
     pub fan_in_fan_out: bool,
+    /// The `adapter_config.json` this was read from, named in errors (not
+    /// for the run TOML).
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
 }
 
 fn d_pt_init() -> String {
@@ -194,6 +198,17 @@ impl Default for AdapterConfig {
             num_layers: None,
             num_attention_heads: None,
             fan_in_fan_out: false,
+            source: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Targets {
+    /// As written in the config: `["query", "value"]` or `"all-linear"`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Targets::List(v) => write!(f, "{v:?}"),
+            Targets::One(s) => write!(f, "{s:?}"),
         }
     }
 }
@@ -261,6 +276,14 @@ fn warn_ambiguous<T: Copy + PartialEq + std::fmt::Display>(
 }
 
 impl AdapterConfig {
+    /// "adapter" or "adapter <its adapter_config.json>", to begin an error.
+    fn what(&self) -> String {
+        match &self.source {
+            Some(p) => format!("adapter {}", p.display()),
+            None => "adapter".into(),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::msg(format!("adapter: {m}")));
         if self.kind == AdapterType::Lora {
@@ -458,15 +481,23 @@ impl AdapterConfig {
                     linears.iter().take(8).map(|(p, _, _)| p.as_str()).collect();
                 if !self.allow_unmatched {
                     return Err(Error::msg(format!(
-                        "adapter: target_modules {unmatched:?} match no linear module (set allow_unmatched = true to ignore); modules look like {sample:?}"
+                        "{}: target_modules {unmatched:?} match no linear module (set allow_unmatched = true to ignore); modules look like {sample:?}",
+                        self.what()
                     )));
                 }
-                eprintln!("warning: adapter target_modules {unmatched:?} match no linear module (allow_unmatched = true)");
+                if !wrapped.is_empty() {
+                    eprintln!(
+                        "warning: {}: target_modules {unmatched:?} match no linear module (allow_unmatched = true)",
+                        self.what()
+                    );
+                }
             }
         }
         if wrapped.is_empty() {
+            let sample: Vec<&str> = linears.iter().take(8).map(|(p, _, _)| p.as_str()).collect();
             return Err(Error::msg(format!(
-                "adapter: target_modules {:?} wrap no module",
+                "{}: target_modules {} wrap no linear module of this model (another base model?); its linear modules look like {sample:?}",
+                self.what(),
                 self.target_modules
             )));
         }

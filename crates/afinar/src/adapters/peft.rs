@@ -35,20 +35,33 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
             format!("no {WEIGHTS_FILE}: the adapter has no weights"),
         ));
     }
-    let raw = crate::hub::config::read_config_value(&file)?;
-    let err = |m: String| Error::file(&file, m);
+    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    config_from_json(&file, &text)
+}
+
+/// [`read_config`] on the text of an `adapter_config.json`; `file` names it in errors.
+pub fn config_from_json(file: &Path, text: &str) -> Result<(AdapterConfig, Value)> {
+    let raw: Value = serde_json::from_str(text).map_err(|e| Error::Config {
+        path: file.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let err = |m: String| Error::file(file, m);
     let kind = match raw["peft_type"].as_str() {
         Some("LORA") => AdapterType::Lora,
         Some("IA3") => AdapterType::Ia3,
         Some("PROMPT_TUNING") => AdapterType::PromptTuning,
-        other => {
+        _ => {
+            let found = match &raw["peft_type"] {
+                Value::Null => "missing".to_string(),
+                v => v.to_string(),
+            };
             return Err(err(format!(
-                "peft_type {other:?} is not supported (LORA, IA3, PROMPT_TUNING)"
-            )))
+                "peft_type {found} is not supported (LORA, IA3, PROMPT_TUNING)"
+            )));
         }
     };
     if kind == AdapterType::PromptTuning {
-        return read_prompt_tuning(&raw, &file).map(|c| (c, raw.clone()));
+        return read_prompt_tuning(&raw, file).map(|c| (c, raw.clone()));
     }
     // Only bias = "none" is implemented: a PEFT adapter that trained biases
     // would load silently wrong.
@@ -101,8 +114,7 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
         #[serde(default)]
         alpha_pattern: Option<super::Patterns<f64>>,
     }
-    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-    let ordered: Ordered = serde_json::from_str(&text)
+    let ordered: Ordered = serde_json::from_str(text)
         .map_err(|e| err(format!("rank_pattern / alpha_pattern: {e}")))?;
     let mut modules_to_save = strings("modules_to_save");
     modules_to_save.dedup();
@@ -129,6 +141,7 @@ pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
         // (PEFT adds `score` for SEQ_CLS) are not an error here.
         allow_unmatched: true,
         fan_in_fan_out: raw["fan_in_fan_out"].as_bool().unwrap_or(false),
+        source: Some(file.to_path_buf()),
         ..prompt_defaults()
     };
     cfg.validate().map_err(|e| err(e.to_string()))?;
@@ -206,6 +219,34 @@ pub fn load_weights(store: &mut ParamStore, dir: &Path) -> Result<usize> {
         return Err(Error::file(
             dir.join(WEIGHTS_FILE),
             format!("tensors that match no module of the base model: {unknown:?}"),
+        ));
+    }
+    // Every wrapped module needs its adapter tensors: PEFT only warns and
+    // keeps the init (B = 0, a silent no-op adapter).
+    let mut absent = Vec::new();
+    for (path, meta) in &store.adapters {
+        let wanted: &[&str] = match meta {
+            super::AdapterMeta::Lora { dora: true, .. } => {
+                &["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"]
+            }
+            super::AdapterMeta::Lora { .. } => &["lora_A.weight", "lora_B.weight"],
+            super::AdapterMeta::Ia3 { .. } => &["ia3_l"],
+        };
+        for w in wanted {
+            let name = format!("{path}.{w}");
+            if !values.contains_key(&name) {
+                absent.push(format!("{PREFIX}{name}"));
+            }
+        }
+    }
+    if !absent.is_empty() {
+        let n = absent.len();
+        absent.truncate(4);
+        return Err(Error::file(
+            dir.join(WEIGHTS_FILE),
+            format!(
+                "{n} adapter tensor(s) that adapter_config.json implies are missing, e.g. {absent:?} (a partial file, or a config for another adapter?)"
+            ),
         ));
     }
     let n = values.len();

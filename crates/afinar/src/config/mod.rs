@@ -241,6 +241,31 @@ pub struct TrainSection {
     /// forward per step.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Write a resumable checkpoint (`checkpoint-<step>/`) every N optimizer
+    /// steps (transformers' `save_steps`). Default: at each evaluation.
+    /// A checkpoint is also written whenever validation improves.
+    pub save_every: Option<usize>,
+    /// Keep the last N `checkpoint-<step>/` folders (transformers'
+    /// `save_total_limit`); the best one is never removed.
+    #[serde(default = "d_save_total_limit")]
+    pub save_total_limit: usize,
+    /// A NaN or Inf in the loss or the gradients: `"stop"` (the default)
+    /// ends the run with an error naming the step and the rows, `"skip"`
+    /// drops the batch (no update; counted in results.json).
+    #[serde(default)]
+    pub on_non_finite: OnNonFinite,
+}
+
+/// What the loop does with a non-finite loss or gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    #[default]
+    Stop,
+    Skip,
+}
+fn d_save_total_limit() -> usize {
+    2
 }
 fn d_device() -> String {
     "cpu".into()
@@ -616,6 +641,25 @@ impl Plan {
             if n == 0 {
                 return err("train.threads", "must be > 0".into());
             }
+        }
+        for (key, v) in [
+            ("train.eval_every", t.eval_every),
+            ("train.log_every", Some(t.log_every)),
+            ("train.max_steps", t.max_steps),
+            ("train.eval_batch_size", t.eval_batch_size),
+        ] {
+            if v == Some(0) {
+                return err(key, "must be > 0".into());
+            }
+        }
+        if t.save_every == Some(0) {
+            return err("train.save_every", "must be > 0".into());
+        }
+        if t.save_total_limit == 0 {
+            return err(
+                "train.save_total_limit",
+                "must be > 0 (a run keeps at least its last checkpoint)".into(),
+            );
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ pub use batch::{Batch, BatchTensors, EpochOrder};
 pub use field::{FieldPath, Segment};
 pub use labels::LabelMap;
 pub use source::{
-    examples_from_records, read_examples, read_records, DataSpec, Format, LabelValue, RawExample,
-    Record, Records,
+    examples_from_records, read_examples, read_records, records_from_reader, DataSpec, Format,
+    LabelValue, RawExample, Record, Records,
 };
 pub use split::{seeded_split, splitmix64, Split};

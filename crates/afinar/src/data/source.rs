@@ -100,14 +100,21 @@ pub fn read_records(path: &Path, format: Option<Format>) -> Result<Records> {
         Some(f) => f,
         None => Format::infer(path)?,
     };
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    records_from_reader(path, format, std::io::BufReader::new(file))
+}
+
+/// [`read_records`] from any reader (bytes in memory, a pipe); `path` only
+/// names the source in errors and in [`Records::path`].
+pub fn records_from_reader(path: &Path, format: Format, reader: impl BufRead) -> Result<Records> {
     let (columns, rows) = match format {
-        Format::Jsonl => (None, read_jsonl(path)?),
+        Format::Jsonl => (None, read_jsonl(path, reader)?),
         Format::Csv => {
-            let (c, r) = read_delimited(path, b',', true)?;
+            let (c, r) = read_delimited(path, reader, b',', true)?;
             (Some(c), r)
         }
         Format::Tsv => {
-            let (c, r) = read_delimited(path, b'\t', false)?;
+            let (c, r) = read_delimited(path, reader, b'\t', false)?;
             (Some(c), r)
         }
     };
@@ -122,12 +129,7 @@ pub fn read_records(path: &Path, format: Option<Format>) -> Result<Records> {
     })
 }
 
-fn open(path: &Path) -> Result<std::fs::File> {
-    std::fs::File::open(path).map_err(|e| Error::io(path, e))
-}
-
-fn read_jsonl(path: &Path) -> Result<Vec<Record>> {
-    let mut reader = std::io::BufReader::new(open(path)?);
+fn read_jsonl(path: &Path, mut reader: impl BufRead) -> Result<Vec<Record>> {
     let mut rows = Vec::new();
     let mut buf = Vec::new();
     let mut line = 0usize;
@@ -187,7 +189,12 @@ fn read_jsonl(path: &Path) -> Result<Vec<Record>> {
     Ok(rows)
 }
 
-fn read_delimited(path: &Path, delimiter: u8, quoting: bool) -> Result<(Vec<String>, Vec<Record>)> {
+fn read_delimited(
+    path: &Path,
+    reader: impl BufRead,
+    delimiter: u8,
+    quoting: bool,
+) -> Result<(Vec<String>, Vec<Record>)> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .quoting(quoting)
@@ -195,7 +202,7 @@ fn read_delimited(path: &Path, delimiter: u8, quoting: bool) -> Result<(Vec<Stri
         // Row lengths are checked below, so a whitespace-only line can be
         // skipped and a short row reported in our words.
         .flexible(true)
-        .from_reader(std::io::BufReader::new(open(path)?));
+        .from_reader(reader);
     let csv_err = |e: csv::Error| -> Error {
         // Byte records are never UTF-8 checked or deserialised by the csv
         // crate, so only io errors are expected; keep a position if one comes.

@@ -10,6 +10,7 @@
 //!
 //! Limits: tensors are read on the CPU; `load_f32` converts float dtypes only.
 
+use super::FileBytes;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use safetensors::Dtype;
@@ -38,7 +39,7 @@ impl TensorInfo {
 
 struct Shard {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    mmap: FileBytes,
 }
 
 struct Entry {
@@ -103,7 +104,13 @@ type ShardContents = (Shard, Vec<(String, Entry)>, BTreeMap<String, String>);
 
 fn open_shard(path: &Path) -> Result<ShardContents> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len() as usize;
+    let bytes = FileBytes::map(&file).map_err(|e| Error::io(path, e))?;
+    parse_shard(path, bytes)
+}
+
+/// [`open_shard`] on bytes already read; `path` only names them in errors.
+fn parse_shard(path: &Path, mmap: FileBytes) -> Result<ShardContents> {
+    let file_len = mmap.len();
     if file_len < 8 {
         return Err(Error::file(
             path,
@@ -112,12 +119,12 @@ fn open_shard(path: &Path) -> Result<ShardContents> {
             ),
         ));
     }
-    // SAFETY: the map is read-only; like candle and safetensors we accept that a
-    // file truncated or rewritten by another process while mapped is undefined
-    // behaviour. Checkpoints are large and mmap avoids copying them into memory twice.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
-    let header_end = 8usize.checked_add(n).filter(|&e| e <= file_len).ok_or_else(|| {
+    let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
+    let header_end = usize::try_from(n)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&e| e <= file_len)
+        .ok_or_else(|| {
         Error::file(
             path,
             format!(
@@ -238,8 +245,19 @@ enum Layout {
     Index(PathBuf),
 }
 
+/// A relative path of plain names only (no `..`, `.`, root or drive prefix).
+pub(crate) fn is_plain_relative(name: &str) -> bool {
+    use std::path::Component;
+    !name.is_empty()
+        && !name.contains('\\')
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
 fn layout(path: &Path) -> Result<Layout> {
     if path.is_file() {
+        super::pickle::refuse(path)?;
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -283,7 +301,7 @@ fn layout(path: &Path) -> Result<Layout> {
                 .iter()
                 .any(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth"))
             {
-                " (found PyTorch pickle weights: convert them to safetensors)"
+                " (found PyTorch pickle weights, which afinar never loads since unpickling can run arbitrary code: convert them to safetensors)"
             } else {
                 ""
             };
@@ -314,6 +332,19 @@ impl Checkpoint {
         }
     }
 
+    /// A single safetensors file already in memory, validated as [`Checkpoint::open`]
+    /// validates a file; `name` stands for the file in errors and [`Checkpoint::path`].
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self> {
+        let path = name.into();
+        let (shard, entries, metadata) = parse_shard(&path, FileBytes::Owned(bytes))?;
+        Ok(Self {
+            path,
+            shards: vec![shard],
+            tensors: entries.into_iter().collect(),
+            metadata,
+        })
+    }
+
     fn open_index(index_path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
         let index: Index = serde_json::from_str(&text)
@@ -327,6 +358,17 @@ impl Checkpoint {
         let mut shard_tensors: Vec<BTreeMap<String, Entry>> = Vec::new();
         let mut metadata = BTreeMap::new();
         for shard_name in &shard_names {
+            // The index is data: a shard must be a file inside the model
+            // folder, never `../x` or an absolute path.
+            if !is_plain_relative(shard_name) {
+                return Err(Error::file(
+                    index_path,
+                    format!(
+                        "refusing shard `{shard_name}` in the weight map: shards must be files inside {} (no `..`, no absolute path)",
+                        dir.display()
+                    ),
+                ));
+            }
             let shard_path = dir.join(shard_name);
             if !shard_path.is_file() {
                 let example = index
@@ -548,7 +590,7 @@ impl Checkpoint {
     }
 }
 
-fn group_digits(n: usize) -> String {
+pub(crate) fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
@@ -563,8 +605,18 @@ fn group_digits(n: usize) -> String {
 /// A human-readable table of the checkpoint at `path`: one row per tensor
 /// (name, dtype, shape, parameters) and totals, for `afinar inspect`.
 pub fn inspect(path: impl AsRef<Path>) -> Result<String> {
+    Ok(Checkpoint::open(path)?.table())
+}
+
+impl Checkpoint {
+    /// The table [`inspect`] prints.
+    pub fn table(&self) -> String {
+        table(self)
+    }
+}
+
+fn table(ck: &Checkpoint) -> String {
     use std::fmt::Write;
-    let ck = Checkpoint::open(path)?;
     let rows: Vec<(String, String, String, usize)> = ck
         .tensors
         .iter()
@@ -639,7 +691,7 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<String> {
     for (k, v) in &ck.metadata {
         let _ = writeln!(out, "  metadata {k} = {v}");
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -783,6 +835,43 @@ mod tests {
             err.contains("`ids`") && err.contains("not in its header"),
             "{err}"
         );
+    }
+
+    /// A weight map naming a shard outside the model folder is refused
+    /// before anything is opened, even when that file exists.
+    #[test]
+    fn index_shards_outside_the_folder_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("m");
+        std::fs::create_dir(&dir).unwrap();
+        let outside = root.path().join("outside.safetensors");
+        write_st(&outside, &two_tensors());
+        for shard in [
+            "../outside.safetensors".to_string(),
+            outside.display().to_string(),
+            "sub/../../outside.safetensors".to_string(),
+            "..\\outside.safetensors".to_string(),
+        ] {
+            let index = serde_json::json!({"weight_map": {"a.bias": shard}});
+            std::fs::write(dir.join(INDEX_FILE), index.to_string()).unwrap();
+            let err = Checkpoint::open(&dir).unwrap_err().to_string();
+            assert!(
+                err.contains(INDEX_FILE)
+                    && err.contains("refusing shard")
+                    && err.contains(&shard)
+                    && err.contains("no `..`"),
+                "{shard}: {err}"
+            );
+            let err = inspect(&dir).unwrap_err().to_string();
+            assert!(err.contains("refusing shard"), "{err}");
+        }
+        // A plain name in a subfolder of the model folder is fine.
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        write_st(&dir.join("sub/s.safetensors"), &two_tensors());
+        let index = serde_json::json!({"weight_map": {"a.bias": "sub/s.safetensors"}});
+        std::fs::write(dir.join(INDEX_FILE), index.to_string()).unwrap();
+        assert_eq!(Checkpoint::open(&dir).unwrap().names(), vec!["a.bias"]);
+        assert!(!is_plain_relative("") && !is_plain_relative("./x") && is_plain_relative("a/b"));
     }
 
     #[test]

@@ -41,6 +41,31 @@ pub fn read_config<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T> {
     })
 }
 
+/// `raw`, the JSON read from `file`, into `T`. A wrong type or a missing
+/// field names the file, and, where serde can place it in the file's text,
+/// the line and what that line says (`config.json:9: `"hidden_size": "32",`:
+/// invalid type: string "32", expected usize`).
+pub fn from_value_in<T: DeserializeOwned>(raw: &serde_json::Value, file: &Path) -> Result<T> {
+    let e = match T::deserialize(raw) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let located = std::fs::read_to_string(file).ok().and_then(|text| {
+        let line = serde_json::from_str::<T>(&text).err()?.line();
+        let src = text.lines().nth(line.checked_sub(1)?)?.trim();
+        Some((line, src.to_string()))
+    });
+    Err(match located {
+        // A missing field is reported at the closing brace: the line says nothing.
+        Some((line, src)) if src.len() > 1 => Error::Line {
+            path: file.to_path_buf(),
+            line,
+            msg: format!("`{src}`: {e}"),
+        },
+        _ => Error::file(file, e.to_string()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +118,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn typed_from_a_value_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(CONFIG_FILE);
+        std::fs::write(
+            &file,
+            "{\n  \"model_type\": \"bert\",\n  \"hidden_size\": \"32\"\n}",
+        )
+        .unwrap();
+        let raw = read_config_value(&file).unwrap();
+        let err = from_value_in::<Cfg>(&raw, &file).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json:3: `\"hidden_size\": \"32\"`: invalid type: string \"32\", expected usize"),
+            "{err}"
+        );
+        // A missing field has no line of its own: the file and the field.
+        std::fs::write(&file, "{\n  \"model_type\": \"bert\"\n}").unwrap();
+        let raw = read_config_value(&file).unwrap();
+        let err = from_value_in::<Cfg>(&raw, &file).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json: missing field `hidden_size`"),
+            "{err}"
+        );
     }
 }

@@ -141,10 +141,10 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>> {
     shards.dedup();
     for s in &shards {
         // The index comes from the network: keep shard names inside the snapshot.
-        if s.contains("..") || s.starts_with('/') || s.contains('\\') {
+        if !crate::hub::checkpoint::is_plain_relative(s) {
             return Err(Error::file(
                 index_path,
-                format!("refusing shard name `{s}`"),
+                format!("refusing shard name `{s}`: shards must be files inside the snapshot (no `..`, no absolute path)"),
             ));
         }
     }
@@ -175,6 +175,12 @@ pub fn download_model_with(
     if repo_id.trim().is_empty() || repo_id.starts_with('/') || repo_id.contains("..") {
         return Err(Error::msg(format!(
             "`{repo_id}` is not a hub model id (expected `org/name`)"
+        )));
+    }
+    // hf-hub writes `refs/<revision>` in the cache: keep it there.
+    if !crate::hub::checkpoint::is_plain_relative(revision) {
+        return Err(Error::msg(format!(
+            "`{revision}` is not a revision (a branch, tag or commit sha; no `..`, no absolute path)"
         )));
     }
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
@@ -504,6 +510,53 @@ mod tests {
         );
         assert_eq!(std::fs::read(dir.join("config.json")).unwrap(), new_config);
         assert_eq!(Checkpoint::open(&dir).unwrap().names(), vec!["w"]);
+    }
+
+    /// Shard names come from the downloaded index: one that would leave
+    /// the snapshot folder (or reach another repo's URL) is refused, and so
+    /// is a revision that would put the cache's ref file elsewhere. No
+    /// request is made for either.
+    #[test]
+    fn shard_names_and_revisions_outside_the_cache_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let index = d.path().join(INDEX_FILE);
+        for bad in [
+            "../../evil.safetensors",
+            "/tmp/evil.safetensors",
+            "a/../../evil.safetensors",
+            "..\\evil.safetensors",
+        ] {
+            let j = serde_json::json!({"weight_map": {"w": "model-1.safetensors", "v": bad}});
+            std::fs::write(&index, j.to_string()).unwrap();
+            let err = shard_names(&index).unwrap_err().to_string();
+            assert!(
+                err.contains("refusing shard name")
+                    && err.contains(bad)
+                    && err.contains(INDEX_FILE),
+                "{bad}: {err}"
+            );
+        }
+        let j = serde_json::json!({"weight_map": {"w": "model-1.safetensors"}});
+        std::fs::write(&index, j.to_string()).unwrap();
+        assert_eq!(shard_names(&index).unwrap(), vec!["model-1.safetensors"]);
+
+        // A closed port: were a request made, the error would be "cannot reach".
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let o = opts(&format!("http://127.0.0.1:{port}"));
+        for rev in ["../../../outside", "/abs"] {
+            let err = download_model_with("org/x", Some(rev), d.path(), &o)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("is not a revision") && err.contains(rev),
+                "{err}"
+            );
+        }
+        assert!(!d.path().join("outside").exists());
     }
 
     #[test]

@@ -188,13 +188,11 @@ impl DecoderConfig {
     pub fn from_value(raw: &serde_json::Value, file: &std::path::Path) -> Result<Self> {
         let mt = raw["model_type"].as_str().unwrap_or_default();
         if LLAMA_TYPES.contains(&mt) {
-            let c: LlamaConfig = serde_json::from_value(raw.clone())
-                .map_err(|e| Error::file(file, e.to_string()))?;
+            let c: LlamaConfig = crate::hub::config::from_value_in(raw, file)?;
             c.validate(file)?;
             Ok(DecoderConfig::Llama(c))
         } else if mt == "gpt2" {
-            let c: Gpt2Config = serde_json::from_value(raw.clone())
-                .map_err(|e| Error::file(file, e.to_string()))?;
+            let c: Gpt2Config = crate::hub::config::from_value_in(raw, file)?;
             c.validate(file)?;
             Ok(DecoderConfig::Gpt2(c))
         } else {
@@ -508,9 +506,9 @@ pub struct LoadOpts {
     pub quantized: bool,
 }
 
-/// Whether `path` is read as a GGUF file.
+/// Whether `path` is read as a GGUF file (a `.gguf` name or the `GGUF` magic).
 pub fn is_gguf(path: &std::path::Path) -> bool {
-    path.is_file() && path.extension().is_some_and(|e| e == "gguf")
+    crate::hub::inspect::is_gguf_file(path)
 }
 
 /// Load a decoder from a folder or a `.gguf` file (every weight as f32).
@@ -526,6 +524,14 @@ pub fn load_lm_with(
 ) -> Result<LmSource> {
     if is_gguf(path) {
         return load_lm_gguf(path, selector, opts);
+    }
+    if path.is_file() {
+        crate::hub::pickle::refuse(path)?;
+        return Err(Error::file(
+            path,
+            "a file, but not a .gguf one: give a GGUF file, or the model folder \
+             (config.json, model.safetensors, tokenizer.json)",
+        ));
     }
     if opts.quantized {
         return Err(Error::file(

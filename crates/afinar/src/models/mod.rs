@@ -23,8 +23,7 @@ pub fn read_bert_config(dir: &Path) -> Result<(bert::BertConfig, serde_json::Val
         return Err(Error::file(dir, "model folder does not exist"));
     }
     let raw = crate::hub::config::read_config_value(&file)?;
-    let cfg: bert::BertConfig =
-        serde_json::from_value(raw.clone()).map_err(|e| Error::file(&file, e.to_string()))?;
+    let cfg: bert::BertConfig = crate::hub::config::from_value_in(&raw, &file)?;
     cfg.validate(&file)?;
     Ok((cfg, raw))
 }

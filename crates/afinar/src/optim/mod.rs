@@ -161,14 +161,81 @@ impl AdamW {
                 continue;
             }
             if let Some(buf) = &s.w.grad {
-                total += buf.read(|d| {
-                    d.map_or(0.0, |d| {
-                        d.par_iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>()
-                    })
-                });
+                total += buf.read(|d| d.map_or(0.0, sum_squares));
             }
         }
         Ok(total.sqrt())
+    }
+
+    /// Drop the accumulated gradients without an update (a skipped batch).
+    pub fn zero_grad(&self) {
+        for s in &self.slots {
+            if let Some(buf) = &s.w.grad {
+                buf.clear();
+            }
+        }
+    }
+
+    /// The moment estimates of every parameter, as f32 CPU tensors shaped
+    /// like the parameter: `(name, exp_avg, exp_avg_sq)` (torch's names).
+    pub fn state(&self) -> Result<Vec<(String, candle_core::Tensor, candle_core::Tensor)>> {
+        let cpu = candle_core::Device::Cpu;
+        self.slots
+            .iter()
+            .map(|s| {
+                let shape = s.w.t.shape();
+                let (m, v) = match &s.dev_state {
+                    Some((m, v)) => (m.to_device(&cpu)?, v.to_device(&cpu)?),
+                    None if s.w.t.device().is_cpu() => (
+                        candle_core::Tensor::from_slice(&s.m, shape, &cpu)?,
+                        candle_core::Tensor::from_slice(&s.v, shape, &cpu)?,
+                    ),
+                    // On a GPU, before the first step: zeros.
+                    None => {
+                        let z = candle_core::Tensor::zeros(shape, candle_core::DType::F32, &cpu)?;
+                        (z.clone(), z)
+                    }
+                };
+                Ok((s.name.clone(), m, v))
+            })
+            .collect()
+    }
+
+    /// Restore what [`AdamW::state`] returned and the step count. Every
+    /// trainable parameter must be there, with its shape.
+    pub fn load_state(
+        &mut self,
+        step: u64,
+        state: &std::collections::HashMap<String, (candle_core::Tensor, candle_core::Tensor)>,
+    ) -> Result<()> {
+        for s in &mut self.slots {
+            let (m, v) = state.get(&s.name).ok_or_else(|| Error::Tensor {
+                name: s.name.clone(),
+                msg: "has no optimizer state in the checkpoint".into(),
+            })?;
+            for (what, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                if t.dims() != s.w.t.dims() || t.dtype() != candle_core::DType::F32 {
+                    return Err(Error::Tensor {
+                        name: format!("{}.{what}", s.name),
+                        msg: format!(
+                            "optimizer state is {:?} {:?}, the parameter is {:?} f32",
+                            t.dtype(),
+                            t.dims(),
+                            s.w.t.dims()
+                        ),
+                    });
+                }
+            }
+            if s.w.t.device().is_cpu() {
+                s.m = m.flatten_all()?.to_vec1::<f32>()?;
+                s.v = v.flatten_all()?.to_vec1::<f32>()?;
+            } else {
+                let dev = s.w.t.device();
+                s.dev_state = Some((m.to_device(dev)?, v.to_device(dev)?));
+            }
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// One update with learning rate `lr`, gradients multiplied by
@@ -222,6 +289,19 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// Σ x² in f64 over fixed chunks added in order: the same bits whatever
+/// the thread count or rayon's scheduling (a `par_iter().sum()` splits
+/// where work is stolen, so its last bits vary from run to run, and with
+/// clipping on they would reach the weights: resume could not be exact).
+fn sum_squares(d: &[f32]) -> f64 {
+    const CH: usize = 1 << 14;
+    let parts: Vec<f64> = d
+        .par_chunks(CH)
+        .map(|c| c.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>())
+        .collect();
+    parts.iter().sum()
 }
 
 #[cfg(feature = "cuda")]

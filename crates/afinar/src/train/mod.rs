@@ -6,6 +6,7 @@
 //! beyond a progress sink. Seeds (Dodge et al. 2020): `seeds.init` draws the
 //! new head, `seeds.data` the batch order, `seeds.dropout` the masks.
 
+pub mod checkpoint;
 pub mod run;
 pub mod sft;
 
@@ -33,6 +34,8 @@ pub enum Event {
     Info(String),
     Start {
         total_steps: usize,
+        /// Steps already done (a resumed run).
+        step: usize,
     },
     Step {
         step: usize,
@@ -54,6 +57,9 @@ pub struct TrainOptions {
     pub run_dir: PathBuf,
     /// Set by a Ctrl-C handler: save a checkpoint and stop cleanly.
     pub stop: Arc<AtomicBool>,
+    /// Continue the run in `run_dir` from its latest `checkpoint-<step>/`
+    /// (the plan must be the one in its config.toml).
+    pub resume: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -68,6 +74,10 @@ pub struct TrainReport {
     pub total_params: usize,
     pub best_step: Option<usize>,
     pub best_validation: BTreeMap<String, f64>,
+    /// Batches dropped by the non-finite guard (`train.on_non_finite = "skip"`).
+    pub skipped_batches: Vec<checkpoint::Skipped>,
+    /// The step this process started from (0, or the checkpoint resumed).
+    pub resumed_from: Option<usize>,
     /// Test metrics of the best-on-validation weights (those saved in `model/`).
     pub test: Option<BTreeMap<String, f64>>,
 }
@@ -457,7 +467,15 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     on(Event::Info(store.summary()));
 
     // ---- run folder
-    let mut run = run::RunWriter::create(run_dir, plan, &raw_cfg, &tok, labels.as_ref(), &head)?;
+    let mut run = run::RunWriter::create(
+        run_dir,
+        plan,
+        &raw_cfg,
+        &tok,
+        labels.as_ref(),
+        &head,
+        opts.resume,
+    )?;
     if let Some(ad) = &c.adapter {
         let base = std::fs::canonicalize(&model_dir).unwrap_or(model_dir.clone());
         run.adapter = Some((ad.clone(), base));
@@ -471,6 +489,8 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     let obj = Classify {
         model: &model,
         train: &train_set,
+        train_lines: splits.train.0.iter().map(|e| e.line).collect(),
+        train_path: splits.train.1.clone(),
         validation: &val_set,
         test: test_set.as_ref(),
         pad_id: tok.pad_id(),
@@ -484,6 +504,9 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
 struct Classify<'a> {
     model: &'a SequenceModel,
     train: &'a Encoded,
+    /// File line of each training row (for error messages).
+    train_lines: Vec<usize>,
+    train_path: PathBuf,
     validation: &'a Encoded,
     test: Option<&'a Encoded>,
     pad_id: u32,
@@ -515,6 +538,70 @@ impl Objective for Classify<'_> {
     fn save(&self, store: &ParamStore, name: &str) -> Result<()> {
         self.run.save_model(store, name)
     }
+    fn data_fingerprint(&self) -> String {
+        let mut f = Fingerprint::new();
+        for (ids, types) in self.train.ids.iter().zip(&self.train.types) {
+            f.u32s(ids);
+            f.u32s(types);
+        }
+        match &self.train.targets {
+            Targets::Classes(c) => f.u32s(c),
+            Targets::Values(v) => {
+                f.bytes(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>())
+            }
+        }
+        f.finish()
+    }
+    fn describe_rows(&self, idx: &[usize]) -> String {
+        let mut lines: Vec<usize> = idx.iter().map(|&i| self.train_lines[i]).collect();
+        lines.sort_unstable();
+        format!(
+            "{} line{} {}",
+            self.train_path.display(),
+            if lines.len() == 1 { "" } else { "s" },
+            lines
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// sha256 over the training rows: a resume checks it is on the same data.
+pub struct Fingerprint(sha2::Sha256);
+
+impl Default for Fingerprint {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fingerprint {
+    pub fn new() -> Self {
+        use sha2::Digest;
+        Fingerprint(sha2::Sha256::new())
+    }
+    pub fn bytes(&mut self, b: &[u8]) {
+        use sha2::Digest;
+        // Length-prefixed, so [a][bc] and [ab][c] differ.
+        self.0.update((b.len() as u64).to_le_bytes());
+        self.0.update(b);
+    }
+    pub fn u32s(&mut self, v: &[u32]) {
+        self.bytes(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>());
+    }
+    pub fn i64s(&mut self, v: &[i64]) {
+        self.bytes(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>());
+    }
+    pub fn finish(self) -> String {
+        use sha2::Digest;
+        self.0
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// Which held-out set to evaluate.
@@ -534,14 +621,22 @@ pub trait Objective {
     fn loss(&self, idx: &[usize], drop: &DropoutRng) -> Result<(candle_core::Tensor, usize)>;
     /// Metrics on a held-out split (`loss` among them); None if there is none.
     fn evaluate(&self, split: Split) -> Result<Option<BTreeMap<String, f64>>>;
-    /// Save the current weights as `<run>/<name>/` (`model`, `checkpoint-last`).
+    /// Save the current weights as the run's best model (`<run>/model/`, and
+    /// `<run>/adapter/` for an adapter run).
     fn save(&self, store: &ParamStore, name: &str) -> Result<()>;
+    /// sha256 of the tokenised training rows (see [`Fingerprint`]).
+    fn data_fingerprint(&self) -> String;
+    /// Where training rows `idx` come from, for error messages.
+    fn describe_rows(&self, idx: &[usize]) -> String {
+        format!("training rows {idx:?}")
+    }
 }
 
 /// The one training loop: batches in seeded order -> loss -> backward (with
 /// gradient accumulation) -> clip -> AdamW -> schedule; evaluation every N
-/// steps with best-weights keeping and early stopping; Ctrl-C saves and
-/// stops; a non-finite loss or gradient stops with a clear error.
+/// steps (or at each epoch end) with best-weights keeping and early
+/// stopping; resumable checkpoints (`checkpoint.rs`); Ctrl-C saves one and
+/// stops; a non-finite loss or gradient stops the run, or skips the batch.
 pub fn run_loop(
     plan: &Plan,
     opts: &TrainOptions,
@@ -551,13 +646,13 @@ pub fn run_loop(
     t0: Instant,
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainReport> {
+    use checkpoint::{Best, SeedState, Skipped, TrainerState};
     let c = &plan.config;
     let run_dir = &opts.run_dir;
     let (n_train, n_all) = store.counts();
-    let params = store.trainable();
     let t = &c.train;
     let mut opt = AdamW::new(
-        params.clone(),
+        store.trainable(),
         AdamWConfig {
             lr: t.lr,
             beta1: t.beta1,
@@ -574,22 +669,54 @@ pub fn run_loop(
         .warmup_steps
         .unwrap_or((t.warmup_ratio * total_steps as f64).ceil() as usize);
     let sel_metric = plan.selection_metric();
-    on(Event::Start { total_steps });
 
-    let mut step = 0usize;
-    let mut best: Option<(f64, usize, BTreeMap<String, f64>)> = None;
+    let mut st = TrainerState {
+        format: checkpoint::FORMAT,
+        step: 0,
+        total_steps,
+        epoch: 0,
+        batch_in_epoch: 0,
+        optimizer_step: 0,
+        best: None,
+        bad_evals: 0,
+        last_eval_step: None,
+        loss_window: (0.0, 0),
+        skipped: Vec::new(),
+        metrics_len: 0,
+        seeds: SeedState {
+            init: c.seeds.init,
+            data: c.seeds.data,
+            dropout: c.seeds.dropout,
+        },
+        threads: rayon::current_num_threads(),
+        train_rows: train_len,
+        data_fingerprint: obj.data_fingerprint(),
+    };
     let mut best_weights: Option<BTreeMap<String, candle_core::Tensor>> = None;
-    let mut bad_evals = 0usize;
+    let mut resumed_from = None;
+    if opts.resume {
+        let (state, best) = resume(&st, store, &mut opt, run, on)?;
+        resumed_from = Some(state.step);
+        st = state;
+        best_weights = best;
+    }
+    on(Event::Start {
+        total_steps,
+        step: st.step,
+    });
+
     let (mut interrupted, mut stopped_early) = (false, false);
     let mut tokens = 0usize;
     let mut window = Instant::now();
-    let mut loss_window = (0f64, 0usize);
+    let mut last_saved: Option<usize> = None;
 
-    let do_eval = |step: usize,
-                   best: &mut Option<(f64, usize, BTreeMap<String, f64>)>,
+    // Evaluate on validation: keep the best weights (and write them to
+    // model/), count evaluations without improvement. Returns whether
+    // early stopping ends the run.
+    let do_eval = |st: &mut TrainerState,
                    best_weights: &mut Option<BTreeMap<String, candle_core::Tensor>>,
                    on: &mut dyn FnMut(Event)|
-     -> Result<bool> {
+     -> Result<(bool, bool)> {
         let m = obj
             .evaluate(Split::Validation)?
             .ok_or_else(|| Error::msg("no validation set"))?;
@@ -597,56 +724,84 @@ pub fn run_loop(
             .get(&sel_metric)
             .ok_or_else(|| Error::msg(format!("metric {sel_metric} not computed")))?;
         let min_delta = t.early_stopping.as_ref().map_or(0.0, |e| e.min_delta);
-        let improved = match best {
+        let improved = match &st.best {
             None => true,
-            Some((b, _, _)) => metrics::is_better(&sel_metric, v, *b) && (v - *b).abs() > min_delta,
+            Some(b) => {
+                metrics::is_better(&sel_metric, v, b.value) && (v - b.value).abs() > min_delta
+            }
         };
+        st.last_eval_step = Some(st.step);
         if improved {
-            *best = Some((v, step, m.clone()));
+            checkpoint::check_finite(store, &format!("{}", run_dir.join("model").display()))?;
+            st.best = Some(Best {
+                value: v,
+                step: st.step,
+                metrics: m.clone(),
+            });
             *best_weights = Some(store.snapshot_trainable()?);
             obj.save(store, "model")?;
+            st.bad_evals = 0;
+        } else {
+            st.bad_evals += 1;
         }
-        run.log_eval(step, "validation", &m)?;
+        run.log_eval(st.step, "validation", &m)?;
         on(Event::Eval {
-            step,
+            step: st.step,
             split: "validation".into(),
             metrics: m,
             best: improved,
         });
-        Ok(improved)
+        let stop = !improved
+            && t.early_stopping
+                .as_ref()
+                .is_some_and(|es| st.bad_evals >= es.patience);
+        if stop {
+            on(Event::Info(format!(
+                "early stopping at step {}: no improvement of {sel_metric} in {} evaluations",
+                st.step, st.bad_evals
+            )));
+        }
+        Ok((improved, stop))
+    };
+    let save_ck = |st: &mut TrainerState, opt: &AdamW| -> Result<()> {
+        st.metrics_len = run.metrics_len()?;
+        checkpoint::save(run_dir, st, store, opt)?;
+        checkpoint::rotate(
+            run_dir,
+            t.save_total_limit,
+            st.best.as_ref().map(|b| b.step),
+        )?;
+        Ok(())
     };
 
-    'outer: for epoch in 0.. {
-        if step >= total_steps {
-            break;
-        }
-        let order = EpochOrder::new(train_len, c.seeds.data, epoch as u64);
+    'outer: while st.step < total_steps {
+        let order = EpochOrder::new(train_len, c.seeds.data, st.epoch as u64);
         let micro: Vec<&[usize]> = order.batches(t.batch_size)?.collect();
-        for group in micro.chunks(t.grad_accum) {
+        let groups: Vec<&[&[usize]]> = micro.chunks(t.grad_accum).collect();
+        if st.batch_in_epoch >= groups.len() {
+            return Err(Error::msg(format!(
+                "checkpoint position: batch {} of epoch {} holds only {} batches",
+                st.batch_in_epoch,
+                st.epoch,
+                groups.len()
+            )));
+        }
+        for group in &groups[st.batch_in_epoch..] {
             if opts.stop.load(Ordering::SeqCst) {
                 interrupted = true;
                 break 'outer;
             }
-            let drop = DropoutRng::new(c.seeds.dropout, step as u64);
+            let drop = DropoutRng::new(c.seeds.dropout, st.step as u64);
             let mut step_loss = 0f64;
             let group_rows: usize = group.iter().map(|g| g.len()).sum();
-            for idx in group {
+            let mut bad: Option<String> = None;
+            for idx in group.iter() {
                 let (loss, ntok) = obj.loss(idx, &drop)?;
                 tokens += ntok;
                 let lv = loss.to_vec0::<f32>()? as f64;
                 if !lv.is_finite() {
-                    let saved = match &best {
-                        Some((_, s, _)) => format!(
-                            "the best checkpoint so far (step {s}) is in {}",
-                            run_dir.join("model").display()
-                        ),
-                        None => "no checkpoint was saved (no evaluation had run yet)".into(),
-                    };
-                    return Err(Error::NonFinite(format!(
-                        "loss is {lv} at step {} (epoch {epoch}), with train.lr = {:e}; {saved}",
-                        step + 1,
-                        t.lr
-                    )));
+                    bad = Some(format!("loss is {lv}"));
+                    break;
                 }
                 // Weight each micro-batch by its share of rows.
                 let w = idx.len() as f64 / group_rows as f64;
@@ -655,85 +810,137 @@ pub fn run_loop(
                 // nn::GradBuf); candle's store holds only activations' ones.
                 let _ = (loss * w)?.backward()?;
             }
-            let norm = opt.grad_norm()?;
-            if !norm.is_finite() {
-                return Err(Error::NonFinite(format!(
-                    "gradient norm is {norm} at step {}",
-                    step + 1
-                )));
-            }
-            let scale = if t.max_grad_norm > 0.0 && norm > t.max_grad_norm {
-                t.max_grad_norm / (norm + 1e-6)
-            } else {
-                1.0
+            let norm = match bad {
+                Some(_) => f64::NAN,
+                None => opt.grad_norm()?,
             };
-            let lr = lr_at(t.schedule, t.lr, step, warmup, total_steps);
-            opt.step(lr, scale)?;
-            step += 1;
-            loss_window.0 += step_loss;
-            loss_window.1 += 1;
+            if bad.is_none() && !norm.is_finite() {
+                bad = Some(format!("gradient norm is {norm}"));
+            }
+            let lr = lr_at(t.schedule, t.lr, st.step, warmup, total_steps);
+            if let Some(what) = bad {
+                let rows: Vec<usize> = group.iter().flat_map(|g| g.iter().copied()).collect();
+                let at = format!(
+                    "at step {} (epoch {}, batch {} of the epoch)",
+                    st.step + 1,
+                    st.epoch,
+                    st.batch_in_epoch + 1
+                );
+                match t.on_non_finite {
+                    crate::config::OnNonFinite::Stop => {
+                        let saved = match &st.best {
+                            Some(b) => format!(
+                                "the best checkpoint so far (step {}) is in {}",
+                                b.step,
+                                run_dir.join("model").display()
+                            ),
+                            None => "no checkpoint was saved (no evaluation had run yet)".into(),
+                        };
+                        return Err(Error::NonFinite(format!(
+                            "{what} {at}, on {}, with train.lr = {:e}; {saved}; train.on_non_finite = \"skip\" drops such batches",
+                            obj.describe_rows(&rows),
+                            t.lr
+                        )));
+                    }
+                    crate::config::OnNonFinite::Skip => {
+                        opt.zero_grad();
+                        let s = Skipped {
+                            step: st.step + 1,
+                            reason: what.clone(),
+                            rows: obj.describe_rows(&rows),
+                        };
+                        on(Event::Info(format!(
+                            "skipped the batch {at}: {what}, on {}",
+                            s.rows
+                        )));
+                        run.log_skipped(&s)?;
+                        st.skipped.push(s);
+                    }
+                }
+            } else {
+                let scale = if t.max_grad_norm > 0.0 && norm > t.max_grad_norm {
+                    t.max_grad_norm / (norm + 1e-6)
+                } else {
+                    1.0
+                };
+                opt.step(lr, scale)?;
+                st.loss_window.0 += step_loss;
+                st.loss_window.1 += 1;
+            }
+            st.optimizer_step = opt.step;
+            st.step += 1;
+            st.batch_in_epoch += 1;
             let elapsed = window.elapsed().as_secs_f64();
             let tps = tokens as f64 / elapsed.max(1e-9);
             on(Event::Step {
-                step,
+                step: st.step,
                 total_steps,
-                epoch,
+                epoch: st.epoch,
                 loss: step_loss,
                 lr,
                 tokens_per_s: tps,
             });
-            if step % t.log_every == 0 || step == total_steps {
+            if (st.step % t.log_every == 0 || st.step == total_steps) && st.loss_window.1 > 0 {
                 run.log_step(
-                    step,
-                    epoch,
-                    loss_window.0 / loss_window.1 as f64,
+                    st.step,
+                    st.epoch,
+                    st.loss_window.0 / st.loss_window.1 as f64,
                     lr,
                     norm,
                     tps,
                     t0.elapsed().as_secs_f64(),
                 )?;
-                loss_window = (0.0, 0);
+                st.loss_window = (0.0, 0);
                 tokens = 0;
                 window = Instant::now();
             }
-            let eval_now = t.eval_every.is_some_and(|e| step % e == 0);
-            if eval_now {
-                if do_eval(step, &mut best, &mut best_weights, on)? {
-                    bad_evals = 0;
-                } else {
-                    bad_evals += 1;
-                    if t.early_stopping
-                        .as_ref()
-                        .is_some_and(|es| bad_evals >= es.patience)
-                    {
-                        stopped_early = true;
-                        on(Event::Info(format!("early stopping at step {step}: no improvement of {sel_metric} in {bad_evals} evaluations")));
-                        break 'outer;
-                    }
+            let mut evaluated = None;
+            if t.eval_every.is_some_and(|e| st.step % e == 0) {
+                evaluated = Some(do_eval(&mut st, &mut best_weights, on)?);
+            }
+            let epoch_end = st.batch_in_epoch == groups.len();
+            if epoch_end {
+                st.epoch += 1;
+                st.batch_in_epoch = 0;
+                // Without `eval_every`, evaluate at each epoch end.
+                if t.eval_every.is_none() {
+                    evaluated = Some(do_eval(&mut st, &mut best_weights, on)?);
                 }
             }
-            if step >= total_steps {
+            let (improved, stop) = evaluated.unwrap_or((false, false));
+            let due = match t.save_every {
+                Some(n) => st.step % n == 0,
+                None => evaluated.is_some(),
+            };
+            if improved || due {
+                save_ck(&mut st, &opt)?;
+                last_saved = Some(st.step);
+            }
+            if stop {
+                stopped_early = true;
                 break 'outer;
             }
-        }
-        // Without `eval_every`, evaluate at each epoch end.
-        if t.eval_every.is_none() {
-            if do_eval(step, &mut best, &mut best_weights, on)? {
-                bad_evals = 0;
-            } else {
-                bad_evals += 1;
+            if st.step >= total_steps || epoch_end {
+                continue 'outer;
             }
         }
     }
     if interrupted {
-        obj.save(store, "checkpoint-last")?;
+        if last_saved != Some(st.step) {
+            save_ck(&mut st, &opt)?;
+        }
         on(Event::Info(format!(
-            "interrupted at step {step}: checkpoint saved to {}",
-            run_dir.join("checkpoint-last").display()
+            "interrupted at step {}: checkpoint saved to {}; continue with `afinar train --resume {}`",
+            st.step,
+            checkpoint::path(run_dir, st.step).display(),
+            run_dir.display()
         )));
-    } else if !stopped_early && t.eval_every.is_some_and(|e| step % e != 0) {
-        // The steps after the last periodic evaluation count too.
-        do_eval(step, &mut best, &mut best_weights, on)?;
+    } else if !stopped_early && st.last_eval_step != Some(st.step) {
+        // The steps after the last evaluation count too.
+        let _ = do_eval(&mut st, &mut best_weights, on)?;
+        if last_saved != Some(st.step) {
+            save_ck(&mut st, &opt)?;
+        }
     }
 
     // ---- test with the best-on-validation weights (the ones in model/)
@@ -743,9 +950,9 @@ pub fn run_loop(
             store.copy_values_from(w)?;
         }
         if let Some(m) = obj.evaluate(Split::Test)? {
-            run.log_eval(step, "test", &m)?;
+            run.log_eval(st.step, "test", &m)?;
             on(Event::Eval {
-                step,
+                step: st.step,
                 split: "test".into(),
                 metrics: m.clone(),
                 best: false,
@@ -753,19 +960,136 @@ pub fn run_loop(
             test = Some(m);
         }
     }
+    if !st.skipped.is_empty() {
+        on(Event::Info(format!(
+            "{} batch{} skipped by the non-finite guard (listed in results.json)",
+            st.skipped.len(),
+            if st.skipped.len() == 1 { "" } else { "es" }
+        )));
+    }
     let report = TrainReport {
         run_dir: run_dir.clone(),
-        steps: step,
+        steps: st.step,
         interrupted,
         stopped_early,
         wall_s: t0.elapsed().as_secs_f64(),
         train_rows: train_len,
         trainable_params: n_train,
         total_params: n_all,
-        best_step: best.as_ref().map(|b| b.1),
-        best_validation: best.map(|b| b.2).unwrap_or_default(),
+        best_step: st.best.as_ref().map(|b| b.step),
+        best_validation: st.best.map(|b| b.metrics).unwrap_or_default(),
+        skipped_batches: st.skipped,
+        resumed_from,
         test,
     };
-    run.finish(&report)?;
+    // An interrupted run is not finished: no results.json, so that
+    // `--resume` continues it.
+    if !interrupted {
+        run.finish(&report)?;
+    }
     Ok(report)
+}
+
+/// Load the latest checkpoint of the run folder into `store` and `opt`,
+/// after checking that it belongs to this run (same data, same length).
+/// Returns its state and the best weights so far.
+#[allow(clippy::type_complexity)]
+fn resume(
+    fresh: &checkpoint::TrainerState,
+    store: &ParamStore,
+    opt: &mut AdamW,
+    run: &run::RunWriter,
+    on: &mut dyn FnMut(Event),
+) -> Result<(
+    checkpoint::TrainerState,
+    Option<BTreeMap<String, candle_core::Tensor>>,
+)> {
+    let run_dir = run.dir();
+    let Some((_, dir)) = checkpoint::list(run_dir)?.pop() else {
+        return Err(Error::file(
+            run_dir,
+            "no checkpoint-<step>/ folder with trainer_state.json: nothing to resume (the run stopped before its first checkpoint; start it again)",
+        ));
+    };
+    let ck = checkpoint::load(&dir)?;
+    let st = ck.state;
+    let sp = dir.join(checkpoint::STATE_FILE);
+    let mismatch = |what: &str, was: String, now: String| {
+        Error::file(
+            &sp,
+            format!("{what} was {was} when the checkpoint was written, it is {now} now: cannot resume on changed {what}"),
+        )
+    };
+    if st.data_fingerprint != fresh.data_fingerprint || st.train_rows != fresh.train_rows {
+        return Err(mismatch(
+            "training data",
+            format!(
+                "{} rows (sha256 {})",
+                st.train_rows,
+                &st.data_fingerprint[..st.data_fingerprint.len().min(12)]
+            ),
+            format!(
+                "{} rows (sha256 {})",
+                fresh.train_rows,
+                &fresh.data_fingerprint[..fresh.data_fingerprint.len().min(12)]
+            ),
+        ));
+    }
+    if st.total_steps != fresh.total_steps {
+        return Err(mismatch(
+            "the step count",
+            st.total_steps.to_string(),
+            fresh.total_steps.to_string(),
+        ));
+    }
+    if st.seeds != fresh.seeds {
+        return Err(mismatch(
+            "seeds",
+            format!("{:?}", st.seeds),
+            format!("{:?}", fresh.seeds),
+        ));
+    }
+    checkpoint::restore_weights(store, &ck.weights, &dir.join(checkpoint::WEIGHTS_FILE))?;
+    opt.load_state(st.optimizer_step, &ck.optimizer)?;
+    let best = match &st.best {
+        None => None,
+        Some(b) if b.step == st.step => Some(store.snapshot_trainable()?),
+        Some(b) => {
+            let bdir = checkpoint::path(run_dir, b.step);
+            let f = bdir.join(checkpoint::WEIGHTS_FILE);
+            if !f.is_file() {
+                return Err(Error::file(
+                    &f,
+                    format!("the best weights (step {}) are missing: the best checkpoint must stay beside the one resumed", b.step),
+                ));
+            }
+            let w = candle_core::safetensors::load(&f, &candle_core::Device::Cpu)
+                .map_err(|e| Error::file(&f, format!("unreadable: {e}")))?;
+            let mut out = BTreeMap::new();
+            for (name, p) in store.trainable() {
+                let t = w.get(&name).ok_or_else(|| Error::Tensor {
+                    name: name.clone(),
+                    msg: format!("missing from {}", f.display()),
+                })?;
+                out.insert(name, t.to_dtype(p.t.dtype())?.to_device(p.t.device())?);
+            }
+            Some(out)
+        }
+    };
+    run.truncate_metrics(st.metrics_len)?;
+    if st.threads != fresh.threads {
+        on(Event::Info(format!(
+            "warning: the checkpoint was written with {} threads, this process has {}: the loss curve may differ in its last digits (set train.threads)",
+            st.threads, fresh.threads
+        )));
+    }
+    on(Event::Info(format!(
+        "resumed from {}: step {} of {}, epoch {}, batch {} of the epoch",
+        dir.display(),
+        st.step,
+        st.total_steps,
+        st.epoch,
+        st.batch_in_epoch
+    )));
+    Ok((st, best))
 }

@@ -107,8 +107,9 @@ impl RunWriter {
         tok: &TextTokenizer,
         labels: Option<&LabelMap>,
         head: &HeadConfig,
+        resume: bool,
     ) -> Result<Self> {
-        let mut w = Self::create_log(dir, plan)?;
+        let mut w = Self::create_log(dir, plan, resume)?;
         w.base_config = base_config.clone();
         w.tok = Some(tok.clone());
         w.labels = labels.cloned();
@@ -117,21 +118,33 @@ impl RunWriter {
     }
 
     /// The run folder with its config and metrics log only (methods that
-    /// save their models themselves, e.g. SFT).
-    pub fn create_log(dir: &Path, plan: &Plan) -> Result<Self> {
+    /// save their models themselves, e.g. SFT). `resume`: the folder holds
+    /// the run being continued; its log is kept (the loop cuts it back to
+    /// its checkpoint) and what a killed writer left half-done is removed.
+    pub fn create_log(dir: &Path, plan: &Plan, resume: bool) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let lock = RunLock::take(dir)?;
-        fsutil::write_atomic(&dir.join("config.toml"), plan.to_toml()?.as_bytes())?;
+        // Temporaries of a writer that was killed (this process holds the
+        // lock, so their owner is gone).
+        fsutil::remove_stale_temporaries(dir)?;
         let mpath = dir.join("metrics.jsonl");
-        // Truncate: a folder may hold the log of a run that failed (a run
-        // that finished is refused by the caller); its lines must not
-        // prefix this run's.
-        let metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&mpath)
-            .map_err(|e| Error::io(&mpath, e))?;
+        let metrics = if resume {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&mpath)
+                .map_err(|e| Error::io(&mpath, e))?
+        } else {
+            fsutil::write_atomic(&dir.join("config.toml"), plan.to_toml()?.as_bytes())?;
+            // Truncate: a folder may hold the log of a run that failed (a run
+            // that finished is refused by the caller); its lines must not
+            // prefix this run's.
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&mpath)
+                .map_err(|e| Error::io(&mpath, e))?
+        };
         Ok(RunWriter {
             dir: dir.to_path_buf(),
             base_config: serde_json::Value::Null,
@@ -151,9 +164,40 @@ impl RunWriter {
 
     fn append(&self, v: serde_json::Value) -> Result<()> {
         let mut f = self.metrics.lock().unwrap();
-        writeln!(f, "{v}")
+        // One write per line: a kill leaves whole lines (and a resume cuts
+        // the log back to its checkpoint anyway).
+        let line = format!("{v}\n");
+        f.write_all(line.as_bytes())
             .and_then(|_| f.flush())
             .map_err(|e| Error::io(self.dir.join("metrics.jsonl"), e))
+    }
+
+    /// The log's length, made durable (recorded in a checkpoint).
+    pub fn metrics_len(&self) -> Result<u64> {
+        let f = self.metrics.lock().unwrap();
+        let p = self.dir.join("metrics.jsonl");
+        f.sync_data().map_err(|e| Error::io(&p, e))?;
+        Ok(f.metadata().map_err(|e| Error::io(&p, e))?.len())
+    }
+
+    /// Cut the log back to `len` bytes: the lines of steps a resume replays.
+    pub fn truncate_metrics(&self, len: u64) -> Result<()> {
+        let f = self.metrics.lock().unwrap();
+        let p = self.dir.join("metrics.jsonl");
+        let have = f.metadata().map_err(|e| Error::io(&p, e))?.len();
+        if have < len {
+            return Err(Error::file(
+                &p,
+                format!("holds {have} bytes but the checkpoint recorded {len}: the log was cut or replaced"),
+            ));
+        }
+        f.set_len(len).map_err(|e| Error::io(&p, e))
+    }
+
+    pub fn log_skipped(&self, s: &super::checkpoint::Skipped) -> Result<()> {
+        self.append(serde_json::json!({
+            "step": s.step, "skipped": s.reason, "rows": s.rows,
+        }))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -308,30 +352,7 @@ pub fn save_hf_checkpoint(
     })
 }
 
-/// Assemble a folder beside `dir` and swap it in whole (an existing `dir`
-/// is replaced only once the new one is complete).
-pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.tmp.{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let old = parent.join(format!(".{name}.old.{}", std::process::id()));
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
-}
+pub use crate::fsutil::write_dir_atomic;
 
 /// afinar's own notes beside a PEFT adapter: what PEFT's files do not say.
 pub const ADAPTER_META: &str = "afinar_head.json";

@@ -306,6 +306,46 @@ impl Objective for Sft<'_> {
     fn save(&self, store: &ParamStore, name: &str) -> Result<()> {
         self.saver.save(store, name)
     }
+    fn data_fingerprint(&self) -> String {
+        let mut f = super::Fingerprint::new();
+        match &self.packed {
+            Some(p) => {
+                for r in p {
+                    f.u32s(&r.ids);
+                    f.i64s(&r.labels);
+                    f.u32s(&r.positions);
+                    f.u32s(&r.segments);
+                }
+            }
+            None => {
+                for r in self.train_rows {
+                    f.u32s(&r.ids);
+                    f.i64s(&r.labels);
+                }
+            }
+        }
+        f.finish()
+    }
+    fn describe_rows(&self, idx: &[usize]) -> String {
+        let examples: Vec<usize> = match &self.packed {
+            Some(p) => idx
+                .iter()
+                .flat_map(|&i| p[i].examples.iter().copied())
+                .collect(),
+            None => idx.to_vec(),
+        };
+        let mut lines: Vec<usize> = examples.iter().map(|&e| self.train_rows[e].line).collect();
+        lines.sort_unstable();
+        let lines: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        let packed = match &self.packed {
+            Some(_) => format!("packed rows {idx:?}, "),
+            None => String::new(),
+        };
+        format!(
+            "{packed}training examples from data lines {}",
+            lines.join(", ")
+        )
+    }
 }
 
 /// Writes an SFT run's models.
@@ -322,8 +362,7 @@ impl Saver<'_> {
             .is_some_and(|a| a.kind == crate::adapters::AdapterType::PromptTuning);
         if prompt_tuning {
             // The soft prompt does not merge into the weights: the run's
-            // result is the adapter alone (`<run>/adapter`, or
-            // `<run>/checkpoint-last/adapter` when interrupted).
+            // result is the adapter alone (`<run>/adapter`).
             let dir = if name == "model" {
                 self.dir.join("adapter")
             } else {
@@ -655,7 +694,7 @@ pub fn train_sft(
         ));
     }
 
-    let run = RunWriter::create_log(&opts.run_dir, plan)?;
+    let run = RunWriter::create_log(&opts.run_dir, plan, opts.resume)?;
     let packed = if d.packing {
         let p = pack(&train_rows, max_len, src.pad_id)?;
         on(Event::Info(format!(
@@ -686,8 +725,8 @@ pub fn train_sft(
         },
     };
     // Before training: the same test metrics (loss, perplexity, exact match
-    // of greedy answers) of the model as loaded.
-    if n_gen > 0 {
+    // of greedy answers) of the model as loaded (a resumed run has them).
+    if n_gen > 0 && !opts.resume {
         if let Some(m) = obj.evaluate(Split::Test)? {
             run.log_eval(0, "test_before", &m)?;
             on(Event::Eval {

@@ -36,6 +36,7 @@ pub use quant::{GgmlType, QData, QTensor};
 pub use tokenizer::{tokenizer_from_gguf, GgufTokenizer};
 pub use writer::GgufWriter;
 
+use super::FileBytes;
 use candle_core::{Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -386,7 +387,7 @@ impl<'a> Cursor<'a> {
 /// A validated, memory-mapped GGUF file.
 pub struct Gguf {
     path: PathBuf,
-    map: Arc<memmap2::Mmap>,
+    map: Arc<FileBytes>,
     version: u32,
     alignment: usize,
     data_offset: usize,
@@ -416,14 +417,17 @@ impl Gguf {
             source: e,
         };
         let file = std::fs::File::open(path).map_err(io)?;
-        // SAFETY: read-only map; as for safetensors (checkpoint.rs), a file
-        // truncated or rewritten by another process while mapped is undefined
-        // behaviour, which we accept to avoid copying checkpoints into memory.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let map = FileBytes::map(&file).map_err(io)?;
         Self::parse(path, Arc::new(map))
     }
 
-    fn parse(path: &Path, map: Arc<memmap2::Mmap>) -> GgufResult<Self> {
+    /// A GGUF file already in memory, validated as [`Gguf::open`] validates a
+    /// file; `name` stands for the file in errors and [`Gguf::path`].
+    pub fn from_bytes(name: impl AsRef<Path>, bytes: Vec<u8>) -> GgufResult<Self> {
+        Self::parse(name.as_ref(), Arc::new(FileBytes::Owned(bytes)))
+    }
+
+    fn parse(path: &Path, map: Arc<FileBytes>) -> GgufResult<Self> {
         let buf: &[u8] = &map;
         let mut c = Cursor { buf, pos: 0, path };
         let header = || "the header".to_string();

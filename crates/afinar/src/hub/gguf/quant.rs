@@ -389,9 +389,9 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>> {
 #[derive(Clone)]
 pub enum QData {
     Owned(Vec<u8>),
-    /// A byte range of a memory-mapped file (kept alive by the `Arc`).
+    /// A byte range of a (memory-mapped) file, kept alive by the `Arc`.
     Mapped {
-        map: Arc<memmap2::Mmap>,
+        map: Arc<crate::hub::FileBytes>,
         start: usize,
         len: usize,
     },

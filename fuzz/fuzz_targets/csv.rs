@@ -1,0 +1,5 @@
+//! `cargo fuzz run csv`: the body is `afinar::fuzz_targets::csv`, shared
+//! with the corpus replay test (crates/afinar/tests/fuzz_corpus.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| afinar::fuzz_targets::csv(data));

@@ -1,0 +1,5 @@
+//! `cargo fuzz run gguf`: the body is `afinar::fuzz_targets::gguf`, shared
+//! with the corpus replay test (crates/afinar/tests/fuzz_corpus.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| afinar::fuzz_targets::gguf(data));

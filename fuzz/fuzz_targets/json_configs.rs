@@ -1,0 +1,5 @@
+//! `cargo fuzz run json_configs`: the body is `afinar::fuzz_targets::json_configs`, shared
+//! with the corpus replay test (crates/afinar/tests/fuzz_corpus.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| afinar::fuzz_targets::json_configs(data));

@@ -1,0 +1,5 @@
+//! `cargo fuzz run safetensors_header`: the body is `afinar::fuzz_targets::safetensors_header`, shared
+//! with the corpus replay test (crates/afinar/tests/fuzz_corpus.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| afinar::fuzz_targets::safetensors_header(data));
