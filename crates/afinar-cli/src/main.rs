@@ -291,6 +291,18 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>, resume: bool) 
             );
         }
     }
+    // Stopped before its first checkpoint: the run starts again, in its folder.
+    let resume = resume && {
+        let run = out.as_deref().unwrap_or(Path::new("."));
+        let has = !train::checkpoint::list(run)?.is_empty();
+        if !has {
+            eprintln!(
+                "{}: no checkpoint yet: starting the run again from step 0",
+                run.display()
+            );
+        }
+        has
+    };
     let plan = Plan::load(config, set)?;
     init_threads(plan.config.train.threads);
     let stem = config

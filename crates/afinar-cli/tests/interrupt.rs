@@ -1,5 +1,6 @@
-//! Ctrl-C during training finishes the step, saves `checkpoint-last/` and
-//! exits with 130, leaving no temporary file.
+//! Ctrl-C during training finishes the step, saves a resumable
+//! `checkpoint-<step>/` and exits with 130, leaving no temporary file;
+//! `afinar train --resume` then finishes the run.
 
 use std::path::Path;
 use std::process::Command;
@@ -26,6 +27,7 @@ fn sigint_saves_a_checkpoint_and_exits_130() {
         .arg(&cfg)
         .arg("--out")
         .arg(&run)
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     // Wait until it is training (the first evaluation saved model/).
@@ -42,20 +44,67 @@ fn sigint_saves_a_checkpoint_and_exits_130() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130));
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        assert!(
-            run.join("checkpoint-last").join(f).is_file(),
-            "checkpoint-last/{f} missing"
-        );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("continue with: afinar train --resume"),
+        "{err}"
+    );
+    // The newest checkpoint is the step it stopped at, whole.
+    let mut steps: Vec<usize> = std::fs::read_dir(&run)
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("checkpoint-")
+                .and_then(|s| s.parse().ok())
+        })
+        .collect();
+    steps.sort();
+    let last = *steps.last().expect("no checkpoint-<step>/");
+    let ck = run.join(format!("checkpoint-{last}"));
+    for f in [
+        "trainer_state.json",
+        "trainable.safetensors",
+        "optimizer.safetensors",
+    ] {
+        assert!(ck.join(f).is_file(), "checkpoint-{last}/{f} missing");
     }
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], last);
+    assert!(
+        err.contains(&format!("interrupted at step {last}")),
+        "{err}"
+    );
+    // Not finished: no results.json, and a new run into the folder is refused.
+    assert!(!run.join("results.json").exists());
+    let o = Command::new(env!("CARGO_BIN_EXE_afinar"))
+        .arg("train")
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("holds an unfinished run: continue it with `afinar train --resume"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let leftovers: Vec<_> = std::fs::read_dir(&run)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .filter(|n| n.to_string_lossy().contains(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(
+        !run.join(".afinar.lock").exists(),
+        "the lock outlived its process"
+    );
 }
 
 /// Gradient accumulation: 2 micro-batches of 8 give the same updates as one
