@@ -85,6 +85,17 @@ fn curve(run: &Path) -> Vec<serde_json::Value> {
 /// Every checkpoint folder a kill left is whole, and no temporary or
 /// half-written file is visible under its final name.
 fn check_folder(run: &Path) {
+    let model = run.join("model");
+    if model.exists() {
+        let bytes = std::fs::read(model.join("model.safetensors")).expect("model/ without weights");
+        safetensors::SafeTensors::deserialize(&bytes)
+            .expect("model/model.safetensors half-written");
+        let cfg = std::fs::read(model.join("config.json")).expect("model/ without config.json");
+        serde_json::from_slice::<serde_json::Value>(&cfg).expect("model/config.json half-written");
+    }
+    if run.join("metrics.jsonl").exists() {
+        let _ = curve(run); // every line whole
+    }
     for e in std::fs::read_dir(run).unwrap() {
         let e = e.unwrap();
         let name = e.file_name().to_string_lossy().to_string();

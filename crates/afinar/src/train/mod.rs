@@ -1063,8 +1063,7 @@ fn resume(
                     format!("the best weights (step {}) are missing: the best checkpoint must stay beside the one resumed", b.step),
                 ));
             }
-            let w = candle_core::safetensors::load(&f, &candle_core::Device::Cpu)
-                .map_err(|e| Error::file(&f, format!("unreadable: {e}")))?;
+            let w = checkpoint::read_tensors(&f)?;
             let mut out = BTreeMap::new();
             for (name, p) in store.trainable() {
                 let t = w.get(&name).ok_or_else(|| Error::Tensor {
