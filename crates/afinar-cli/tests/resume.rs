@@ -285,3 +285,40 @@ fn killed_lora_sft_run_resumes_to_the_same_curve() {
         "adapters differ"
     );
 }
+
+/// BERT with a LoRA adapter (dropout 0.1) and a new head, evaluated at each
+/// epoch's end (no `eval_every`: checkpoints follow the evaluations) with
+/// early stopping on accuracy: the early-stopping count and the best
+/// weights survive the kills too, and the run stops at the same step.
+#[test]
+fn killed_lora_run_with_early_stopping_resumes_to_the_same_end() {
+    let f = fixtures().join("bert-tiny");
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("l.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nmax_length = 32\n[data]\ntrain = {:?}\ntext = \"text\"\nlabel = \"label\"\nsplit = [0.6, 0.2, 0.2]\n\
+             [train]\nepochs = {}\nbatch_size = 2\nlr = 2e-3\nschedule = \"cosine\"\nlog_every = 2\nthreads = 2\n\
+             [train.early_stopping]\nmetric = \"loss\"\npatience = 4\nmin_delta = 1e-4\n\
+             [adapter]\ntype = \"lora\"\nr = 4\nlora_alpha = 8\nlora_dropout = 0.1\ntarget_modules = [\"query\", \"value\"]\nmodules_to_save = [\"classifier\"]\n",
+            f,
+            f.join("train.jsonl"),
+            15 * kills()
+        ),
+    )
+    .unwrap();
+    let t = reference(&cfg, &d.path().join("ref"));
+    let run = d.path().join("run");
+    let (k, r) = killed_run(&cfg, &run, kills(), max_delay_ms(t));
+    assert!(
+        k >= 1 && r >= 1,
+        "{k} kills, {r} resumes: the test killed nothing"
+    );
+    compare(&d.path().join("ref"), &run);
+    let adapter = |p: &Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        adapter(&d.path().join("ref")) == adapter(&run),
+        "adapters differ"
+    );
+}
