@@ -143,7 +143,12 @@ fn bad_adapter_configs_fail_naming_the_problem() {
         "--merged".as_ref(),
         d.path().join("x").as_os_str(),
     ]);
-    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(1) && err.contains("not a run folder or model folder"),
+        "{err}"
+    );
+    assert!(!d.path().join("x").exists());
 }
 
 /// An adapter folder written by Python PEFT (no afinar notes beside it):

@@ -348,6 +348,18 @@ fn invalid_values() {
             "data.format=parquet",
             &["`data.format`", "`parquet` is not jsonl, csv or tsv"],
         ),
+        // Zero used to panic (`step % 0`) once training had started.
+        ("train.eval_every=0", &["`train.eval_every`", "must be > 0"]),
+        ("train.log_every=0", &["`train.log_every`", "must be > 0"]),
+        ("train.save_every=0", &["`train.save_every`", "must be > 0"]),
+        (
+            "train.save_total_limit=0",
+            &["`train.save_total_limit`", "must be > 0"],
+        ),
+        (
+            "train.on_non_finite=\"ignore\"",
+            &["on_non_finite", "unknown variant `ignore`, expected `stop` or `skip`"],
+        ),
     ] {
         let out = c.train(&cfg, &[set]);
         out.fails_with(needles);
@@ -537,9 +549,11 @@ fn nan_loss_stops_training() {
     let cfg = tiny_config_file(c.d());
     let out = c.train(&cfg, &["train.lr=1e30"]);
     out.fails_with(&[
-        "training stopped: loss is NaN at step 2",
+        "training stopped: loss is NaN at step 2 (epoch 0, batch 2 of the epoch), on ",
+        "train.jsonl lines ",
         "train.lr = 1e30",
         "no checkpoint was saved",
+        "train.on_non_finite = \"skip\" drops such batches",
     ]);
     c.snapshot("nan_loss", &out);
     // The folder keeps the log of the failed run, but no model or results.
@@ -602,7 +616,7 @@ fn train_into_a_folder_that_holds_a_run() {
     let before = std::fs::read(c.run().join("results.json")).unwrap();
     c.train(&cfg, &["train.epochs=1"]).fails_with(&[
         "run folder",
-        "already holds a run",
+        "already holds a finished run",
         "choose another --out",
     ]);
     assert_eq!(std::fs::read(c.run().join("results.json")).unwrap(), before);
@@ -634,6 +648,142 @@ fn run_folder_in_use_by_another_process() {
     assert!(c.run().join("results.json").exists());
     assert!(!lock.exists(), "the lock is removed when the run ends");
     assert_no_tmp(c.d());
+}
+
+// ---------------------------------------------------------------- resume
+
+/// A run stopped before it finished: the tiny run with its results removed
+/// (its checkpoints and model/ stay, as after a kill).
+fn unfinished_run(c: &Case) -> PathBuf {
+    let cfg = tiny_config_file(c.d());
+    c.train(&cfg, &["train.epochs=2"]).ok();
+    std::fs::remove_file(c.run().join("results.json")).unwrap();
+    cfg
+}
+
+fn resume(c: &Case) -> Out {
+    afinar_p(
+        c.d(),
+        &["train".as_ref(), "--resume".as_ref(), c.run().as_os_str()],
+    )
+}
+
+/// The newest checkpoint folder of the run.
+fn last_checkpoint(run: &Path) -> PathBuf {
+    let mut cks: Vec<(usize, PathBuf)> = std::fs::read_dir(run)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let n = e.file_name().to_string_lossy().to_string();
+            n.strip_prefix("checkpoint-")
+                .and_then(|s| s.parse().ok())
+                .map(|s| (s, e.path()))
+        })
+        .collect();
+    cks.sort();
+    cks.pop().expect("no checkpoint").1
+}
+
+#[test]
+fn train_into_a_folder_with_an_unfinished_run() {
+    let c = Case::new();
+    let cfg = unfinished_run(&c);
+    c.train(&cfg, &[]).fails_with(&[
+        "holds an unfinished run: continue it with `afinar train --resume",
+        "or choose another --out",
+    ]);
+    assert!(
+        c.run().join("model").is_dir(),
+        "the unfinished run is untouched"
+    );
+}
+
+#[test]
+fn resume_a_finished_run() {
+    let c = Case::new();
+    let cfg = tiny_config_file(c.d());
+    c.train(&cfg, &["train.epochs=1"]).ok();
+    let before = std::fs::read(c.run().join("results.json")).unwrap();
+    resume(&c).fails_with(&[
+        "--resume",
+        "this run finished (results.json is there): nothing to resume",
+    ]);
+    assert_eq!(std::fs::read(c.run().join("results.json")).unwrap(), before);
+}
+
+#[test]
+fn resume_a_missing_or_non_run_folder() {
+    let c = Case::new();
+    resume(&c).fails_with(&["--resume", "run: no such run folder"]);
+    std::fs::create_dir(c.run()).unwrap();
+    resume(&c).fails_with(&["--resume", "not a run folder (no config.toml)"]);
+    assert_eq!(
+        std::fs::read_dir(c.run()).unwrap().count(),
+        0,
+        "nothing written"
+    );
+}
+
+#[test]
+fn resume_with_other_arguments() {
+    let c = Case::new();
+    let cfg = unfinished_run(&c);
+    let out = afinar_p(
+        c.d(),
+        &[
+            "train".as_ref(),
+            cfg.as_os_str(),
+            "--resume".as_ref(),
+            c.run().as_os_str(),
+        ],
+    );
+    out.fails_with(&["--resume", "cannot be used with"]);
+}
+
+#[test]
+fn resume_with_a_corrupt_trainer_state() {
+    let c = Case::new();
+    unfinished_run(&c);
+    let st = last_checkpoint(&c.run()).join("trainer_state.json");
+    std::fs::write(&st, "{\"format\": 1, \"step\": ").unwrap();
+    resume(&c).fails_with(&["trainer_state.json: not JSON: EOF while parsing"]);
+    std::fs::write(&st, "{\"format\": 2, \"step\": 3}").unwrap();
+    resume(&c).fails_with(&["trainer_state.json: checkpoint format 2; this afinar reads format 1"]);
+    assert!(!c.run().join("results.json").exists());
+}
+
+#[test]
+fn resume_with_truncated_checkpoint_weights() {
+    let c = Case::new();
+    unfinished_run(&c);
+    let w = last_checkpoint(&c.run()).join("trainable.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let out = resume(&c);
+    out.fails_with(&["trainable.safetensors: truncated"]);
+    c.snapshot("resume_truncated_weights", &out);
+    assert!(!c.run().join("results.json").exists());
+}
+
+#[test]
+fn resume_on_changed_training_data() {
+    let c = Case::new();
+    let data = c.d().join("d.jsonl");
+    std::fs::copy(fixture().join("train.jsonl"), &data).unwrap();
+    let cfg = write(c.d(), "run.toml", &tiny_config(&fixture(), &data));
+    c.train(&cfg, &["train.epochs=2"]).ok();
+    std::fs::remove_file(c.run().join("results.json")).unwrap();
+    // One word of one row changes: same row count, other tokens.
+    let text = std::fs::read_to_string(&data)
+        .unwrap()
+        .replacen("a", "e", 1);
+    std::fs::write(&data, text).unwrap();
+    let out = resume(&c);
+    out.fails_with(&[
+        "trainer_state.json: training data was 36 rows (sha256 ",
+        "cannot resume on changed training data",
+    ]);
+    c.snapshot("resume_changed_data", &out);
 }
 
 // ---------------------------------------------------------------- eval / predict / inspect
@@ -806,4 +956,862 @@ fn inspect_a_file_that_is_not_safetensors() {
     afinar_p(c.d(), &[Path::new("inspect"), &tiny]).fails_with(&["short.safetensors", "bytes"]);
     afinar_p(c.d(), &[Path::new("inspect"), &c.d().join("nothing")])
         .fails_with(&["nothing", "no such checkpoint file or folder"]);
+}
+
+// ================================================================ catalogue, part 2
+// Issue 6 part 4: PEFT adapter folders, GGUF files, PyTorch pickles, CLI
+// arguments, and more models, configs and data files. Helpers first.
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl Case {
+    /// `afinar ARGS` in the case's folder.
+    fn cli(&self, args: &[&str]) -> Out {
+        afinar(self.d(), args)
+    }
+    /// Nothing but the inputs the test wrote is left in the case's folder.
+    #[track_caller]
+    fn only(&self, names: &[&str]) {
+        assert_no_tmp(self.d());
+        let mut left: Vec<String> = std::fs::read_dir(self.d())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        want.sort();
+        assert_eq!(left, want, "files written by a failed command");
+    }
+}
+
+/// Rewrite the safetensors file `path` through `edit` (name, dtype, shape, bytes).
+fn rewrite_st_file(
+    path: &Path,
+    edit: impl FnOnce(
+        Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+    ) -> Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+) {
+    use safetensors::tensor::{SafeTensors, TensorView};
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    let edited = edit(tensors);
+    let views: Vec<(String, TensorView)> = edited
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+}
+
+// ---------------------------------------------------------------- PEFT adapter folders
+
+/// A copy of the PEFT-made LoRA adapter (r = 4 on query, value of bert-tiny) in `<tmp>/ad`.
+fn peft_adapter(c: &Case) -> PathBuf {
+    let from = fixture().join("../peft/lora-tiny");
+    let to = c.d().join("ad");
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+    to
+}
+
+fn edit_adapter_config(ad: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = ad.join("adapter_config.json");
+    let mut v = read_json(&p);
+    edit(&mut v);
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// `afinar predict AD --base <bert-tiny> --text hi`: fails, prints no prediction.
+fn predict_adapter(c: &Case, ad: &Path) -> Out {
+    let out = c.cli(&["predict", &s(ad), "--base", &s(&fixture()), "--text", "hi"]);
+    assert!(
+        out.stdout.is_empty(),
+        "a prediction was printed: {}",
+        out.stdout
+    );
+    out
+}
+
+const QUERY_B: &str = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight";
+
+#[test]
+fn adapter_config_broken_or_of_an_unknown_type() {
+    let c = Case::new();
+    let ad = peft_adapter(&c);
+    std::fs::write(ad.join("adapter_config.json"), "{\"peft_type\": \"LORA\", ").unwrap();
+    predict_adapter(&c, &ad).fails_with(&["ad/adapter_config.json", "EOF while parsing", "line 1"]);
+    let ad = peft_adapter(&c);
+    edit_adapter_config(&ad, |v| v["peft_type"] = "LOHA".into());
+    let out = predict_adapter(&c, &ad);
+    out.fails_with(&[
+        "ad/adapter_config.json",
+        "peft_type \"LOHA\" is not supported (LORA, IA3, PROMPT_TUNING)",
+    ]);
+    c.snapshot("adapter_unknown_peft_type", &out);
+    edit_adapter_config(&ad, |v| {
+        v.as_object_mut().unwrap().remove("peft_type");
+    });
+    predict_adapter(&c, &ad).fails_with(&["peft_type missing is not supported"]);
+    c.only(&["ad"]);
+}
+
+#[test]
+fn adapter_target_modules_not_in_the_base_model() {
+    let c = Case::new();
+    let ad = peft_adapter(&c);
+    edit_adapter_config(&ad, |v| {
+        v["target_modules"] = serde_json::json!(["q_proj", "v_proj"])
+    });
+    let out = predict_adapter(&c, &ad);
+    out.fails_with(&[
+        "adapter <TMP>/ad/adapter_config.json"
+            .replace("<TMP>", &s(c.d()))
+            .as_str(),
+        "target_modules [\"q_proj\", \"v_proj\"] wrap no linear module of this model",
+        "bert.encoder.layer.0.attention.self.query",
+    ]);
+    c.snapshot("adapter_target_modules_not_found", &out);
+}
+
+#[test]
+fn adapter_rank_disagrees_with_its_weights() {
+    let c = Case::new();
+    let ad = peft_adapter(&c);
+    edit_adapter_config(&ad, |v| v["r"] = 8.into());
+    predict_adapter(&c, &ad).fails_with(&[
+        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight",
+        "shape [4, 32] in",
+        "ad/adapter_model.safetensors",
+        "is [8, 32] (another r, or another base model?)",
+    ]);
+}
+
+#[test]
+fn adapter_weights_missing_misshapen_or_incomplete() {
+    let c = Case::new();
+    let ad = peft_adapter(&c);
+    std::fs::remove_file(ad.join("adapter_model.safetensors")).unwrap();
+    predict_adapter(&c, &ad)
+        .fails_with(&["ad: no adapter_model.safetensors: the adapter has no weights"]);
+
+    let ad = peft_adapter(&c);
+    rewrite_st_file(&ad.join("adapter_model.safetensors"), |mut ts| {
+        for t in ts.iter_mut() {
+            if t.0 == QUERY_B {
+                t.2 = vec![16, 8]; // was [32, 4]: same bytes
+            }
+        }
+        ts
+    });
+    let out = predict_adapter(&c, &ad);
+    out.fails_with(&[QUERY_B, "shape [16, 8] in", "is [32, 4]"]);
+    c.snapshot("adapter_tensor_with_wrong_shape", &out);
+
+    // PEFT would warn and keep B = 0 (a silent no-op adapter); afinar refuses.
+    let ad = peft_adapter(&c);
+    rewrite_st_file(&ad.join("adapter_model.safetensors"), |ts| {
+        ts.into_iter().filter(|t| t.0 != QUERY_B).collect()
+    });
+    predict_adapter(&c, &ad).fails_with(&[
+        "ad/adapter_model.safetensors",
+        "1 adapter tensor(s) that adapter_config.json implies are missing",
+        QUERY_B,
+    ]);
+    c.only(&["ad"]);
+}
+
+#[test]
+fn adapter_base_model_not_found() {
+    let c = Case::new();
+    let ad = peft_adapter(&c);
+    c.cli(&[
+        "predict",
+        &s(&ad),
+        "--base",
+        &s(&c.d().join("nothing")),
+        "--text",
+        "hi",
+    ])
+    .fails_with(&[
+        "--base",
+        "nothing: neither a model folder nor a fetched asset",
+    ]);
+    edit_adapter_config(&ad, |v| {
+        v["base_model_name_or_path"] = "org/unknown-model".into()
+    });
+    c.cli(&["predict", &s(&ad), "--text", "hi"]).fails_with(&[
+        "ad/adapter_config.json",
+        "the adapter's base model `org/unknown-model`",
+        "pass --base",
+    ]);
+    c.only(&["ad"]);
+}
+
+// ---------------------------------------------------------------- GGUF files
+
+/// The tiny Llama as an f32 GGUF file `<tmp>/name`.
+fn llama_gguf(c: &Case, name: &str) -> PathBuf {
+    use afinar::hub::gguf::export::{write_llama_gguf, ExportType, TokenizerMeta};
+    use afinar::models::decoder::{load_lm, DecoderConfig};
+    let src = load_lm(
+        &fixture().join("../llama-tiny"),
+        afinar::params::Selector::none(),
+    )
+    .unwrap();
+    let DecoderConfig::Llama(cfg) = &src.cfg else {
+        panic!("llama-tiny is a Llama")
+    };
+    let tensors = src
+        .store
+        .iter()
+        .map(|(n, p)| (n.clone(), p.tensor.clone()))
+        .collect();
+    let meta = TokenizerMeta {
+        tokenizer: &src.tokenizer,
+        bos_id: src.bos_id,
+        eos_id: Some(2),
+        pad_id: Some(0),
+        chat_template: None,
+        pre: "gpt2",
+    };
+    let p = c.d().join(name);
+    write_llama_gguf(&p, "t", cfg, &tensors, &meta, ExportType::F32).unwrap();
+    p
+}
+
+/// `afinar generate FILE --prompt a` and `afinar inspect FILE`: both fail with `needles`.
+fn generate_and_inspect_fail(c: &Case, file: &Path, needles: &[&str]) -> Out {
+    let out = c.cli(&[
+        "generate",
+        &s(file),
+        "--prompt",
+        "a",
+        "--max-new-tokens",
+        "2",
+    ]);
+    out.fails_with(needles);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    c.cli(&["inspect", &s(file)]).fails_with(needles);
+    out
+}
+
+#[test]
+fn gguf_bad_magic_version_and_truncation() {
+    let c = Case::new();
+    let good = llama_gguf(&c, "good.gguf");
+    let bytes = std::fs::read(&good).unwrap();
+    let variant = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = bytes.clone();
+        f(&mut b);
+        let p = c.d().join(name);
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let p = variant("magic.gguf", &|b| b[..4].copy_from_slice(b"GGML"));
+    let out = generate_and_inspect_fail(
+        &c,
+        &p,
+        &["magic.gguf: not a GGUF file: starts with [47, 47, 4d, 4c], expected \"GGUF\""],
+    );
+    c.snapshot("gguf_bad_magic", &out);
+    let p = variant("v1.gguf", &|b| b[4..8].copy_from_slice(&1u32.to_le_bytes()));
+    generate_and_inspect_fail(
+        &c,
+        &p,
+        &["v1.gguf: GGUF version 1 is not supported (supported: 2, 3, little-endian)"],
+    );
+    let p = variant("be.gguf", &|b| b[4..8].copy_from_slice(&3u32.to_be_bytes()));
+    generate_and_inspect_fail(
+        &c,
+        &p,
+        &["be.gguf: GGUF version 50331648 (a big-endian file)"],
+    );
+    // Cut inside the metadata, and inside the tensor data.
+    let p = variant("head.gguf", &|b| b.truncate(40));
+    generate_and_inspect_fail(
+        &c,
+        &p,
+        &[
+            "head.gguf: truncated: metadata entry 0 of",
+            "but the file has 40 bytes",
+        ],
+    );
+    let n = bytes.len();
+    let p = variant("tail.gguf", &|b| b.truncate(n - 1000));
+    generate_and_inspect_fail(
+        &c,
+        &p,
+        &["tail.gguf: truncated: tensor `", "data needs bytes"],
+    );
+    // Nothing but the inputs.
+    let mut names = vec![
+        "good.gguf",
+        "magic.gguf",
+        "v1.gguf",
+        "be.gguf",
+        "head.gguf",
+        "tail.gguf",
+    ];
+    names.sort();
+    c.only(&names);
+}
+
+#[test]
+fn gguf_of_an_unsupported_type_or_architecture() {
+    let c = Case::new();
+    let p = llama_gguf(&c, "q5.gguf");
+    // Retype `token_embd.weight` [160, 64] from F32 (0) to Q5_0 (6), which
+    // afinar cannot dequantise; its info is name, n_dims, ne[0..2], type.
+    let mut b = std::fs::read(&p).unwrap();
+    let name = b"token_embd.weight";
+    let mut key = (name.len() as u64).to_le_bytes().to_vec();
+    key.extend_from_slice(name);
+    let at = b
+        .windows(key.len())
+        .position(|w| w == key.as_slice())
+        .expect("tensor info");
+    let ty = at + key.len() + 4 + 2 * 8;
+    assert_eq!(b[ty..ty + 4], 0u32.to_le_bytes());
+    b[ty..ty + 4].copy_from_slice(&6u32.to_le_bytes());
+    std::fs::write(&p, b).unwrap();
+    let out = c.cli(&["generate", &s(&p), "--prompt", "a"]);
+    out.fails_with(&[
+        "q5.gguf: tensor token_embd.weight has type Q5_0, supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
+    ]);
+    c.snapshot("gguf_unsupported_type", &out);
+    // `inspect` lists what it cannot load.
+    let table = c.cli(&["inspect", &s(&p)]);
+    table.ok();
+    assert!(
+        table.stdout.contains("token_embd.weight") && table.stdout.contains("Q5_0"),
+        "{}",
+        table.stdout
+    );
+
+    use afinar::hub::gguf::{GgmlType, GgufValue, GgufWriter};
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", GgufValue::String("mamba".into()))
+        .unwrap();
+    w.add_f32("token_embd.weight", GgmlType::F32, &[2, 4], &[0.0; 8])
+        .unwrap();
+    let mamba = c.d().join("mamba.gguf");
+    w.write(&mamba).unwrap();
+    c.cli(&["generate", &s(&mamba), "--prompt", "a"])
+        .fails_with(&["mamba.gguf: general.architecture is `mamba`, supported: llama"]);
+    c.only(&["q5.gguf", "mamba.gguf"]);
+}
+
+// ---------------------------------------------------------------- PyTorch pickle checkpoints
+
+/// A pickle that runs `touch <marker>` when unpickled (protocol 2:
+/// `PROTO 2`, `GLOBAL os system`, `MARK`, the argument, `TUPLE`, `REDUCE`).
+fn evil_pickle(marker: &Path) -> Vec<u8> {
+    let mut b = b"\x80\x02cos\nsystem\n(S'touch ".to_vec();
+    b.extend_from_slice(s(marker).as_bytes());
+    b.extend_from_slice(b"'\ntR.");
+    b
+}
+
+#[test]
+fn pytorch_pickle_files_are_refused_unread() {
+    let c = Case::new();
+    let marker = c.d().join("pwned");
+    let pth = c.d().join("model.pth");
+    std::fs::write(&pth, evil_pickle(&marker)).unwrap();
+    let refused = [
+        "a PyTorch pickle checkpoint: afinar does not read pickle files, because loading one can run arbitrary code",
+        "convert it to safetensors",
+    ];
+    let out = c.cli(&["inspect", &s(&pth)]);
+    out.fails_with(&refused).fails_with(&["model.pth"]);
+    c.snapshot("pickle_refused", &out);
+    c.cli(&["generate", &s(&pth), "--prompt", "a"])
+        .fails_with(&refused);
+    // torch.save's zip format, under the usual name.
+    let bin = c.d().join("pytorch_model.bin");
+    std::fs::write(&bin, b"PK\x03\x04archive/data.pklPK").unwrap();
+    c.cli(&["inspect", &s(&bin)])
+        .fails_with(&refused)
+        .fails_with(&["pytorch_model.bin"]);
+    // An SFT run whose model.path is the pickle.
+    let cfg =
+        sft_config(&c, &sft_rows(None)).replace(&q(&fixture().join("../llama-tiny")), &q(&pth));
+    let cfg = write(c.d(), "sft.toml", &cfg);
+    c.train(&cfg, &[]).fails_with(&refused);
+    c.no_run_folder();
+    assert!(!marker.exists(), "the pickle ran");
+    c.only(&["model.pth", "pytorch_model.bin", "sft.toml", "sft.jsonl"]);
+}
+
+#[test]
+fn model_folder_with_only_pickle_weights() {
+    let c = Case::new();
+    let m = copy_model(c.d(), "m");
+    std::fs::remove_file(m.join("model.safetensors")).unwrap();
+    std::fs::write(
+        m.join("pytorch_model.bin"),
+        evil_pickle(&c.d().join("pwned")),
+    )
+    .unwrap();
+    let cfg = c.config_for_model(&m);
+    c.train(&cfg, &[]).fails_with(&[
+        "m: no model.safetensors or model.safetensors.index.json in this folder",
+        "found PyTorch pickle weights, which afinar never loads since unpickling can run arbitrary code: convert them to safetensors",
+        "pytorch_model.bin",
+    ]);
+    c.no_run_folder();
+    c.cli(&["inspect", &s(&m)])
+        .fails_with(&["found PyTorch pickle weights"]);
+    assert!(!c.d().join("pwned").exists());
+}
+
+// ---------------------------------------------------------------- more models
+
+#[test]
+fn index_naming_a_shard_outside_the_model_folder() {
+    let c = Case::new();
+    let m = copy_model(c.d(), "m");
+    let outside = c.d().join("outside.safetensors");
+    std::fs::rename(m.join("model.safetensors"), &outside).unwrap();
+    let names: Vec<String> = tensors(&outside).into_keys().collect();
+    for shard in ["../outside.safetensors".to_string(), s(&outside)] {
+        let map: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .map(|n| (n.clone(), shard.clone().into()))
+            .collect();
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(m.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let cfg = c.config_for_model(&m);
+        let out = c.train(&cfg, &[]);
+        out.fails_with(&[
+            "m/model.safetensors.index.json",
+            &format!("refusing shard `{shard}` in the weight map"),
+            "(no `..`, no absolute path)",
+        ]);
+        c.no_run_folder();
+        if shard.starts_with("..") {
+            c.snapshot("index_shard_outside_the_folder", &out);
+        }
+        c.cli(&["inspect", &s(&m)]).fails_with(&["refusing shard"]);
+    }
+}
+
+#[test]
+fn model_config_json_with_a_wrong_type() {
+    let c = Case::new();
+    let m = copy_model(c.d(), "m");
+    let text = std::fs::read_to_string(m.join("config.json")).unwrap();
+    assert!(text.contains("\"hidden_size\": 32,"));
+    std::fs::write(
+        m.join("config.json"),
+        text.replace("\"hidden_size\": 32,", "\"hidden_size\": \"32\","),
+    )
+    .unwrap();
+    let cfg = c.config_for_model(&m);
+    let out = c.train(&cfg, &[]);
+    out.fails_with(&[
+        "m/config.json:",
+        "`\"hidden_size\": \"32\",`: invalid type: string \"32\", expected usize",
+    ]);
+    c.snapshot("model_config_wrong_type", &out);
+    c.no_run_folder();
+}
+
+#[test]
+fn tokenizer_json_corrupt() {
+    let c = Case::new();
+    let m = copy_model(c.d(), "m");
+    std::fs::write(
+        m.join("tokenizer.json"),
+        "{\"version\": \"1.0\", \"model\": ",
+    )
+    .unwrap();
+    let cfg = c.config_for_model(&m);
+    c.train(&cfg, &[]).fails_with(&[
+        "m/tokenizer.json",
+        "cannot load tokenizer",
+        "EOF while parsing",
+    ]);
+    c.no_run_folder();
+}
+
+// ---------------------------------------------------------------- more configs
+
+#[test]
+fn config_value_of_the_wrong_type_in_the_file() {
+    let c = Case::new();
+    let text = tiny_config(&fixture(), &fixture().join("train.jsonl"))
+        .replace("epochs = 20", "epochs = \"two\"");
+    let cfg = write(c.d(), "run.toml", &text);
+    let out = c.train(&cfg, &[]);
+    out.fails_with(&[
+        "run.toml",
+        "line 12, column 10",
+        "epochs = \"two\"",
+        "invalid type: string \"two\", expected usize",
+    ]);
+    c.snapshot("config_wrong_type", &out);
+    c.no_run_folder();
+}
+
+#[test]
+fn config_keys_that_conflict() {
+    let c = Case::new();
+    let cfg = tiny_config_file(c.d());
+    for (set, needles) in [
+        (
+            &["adapter.type=\"lora\"", "adapter.target_modules=[\"query\"]", "freeze.preset=head_only"][..],
+            &["tiny.toml", "`freeze`: an adapter freezes the whole base: leave [freeze] out"][..],
+        ),
+        (
+            &["model.base_dtype=\"quantized\""],
+            &["`model.base_dtype`: \"quantized\" needs a GGUF model"],
+        ),
+        (
+            &["task.type=\"sft\""],
+            &["`data`: SFT needs `messages` (chat rows) or `prompt` + `completion`"],
+        ),
+        (
+            &["data.packing=true"],
+            &["`data`: `messages`, `prompt` and `packing` are for task.type = \"sft\""],
+        ),
+        (
+            &["adapter.type=\"lora\"", "adapter.r=0", "adapter.target_modules=[\"query\"]"],
+            &["tiny.toml", "adapter: `r` must be > 0"],
+        ),
+        (
+            &["train.early_stopping={metric = \"bleu\", patience = 2}"],
+            &["`train.early_stopping.metric`: `bleu` is not one of [\"loss\", \"accuracy\", \"macro_f1\"]"],
+        ),
+        (&["train.threads=0"], &["`train.threads`: must be > 0"]),
+        (
+            &["train.warmup_steps=5", "train.warmup_ratio=0.1"],
+            &["`train.warmup_steps`: conflicts with `train.warmup_ratio` = 0.1: give one of them"],
+        ),
+    ] {
+        c.train(&cfg, set).fails_with(needles);
+        c.no_run_folder();
+    }
+}
+
+/// `model.hub` is the one way a run reaches the network: with the endpoint
+/// closed, the error says so; a revision that would leave the cache is
+/// refused before any request.
+#[test]
+fn hub_model_unreachable_or_with_a_bad_revision() {
+    let c = Case::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = tiny_config(&fixture(), &fixture().join("train.jsonl")).replace(
+        &format!("path = {}", q(&fixture())),
+        "hub = \"org/tiny-bert\"",
+    );
+    let cfg = write(c.d(), "run.toml", &text);
+    let run = |set: &[&str]| {
+        let mut args = vec!["train".to_string(), s(&cfg), "--out".into(), s(&c.run())];
+        for x in set {
+            args.push("--set".into());
+            args.push(x.to_string());
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_afinar"))
+            .args(&args)
+            .current_dir(c.d())
+            .env("AFINAR_CACHE", c.d().join("cache"))
+            .env("HF_ENDPOINT", format!("http://127.0.0.1:{port}"))
+            .env_remove("HF_TOKEN")
+            // ureq would send even 127.0.0.1 to a proxy.
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .output()
+            .unwrap();
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    run(&[]).fails_with(&[
+        "hub model org/tiny-bert@main: config.json: cannot reach",
+        "set HF_ENDPOINT for a mirror",
+    ]);
+    c.no_run_folder();
+    run(&["model.revision=\"../../../x\""]).fails_with(&[
+        "`../../../x` is not a revision (a branch, tag or commit sha; no `..`, no absolute path)",
+    ]);
+    c.no_run_folder();
+    assert!(!c.d().join("x").exists());
+}
+
+// ---------------------------------------------------------------- more data files
+
+#[test]
+fn classification_label_of_the_wrong_type() {
+    let c = Case::new();
+    let cfg = c.config_for_data(
+        "d.jsonl",
+        &rows_with(b"{\"text\": \"oops\", \"label\": {\"name\": \"pos\"}}"),
+    );
+    c.train(&cfg, &[]).fails_with(&[
+        "d.jsonl:4:",
+        "label field `label` must be a string or a number, found an object",
+    ]);
+    c.no_run_folder();
+}
+
+/// 20 chat rows, with `bad` as line 4 when given.
+fn sft_rows(bad: Option<&str>) -> String {
+    let mut rows: Vec<String> = (0..20)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("q{i}")},
+                {"role": "assistant", "content": format!("a{i}")},
+            ]})
+            .to_string()
+        })
+        .collect();
+    if let Some(b) = bad {
+        rows.insert(3, b.to_string());
+    }
+    rows.join("\n") + "\n"
+}
+
+/// An SFT config on the tiny Llama reading `<tmp>/sft.jsonl` (written from `rows`).
+fn sft_config(c: &Case, rows: &str) -> String {
+    let data = write(c.d(), "sft.jsonl", rows);
+    format!(
+        "[model]\npath = {}\nmax_length = 64\n[task]\ntype = \"sft\"\n\
+         [data]\ntrain = {}\nmessages = \"messages\"\nsplit = [0.7, 0.15, 0.15]\n\
+         [train]\nepochs = 1\nbatch_size = 8\nlr = 1e-2\nthreads = 1\n",
+        q(&fixture().join("../llama-tiny")),
+        q(&data)
+    )
+}
+
+#[test]
+fn chat_rows_with_bad_roles_or_messages() {
+    let c = Case::new();
+    for (row, needles) in [
+        (
+            r#"{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}"#,
+            &["sft.jsonl:4: `messages[0]`: unknown role `robot` (allowed: system, user, assistant)"][..],
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}]}"#,
+            &["sft.jsonl:4: chat has no assistant turn, so nothing to learn (roles: [user])"],
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}"#,
+            &["sft.jsonl:4: `messages[0]`.content must be a string, found a number"],
+        ),
+        (
+            r#"{"messages": "hello"}"#,
+            &["sft.jsonl:4: field `messages` must be a list of messages, found a string"],
+        ),
+    ] {
+        let cfg = write(c.d(), "sft.toml", &sft_config(&c, &sft_rows(Some(row))));
+        let out = c.train(&cfg, &[]);
+        out.fails_with(needles);
+        if row.contains("robot") {
+            c.snapshot("chat_row_unknown_role", &out);
+        }
+        c.no_run_folder();
+    }
+    // prompt + completion rows: line 4 lacks its completion.
+    let rows: String = (0..20)
+        .map(|i| {
+            if i == 3 {
+                "{\"prompt\": \"p3\"}\n".to_string()
+            } else {
+                format!("{{\"prompt\": \"p{i}\", \"completion\": \"c{i}\"}}\n")
+            }
+        })
+        .collect();
+    let text = sft_config(&c, &rows).replace(
+        "messages = \"messages\"",
+        "prompt = \"prompt\"\ncompletion = \"completion\"",
+    );
+    let cfg = write(c.d(), "sft.toml", &text);
+    c.train(&cfg, &[])
+        .fails_with(&["sft.jsonl:4:", "`completion`", "not found"]);
+    c.no_run_folder();
+}
+
+// ---------------------------------------------------------------- CLI arguments
+
+#[test]
+fn command_line_usage_errors() {
+    let c = Case::new();
+    // clap's usage errors exit 1 like every other error, with its usage text.
+    c.cli(&["trian", "x.toml"])
+        .fails_with(&["unrecognized subcommand 'trian'", "Usage: afinar <COMMAND>"]);
+    c.cli(&["generate", "some-model"]).fails_with(&[
+        "the following required arguments were not provided",
+        "--prompt <PROMPT>",
+    ]);
+    c.cli(&["predict", "run", "--text", "a", "--file", "b.jsonl"])
+        .fails_with(&["the argument '--text <TEXT>' cannot be used with '--file <FILE>'"]);
+    // --help is not an error.
+    let h = c.cli(&["--help"]);
+    h.ok();
+    assert!(h.stdout.contains("Usage: afinar"));
+    c.only(&[]);
+}
+
+#[test]
+fn predict_with_neither_text_nor_file() {
+    let c = Case::new();
+    let out = c.cli(&["predict", &s(&fixture())]);
+    out.fails_with(&["give --text TEXT or --file FILE (JSONL rows with a `text` field)"]);
+    c.snapshot("predict_without_input", &out);
+}
+
+#[test]
+fn export_arguments_checked_before_anything_is_written() {
+    let c = Case::new();
+    let run = trained(&c);
+    let before = std::fs::read(run.join("results.json")).unwrap();
+    let r = s(&run);
+    let out = c.cli(&["export", &r]);
+    out.fails_with(&["give --merged OUT, --adapter OUT and/or --gguf OUT.gguf"]);
+    c.snapshot("export_without_outputs", &out);
+    c.cli(&["export", &r, "--gguf", "m.gguf", "--gguf-type", "q4_k"])
+        .fails_with(&[
+            "--gguf-type: GGUF type `q4_k` is not supported for export (f32, f16, q8_0)",
+        ]);
+    c.cli(&["export", &s(&c.d().join("gone")), "--merged", "m"])
+        .fails_with(&["gone: no such run folder"]);
+    c.cli(&["export", &r, "--gguf", "m.gguf"])
+        .fails_with(&["--gguf is for decoder LMs", "run is an encoder run"]);
+    c.cli(&["export", &r, "--adapter", "ad"])
+        .fails_with(&["run: not an adapter run: nothing to export with --adapter"]);
+    c.only(&["run", "tiny.toml"]);
+    assert_eq!(std::fs::read(run.join("results.json")).unwrap(), before);
+}
+
+/// `export --merged OUT` replaces OUT whole: never the run itself, a file,
+/// or a folder holding anything an export does not write.
+#[test]
+fn export_onto_the_run_a_file_or_a_foreign_folder() {
+    let c = Case::new();
+    let run = trained(&c);
+    let r = s(&run);
+    let listing = |p: &Path| {
+        let mut v: Vec<String> = walk(p).iter().map(|x| s(x)).collect();
+        v.sort();
+        v
+    };
+    let before = listing(&run);
+    let out = c.cli(&["export", &r, "--merged", &r]);
+    out.fails_with(&[
+        "run: is (or holds) the run folder",
+        "exporting there would replace it; choose another folder",
+    ]);
+    c.snapshot("export_onto_the_run", &out);
+    c.cli(&["export", &r, "--adapter", &s(c.d())])
+        .fails_with(&["is (or holds) the run folder"]);
+    let cfg = c.d().join("tiny.toml");
+    let cfg_text = std::fs::read(&cfg).unwrap();
+    c.cli(&["export", &r, "--merged", &s(&cfg)])
+        .fails_with(&["tiny.toml: exists and is not a folder"]);
+    let mine = c.d().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("notes.md"), "keep me").unwrap();
+    c.cli(&["export", &r, "--merged", &s(&mine)]).fails_with(&[
+        "mine: holds files an export does not write ([\"notes.md\"])",
+        "choose a new or empty one",
+    ]);
+    c.cli(&["export", &r, "--gguf", &s(&cfg)])
+        .fails_with(&["tiny.toml: the GGUF output must end in .gguf"]);
+    assert_eq!(listing(&run), before, "the run folder changed");
+    assert_eq!(std::fs::read(&cfg).unwrap(), cfg_text);
+    assert_eq!(std::fs::read(mine.join("notes.md")).unwrap(), b"keep me");
+    c.only(&["run", "tiny.toml", "mine"]);
+    // An earlier export is replaced.
+    c.cli(&["export", &r, "--merged", &s(&c.d().join("out"))])
+        .ok();
+    c.cli(&["export", &r, "--merged", &s(&c.d().join("out"))])
+        .ok();
+    assert!(c.d().join("out/model.safetensors").is_file());
+}
+
+#[test]
+fn generate_and_eval_arguments_out_of_range() {
+    let c = Case::new();
+    let llama = s(&fixture().join("../llama-tiny"));
+    for (flag, needle) in [
+        ("--top-p=2", "top_p 2 must be in (0, 1]"),
+        ("--temperature=-1", "temperature -1 must be >= 0"),
+        ("--top-k=0", "top_k must be > 0"),
+    ] {
+        let out = c.cli(&["generate", &llama, "--prompt", "a", flag]);
+        out.fails_with(&[needle]);
+        assert!(out.stdout.is_empty());
+    }
+    c.cli(&["generate", &s(&c.d().join("nothing")), "--prompt", "a"])
+        .fails_with(&[
+            "nothing` is neither a file, a folder nor an asset name",
+            "caused by: unknown asset",
+        ]);
+    c.cli(&["generate", &s(&fixture()), "--prompt", "a"])
+        .fails_with(&["config.json: `model_type` \"bert\" is not a supported decoder"]);
+    let run = trained(&c);
+    let data = write(c.d(), "rows.txt", "{\"text\": \"a\", \"label\": \"pos\"}\n");
+    c.cli(&["eval", &s(&run), "--data", &s(&data)]).fails_with(&[
+        "rows.txt: cannot tell the data format from the extension (expected .jsonl, .json, .csv or .tsv)",
+    ]);
+}
+
+/// docs/bad-inputs.md and this file agree: every test here is a row there,
+/// and every row names a test here.
+#[test]
+fn the_catalogue_lists_every_test() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("../../docs/bad-inputs.md")).unwrap();
+    let src = std::fs::read_to_string(root.join("tests/bad_inputs.rs")).unwrap();
+    let mut tests = std::collections::BTreeSet::new();
+    let mut lines = src.lines().peekable();
+    while let Some(l) = lines.next() {
+        if l.trim() == "#[test]" {
+            let next = lines.peek().map(|n| n.trim()).unwrap_or_default();
+            if let Some(name) = next.strip_prefix("fn ").and_then(|n| n.split('(').next()) {
+                tests.insert(name.to_string());
+            }
+        }
+    }
+    tests.remove("the_catalogue_lists_every_test");
+    let mut rows = std::collections::BTreeSet::new();
+    for l in doc
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| Input |"))
+    {
+        let name = l
+            .trim_end()
+            .strip_suffix("` |")
+            .and_then(|h| h.rsplit_once("| `"))
+            .map(|(_, n)| n.to_string())
+            .unwrap_or_else(|| panic!("a row without its test: {l}"));
+        rows.insert(name);
+    }
+    let unlisted: Vec<_> = tests.difference(&rows).collect();
+    let unknown: Vec<_> = rows.difference(&tests).collect();
+    assert!(
+        unlisted.is_empty() && unknown.is_empty(),
+        "tests without a row in docs/bad-inputs.md: {unlisted:?}; rows naming no test: {unknown:?}"
+    );
+    assert!(rows.len() >= 30, "{} cases", rows.len());
 }

@@ -530,8 +530,8 @@ impl Plan {
             }
         }
         if let Some(ad) = &c.adapter {
-            ad.validate()
-                .map_err(|e| cfg_err(p, format!("`adapter`: {e}")))?;
+            // The message begins "adapter: ...".
+            ad.validate().map_err(|e| cfg_err(p, e.to_string()))?;
             if c.freeze.preset != "full"
                 || !c.freeze.frozen.is_empty()
                 || !c.freeze.trainable.is_empty()
@@ -551,6 +551,15 @@ impl Plan {
         }
         if t.epochs == 0 && t.max_steps.is_none() {
             return err("train.epochs", "must be > 0".into());
+        }
+        if t.warmup_steps.is_some() && t.warmup_ratio != 0.0 {
+            return err(
+                "train.warmup_steps",
+                format!(
+                    "conflicts with `train.warmup_ratio` = {}: give one of them",
+                    t.warmup_ratio
+                ),
+            );
         }
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
             return err(

@@ -489,4 +489,44 @@ mod tests {
             assert_eq!(civil_from_days(days), want, "{days}");
         }
     }
+
+    /// A template is data: it cannot read files (no loader: `include`,
+    /// `import` and `extends` find nothing), the environment or the network,
+    /// and its loops are bounded by minijinja's limits.
+    #[test]
+    fn chat_template_is_sandboxed() {
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), "SECRET").unwrap();
+        let p = secret.path().display().to_string();
+        for src in [
+            format!("{{% include '{p}' %}}"),
+            format!("{{% import '{p}' as x %}}"),
+            format!("{{% extends '{p}' %}}"),
+        ] {
+            let t = ChatTemplate::new(&src, "", "").unwrap();
+            let err = t.render(&[], false).unwrap_err().to_string();
+            assert!(
+                err.contains("not found") && !err.contains("SECRET"),
+                "{src}: {err}"
+            );
+        }
+        // No functions beyond the ones set up here, and no globals beyond the context.
+        for src in [
+            "{{ env('HOME') }}",
+            "{{ open('/etc/hostname') }}",
+            "{{ lipsum() }}",
+        ] {
+            let err = ChatTemplate::new(src, "", "")
+                .and_then(|t| t.render(&[], false))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("unknown function"), "{src}: {err}");
+        }
+        let err = ChatTemplate::new("{% for i in range(1000000) %}x{% endfor %}", "", "")
+            .unwrap()
+            .render(&[], false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too many elements"), "{err}");
+    }
 }

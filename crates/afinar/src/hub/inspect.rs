@@ -42,7 +42,9 @@ pub fn describe(path: &Path) -> Result<String> {
 fn describe_gguf(path: &Path) -> Result<String> {
     use std::fmt::Write;
     let g = Gguf::open(path)?;
-    let rows: Vec<(String, String, String, usize)> = g
+    // name, type, shape, parameters
+    type Row = (String, String, String, usize);
+    let rows: Vec<Row> = g
         .tensor_infos()
         .iter()
         .map(|t| {
@@ -54,9 +56,8 @@ fn describe_gguf(path: &Path) -> Result<String> {
             )
         })
         .collect();
-    let width = |f: &dyn Fn(&(String, String, String, usize)) -> usize, min: usize| {
-        rows.iter().map(f).max().unwrap_or(0).max(min)
-    };
+    let width =
+        |f: &dyn Fn(&Row) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
     let wn = width(&|r| r.0.len(), 4);
     let wt = width(&|r| r.1.len(), 4);
     let ws = width(&|r| r.2.len(), 5);

@@ -60,9 +60,9 @@ pub fn refusal(path: &Path) -> Error {
     Error::file(
         path,
         "a PyTorch pickle checkpoint: afinar does not read pickle files, because loading one \
-         can run arbitrary code; convert it to safetensors (e.g. transformers' \
-         `save_pretrained(..., safe_serialization=True)`, or the hub's `convert` space) and \
-         give the folder with model.safetensors",
+         can run arbitrary code; convert it to safetensors where you trust it (transformers: \
+         `save_pretrained(out, safe_serialization=True)`) and give the folder with \
+         model.safetensors",
     )
 }
 
