@@ -86,6 +86,23 @@ fn missing_model_folder() {
     c.no_run_folder();
 }
 
+/// `model.path` naming the weights file instead of the folder; a pickle
+/// file there is refused as such (never unpickled).
+#[test]
+fn model_path_names_a_file() {
+    let c = Case::new();
+    let cfg = c.config_for_model(&fixture().join("model.safetensors"));
+    c.train(&cfg, &[])
+        .fails_with(&["model.safetensors: is a file: `model.path` names the model folder"]);
+    c.no_run_folder();
+    let pth = c.d().join("model.pth");
+    // A legacy torch pickle stream: PROTO 2, then opcodes.
+    std::fs::write(&pth, b"\x80\x02}q\x00.").unwrap();
+    let cfg = c.config_for_model(&pth);
+    c.train(&cfg, &[]).fails_with(&["model.pth", "pickle"]);
+    c.no_run_folder();
+}
+
 #[test]
 fn model_folder_without_weights() {
     let c = Case::new();
@@ -358,7 +375,10 @@ fn invalid_values() {
         ),
         (
             "train.on_non_finite=\"ignore\"",
-            &["on_non_finite", "unknown variant `ignore`, expected `stop` or `skip`"],
+            &[
+                "on_non_finite",
+                "unknown variant `ignore`, expected `stop` or `skip`",
+            ],
         ),
     ] {
         let out = c.train(&cfg, &[set]);

@@ -167,6 +167,13 @@ pub fn resolve_model_dir(plan: &Plan) -> Result<PathBuf> {
         return crate::hub::assets::resolve_asset_path(a);
     }
     if let Some(p) = &m.path {
+        if p.is_file() {
+            crate::hub::pickle::refuse(p)?;
+            return Err(Error::file(
+                p,
+                "is a file: `model.path` names the model folder (config.json, model.safetensors, tokenizer files)",
+            ));
+        }
         if !p.is_dir() {
             return Err(Error::file(
                 p,

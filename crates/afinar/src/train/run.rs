@@ -511,10 +511,11 @@ fn load_peft_folder(ad: &Path, opts: &LoadOptions) -> Result<RunModel> {
     match raw["task_type"].as_str() {
         Some("SEQ_CLS") => {}
         other => {
+            let t = other.map_or("missing".to_string(), |t| format!("{t:?}"));
             return Err(Error::file(
                 &cfg_file,
-                format!("task_type {other:?}: afinar predicts with SEQ_CLS adapters on encoders"),
-            ))
+                format!("task_type {t}: afinar predicts with SEQ_CLS adapters on encoders"),
+            ));
         }
     }
     let base_dir = peft_base_dir(ad, &raw, opts.base.as_deref())?;
