@@ -64,13 +64,23 @@ impl RunLock {
             {
                 Ok(mut f) => {
                     use std::io::Write;
-                    writeln!(f, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+                    let me = std::process::id();
+                    let start = start_time(me).unwrap_or_default();
+                    writeln!(f, "{me} {start}").map_err(|e| Error::io(&path, e))?;
                     return Ok(RunLock { path });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // "<pid> <start time>": a pid alone could be reused by
+                    // another process after the writer died (a reboot).
                     let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                    let pid = holder.trim().parse::<u32>().ok();
-                    let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                    let mut it = holder.split_whitespace();
+                    let pid = it.next().and_then(|p| p.parse::<u32>().ok());
+                    let started = it.next().and_then(|s| s.parse::<u64>().ok());
+                    let alive = pid.is_some_and(|p| match (start_time(p), started) {
+                        (Some(now), Some(then)) => now == then,
+                        (Some(_), None) => true,
+                        (None, _) => Path::new(&format!("/proc/{p}")).exists(),
+                    });
                     if alive {
                         return Err(Error::file(
                             dir,
@@ -91,6 +101,15 @@ impl RunLock {
             format!("could not take the lock file {LOCK_FILE}: another process keeps taking it"),
         ))
     }
+}
+
+/// When process `pid` started (field 22 of `/proc/<pid>/stat`, in clock
+/// ticks since boot); None where there is no such process or no /proc.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 impl Drop for RunLock {
@@ -275,15 +294,18 @@ impl RunWriter {
         )
     }
 
+    /// The plot, then `results.json` last: its presence marks the run
+    /// finished (a kill before it leaves a run that `--resume` finishes).
     pub fn finish(&self, report: &TrainReport) -> Result<()> {
-        fsutil::write_json(&self.dir.join("results.json"), report)?;
         let text = std::fs::read_to_string(self.dir.join("metrics.jsonl"))
             .map_err(|e| Error::io(self.dir.join("metrics.jsonl"), e))?;
         let records: Vec<serde_json::Value> = text
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        crate::plot::plot_run(&records, &self.dir.join("metrics.png"))
+        let plotted = crate::plot::plot_run(&records, &self.dir.join("metrics.png"));
+        fsutil::write_json(&self.dir.join("results.json"), report)?;
+        plotted
     }
 }
 
@@ -718,4 +740,29 @@ pub fn export(run: &Path, merged: Option<&Path>, adapter: Option<&Path>) -> Resu
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lock_is_stale_when_its_process_is_gone_or_its_pid_reused() {
+        let d = tempfile::tempdir().unwrap();
+        let lock = d.path().join(LOCK_FILE);
+        let me = std::process::id();
+        let start = start_time(me).expect("/proc");
+        // Held by this very process: refused, naming the pid.
+        std::fs::write(&lock, format!("{me} {start}\n")).unwrap();
+        let e = RunLock::take(d.path()).err().unwrap().to_string();
+        assert!(e.contains(&format!("in use by process {me}")), "{e}");
+        // The same pid with another start time: a new process reusing the
+        // pid of a dead writer. Taken over.
+        std::fs::write(&lock, format!("{me} {}\n", start + 1)).unwrap();
+        let l = RunLock::take(d.path()).unwrap();
+        let text = std::fs::read_to_string(&lock).unwrap();
+        assert_eq!(text, format!("{me} {start}\n"));
+        drop(l);
+        assert!(!lock.exists(), "removed on drop");
+    }
 }
