@@ -22,6 +22,45 @@ use crate::models::decoder::{gguf_params, DecoderConfig, LoadOpts};
 use crate::params::Selector;
 use std::path::Path;
 
+/// Inputs are small (the fuzzers run with `-max_len` of 4 to 64 KiB): no
+/// single allocation needs more than this. Bigger means a size came from an
+/// untrusted field without a check against the file's length.
+pub const ALLOC_CAP: usize = 256 << 20;
+
+/// The system allocator, aborting (a crash libFuzzer records) on any single
+/// allocation over [`ALLOC_CAP`]. The fuzz binaries and the replay test install it.
+pub struct CappedAlloc;
+
+fn check_size(size: usize) {
+    if size > ALLOC_CAP {
+        // No formatting machinery that could allocate: a fixed message, then abort.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"fuzz_targets::CappedAlloc: one allocation over ALLOC_CAP (256 MiB)\n",
+        );
+        std::process::abort();
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator.
+unsafe impl std::alloc::GlobalAlloc for CappedAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        check_size(layout.size());
+        std::alloc::System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        check_size(layout.size());
+        std::alloc::System.alloc_zeroed(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        std::alloc::System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        check_size(new);
+        std::alloc::System.realloc(ptr, layout, new)
+    }
+}
+
 /// The targets by name, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/` call them.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("safetensors_header", safetensors_header),
@@ -60,6 +99,7 @@ pub fn gguf(data: &[u8]) {
     let Ok(g) = Gguf::from_bytes("fuzz.gguf", data.to_vec()) else {
         return;
     };
+    let _ = crate::hub::inspect::gguf_table(&g);
     for t in g.tensor_infos() {
         let _ = g.tensor_bytes(&t.name);
         if let Ok(q) = g.qtensor(&t.name) {

@@ -590,7 +590,8 @@ impl Checkpoint {
     }
 }
 
-pub(crate) fn group_digits(n: usize) -> String {
+/// `1234567` -> `"1,234,567"`.
+pub(crate) fn group_digits(n: impl std::fmt::Display) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {

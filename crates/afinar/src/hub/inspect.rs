@@ -40,8 +40,13 @@ pub fn describe(path: &Path) -> Result<String> {
 /// parameters), then totals and the architecture. Types afinar cannot
 /// dequantise are listed like any other: only loading them is refused.
 fn describe_gguf(path: &Path) -> Result<String> {
+    Ok(gguf_table(&Gguf::open(path)?))
+}
+
+/// [`describe`]'s table of an open GGUF file.
+pub fn gguf_table(g: &Gguf) -> String {
     use std::fmt::Write;
-    let g = Gguf::open(path)?;
+    let path = g.path();
     // name, type, shape, parameters
     type Row = (String, String, String, usize);
     let rows: Vec<Row> = g
@@ -75,7 +80,9 @@ fn describe_gguf(path: &Path) -> Result<String> {
             group_digits(*p)
         );
     }
-    let total: usize = rows.iter().map(|r| r.3).sum();
+    // u128: the element counts of tensors whose type has no known layout
+    // are not bounded by the file's length (each fits i64, their sum may not).
+    let total: u128 = rows.iter().map(|r| r.3 as u128).sum();
     let _ = writeln!(
         out,
         "\n{} tensors, {} parameters in GGUF v{} file {}",
@@ -87,7 +94,7 @@ fn describe_gguf(path: &Path) -> Result<String> {
     let arch = g.architecture().unwrap_or("(no general.architecture)");
     let _ = writeln!(out, "  architecture: {arch}");
     let _ = writeln!(out, "  metadata entries: {}", g.metadata().len());
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

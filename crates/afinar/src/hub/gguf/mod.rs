@@ -502,27 +502,37 @@ impl Gguf {
             }
             let ty = GgmlType::from_id(c.u32(&what)?);
             let offset = c.u64(&what)?;
-            let numel = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-            let nbytes =
-                match (numel, ty.layout()) {
-                    (None, _) => {
+            // ggml's dimensions are i64. Each, and their product with a zero
+            // dimension counted as 1 (an empty tensor's other dimensions still
+            // size its strides and `[rows, cols]`), must fit.
+            let numel = ne
+                .iter()
+                .try_fold(1i64, |a, &d| {
+                    i64::try_from(d.max(1)).ok().and_then(|d| a.checked_mul(d))
+                })
+                .map(|_| ne.iter().product::<u64>());
+            let nbytes = match (numel, ty.layout()) {
+                (None, _) => {
+                    return Err(invalid(format!(
+                        "tensor `{name}`: dimensions {ne:?} overflow"
+                    )))
+                }
+                (Some(n), Some((bs, ts))) => {
+                    // A 0-D tensor (no `ne`) is one value: a row of 1.
+                    let row = ne.first().copied().unwrap_or(1);
+                    if row % bs as u64 != 0 {
                         return Err(invalid(format!(
-                            "tensor `{name}`: dimensions {ne:?} overflow"
-                        )))
-                    }
-                    (Some(n), Some((bs, ts))) => {
-                        if ne.first().copied().unwrap_or(1) % bs as u64 != 0 {
-                            return Err(invalid(format!(
-                            "tensor `{name}`: {ty} rows of {} values are not whole blocks of {bs}",
-                            ne[0]
+                            "tensor `{name}`: {ty} rows of {row} values are not whole blocks of {bs}"
                         )));
-                        }
-                        Some((n / bs as u64).checked_mul(ts as u64).ok_or_else(|| {
-                            invalid(format!("tensor `{name}`: byte size overflows"))
-                        })?)
                     }
-                    (Some(_), None) => None,
-                };
+                    Some(
+                        (n / bs as u64).checked_mul(ts as u64).ok_or_else(|| {
+                            invalid(format!("tensor `{name}`: byte size overflows"))
+                        })?,
+                    )
+                }
+                (Some(_), None) => None,
+            };
             if index.insert(name.clone(), tensors.len()).is_some() {
                 return Err(invalid(format!("tensor `{name}` appears twice")));
             }

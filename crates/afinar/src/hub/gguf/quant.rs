@@ -535,7 +535,8 @@ impl QTensor {
         let mut out = vec![0f32; self.rows() * self.cols()];
         // Large tensors (a 49152 x 576 embedding) dequantise in parallel by rows.
         use rayon::prelude::*;
-        let chunk = 256 * self.cols().max(1);
+        // Saturating: an empty tensor may have a huge row length.
+        let chunk = self.cols().max(1).saturating_mul(256);
         out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
             let r0 = i * 256;
             self.dequantize_rows(r0, o.len() / self.cols().max(1), o);

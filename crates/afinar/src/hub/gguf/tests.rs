@@ -1032,3 +1032,89 @@ fn gguf_real_smollm2_quantized_generates_as_f32() {
     assert_eq!(out[0], out[1]);
     assert!(out[0].1.contains("Paris"), "{:?}", out[0].1);
 }
+
+/// A file of tensor infos (name, `ne` in ggml order, type id, offset) and
+/// `data` bytes of data.
+fn tensors_file(tensors: &[(&str, &[u64], u32, u64)], data: usize) -> Vec<u8> {
+    let mut b = header(3, tensors.len() as u64, 0);
+    for (name, ne, ty, offset) in tensors {
+        b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        b.extend_from_slice(name.as_bytes());
+        b.extend_from_slice(&(ne.len() as u32).to_le_bytes());
+        for d in *ne {
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+    }
+    b.resize(b.len().div_ceil(32) * 32 + data, 0);
+    b
+}
+
+fn one_tensor_file(ne: &[u64], ty: u32, offset: u64, data: usize) -> Vec<u8> {
+    tensors_file(&[("t", ne, ty, offset)], data)
+}
+
+/// Inputs found by `cargo fuzz run gguf` (fuzz/regressions/gguf/): each
+/// panicked before its fix and is now a typed error or a clean read.
+#[test]
+fn gguf_fuzz_regressions() {
+    // An empty F32 tensor (a zero dimension) with a row of 2^60 values:
+    // dequantising it overflowed `256 * cols` in `to_f32_vec`.
+    let g = Gguf::from_bytes("x.gguf", one_tensor_file(&[1 << 60, 0], 0, 0, 0)).unwrap();
+    assert_eq!(g.qtensor("t").unwrap().to_f32_vec(), Vec::<f32>::new());
+    // Dimensions whose product overflows once the zero one is counted as 1:
+    // `[rows, cols]` could not be formed. Refused when the file is read.
+    for ne in [vec![0, 1 << 40, 1 << 40], vec![1 << 63, 0]] {
+        let err = Gguf::from_bytes("x.gguf", one_tensor_file(&ne, 0, 0, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x.gguf") && err.contains("tensor `t`") && err.contains("overflow"),
+            "{err}"
+        );
+    }
+    // A 0-D Q4_0 tensor (n_dims = 0): formatting the error indexed `ne[0]`.
+    let err = Gguf::from_bytes("x.gguf", one_tensor_file(&[], 2, 0, 0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tensor `t`: Q4_0 rows of 1 values are not whole blocks of 32"),
+        "{err}"
+    );
+    // A 0-D F32 tensor is one value.
+    let g = Gguf::from_bytes("x.gguf", one_tensor_file(&[], 0, 0, 4)).unwrap();
+    assert_eq!(g.tensor_f32("t").unwrap().dims(), &[] as &[usize]);
+    // Types without a known layout are listed unchecked against the file's
+    // length: the `inspect` table's total of 4 x 2^62 parameters overflowed usize.
+    let big: &[u64] = &[1 << 62];
+    let g = Gguf::from_bytes(
+        "x.gguf",
+        tensors_file(
+            &[("a", big, 99, 0), ("b", big, 99, 0), ("c", big, 99, 0), ("d", big, 99, 0)],
+            0,
+        ),
+    )
+    .unwrap();
+    let table = crate::hub::inspect::gguf_table(&g);
+    assert!(
+        table.contains("4 tensors, 18,446,744,073,709,551,616 parameters"),
+        "{table}"
+    );
+
+    // A 0-D `token_embd.weight` and no `llama.vocab_size`: the vocabulary
+    // size was read as `shape()[0]` (found by review while writing the target).
+    let mut w = GgufWriter::new();
+    let s = |v: &str| GgufValue::String(v.into());
+    w.add_metadata("general.architecture", s("llama")).unwrap();
+    for k in ["embedding_length", "attention.head_count"] {
+        w.add_metadata(format!("llama.{k}"), GgufValue::U32(4)).unwrap();
+    }
+    w.add_f32("token_embd.weight", GgmlType::F32, &[], &[1.0]).unwrap();
+    let g = Gguf::from_bytes("x.gguf", w.to_bytes()).unwrap();
+    let err = llama_config_from_gguf(&g).unwrap_err().to_string();
+    assert!(
+        err.contains("token_embd.weight") && err.contains("0-D"),
+        "{err}"
+    );
+}
