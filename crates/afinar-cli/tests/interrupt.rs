@@ -22,7 +22,7 @@ fn sigint_saves_a_checkpoint_and_exits_130() {
     )
     .unwrap();
     let run = dir.path().join("run");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_afinar"))
+    let child = Command::new(env!("CARGO_BIN_EXE_afinar"))
         .arg("train")
         .arg(&cfg)
         .arg("--out")
