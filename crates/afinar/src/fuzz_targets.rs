@@ -256,7 +256,9 @@ pub fn toml_config(data: &[u8]) {
 }
 
 /// The JSON files beside a checkpoint: a Hugging Face `config.json` (as a
-/// decoder's and as BERT's), a PEFT `adapter_config.json`.
+/// decoder's and as BERT's), a PEFT `adapter_config.json`, and the shard
+/// names of a `model.safetensors.index.json` (a name the index check lets
+/// through must stay inside the model folder).
 pub fn json_configs(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -268,6 +270,21 @@ pub fn json_configs(data: &[u8]) {
     };
     if let Ok(cfg) = DecoderConfig::from_value(&raw, path) {
         let _ = (cfg.hidden_size(), cfg.vocab_size());
+    }
+    if let Some(map) = raw.get("weight_map").and_then(|m| m.as_object()) {
+        let dir = Path::new("/models/m");
+        for shard in map.values().filter_map(|v| v.as_str()) {
+            if crate::hub::checkpoint::is_plain_relative(shard) {
+                let p = dir.join(shard);
+                assert!(
+                    p.starts_with(dir)
+                        && p != dir
+                        && !p.components().any(|c| c == std::path::Component::ParentDir),
+                    "shard `{shard}` accepted but leaves the folder: {}",
+                    p.display()
+                );
+            }
+        }
     }
     if let Ok(cfg) = serde_json::from_value::<crate::models::bert::BertConfig>(raw) {
         let _ = cfg.validate(path);

@@ -26,6 +26,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const NAME: &str = "chat_template";
 /// Prefix of the error `raise_exception` returns, so it can be told apart.
 const RAISED: &str = "raise_exception: ";
+/// Instructions one render may execute. Real chat templates use a few
+/// hundred per message; nested loops in a hostile template (each `range` is
+/// capped at 100,000 items, their product is not) would otherwise run for
+/// hours. About a second of rendering.
+pub const FUEL: u64 = 20_000_000;
 
 /// A compiled chat template plus the special tokens it is rendered with.
 pub struct ChatTemplate {
@@ -51,6 +56,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
+        env.set_fuel(Some(FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -528,5 +534,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("too many elements"), "{err}");
+    }
+
+    /// Nested loops stay under the 100,000-item cap of each `range` but not
+    /// in their product: without fuel this render ran for about 10^15 steps
+    /// (fuzz/regressions/chat_template/nested-ranges).
+    #[test]
+    fn chat_template_render_is_bounded() {
+        let src = "{% for i in range(99999) %}{% for j in range(99999) %}{% for k in range(99999) %}{% endfor %}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let start = std::time::Instant::now();
+        let err = t.render(&[], false).unwrap_err().to_string();
+        assert!(
+            err.contains("cannot render the chat template") && err.contains("fuel"),
+            "{err}"
+        );
+        assert!(start.elapsed().as_secs() < 30, "{:?}", start.elapsed());
+        // A real template on a long chat is far from the limit.
+        let msgs: Vec<Message> = (0..2000)
+            .map(|i| {
+                let role = if i % 2 == 0 {
+                    Role::User
+                } else {
+                    Role::Assistant
+                };
+                Message::new(role, format!("turn {i}"))
+            })
+            .collect();
+        let smollm2 = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let out = ChatTemplate::new(smollm2, "", "")
+            .unwrap()
+            .render(&msgs, true)
+            .unwrap();
+        assert!(out.contains("turn 1999"));
     }
 }

@@ -115,11 +115,7 @@ pub fn llama_config_from_gguf(g: &Gguf) -> GgufResult<serde_json::Value> {
     let vocab = match g.opt_u32("llama.vocab_size")? {
         Some(v) => v as usize,
         None => match g.tensor_info("token_embd.weight") {
-            Some(t) => t.shape().first().copied().ok_or_else(|| GgufError::Tensor {
-                path: g.path().to_path_buf(),
-                tensor: t.name.clone(),
-                msg: "a 0-D tensor cannot be the token embedding".into(),
-            })?,
+            Some(t) => t.shape()[0],
             None => g.get_array("tokenizer.ggml.tokens")?.len(),
         },
     };

@@ -491,9 +491,10 @@ impl Gguf {
             let name = c.string(&what)?;
             let what = || format!("tensor info {i} of {n_tensors} (`{name}`)");
             let n_dims = c.u32(&what)? as usize;
-            if n_dims > MAX_DIMS {
+            // ggml writes at least one dimension (`ggml_n_dims` >= 1), as afinar's writer does.
+            if n_dims == 0 || n_dims > MAX_DIMS {
                 return Err(invalid(format!(
-                    "tensor `{name}` has {n_dims} dimensions, at most {MAX_DIMS} are allowed"
+                    "tensor `{name}` has {n_dims} dimensions, GGUF tensors have 1 to {MAX_DIMS}"
                 )));
             }
             let mut ne = Vec::with_capacity(n_dims);
@@ -518,8 +519,7 @@ impl Gguf {
                     )))
                 }
                 (Some(n), Some((bs, ts))) => {
-                    // A 0-D tensor (no `ne`) is one value: a row of 1.
-                    let row = ne.first().copied().unwrap_or(1);
+                    let row = ne[0]; // n_dims >= 1
                     if row % bs as u64 != 0 {
                         return Err(invalid(format!(
                             "tensor `{name}`: {ty} rows of {row} values are not whole blocks of {bs}"
