@@ -224,6 +224,24 @@ fn max_delay_ms(run_time: Duration) -> u64 {
     (run_time.as_millis() as u64 / kills().max(1) as u64).clamp(150, 1500)
 }
 
+/// Run `cfg` once uninterrupted, then kill and resume it; the two must
+/// end the same (and so must their adapters, for an adapter run).
+fn kill_resume_and_compare(cfg: &Path, adapter: bool) {
+    let d = cfg.parent().unwrap();
+    let t = reference(cfg, &d.join("ref"));
+    let run = d.join("run");
+    let (k, r) = killed_run(cfg, &run, kills(), max_delay_ms(t));
+    assert!(
+        k >= 1 && r >= 1,
+        "{k} kills, {r} resumes: the test killed nothing"
+    );
+    compare(&d.join("ref"), &run);
+    if adapter {
+        let bytes = |p: &Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
+        assert!(bytes(&d.join("ref")) == bytes(&run), "adapters differ");
+    }
+}
+
 /// BERT classification, full fine-tuning with dropout, two threads: a
 /// checkpoint every 3 steps, evaluation every 5, the last 2 kept.
 #[test]
@@ -242,14 +260,7 @@ fn killed_classification_run_resumes_to_the_same_curve() {
         ),
     )
     .unwrap();
-    let t = reference(&cfg, &d.path().join("ref"));
-    let run = d.path().join("run");
-    let (k, r) = killed_run(&cfg, &run, kills(), max_delay_ms(t));
-    assert!(
-        k >= 1 && r >= 1,
-        "{k} kills, {r} resumes: the test killed nothing"
-    );
-    compare(&d.path().join("ref"), &run);
+    kill_resume_and_compare(&cfg, false);
 }
 
 /// Llama SFT with LoRA (dropout 0.1) on packed rows, gradient accumulation.
@@ -271,19 +282,7 @@ fn killed_lora_sft_run_resumes_to_the_same_curve() {
         ),
     )
     .unwrap();
-    let t = reference(&cfg, &d.path().join("ref"));
-    let run = d.path().join("run");
-    let (k, r) = killed_run(&cfg, &run, kills(), max_delay_ms(t));
-    assert!(
-        k >= 1 && r >= 1,
-        "{k} kills, {r} resumes: the test killed nothing"
-    );
-    compare(&d.path().join("ref"), &run);
-    let adapter = |p: &Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
-    assert!(
-        adapter(&d.path().join("ref")) == adapter(&run),
-        "adapters differ"
-    );
+    kill_resume_and_compare(&cfg, true);
 }
 
 /// BERT with a LoRA adapter (dropout 0.1) and a new head, evaluated at each
@@ -308,17 +307,5 @@ fn killed_lora_run_with_early_stopping_resumes_to_the_same_end() {
         ),
     )
     .unwrap();
-    let t = reference(&cfg, &d.path().join("ref"));
-    let run = d.path().join("run");
-    let (k, r) = killed_run(&cfg, &run, kills(), max_delay_ms(t));
-    assert!(
-        k >= 1 && r >= 1,
-        "{k} kills, {r} resumes: the test killed nothing"
-    );
-    compare(&d.path().join("ref"), &run);
-    let adapter = |p: &Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
-    assert!(
-        adapter(&d.path().join("ref")) == adapter(&run),
-        "adapters differ"
-    );
+    kill_resume_and_compare(&cfg, true);
 }
