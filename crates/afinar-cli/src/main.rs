@@ -343,6 +343,7 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>, resume: bool) 
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut on = |ev: Event| match ev {
         Event::Info(s) => bar.suspend(|| eprintln!("{s}")),
+        Event::Warning(s) => bar.suspend(|| eprintln!("warning: {s}")),
         Event::Start { total_steps, step } => {
             if tty {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());

@@ -7,6 +7,7 @@
 //! loop (`train`) and export (`export`).
 
 pub mod error;
+pub mod event;
 /// The tensor substrate, for callers of the library.
 pub use candle_core;
 pub mod export;

@@ -26,32 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use crate::event::Event;
 pub use run::{load_run, RunModel};
-
-/// What the loop tells its caller (the CLI draws a progress bar from it).
-#[derive(Debug, Clone)]
-pub enum Event {
-    Info(String),
-    Start {
-        total_steps: usize,
-        /// Steps already done (a resumed run).
-        step: usize,
-    },
-    Step {
-        step: usize,
-        total_steps: usize,
-        epoch: usize,
-        loss: f64,
-        lr: f64,
-        tokens_per_s: f64,
-    },
-    Eval {
-        step: usize,
-        split: String,
-        metrics: BTreeMap<String, f64>,
-        best: bool,
-    },
-}
 
 pub struct TrainOptions {
     pub run_dir: PathBuf,
