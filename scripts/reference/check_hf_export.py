@@ -6,7 +6,15 @@ row a line: {"text": ..., "text_pair": optional, "logits": [...], "input_ids": o
 the logits with transformers in eval mode (one row at a time, so no padding is involved; rows with
 "input_ids" use those ids directly, others are tokenised with truncation to --max-length, default
 the tokenizer's model_max_length), prints the max abs difference and how many argmax disagree,
-and exits 1 if the max abs difference exceeds --tol (default 1e-4).
+and exits 1 if the max abs difference exceeds --tol (default 1e-4), or if the checkpoint lacks a
+weight the model needs (transformers would initialise it randomly: e.g. a missing score.weight).
+
+Encoders (BERT-like: the config has type_vocab_size) get token_type_ids (a row's own, else zeros).
+Decoder classifiers (LlamaForSequenceClassification, GPT2ForSequenceClassification, ...) get no
+token_type_ids (GPT-2 would add wte[token_type_ids] to its embeddings); transformers pools the
+rightmost position whose id != config.pad_token_id (the attention mask is not used for it), so a row
+that ENDS in the pad id (e.g. SmolLM2, where pad = eos = <|im_end|>) pools an earlier token: such
+rows are counted and printed as a note, since afinar must pool the same position to agree.
 
 Command (from the repository root):
     . .venv/bin/activate && python scripts/reference/check_hf_export.py MODEL_DIR PREDICTIONS.jsonl \
@@ -35,11 +43,23 @@ def main():
     transformers.utils.logging.disable_progress_bar()
 
     tok = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model_dir, local_files_only=True, attn_implementation="eager").eval()
-    max_len = args.max_length or min(tok.model_max_length, model.config.max_position_embeddings)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        args.model_dir, local_files_only=True, attn_implementation="eager",
+        output_loading_info=True)
+    model.eval()
+    cfg = model.config
+    max_len = args.max_length or min(tok.model_max_length, cfg.max_position_embeddings)
+    uses_token_types = getattr(cfg, "type_vocab_size", None) is not None
+    pad = getattr(cfg, "pad_token_id", None)
+    problems = []
+    if info["missing_keys"]:
+        problems.append(f"weights missing from the checkpoint (transformers initialised them "
+                        f"randomly): {sorted(info['missing_keys'])}")
+    if info["unexpected_keys"]:
+        print(f"note: tensors in the checkpoint that {type(model).__name__} does not use: "
+              f"{sorted(info['unexpected_keys'])}")
 
-    worst, worst_line, n, flips = 0.0, 0, 0, 0
+    worst, worst_line, n, flips, early_pool = 0.0, 0, 0, 0, []
     with open(args.predictions) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -47,13 +67,17 @@ def main():
             row = json.loads(line)
             if "input_ids" in row:
                 ids = torch.tensor([row["input_ids"]], dtype=torch.long)
-                types = torch.tensor([row.get("token_type_ids", [0] * ids.shape[1])],
-                                     dtype=torch.long)
-                batch = {"input_ids": ids, "token_type_ids": types,
-                         "attention_mask": torch.ones_like(ids)}
+                batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                if uses_token_types:
+                    batch["token_type_ids"] = torch.tensor(
+                        [row.get("token_type_ids", [0] * ids.shape[1])], dtype=torch.long)
             else:
                 batch = tok(row["text"], row.get("text_pair"), truncation=True,
                             max_length=max_len, padding=False, return_tensors="pt")
+                if not uses_token_types:
+                    batch.pop("token_type_ids", None)
+            if not uses_token_types and pad is not None and batch["input_ids"][0, -1] == pad:
+                early_pool.append(lineno)
             with torch.no_grad():
                 logits = model(**batch).logits[0]
             theirs = torch.tensor(row["logits"], dtype=torch.float32).reshape(logits.shape)
@@ -62,7 +86,12 @@ def main():
                 worst, worst_line = d, lineno
             flips += int(logits.argmax() != theirs.argmax()) if logits.numel() > 1 else 0
             n += 1
-    ok = n > 0 and worst <= args.tol
+    if early_pool:
+        print(f"note: {len(early_pool)} rows end in the pad id {pad}, so transformers pools the "
+              f"last token != {pad} instead of the last token (lines {early_pool[:10]})")
+    for p in problems:
+        print(f"problem: {p}")
+    ok = n > 0 and worst <= args.tol and not problems
     print(f"{n} rows, max abs diff {worst:.3e} (line {worst_line}), argmax disagreements {flips}, "
           f"tol {args.tol:g}: {'OK' if ok else 'FAIL'}")
     sys.exit(0 if ok else 1)
