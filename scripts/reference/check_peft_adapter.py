@@ -1,10 +1,23 @@
 """Check a PEFT adapter folder (e.g. one written by afinar) with the real Hugging Face PEFT.
 
-Loads BASE_MODEL_DIR as BertForSequenceClassification (eval mode, eager attention, f32; local folder
-only), attaches ADAPTER_DIR with PeftModel.from_pretrained, runs the batch stored in
-INPUTS_AND_LOGITS.safetensors (input_ids, attention_mask, token_type_ids, int64 [B, T]) and compares
-with its `logits` tensor [B, num_labels]. Prints the max abs difference; exits 1 if it exceeds --tol
-(default 1e-4), and also when the adapter file does not load cleanly.
+Loads BASE_MODEL as a sequence classifier (AutoModelForSequenceClassification: eval mode, eager
+attention, f32, local files only), attaches ADAPTER_DIR with PeftModel.from_pretrained, runs the
+batch stored in INPUTS_AND_LOGITS.safetensors (input_ids, attention_mask, optional token_type_ids,
+int64 [B, T]) and compares with its `logits` tensor [B, num_labels]. Prints the max abs difference;
+exits 1 if it exceeds --tol (default 1e-4), and also when the adapter file does not load cleanly.
+
+BASE_MODEL is either
+  - an HF folder: a BERT-like encoder (e.g. tests/fixtures/bert-tiny, BertModel keys: becomes
+    BertForSequenceClassification) or a decoder (LlamaForSequenceClassification,
+    GPT2ForSequenceClassification, ... e.g. tests/fixtures/llama-tiny-seqcls; a causal-LM folder
+    works too, its lm_head is dropped and `score` initialised); a head in the folder with another
+    num_labels is re-initialised (ignore_mismatched_sizes);
+  - a .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf): loaded with transformers' GGUF support,
+    from_pretrained(its folder, gguf_file=its name), dequantised to f32; `score` is initialised.
+token_type_ids are passed only to models with a type vocabulary (config.type_vocab_size: BERT);
+GPT-2 would add wte[token_type_ids]. Decoders pool the rightmost token != config.pad_token_id, and
+transformers refuses a batch > 1 without one: --pad-token-id sets it (else the base's own is used,
+e.g. 2 from the SmolLM2 GGUF, 0 in llama-tiny-seqcls).
 
 Why the extra checks: PEFT's loader silently ignores keys of adapter_model.safetensors that match no
 adapter parameter, and only warns about missing ones (those keep PEFT's init, i.e. lora_B = 0). So
@@ -13,15 +26,15 @@ each loaded tensor with the file's tensor, and fails on any difference.
 
 num_labels: the first dimension of the saved modules_to_save head
 (`base_model.model.classifier.weight` or `...score.weight`), else --num-labels (default 2).
-Base classifier: the base folder usually has BertModel keys only, so transformers initialises the
-classifier randomly; that does not matter when the adapter saves the classifier (modules_to_save,
+Base head: the base usually has no trained head (BertModel keys only, or a GGUF), so transformers
+initialises it randomly; that does not matter when the adapter saves the head (modules_to_save,
 which PEFT adds for task_type SEQ_CLS). If the inputs file holds `base.classifier.weight` / `.bias`
-they are copied into the base first, and then an optional `base_logits` tensor is compared too
-(the PeftModel under disable_adapter()).
+or `base.score.weight` (decoder heads have no bias) they are copied into the base first, and then an
+optional `base_logits` tensor is compared too (the PeftModel under disable_adapter()).
 
 Command (from the repository root):
-    . .venv/bin/activate && python scripts/reference/check_peft_adapter.py BASE_MODEL_DIR ADAPTER_DIR \
-        INPUTS_AND_LOGITS.safetensors [--tol 1e-4] [--num-labels N] [--threads N]
+    . .venv/bin/activate && python scripts/reference/check_peft_adapter.py BASE_MODEL ADAPTER_DIR \
+        INPUTS_AND_LOGITS.safetensors [--tol 1e-4] [--num-labels N] [--pad-token-id N] [--threads N]
 """
 
 import argparse
@@ -34,18 +47,30 @@ import safetensors.torch
 import torch
 import transformers
 from peft import PeftModel, get_peft_model_state_dict
-from transformers import BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 HEAD_NAMES = ("classifier", "score")
 
 
+def load_base(path, num_labels):
+    """An HF folder or a .gguf file as a sequence classifier with num_labels outputs."""
+    kw = dict(num_labels=num_labels, attn_implementation="eager", torch_dtype=torch.float32,
+              local_files_only=True)
+    if path.suffix == ".gguf":
+        return AutoModelForSequenceClassification.from_pretrained(
+            path.parent, gguf_file=path.name, **kw).eval()
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, ignore_mismatched_sizes=True, **kw).eval()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("base_model_dir", type=Path)
+    ap.add_argument("base_model", type=Path, help="an HF folder or a .gguf file")
     ap.add_argument("adapter_dir", type=Path)
     ap.add_argument("inputs", type=Path)
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--num-labels", type=int, default=None)
+    ap.add_argument("--pad-token-id", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,14 +93,24 @@ def main():
             break
     num_labels = num_labels or 2
 
-    base = BertForSequenceClassification.from_pretrained(
-        args.base_model_dir, num_labels=num_labels, attn_implementation="eager",
-        local_files_only=True)
-    have_base_head = "base.classifier.weight" in data
-    if have_base_head:
+    base = load_base(args.base_model, num_labels)
+    if args.pad_token_id is not None:
+        base.config.pad_token_id = args.pad_token_id
+    have_base_head = False
+    for h in HEAD_NAMES:
+        if f"base.{h}.weight" not in data:
+            continue
+        head = getattr(base, h, None)
+        if head is None:
+            problems.append(f"the inputs file has base.{h}.weight but {type(base).__name__} has "
+                            f"no `{h}`")
+            break
         with torch.no_grad():
-            base.classifier.weight.copy_(data["base.classifier.weight"])
-            base.classifier.bias.copy_(data["base.classifier.bias"])
+            head.weight.copy_(data[f"base.{h}.weight"])
+            if f"base.{h}.bias" in data:
+                head.bias.copy_(data[f"base.{h}.bias"])
+        have_base_head = True
+        break
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -109,14 +144,21 @@ def main():
         elif not torch.equal(a.to(b.dtype), b.cpu()):
             problems.append(f"{k}: loaded tensor differs from the file")
 
-    inputs = {k: data[k].to(torch.int64) for k in ("input_ids", "attention_mask", "token_type_ids")
-              if k in data}
-    with torch.no_grad():
-        logits = model(**inputs).logits
-        base_logits = None
-        if have_base_head and "base_logits" in data:
-            with model.disable_adapter():
-                base_logits = model(**inputs).logits
+    names = ["input_ids", "attention_mask"]
+    if getattr(base.config, "type_vocab_size", None) is not None:
+        names.append("token_type_ids")
+    inputs = {k: data[k].to(torch.int64) for k in names if k in data}
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            base_logits = None
+            if have_base_head and "base_logits" in data:
+                with model.disable_adapter():
+                    base_logits = model(**inputs).logits
+    except ValueError as e:  # a decoder without pad_token_id and a batch > 1
+        print(f"problem: the forward pass failed: {e} (--pad-token-id sets one)")
+        print("FAIL")
+        sys.exit(1)
     ref = data["logits"].to(torch.float32)
     if ref.shape != logits.shape:
         problems.append(f"logits shape: file {list(ref.shape)}, PEFT {list(logits.shape)}")
@@ -124,8 +166,9 @@ def main():
     else:
         diff = (logits - ref).abs().max().item()
     flips = int((logits.argmax(-1) != ref.argmax(-1)).sum()) if ref.shape == logits.shape else -1
-    print(f"{cfg.get('peft_type')} adapter, {len(saved)} tensors, "
-          f"batch {list(inputs['input_ids'].shape)}, num_labels {num_labels}")
+    print(f"{cfg.get('peft_type')} adapter, {len(saved)} tensors, base {type(base).__name__}, "
+          f"batch {list(inputs['input_ids'].shape)}, num_labels {num_labels}, "
+          f"pad_token_id {base.config.pad_token_id}")
     print(f"logits: max abs diff {diff:.3e}, argmax disagreements {flips}, tol {args.tol:g}")
     ok = diff <= args.tol
     if base_logits is not None:
