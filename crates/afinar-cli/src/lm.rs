@@ -3,8 +3,10 @@
 
 use afinar::data::sft::{Message, Role};
 use afinar::generate::{GenerateConfig, StopReason};
+use afinar::heads::CausalLm;
 use afinar::hub::chat_template::ChatTemplate;
-use afinar::models::decoder::{is_gguf, load_lm_with, Decoder, LmSource, LoadOpts};
+use afinar::models::load::{is_gguf, load_lm_adapter};
+use afinar::models::{load_model, LoadOpts, LoadedModel};
 use afinar::params::Selector;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, Write};
@@ -54,8 +56,8 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
 }
 
 pub struct Lm {
-    pub src: LmSource,
-    pub model: Decoder,
+    pub src: LoadedModel,
+    pub model: CausalLm,
     /// Prompt tuning: the soft prompt in front of every input.
     pub prefix: Option<afinar::candle_core::Tensor>,
 }
@@ -74,11 +76,15 @@ pub fn load(spec: &str, quantized: bool) -> Result<Lm> {
         None
     };
     if let Some(ad) = ad {
-        let a = afinar::models::decoder::load_lm_adapter(&ad, None, LoadOpts { quantized })?;
-        let model = Decoder::load(&a.src.store, &a.src.cfg)?;
+        let opts = LoadOpts {
+            quantized,
+            max_length: None,
+        };
+        let a = load_lm_adapter(&ad, None, opts)?;
+        let model = CausalLm::build(&a.model.store, &a.model.cfg)?;
         eprintln!("adapter: {:?} from {}", a.adapter.kind, ad.display());
         return Ok(Lm {
-            src: a.src,
+            src: a.model,
             model,
             prefix: a.prompt,
         });
@@ -89,8 +95,20 @@ pub fn load(spec: &str, quantized: bool) -> Result<Lm> {
             path.display()
         );
     }
-    let src = load_lm_with(&path, Selector::none(), LoadOpts { quantized })?;
-    let model = Decoder::load(&src.store, &src.cfg)?;
+    let opts = LoadOpts {
+        quantized,
+        max_length: None,
+    };
+    let src = load_model(&path, Selector::none(), opts)?;
+    if !src.cfg.family().is_decoder() {
+        bail!(
+            "{}: `model_type` {:?} is not a supported decoder ({}, gpt2)",
+            path.join("config.json").display(),
+            src.raw_config["model_type"].as_str().unwrap_or("bert"),
+            afinar::models::LLAMA_TYPES.join(", ")
+        );
+    }
+    let model = CausalLm::build(&src.store, &src.cfg)?;
     Ok(Lm {
         src,
         model,
@@ -102,26 +120,18 @@ impl Lm {
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
         // Chat templates write their own special tokens; plain prompts get
         // none either (as transformers' pipelines for these models).
-        let enc = self
-            .src
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self.src.tokenizer.encode_raw(text, false)?)
     }
 
     fn template(&self) -> Result<ChatTemplate> {
-        let src = self.src.chat_template.as_deref().with_context(|| {
+        let sp = self.src.tokenizer.specials.clone().unwrap_or_default();
+        let src = sp.chat_template.as_deref().with_context(|| {
             format!(
                 "{}: the tokenizer has no chat template (needed for chat); use `afinar generate` without --chat",
                 self.src.path.display()
             )
         })?;
-        Ok(ChatTemplate::new(
-            src,
-            &self.src.bos_token,
-            &self.src.eos_token,
-        )?)
+        Ok(ChatTemplate::new(src, &sp.bos_token, &sp.eos_token)?)
     }
 
     fn run(
@@ -131,16 +141,13 @@ impl Lm {
         out: &mut dyn FnMut(&str),
     ) -> Result<afinar::generate::Generated> {
         let tok = &self.src.tokenizer;
-        let decode = |ids: &[u32]| -> afinar::Result<String> {
-            tok.decode(ids, true)
-                .map_err(|e| afinar::Error::msg(format!("decoding: {e}")))
-        };
+        let decode = |ids: &[u32]| tok.decode(ids, true);
         Ok(afinar::generate::generate_with_prefix(
             &self.model,
             self.prefix.as_ref(),
             prompt_ids,
             self.src.cfg.max_positions(),
-            &args.config(&self.src.eos_ids),
+            &args.config(tok.eos_ids()),
             &decode,
             out,
         )?)

@@ -4,6 +4,7 @@
 mod lm;
 
 use afinar::config::Plan;
+use afinar::methods::classify;
 use afinar::train::{self, Event, TrainOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -199,21 +200,21 @@ fn run(cli: Cli) -> Result<i32> {
                 bail!("give --merged OUT, --adapter OUT and/or --gguf OUT.gguf");
             }
             // Every argument is checked before anything is loaded or written.
-            let ty: afinar::hub::gguf::export::ExportType = gguf_type
+            let ty: afinar::export::gguf::ExportType = gguf_type
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--gguf-type: {e}"))?;
             if !run.exists() {
                 bail!("{}: no such run folder", run.display());
             }
             for out in merged.iter().chain(adapter.iter()) {
-                afinar::export::check_output_folder(&run, out)?;
+                afinar::runs::check_output_folder(&run, out)?;
             }
             if let Some(g) = &gguf {
-                afinar::export::check_output_gguf(g)?;
+                afinar::runs::check_output_gguf(g)?;
             }
             init_threads(None);
-            if afinar::export::is_decoder(&run) {
-                afinar::export::export_lm(
+            if afinar::runs::kind_of(&run) == afinar::runs::RunKind::Lm {
+                afinar::runs::export_lm(
                     &run,
                     merged.as_deref(),
                     adapter.as_deref(),
@@ -222,11 +223,11 @@ fn run(cli: Cli) -> Result<i32> {
             } else {
                 if gguf.is_some() {
                     bail!(
-                        "--gguf is for decoder LMs; {} is an encoder run",
+                        "--gguf is for decoder LMs; {} is a sequence classifier",
                         run.display()
                     );
                 }
-                train::run::export(&run, merged.as_deref(), adapter.as_deref())?;
+                afinar::runs::export_classifier(&run, merged.as_deref(), adapter.as_deref())?;
             }
             for p in merged.iter().chain(adapter.iter()).chain(gguf.iter()) {
                 println!("{}", p.display());
@@ -291,7 +292,9 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>, resume: bool) 
             );
         }
     }
-    // Stopped before its first checkpoint: the run starts again, in its folder.
+    // Stopped before its first checkpoint: the run starts again, in its
+    // folder (a `model/` it saved just before the kill is replaced).
+    let requested = resume;
     let resume = resume && {
         let run = out.as_deref().unwrap_or(Path::new("."));
         let has = !train::checkpoint::list(run)?.is_empty();
@@ -311,7 +314,7 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>, resume: bool) 
         .unwrap_or_else(|| "run".into());
     let run_dir =
         out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{stem}-{}", utc_stamp())));
-    if !resume {
+    if !requested {
         if run_dir.join("results.json").exists() {
             bail!(
                 "run folder {} already holds a finished run: choose another --out",
@@ -389,7 +392,7 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>, resume: bool) 
             });
         }
     };
-    let report = train::train(
+    let report = afinar::methods::train(
         &plan,
         &TrainOptions {
             run_dir: run_dir.clone(),
@@ -454,8 +457,8 @@ struct LoadArgs {
 }
 
 impl LoadArgs {
-    fn options(&self) -> train::run::LoadOptions {
-        train::run::LoadOptions {
+    fn options(&self) -> afinar::runs::LoadOptions {
+        afinar::runs::LoadOptions {
             base: self.base.clone(),
             labels: self.labels.clone(),
             max_length: self.max_length,
@@ -463,13 +466,13 @@ impl LoadArgs {
     }
 }
 
-fn cmd_eval(run: &Path, load: &train::run::LoadOptions, data: Option<&Path>) -> Result<i32> {
+fn cmd_eval(run: &Path, load: &afinar::runs::LoadOptions, data: Option<&Path>) -> Result<i32> {
     init_threads(None);
-    let rm = train::run::load_run_with(run, load)?;
+    let rm = afinar::runs::load_run_with(run, load)?;
     let (examples, path) = match data {
         Some(p) => {
             let (spec, format) = match rm.plan.as_ref() {
-                Some(plan) => train::data_spec(plan)?,
+                Some(plan) => classify::data_spec(plan)?,
                 // A model folder has no run config: the fields `predict --file` reads.
                 None => (
                     afinar::data::DataSpec {
@@ -490,14 +493,14 @@ fn cmd_eval(run: &Path, load: &train::run::LoadOptions, data: Option<&Path>) -> 
                 .plan
                 .as_ref()
                 .context("give --data FILE to evaluate a model folder")?;
-            let s = train::load_splits(plan)?;
+            let s = classify::load_splits(plan)?;
             s.test
                 .context("the run's config has no test split: give --data FILE")?
         }
     };
     let task = rm.model.head.task;
-    let enc = train::encode(&rm.tok, &examples, task, rm.labels.as_ref(), &path)?;
-    let (m, _) = train::evaluate(&rm.model, &enc, rm.tok.pad_id(), 64)?;
+    let enc = classify::encode(&rm.tok, &examples, task, rm.labels.as_ref(), &path)?;
+    let (m, _) = classify::evaluate(&rm.model, &enc, rm.tok.pad_id(), 64)?;
     let v: serde_json::Value = serde_json::json!({ "data": path, "rows": enc.len(), "metrics": m });
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(0)
@@ -505,7 +508,7 @@ fn cmd_eval(run: &Path, load: &train::run::LoadOptions, data: Option<&Path>) -> 
 
 fn cmd_predict(
     run: &Path,
-    load: &train::run::LoadOptions,
+    load: &afinar::runs::LoadOptions,
     text: Option<String>,
     text_pair: Option<String>,
     file: Option<PathBuf>,
@@ -515,7 +518,7 @@ fn cmd_predict(
         bail!("give --text TEXT or --file FILE (JSONL rows with a `text` field)");
     }
     init_threads(None);
-    let rm = train::run::load_run_with(run, load)?;
+    let rm = afinar::runs::load_run_with(run, load)?;
     let rows: Vec<(String, Option<String>)> = match (text, file) {
         (Some(t), _) => vec![(t, text_pair)],
         (None, Some(f)) => {
@@ -552,9 +555,7 @@ fn cmd_predict(
         let enc = rm.tok.encode_batch(&texts, pairs.as_deref())?;
         let ids: Vec<&[u32]> = enc.iter().map(|e| e.0.as_slice()).collect();
         let types: Vec<&[u32]> = enc.iter().map(|e| e.1.as_slice()).collect();
-        let b = afinar::data::Batch::collate(&ids, &types, rm.tok.pad_id())?;
-        let mask = b.attention_mask.iter().map(|&m| m as f32).collect();
-        let inputs = afinar::heads::Inputs::new(b.input_ids, b.type_ids, mask, b.batch, b.seq_len)?;
+        let (inputs, _) = classify::inputs_of(&ids, &types, rm.tok.pad_id())?;
         let logits = rm.model.forward(&inputs, None)?.to_vec2::<f32>()?;
         for ((t, p), l) in chunk.iter().zip(logits) {
             let mut v = serde_json::json!({ "text": t, "logits": l });
@@ -565,7 +566,7 @@ fn cmd_predict(
                 let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let e: Vec<f32> = l.iter().map(|x| (x - max).exp()).collect();
                 let s: f32 = e.iter().sum();
-                let i = train::argmax(&l);
+                let i = classify::argmax(&l);
                 v["label"] = serde_json::json!(lm.label(i));
                 v["score"] = serde_json::json!(e[i] / s);
             } else {

@@ -93,7 +93,7 @@ fn model_path_names_a_file() {
     let c = Case::new();
     let cfg = c.config_for_model(&fixture().join("model.safetensors"));
     c.train(&cfg, &[])
-        .fails_with(&["model.safetensors: is a file: `model.path` names the model folder"]);
+        .fails_with(&["model.safetensors: is a file: a model is a folder (config.json"]);
     c.no_run_folder();
     let pth = c.d().join("model.pth");
     // A legacy torch pickle stream: PROTO 2, then opcodes.
@@ -1179,14 +1179,15 @@ fn adapter_base_model_not_found() {
 
 /// The tiny Llama as an f32 GGUF file `<tmp>/name`.
 fn llama_gguf(c: &Case, name: &str) -> PathBuf {
-    use afinar::hub::gguf::export::{write_llama_gguf, ExportType, TokenizerMeta};
-    use afinar::models::decoder::{load_lm, DecoderConfig};
-    let src = load_lm(
+    use afinar::export::gguf::{write_llama_gguf, ExportType, TokenizerMeta};
+    use afinar::models::{load_model, LoadOpts, ModelConfig};
+    let src = load_model(
         &fixture().join("../llama-tiny"),
         afinar::params::Selector::none(),
+        LoadOpts::default(),
     )
     .unwrap();
-    let DecoderConfig::Llama(cfg) = &src.cfg else {
+    let ModelConfig::Llama(cfg) = &src.cfg else {
         panic!("llama-tiny is a Llama")
     };
     let tensors = src
@@ -1195,8 +1196,8 @@ fn llama_gguf(c: &Case, name: &str) -> PathBuf {
         .map(|(n, p)| (n.clone(), p.tensor.clone()))
         .collect();
     let meta = TokenizerMeta {
-        tokenizer: &src.tokenizer,
-        bos_id: src.bos_id,
+        tokenizer: src.tokenizer.raw(),
+        bos_id: src.tokenizer.specials.as_ref().and_then(|s| s.bos_id),
         eos_id: Some(2),
         pad_id: Some(0),
         chat_template: None,
@@ -1716,7 +1717,7 @@ fn export_arguments_checked_before_anything_is_written() {
     c.cli(&["export", &s(&c.d().join("gone")), "--merged", "m"])
         .fails_with(&["gone: no such run folder"]);
     c.cli(&["export", &r, "--gguf", "m.gguf"])
-        .fails_with(&["--gguf is for decoder LMs", "run is an encoder run"]);
+        .fails_with(&["--gguf is for decoder LMs", "run is a sequence classifier"]);
     c.cli(&["export", &r, "--adapter", "ad"])
         .fails_with(&["run: not an adapter run: nothing to export with --adapter"]);
     c.only(&["run", "tiny.toml"]);

@@ -249,17 +249,18 @@ fn bad_sft_configs_fail_naming_the_problem() {
 /// chat row with no assistant turn: a clear error, exit 1, nothing written.
 #[test]
 fn bad_decoder_inputs_fail_clearly() {
-    use afinar::hub::gguf::export::{write_llama_gguf, ExportType, TokenizerMeta};
+    use afinar::export::gguf::{write_llama_gguf, ExportType, TokenizerMeta};
     use afinar::hub::gguf::writer::GgufWriter;
     use afinar::hub::gguf::GgufValue;
-    use afinar::models::decoder::{load_lm, DecoderConfig};
+    use afinar::models::{load_model, LoadOpts, ModelConfig};
     let d = tempfile::tempdir().unwrap();
-    let src = load_lm(
+    let src = load_model(
         &fixtures().join("llama-tiny"),
         afinar::params::Selector::none(),
+        LoadOpts::default(),
     )
     .unwrap();
-    let DecoderConfig::Llama(cfg) = &src.cfg else {
+    let ModelConfig::Llama(cfg) = &src.cfg else {
         panic!()
     };
     let tensors = src
@@ -269,8 +270,8 @@ fn bad_decoder_inputs_fail_clearly() {
         .collect();
     let good = d.path().join("good.gguf");
     let meta = TokenizerMeta {
-        tokenizer: &src.tokenizer,
-        bos_id: src.bos_id,
+        tokenizer: src.tokenizer.raw(),
+        bos_id: src.tokenizer.specials.as_ref().and_then(|s| s.bos_id),
         eos_id: Some(2),
         pad_id: Some(0),
         chat_template: None,

@@ -10,7 +10,8 @@
 //! the products, the loss in f32 (what PyTorch autocast + PEFT does).
 
 use afinar::adapters::{linear_modules, AdapterConfig, Targets};
-use afinar::models::decoder::{load_lm, Decoder, DecoderInputs};
+use afinar::heads::CausalLm;
+use afinar::models::{load_model, Inputs, LoadOpts};
 use afinar::nn::DropoutRng;
 use afinar::optim::{AdamW, AdamWConfig};
 use afinar::params::Selector;
@@ -42,7 +43,7 @@ fn main() -> afinar::Result<()> {
     };
     afinar::keep_freed_memory();
     afinar::init_threads(Some(threads));
-    let mut src = load_lm(&model_path, Selector::none())?;
+    let mut src = load_model(&model_path, Selector::none(), LoadOpts::default())?;
     let lora = AdapterConfig {
         r: 8,
         lora_alpha: 16.0,
@@ -55,7 +56,7 @@ fn main() -> afinar::Result<()> {
     if !device.is_cpu() {
         src.store.to_device(&device, dtype)?;
     }
-    let model = Decoder::load(&src.store, &src.cfg)?;
+    let model = CausalLm::build(&src.store, &src.cfg)?;
     let mut opt = AdamW::new(
         src.store.trainable(),
         AdamWConfig {
@@ -87,10 +88,10 @@ fn main() -> afinar::Result<()> {
             let _ = afinar::nn::cuda::profile_report(); // only the last step is reported
         }
         let t0 = Instant::now();
-        let inp = DecoderInputs::new(ids.clone(), vec![1.0; b * t], b, t)?;
+        let inp = Inputs::new(ids.clone(), vec![1.0; b * t], b, t)?;
         let drop = DropoutRng::new(1, s as u64);
         let ids_t = inp.ids.to_device(&device)?;
-        let inp = DecoderInputs { ids: ids_t, ..inp };
+        let inp = Inputs { ids: ids_t, ..inp };
         let hidden = model.forward(&inp, Some(&drop))?;
         let (loss, _) = model.lm_loss(&hidden, &labels)?;
         device.synchronize()?;

@@ -4,11 +4,12 @@
 //!
 //! cargo run --release -p afinar --example w1 -- --mode full|last2|infer --steps N --threads 2 [--model DIR]
 
-use afinar::heads::{HeadConfig, Inputs, Pooling, SequenceModel, Targets, TaskKind, HEAD_PATTERNS};
-use afinar::models::{load_bert_params, read_bert_config};
+use afinar::heads::{head_patterns, HeadConfig, Pooling, SequenceModel, Targets, TaskKind};
+use afinar::models::load::{load_params, read_config};
+use afinar::models::{layout, Family, Inputs, ModelConfig};
 use afinar::nn::DropoutRng;
 use afinar::optim::{AdamW, AdamWConfig};
-use afinar::params::{Preset, Selector};
+use afinar::params::{FreezeRules, Preset, Selector};
 use std::time::Instant;
 
 // glibc's malloc returns large freed blocks to the OS and page-faults them
@@ -35,7 +36,10 @@ fn main() -> afinar::Result<()> {
     };
     afinar::keep_freed_memory();
     afinar::init_threads(Some(threads));
-    let (cfg, _) = read_bert_config(&dir)?;
+    let (cfg, _) = read_config(&dir)?;
+    let ModelConfig::Bert(bert) = &cfg else {
+        panic!("W1 is a BERT workload")
+    };
     let preset = match mode.as_str() {
         "full" => Preset::Full,
         "last2" => Preset::LastLayers(2),
@@ -45,23 +49,18 @@ fn main() -> afinar::Result<()> {
     let sel = if mode == "infer" || mode == "lora" {
         Selector::none()
     } else {
-        Selector::new(
+        let rules = FreezeRules {
             preset,
-            cfg.num_hidden_layers,
-            false,
-            0,
-            &[],
-            &[],
-            "bert.",
-            HEAD_PATTERNS,
-        )?
+            ..Default::default()
+        };
+        Selector::new(&rules, &layout(&cfg, head_patterns(Family::Bert)))?
     };
-    let mut store = load_bert_params(&dir, sel)?;
+    let mut store = load_params(&dir, &cfg, sel)?;
     let head = HeadConfig {
         task: TaskKind::Classification,
         pooling: Pooling::Cls,
         num_labels: 2,
-        dropout: cfg.hidden_dropout_prob,
+        dropout: bert.hidden_dropout_prob,
     };
     // LoRA as PEFT's default for sequence classification: r=8, alpha 16,
     // dropout 0.1 on query and value, the classifier trained fully.
@@ -70,14 +69,14 @@ fn main() -> afinar::Result<()> {
     )
     .expect("valid adapter config");
     let adapter = (mode == "lora").then_some(&lora);
-    let mut model = SequenceModel::build_with_adapter(&mut store, &cfg, &head, 0, adapter)?;
-    model.bert.gradient_checkpointing = ckpt;
+    let mut model = SequenceModel::new(&mut store, &cfg, &head, 0, adapter, 0)?;
+    model.set_gradient_checkpointing(ckpt);
     let b: usize = arg(&args, "--batch", "16").parse().unwrap();
     let t: usize = arg(&args, "--seq", "128").parse().unwrap();
     let ids: Vec<u32> = (0..b * t)
-        .map(|i| (afinar::nn::kernels::splitmix64(i as u64) % cfg.vocab_size as u64) as u32)
+        .map(|i| (afinar::nn::kernels::splitmix64(i as u64) % cfg.vocab_size() as u64) as u32)
         .collect();
-    let x = Inputs::new(ids, vec![0; b * t], vec![1.0; b * t], b, t)?;
+    let x = Inputs::new(ids, vec![1.0; b * t], b, t)?.with_type_ids(vec![0; b * t])?;
     let targets = Targets::Classes((0..b as u32).map(|i| i % 2).collect());
     let mut opt = AdamW::new(
         store.trainable(),

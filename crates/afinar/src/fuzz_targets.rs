@@ -18,7 +18,8 @@ use crate::data::{
 use crate::hub::chat_template::ChatTemplate;
 use crate::hub::checkpoint::Checkpoint;
 use crate::hub::gguf::{self, Gguf};
-use crate::models::decoder::{gguf_params, DecoderConfig, LoadOpts};
+use crate::models::load::gguf_params;
+use crate::models::{LoadOpts, ModelConfig};
 use crate::params::Selector;
 use std::path::Path;
 
@@ -112,7 +113,14 @@ pub fn gguf(data: &[u8]) {
     }
     let _ = gguf::llama_config_from_gguf(&g);
     for quantized in [false, true] {
-        let _ = gguf_params(&g, Selector::none(), LoadOpts { quantized });
+        let _ = gguf_params(
+            &g,
+            Selector::none(),
+            LoadOpts {
+                quantized,
+                max_length: None,
+            },
+        );
     }
     if let Ok(t) = gguf::tokenizer_from_gguf(&g) {
         if let Ok(tok) = t.text_tokenizer(g.path(), 64) {
@@ -268,7 +276,7 @@ pub fn json_configs(data: &[u8]) {
     let Ok(raw) = serde_json::from_str::<serde_json::Value>(text) else {
         return;
     };
-    if let Ok(cfg) = DecoderConfig::from_value(&raw, path) {
+    if let Ok(cfg) = ModelConfig::from_value(&raw, path) {
         let _ = (cfg.hidden_size(), cfg.vocab_size());
     }
     if let Some(map) = raw.get("weight_map").and_then(|m| m.as_object()) {

@@ -3,7 +3,8 @@
 //! sampling as transformers' `generate` applies them (temperature, then
 //! top-k, then top-p); stop at an end-of-sequence id or a stop string.
 
-use crate::models::decoder::{Decoder, KvCache};
+use crate::heads::CausalLm;
+use crate::models::KvCache;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -127,7 +128,7 @@ pub fn argmax(v: &[f32]) -> usize {
 /// strings and the result); `on_text` receives each new piece of text as it
 /// is produced (streaming).
 pub fn generate(
-    model: &Decoder,
+    model: &CausalLm,
     prompt: &[u32],
     max_positions: usize,
     cfg: &GenerateConfig,
@@ -140,7 +141,7 @@ pub fn generate(
 /// [`generate`] with a soft prompt `[P, C]` (prompt tuning) in front of the
 /// prompt's token embeddings.
 pub fn generate_with_prefix(
-    model: &Decoder,
+    model: &CausalLm,
     prefix: Option<&Tensor>,
     prompt: &[u32],
     max_positions: usize,
@@ -166,10 +167,10 @@ pub fn generate_with_prefix(
     let mut cache = KvCache::new();
     let ids = Tensor::from_slice(prompt, (1, prompt.len()), &Device::Cpu)?;
     let mut hidden = match prefix {
-        None => model.forward_cached(&ids, &mut cache)?,
+        None => model.body.forward_cached(&ids, &mut cache)?,
         Some(p) => {
-            let x = Tensor::cat(&[&p.unsqueeze(0)?, &model.embed(&ids)?], 1)?;
-            model.forward_cached_embeds(&x, &mut cache)?
+            let x = Tensor::cat(&[&p.unsqueeze(0)?, &model.body.embed(&ids)?], 1)?;
+            model.body.forward_cached_embeds(&x, &mut cache)?
         }
     };
     let mut out: Vec<u32> = Vec::new();
@@ -205,7 +206,7 @@ pub fn generate_with_prefix(
             break;
         }
         let ids = Tensor::from_slice(&[next], (1, 1), &Device::Cpu)?;
-        hidden = model.forward_cached(&ids, &mut cache)?;
+        hidden = model.body.forward_cached(&ids, &mut cache)?;
     }
     if stop != StopReason::StopString {
         let full = decode(&out)?;

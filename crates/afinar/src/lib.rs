@@ -1,10 +1,13 @@
 //! afinar: fine-tuning pretrained models in Rust.
 //!
-//! The library holds everything but argv and the terminal: checkpoint
-//! loading (`hub`), differentiable layers with hand-written backward (`nn`),
-//! model families (`models`), task heads (`heads`), the parameter selector
-//! (`params`), data (`data`), the optimiser (`optim`), the explicit training
-//! loop (`train`) and export (`export`).
+//! The library holds everything but argv and the terminal, in layers that
+//! only import from below (`docs/design.md`; `tests/layering.rs` checks):
+//! files and sources (`hub`), data (`data`), differentiable layers with
+//! hand-written backward (`nn`), the parameter store and selector
+//! (`params`), the optimiser (`optim`), adapters (`adapters`), model bodies
+//! (`models`), task heads (`heads`), generation (`generate`), run configs
+//! (`config`), one way out (`export`), the explicit training loop
+//! (`train`), finished runs (`runs`) and the methods (`methods`).
 
 pub mod error;
 pub mod event;
@@ -22,12 +25,14 @@ pub mod config;
 pub mod data;
 pub mod heads;
 pub mod hub;
+pub mod methods;
 pub mod metrics;
 pub mod models;
 pub mod nn;
 pub mod optim;
 pub mod params;
 pub mod plot;
+pub mod runs;
 pub mod train;
 
 /// Training allocates the same large activation buffers every step. mimalloc

@@ -67,8 +67,9 @@ pub struct Selector {
 }
 
 /// The freezing shorthands of the run config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Preset {
+    #[default]
     /// Everything trains.
     Full,
     /// Only the task head (pooler + classifier) trains.
@@ -77,60 +78,82 @@ pub enum Preset {
     LastLayers(usize),
 }
 
+/// Where a model's parts are, by parameter name: what the freezing rules
+/// refer to. Each model family gives its own (`models::layout`).
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The body's prefix with its dot (`bert.`, `model.`, `transformer.`):
+    /// user patterns may leave it out.
+    pub prefix: String,
+    /// Glob of each transformer layer's parameters, in order.
+    pub layers: Vec<String>,
+    /// Globs of the input embeddings.
+    pub embeddings: Vec<String>,
+    /// Globs of the new task head (always trains, unless frozen by a pattern).
+    pub head: Vec<String>,
+}
+
+/// The `[freeze]` section of a run, as rules.
+#[derive(Debug, Clone, Default)]
+pub struct FreezeRules {
+    pub preset: Preset,
+    /// Freeze the input embeddings.
+    pub embeddings: bool,
+    /// Freeze the first N layers.
+    pub first_layers: usize,
+    /// Extra patterns (glob, or `re:` regex) to freeze / to train; applied last.
+    pub frozen: Vec<String>,
+    pub trainable: Vec<String>,
+}
+
 impl Selector {
-    /// Build the selector for an encoder with `num_layers` layers named
-    /// `{prefix}encoder.layer.{i}` and a head under `head_patterns`.
-    pub fn new(
-        preset: Preset,
-        num_layers: usize,
-        freeze_embeddings: bool,
-        freeze_first_layers: usize,
-        frozen: &[String],
-        trainable: &[String],
-        model_prefix: &str,
-        head_patterns: &[&str],
-    ) -> Result<Self> {
-        let mut rules = Vec::new();
+    /// The selector of `rules` on a model laid out as `layout`.
+    pub fn new(rules: &FreezeRules, layout: &Layout) -> Result<Self> {
+        let num_layers = layout.layers.len();
+        let mut out = Vec::new();
         let p = |s: &str| Pattern::parse(s);
-        match preset {
-            Preset::Full => rules.push((p("*")?, true)),
-            Preset::HeadOnly => rules.push((p("*")?, false)),
+        match rules.preset {
+            Preset::Full => out.push((p("*")?, true)),
+            Preset::HeadOnly => out.push((p("*")?, false)),
             Preset::LastLayers(n) => {
                 if n > num_layers {
                     return Err(Error::msg(format!(
                         "freeze.last_layers = {n} but the model has {num_layers} layers"
                     )));
                 }
-                rules.push((p("*")?, false));
-                for i in num_layers - n..num_layers {
-                    rules.push((p(&format!("{model_prefix}encoder.layer.{i}.*"))?, true));
+                out.push((p("*")?, false));
+                for l in &layout.layers[num_layers - n..] {
+                    out.push((p(l)?, true));
                 }
             }
         }
-        for h in head_patterns {
+        for h in &layout.head {
             // The new head always trains (unless `frozen` says otherwise below).
-            rules.push((p(h)?, true));
+            out.push((p(h)?, true));
         }
-        if freeze_embeddings {
-            rules.push((p(&format!("{model_prefix}embeddings.*"))?, false));
+        if rules.embeddings {
+            for e in &layout.embeddings {
+                out.push((p(e)?, false));
+            }
         }
-        if freeze_first_layers > num_layers {
+        if rules.first_layers > num_layers {
             return Err(Error::msg(format!(
-                "freeze.first_layers = {freeze_first_layers} but the model has {num_layers} layers"
+                "freeze.first_layers = {} but the model has {num_layers} layers",
+                rules.first_layers
             )));
         }
-        for i in 0..freeze_first_layers {
-            rules.push((p(&format!("{model_prefix}encoder.layer.{i}.*"))?, false));
+        for l in &layout.layers[..rules.first_layers] {
+            out.push((p(l)?, false));
         }
-        for f in frozen {
-            rules.push((p(f)?, false));
+        for f in &rules.frozen {
+            out.push((p(f)?, false));
         }
-        for t in trainable {
-            rules.push((p(t)?, true));
+        for t in &rules.trainable {
+            out.push((p(t)?, true));
         }
         Ok(Selector {
-            rules,
-            model_prefix: model_prefix.to_string(),
+            rules: out,
+            model_prefix: layout.prefix.clone(),
         })
     }
 
@@ -600,59 +623,65 @@ mod tests {
             .collect()
     }
 
-    const HEAD: &[&str] = &["bert.pooler.*", "classifier.*"];
+    /// BERT's layout, as `models::layout` gives it (6 layers).
+    fn bert() -> Layout {
+        Layout {
+            prefix: "bert.".into(),
+            layers: (0..6)
+                .map(|i| format!("bert.encoder.layer.{i}.*"))
+                .collect(),
+            embeddings: vec!["bert.embeddings.*".into()],
+            head: vec!["bert.pooler.*".into(), "classifier.*".into()],
+        }
+    }
+
+    fn preset(p: Preset) -> FreezeRules {
+        FreezeRules {
+            preset: p,
+            ..Default::default()
+        }
+    }
 
     #[test]
     fn presets() {
-        let full = Selector::new(Preset::Full, 6, false, 0, &[], &[], "bert.", HEAD).unwrap();
+        let full = Selector::new(&preset(Preset::Full), &bert()).unwrap();
         assert_eq!(trainable(&full).len(), names().len());
-        let head = Selector::new(Preset::HeadOnly, 6, false, 0, &[], &[], "bert.", HEAD).unwrap();
+        let head = Selector::new(&preset(Preset::HeadOnly), &bert()).unwrap();
         assert_eq!(
             trainable(&head),
             vec!["bert.pooler.dense.weight", "classifier.weight"]
         );
-        let last2 =
-            Selector::new(Preset::LastLayers(2), 6, false, 0, &[], &[], "bert.", HEAD).unwrap();
+        let last2 = Selector::new(&preset(Preset::LastLayers(2)), &bert()).unwrap();
         let t = trainable(&last2);
         assert_eq!(t.len(), 4, "{t:?}");
         assert!(
             t.iter().any(|n| n.contains("layer.4.")) && t.iter().any(|n| n.contains("layer.5."))
         );
-        assert!(
-            Selector::new(Preset::LastLayers(7), 6, false, 0, &[], &[], "bert.", HEAD).is_err()
-        );
+        assert!(Selector::new(&preset(Preset::LastLayers(7)), &bert()).is_err());
     }
 
     #[test]
     fn shorthands_and_patterns_short_and_regex() {
-        let s = Selector::new(
-            Preset::Full,
-            6,
-            true,
-            2,
-            &["encoder.layer.5.*".into()],
-            &[],
-            "bert.",
-            HEAD,
-        )
-        .unwrap();
+        let rules = FreezeRules {
+            preset: Preset::Full,
+            embeddings: true,
+            first_layers: 2,
+            frozen: vec!["encoder.layer.5.*".into()],
+            trainable: vec![],
+        };
+        let s = Selector::new(&rules, &bert()).unwrap();
         let t = trainable(&s);
         assert!(!t.iter().any(|n| n.contains("embeddings")
             || n.contains("layer.0.")
             || n.contains("layer.1.")
             || n.contains("layer.5.")));
         assert!(t.iter().any(|n| n.contains("layer.2.")));
-        let r = Selector::new(
-            Preset::HeadOnly,
-            6,
-            false,
-            0,
-            &[],
-            &["re:bert\\.encoder\\.layer\\.[34]\\..*".into()],
-            "bert.",
-            HEAD,
-        )
-        .unwrap();
+        let rules = FreezeRules {
+            preset: Preset::HeadOnly,
+            trainable: vec!["re:bert\\.encoder\\.layer\\.[34]\\..*".into()],
+            ..Default::default()
+        };
+        let r = Selector::new(&rules, &bert()).unwrap();
         assert_eq!(trainable(&r).len(), 4);
         let n = names();
         let un = r.unmatched_user_patterns(

@@ -3,11 +3,12 @@
 //! `scripts/reference/golden_minilm.py` (real all-MiniLM-L6-v2 weights).
 //! Activations within 1e-4 relative, gradients within 1e-3 relative.
 
-use afinar::heads::{HeadConfig, Inputs, Pooling, SequenceModel, Targets, TaskKind};
+use afinar::heads::{head_patterns, HeadConfig, Pooling, SequenceModel, Targets, TaskKind};
 use afinar::hub::checkpoint::Checkpoint;
-use afinar::models::{check_unused, load_bert_params, read_bert_config};
+use afinar::models::load::{load_params, read_config};
+use afinar::models::{check_unused, layout, other_heads, Body, Family, Inputs};
 use afinar::optim::{AdamW, AdamWConfig};
-use afinar::params::{Preset, Selector};
+use afinar::params::{FreezeRules, Preset, Selector};
 use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -75,7 +76,9 @@ fn inputs(g: &Golden) -> Inputs {
         .into_iter()
         .map(|m| m as f32)
         .collect();
-    Inputs::new(ids, g.ids("token_type_ids"), mask, b, t).unwrap()
+    Inputs::new(ids, mask, b, t)
+        .and_then(|x| x.with_type_ids(g.ids("token_type_ids")))
+        .unwrap()
 }
 
 fn build(
@@ -86,11 +89,10 @@ fn build(
     g: &Golden,
 ) -> (afinar::params::ParamStore, SequenceModel) {
     let dir = fixtures().join("bert-tiny");
-    let (cfg, _) = read_bert_config(&dir).unwrap();
+    let (cfg, _) = read_config(&dir).unwrap();
     let mut cfg = cfg;
-    cfg.hidden_dropout_prob = 0.0;
-    cfg.attention_probs_dropout_prob = 0.0;
-    let mut store = load_bert_params(&dir, selector).unwrap();
+    cfg.set_dropout(Some(0.0), Some(0.0));
+    let mut store = load_params(&dir, &cfg, selector).unwrap();
     store
         .insert(
             "classifier.weight",
@@ -109,8 +111,8 @@ fn build(
         num_labels,
         dropout: 0.0,
     };
-    let model = SequenceModel::build(&mut store, &cfg, &head, 0).unwrap();
-    check_unused(&mut store, &mut |_| {}).unwrap();
+    let model = SequenceModel::new(&mut store, &cfg, &head, 0, None, 0).unwrap();
+    check_unused(&mut store, other_heads(Family::Bert, false), &mut |_| {}).unwrap();
     (store, model)
 }
 
@@ -121,9 +123,11 @@ fn tiny_bert_forward_loss_gradients_and_adamw_match_transformers() {
     let x = inputs(&g);
 
     // Every layer's hidden state.
-    let all = model
-        .bert
-        .forward_all(&x.input_ids, &x.token_type_ids, &x.mask, None)
+    let Body::Bert(bert) = &model.body else {
+        panic!("a BERT body")
+    };
+    let all = bert
+        .forward_all(&x.ids, x.type_ids.as_ref().unwrap(), &x.key_mask, None)
         .unwrap();
     for (i, h) in all.iter().enumerate() {
         let e = rel_err(h, &g.f(&format!("hidden.{i}")));
@@ -193,17 +197,12 @@ fn tiny_bert_forward_loss_gradients_and_adamw_match_transformers() {
 #[test]
 fn tiny_bert_partly_frozen_gradients_match_and_frozen_get_none() {
     let g = Golden::open(fixtures().join("bert-tiny/golden.safetensors"));
-    let sel = Selector::new(
-        Preset::LastLayers(1),
-        2,
-        false,
-        0,
-        &[],
-        &[],
-        "bert.",
-        afinar::heads::HEAD_PATTERNS,
-    )
-    .unwrap();
+    let (cfg, _) = read_config(&fixtures().join("bert-tiny")).unwrap();
+    let rules = FreezeRules {
+        preset: Preset::LastLayers(1),
+        ..Default::default()
+    };
+    let sel = Selector::new(&rules, &layout(&cfg, head_patterns(Family::Bert))).unwrap();
     let (store, model) = build(sel, TaskKind::Classification, 2, "", &g);
     let x = inputs(&g);
     let loss = model
@@ -274,15 +273,15 @@ fn tiny_bert_regression_head_matches() {
 fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
     let g = Golden::open(fixtures().join("bert-tiny/golden.safetensors"));
     let dir = fixtures().join("bert-tiny");
-    let (cfg, _) = read_bert_config(&dir).unwrap();
-    let mut store = load_bert_params(&dir, Selector::all()).unwrap();
+    let (cfg, _) = read_config(&dir).unwrap();
+    let mut store = load_params(&dir, &cfg, Selector::all()).unwrap();
     let head = HeadConfig {
         task: TaskKind::Classification,
         pooling: Pooling::Cls,
         num_labels: 3,
         dropout: 0.1,
     };
-    let model = SequenceModel::build(&mut store, &cfg, &head, 7).unwrap();
+    let model = SequenceModel::new(&mut store, &cfg, &head, 7, None, 0).unwrap();
     let x = inputs(&g);
     let rng = afinar::nn::DropoutRng::new(3, 0);
     let loss = model
@@ -320,21 +319,18 @@ fn minilm_real_weights_match_transformers() {
         return;
     };
     let g = Golden::open(fixtures().join("minilm/golden.safetensors"));
-    let (cfg, _) = read_bert_config(&dir).unwrap();
-    let mut store = load_bert_params(&dir, Selector::none()).unwrap();
+    let (cfg, _) = read_config(&dir).unwrap();
+    let mut store = load_params(&dir, &cfg, Selector::none()).unwrap();
     let head = HeadConfig {
         task: TaskKind::Classification,
         pooling: Pooling::Cls,
         num_labels: 2,
         dropout: 0.0,
     };
-    let model = SequenceModel::build(&mut store, &cfg, &head, 0).unwrap();
-    check_unused(&mut store, &mut |_| {}).unwrap();
+    let model = SequenceModel::new(&mut store, &cfg, &head, 0, None, 0).unwrap();
+    check_unused(&mut store, other_heads(Family::Bert, false), &mut |_| {}).unwrap();
     let x = inputs(&g);
-    let h = model
-        .bert
-        .forward(&x.input_ids, &x.token_type_ids, &x.mask, None)
-        .unwrap();
+    let h = model.body.forward(&x, None).unwrap();
     let e = rel_err(&h, &g.f("hidden.last"));
     assert!(e < 1e-4, "last hidden: rel err {e}");
     let e = rel_err(&model.pooled(&x, None).unwrap(), &g.f("pooled"));

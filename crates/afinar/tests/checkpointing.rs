@@ -5,9 +5,9 @@
 //! on the tiny BERT, Llama and GPT-2 fixtures.
 
 use afinar::adapters::{linear_modules, AdapterConfig, Targets};
-use afinar::heads::{HeadConfig, Inputs, Pooling, SequenceModel, TaskKind};
-use afinar::models::decoder::{load_decoder_params, read_decoder_config, Decoder, DecoderInputs};
-use afinar::models::{load_bert_params, read_bert_config};
+use afinar::heads::{CausalLm, HeadConfig, Pooling, SequenceModel, TaskKind};
+use afinar::models::load::{load_params, read_config};
+use afinar::models::Inputs;
 use afinar::nn::DropoutRng;
 use afinar::params::{ParamStore, Selector};
 use candle_core::{DType, Tensor};
@@ -86,14 +86,14 @@ fn grads(store: &ParamStore) -> Vec<(String, Tensor)> {
 
 fn decoder_step(case: &str, adapter: bool, ckpt: bool) -> (f32, Vec<(String, Tensor)>) {
     let dir = fixtures().join(case);
-    let (mut cfg, _) = read_decoder_config(&dir).unwrap();
+    let (mut cfg, _) = read_config(&dir).unwrap();
     cfg.set_dropout(Some(0.1), Some(0.1));
     let sel = if adapter {
         Selector::none()
     } else {
         Selector::all()
     };
-    let mut store = load_decoder_params(&dir, &cfg, sel).unwrap();
+    let mut store = load_params(&dir, &cfg, sel).unwrap();
     if adapter {
         let t: &[&str] = if case.starts_with("gpt2") {
             &["c_attn", "c_fc"]
@@ -102,7 +102,7 @@ fn decoder_step(case: &str, adapter: bool, ckpt: bool) -> (f32, Vec<(String, Ten
         };
         lora(&mut store, t, &["lm_head"]);
     }
-    let mut model = Decoder::load(&store, &cfg).unwrap();
+    let mut model = CausalLm::build(&store, &cfg).unwrap();
     model.set_gradient_checkpointing(ckpt);
     let (b, t) = (2, 9);
     let ids: Vec<u32> = (0..b * t)
@@ -111,7 +111,7 @@ fn decoder_step(case: &str, adapter: bool, ckpt: bool) -> (f32, Vec<(String, Ten
     let mut mask = vec![1.0f32; b * t];
     mask[b * t - 2..].fill(0.0);
     let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let inp = DecoderInputs::new(ids, mask, b, t).unwrap();
+    let inp = Inputs::new(ids, mask, b, t).unwrap();
     let rng = DropoutRng::new(11, 3);
     let h = model.forward(&inp, Some(&rng)).unwrap();
     let (loss, _) = model.lm_loss(&h, &labels).unwrap();
@@ -131,15 +131,14 @@ fn decoders_same_loss_and_gradients_with_checkpointing() {
 
 fn bert_step(adapter: bool, ckpt: bool) -> (f32, Vec<(String, Tensor)>) {
     let dir = fixtures().join("bert-tiny");
-    let (mut cfg, _) = read_bert_config(&dir).unwrap();
-    cfg.hidden_dropout_prob = 0.1;
-    cfg.attention_probs_dropout_prob = 0.1;
+    let (mut cfg, _) = read_config(&dir).unwrap();
+    cfg.set_dropout(Some(0.1), Some(0.1));
     let sel = if adapter {
         Selector::none()
     } else {
         Selector::all()
     };
-    let mut store = load_bert_params(&dir, sel).unwrap();
+    let mut store = load_params(&dir, &cfg, sel).unwrap();
     if adapter {
         lora(&mut store, &["query", "value"], &["classifier"]);
     }
@@ -149,13 +148,13 @@ fn bert_step(adapter: bool, ckpt: bool) -> (f32, Vec<(String, Tensor)>) {
         num_labels: 3,
         dropout: 0.1,
     };
-    let mut model = SequenceModel::build(&mut store, &cfg, &head, 0).unwrap();
-    model.bert.gradient_checkpointing = ckpt;
+    let mut model = SequenceModel::new(&mut store, &cfg, &head, 0, None, 0).unwrap();
+    model.set_gradient_checkpointing(ckpt);
     let (b, t) = (2, 6);
     let ids: Vec<u32> = (0..b * t).map(|i| (i * 5 % 90 + 1) as u32).collect();
     let mut mask = vec![1.0f32; b * t];
     mask[b * t - 2..].fill(0.0);
-    let x = Inputs::new(ids, vec![0; b * t], mask, b, t).unwrap();
+    let x = Inputs::new(ids, mask, b, t).unwrap();
     let rng = DropoutRng::new(5, 1);
     let logits = model.forward(&x, Some(&rng)).unwrap();
     let labels = afinar::heads::Targets::Classes(vec![0, 2]);

@@ -4,10 +4,11 @@
 //! `scripts/reference/golden_decoders.py`. Logits within 1e-4, gradients
 //! within 1e-3 relative.
 
+use afinar::heads::CausalLm;
 use afinar::hub::checkpoint::Checkpoint;
-use afinar::models::check_unused;
-use afinar::models::decoder::{load_decoder_params, read_decoder_config, Decoder, DecoderInputs};
 use afinar::models::gpt2::is_conv1d;
+use afinar::models::load::{load_params, read_config};
+use afinar::models::{check_unused, load_model, other_heads, Inputs, LoadOpts, ModelConfig};
 use afinar::params::Selector;
 use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
@@ -52,10 +53,10 @@ fn i64s(g: &Checkpoint, n: &str) -> Vec<i64> {
 fn check(case: &str) {
     let dir = fixtures().join(case);
     let g = Checkpoint::open(dir.join("golden.safetensors")).unwrap();
-    let (cfg, _) = read_decoder_config(&dir).unwrap();
-    let mut store = load_decoder_params(&dir, &cfg, Selector::all()).unwrap();
-    let model = Decoder::load(&store, &cfg).unwrap();
-    check_unused(&mut store, &mut |_| {}).unwrap();
+    let (cfg, _) = read_config(&dir).unwrap();
+    let mut store = load_params(&dir, &cfg, Selector::all()).unwrap();
+    let model = CausalLm::build(&store, &cfg).unwrap();
+    check_unused(&mut store, other_heads(cfg.family(), true), &mut |_| {}).unwrap();
 
     let (b, t) = g.load("input_ids").unwrap().dims2().unwrap();
     let ids: Vec<u32> = i64s(&g, "input_ids")
@@ -67,7 +68,7 @@ fn check(case: &str) {
         .map(|v| v as f32)
         .collect();
     let labels = i64s(&g, "labels");
-    let inp = DecoderInputs::new(ids, mask, b, t).unwrap();
+    let inp = Inputs::new(ids, mask, b, t).unwrap();
 
     let hidden = model.forward(&inp, None).unwrap();
     let logits = model.logits(&hidden).unwrap().reshape((b, t, ())).unwrap();
@@ -130,13 +131,13 @@ fn gpt2_tiny_logits_loss_gradients() {
 /// cache) gives the logits of the full forward pass at every position.
 #[test]
 fn kv_cache_steps_equal_the_full_forward() {
-    use afinar::models::decoder::KvCache;
+    use afinar::models::KvCache;
     for case in ["llama-tiny", "llama-tiny-tied", "gpt2-tiny"] {
         let dir = fixtures().join(case);
         let g = Checkpoint::open(dir.join("golden.safetensors")).unwrap();
-        let (cfg, _) = read_decoder_config(&dir).unwrap();
-        let store = load_decoder_params(&dir, &cfg, Selector::none()).unwrap();
-        let model = Decoder::load(&store, &cfg).unwrap();
+        let (cfg, _) = read_config(&dir).unwrap();
+        let store = load_params(&dir, &cfg, Selector::none()).unwrap();
+        let model = CausalLm::build(&store, &cfg).unwrap();
         let t = g.load("input_ids").unwrap().dim(1).unwrap();
         let row0: Vec<u32> = i64s(&g, "input_ids")[..t]
             .iter()
@@ -146,7 +147,7 @@ fn kv_cache_steps_equal_the_full_forward() {
             .logits(
                 &model
                     .forward(
-                        &DecoderInputs::new(row0.clone(), vec![1.0; t], 1, t).unwrap(),
+                        &Inputs::new(row0.clone(), vec![1.0; t], 1, t).unwrap(),
                         None,
                     )
                     .unwrap(),
@@ -156,6 +157,7 @@ fn kv_cache_steps_equal_the_full_forward() {
         let mut rows = vec![model
             .logits(
                 &model
+                    .body
                     .forward_cached(
                         &Tensor::from_slice(&row0[..5], (1, 5), &candle_core::Device::Cpu).unwrap(),
                         &mut cache,
@@ -165,6 +167,7 @@ fn kv_cache_steps_equal_the_full_forward() {
             .unwrap()];
         for &id in &row0[5..] {
             let h = model
+                .body
                 .forward_cached(
                     &Tensor::from_slice(&[id], (1, 1), &candle_core::Device::Cpu).unwrap(),
                     &mut cache,
@@ -183,13 +186,12 @@ fn kv_cache_steps_equal_the_full_forward() {
 /// with the golden logits, within each format's rounding.
 #[test]
 fn llama_gguf_export_reloads_with_the_same_logits() {
-    use afinar::hub::gguf::export::{write_llama_gguf, ExportType, TokenizerMeta};
-    use afinar::models::decoder::{load_lm, DecoderConfig};
+    use afinar::export::gguf::{write_llama_gguf, ExportType, TokenizerMeta};
     for case in ["llama-tiny", "llama-tiny-tied"] {
         let dir = fixtures().join(case);
         let g = Checkpoint::open(dir.join("golden.safetensors")).unwrap();
-        let src = load_lm(&dir, Selector::none()).unwrap();
-        let DecoderConfig::Llama(cfg) = &src.cfg else {
+        let src = load_model(&dir, Selector::none(), LoadOpts::default()).unwrap();
+        let ModelConfig::Llama(cfg) = &src.cfg else {
             panic!("llama")
         };
         let tensors: std::collections::BTreeMap<String, Tensor> = src
@@ -214,19 +216,24 @@ fn llama_gguf_export_reloads_with_the_same_logits() {
         ] {
             let out = tempfile::tempdir().unwrap();
             let path = out.path().join("m.gguf");
+            let tok = &src.tokenizer;
             let meta = TokenizerMeta {
-                tokenizer: &src.tokenizer,
-                bos_id: src.bos_id,
-                eos_id: src.eos_ids.first().copied(),
-                pad_id: Some(src.pad_id),
-                chat_template: src.chat_template.as_deref(),
+                tokenizer: tok.raw(),
+                bos_id: tok.specials.as_ref().and_then(|s| s.bos_id),
+                eos_id: tok.eos_ids().first().copied(),
+                pad_id: Some(tok.pad_id()),
+                chat_template: tok.chat_template(),
                 pre: "gpt2",
             };
             write_llama_gguf(&path, case, cfg, &tensors, &meta, ty).unwrap();
-            let back = load_lm(&path, Selector::none()).unwrap();
-            assert_eq!(back.chat_template, src.chat_template, "{case}");
-            let model = Decoder::load(&back.store, &back.cfg).unwrap();
-            let inp = DecoderInputs::new(ids.clone(), mask.clone(), b, t).unwrap();
+            let back = load_model(&path, Selector::none(), LoadOpts::default()).unwrap();
+            assert_eq!(
+                back.tokenizer.chat_template(),
+                src.tokenizer.chat_template(),
+                "{case}"
+            );
+            let model = CausalLm::build(&back.store, &back.cfg).unwrap();
+            let inp = Inputs::new(ids.clone(), mask.clone(), b, t).unwrap();
             let logits = model
                 .logits(&model.forward(&inp, None).unwrap())
                 .unwrap()
@@ -250,7 +257,7 @@ fn llama_gguf_export_reloads_with_the_same_logits() {
 #[test]
 fn prompt_tuning_matches_peft_both_ways() {
     use afinar::adapters::{peft, prompt_tuning, AdapterConfig, AdapterType};
-    use afinar::models::decoder::{load_lm, load_lm_adapter, LoadOpts};
+    use afinar::models::load::load_lm_adapter;
     use afinar::nn::Weight;
     let base = fixtures().join("llama-tiny");
     let g = Checkpoint::open(base.join("golden.safetensors")).unwrap();
@@ -263,13 +270,13 @@ fn prompt_tuning_matches_peft_both_ways() {
         .into_iter()
         .map(|v| v as f32)
         .collect();
-    let inp = DecoderInputs::new(ids, mask, b, t).unwrap();
+    let inp = Inputs::new(ids, mask, b, t).unwrap();
 
     // PEFT -> afinar.
     let dir = fixtures().join("peft/prompt-tiny");
     let a = load_lm_adapter(&dir, Some(&base), LoadOpts::default()).unwrap();
     assert_eq!(a.adapter.kind, AdapterType::PromptTuning);
-    let model = Decoder::load(&a.src.store, &a.src.cfg).unwrap();
+    let model = CausalLm::build(&a.model.store, &a.model.cfg).unwrap();
     let prompt = Weight::frozen(a.prompt.clone().unwrap());
     let logits = model
         .logits(&model.forward_prompted(Some(&prompt), &inp, None).unwrap())
@@ -287,7 +294,7 @@ fn prompt_tuning_matches_peft_both_ways() {
     let keep = std::env::var("AFINAR_PT_OUT").ok().map(PathBuf::from);
     let tmp = tempfile::tempdir().unwrap();
     let out = keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
-    let mut src = load_lm(&base, Selector::none()).unwrap();
+    let mut src = load_model(&base, Selector::none(), LoadOpts::default()).unwrap();
     let v: Vec<f32> = (0..5 * 64)
         .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.6)
         .collect();
@@ -313,7 +320,7 @@ fn prompt_tuning_matches_peft_both_ways() {
         "CAUSAL_LM",
     )
     .unwrap();
-    let model = Decoder::load(&src.store, &src.cfg).unwrap();
+    let model = CausalLm::build(&src.store, &src.cfg).unwrap();
     let w = src.store.get(prompt_tuning::KEY, &[5, 64]).unwrap();
     let mine = model
         .logits(&model.forward_prompted(Some(&w), &inp, None).unwrap())
@@ -321,7 +328,7 @@ fn prompt_tuning_matches_peft_both_ways() {
         .reshape((b, t, ()))
         .unwrap();
     let back = load_lm_adapter(&out.join("adapter"), Some(&base), LoadOpts::default()).unwrap();
-    let m2 = Decoder::load(&back.src.store, &back.src.cfg).unwrap();
+    let m2 = CausalLm::build(&back.model.store, &back.model.cfg).unwrap();
     let again = m2
         .logits(
             &m2.forward_prompted(Some(&Weight::frozen(back.prompt.unwrap())), &inp, None)
@@ -333,7 +340,7 @@ fn prompt_tuning_matches_peft_both_ways() {
     assert!(rel_err(&again, &mine) < 1e-6);
     if keep.is_some() {
         let m = mine.contiguous().unwrap();
-        afinar::train::run::write_safetensors(
+        afinar::export::write_safetensors(
             &out.join("afinar_logits.safetensors"),
             std::iter::once(("logits".to_string(), m)),
         )

@@ -4,9 +4,10 @@
 //! outputs unchanged; afinar's written adapter reads back identically.
 
 use afinar::adapters::{merged_state, peft, AdapterConfig, AdapterType, Targets};
-use afinar::heads::{HeadConfig, Inputs, Pooling, SequenceModel, TaskKind};
+use afinar::heads::{HeadConfig, Pooling, SequenceModel, TaskKind};
 use afinar::hub::checkpoint::Checkpoint;
-use afinar::models::{load_bert_params, read_bert_config};
+use afinar::models::load::{load_params, read_config};
+use afinar::models::Inputs;
 use afinar::params::{ParamStore, Selector};
 use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
@@ -46,12 +47,15 @@ fn inputs(g: &Checkpoint) -> Inputs {
         .into_iter()
         .map(|m| m as f32)
         .collect();
-    Inputs::new(ids("input_ids"), ids("token_type_ids"), mask, b, t).unwrap()
+    Inputs::new(ids("input_ids"), mask, b, t)
+        .and_then(|x| x.with_type_ids(ids("token_type_ids")))
+        .unwrap()
 }
 
 /// The tiny base with the classifier of the bert-tiny golden file.
 fn base_store(model_dir: &Path, classifier: (Tensor, Tensor)) -> ParamStore {
-    let mut store = load_bert_params(model_dir, Selector::none()).unwrap();
+    let (cfg, _) = read_config(model_dir).unwrap();
+    let mut store = load_params(model_dir, &cfg, Selector::none()).unwrap();
     store.insert("classifier.weight", classifier.0).unwrap();
     store.insert("classifier.bias", classifier.1).unwrap();
     store
@@ -62,9 +66,8 @@ fn build(
     classifier: (Tensor, Tensor),
     ad: Option<&AdapterConfig>,
 ) -> (ParamStore, SequenceModel) {
-    let (mut cfg, _) = read_bert_config(model_dir).unwrap();
-    cfg.hidden_dropout_prob = 0.0;
-    cfg.attention_probs_dropout_prob = 0.0;
+    let (mut cfg, _) = read_config(model_dir).unwrap();
+    cfg.set_dropout(Some(0.0), Some(0.0));
     let mut store = base_store(model_dir, classifier);
     let head = HeadConfig {
         task: TaskKind::Classification,
@@ -72,7 +75,7 @@ fn build(
         num_labels: 2,
         dropout: 0.0,
     };
-    let model = SequenceModel::build_with_adapter(&mut store, &cfg, &head, 0, ad).unwrap();
+    let model = SequenceModel::new(&mut store, &cfg, &head, 0, ad, 0).unwrap();
     (store, model)
 }
 
@@ -146,7 +149,7 @@ fn check_case(case: &str, model_dir: &Path, classifier: (Tensor, Tensor)) {
 
     // Merged: a plain model from the merged weights gives PEFT's merged logits.
     let merged = merged_state(&store).unwrap();
-    let (cfgb, _) = read_bert_config(model_dir).unwrap();
+    let (cfgb, _) = read_config(model_dir).unwrap();
     let mut plain = ParamStore::new(Selector::none(), "merged");
     for (k, v) in merged {
         plain.insert(&k, v).unwrap();
@@ -158,8 +161,8 @@ fn check_case(case: &str, model_dir: &Path, classifier: (Tensor, Tensor)) {
         dropout: 0.0,
     };
     let mut cfgb = cfgb;
-    cfgb.hidden_dropout_prob = 0.0;
-    let pm = SequenceModel::build(&mut plain, &cfgb, &head, 0).unwrap();
+    cfgb.set_dropout(Some(0.0), None);
+    let pm = SequenceModel::new(&mut plain, &cfgb, &head, 0, None, 0).unwrap();
     let d = max_diff(
         &pm.forward(&x, None).unwrap(),
         &g.load_f32("merged_logits").unwrap(),
@@ -298,7 +301,7 @@ fn unmatched_targets_and_bad_files_are_errors() {
         ..AdapterConfig::default()
     };
     let dir = fixtures().join("bert-tiny");
-    let (cfg, _) = read_bert_config(&dir).unwrap();
+    let (cfg, _) = read_config(&dir).unwrap();
     let mut store = base_store(&dir, tiny_classifier());
     let head = HeadConfig {
         task: TaskKind::Classification,
@@ -306,7 +309,7 @@ fn unmatched_targets_and_bad_files_are_errors() {
         num_labels: 2,
         dropout: 0.0,
     };
-    let e = SequenceModel::build_with_adapter(&mut store, &cfg, &head, 0, Some(&ad))
+    let e = SequenceModel::new(&mut store, &cfg, &head, 0, Some(&ad), 0)
         .err()
         .unwrap()
         .to_string();

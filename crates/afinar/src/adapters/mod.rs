@@ -505,6 +505,64 @@ impl AdapterConfig {
     }
 }
 
+/// The PEFT task types afinar reads and writes (`task_type` of
+/// `adapter_config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeftTask {
+    /// A sequence head (PEFT's `PeftModelForSequenceClassification`).
+    SeqCls,
+    /// A decoder LM (`PeftModelForCausalLM`).
+    CausalLm,
+}
+
+impl PeftTask {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeftTask::SeqCls => "SEQ_CLS",
+            PeftTask::CausalLm => "CAUSAL_LM",
+        }
+    }
+
+    /// The output layers: trained fully for SEQ_CLS (PEFT adds them to
+    /// `modules_to_save`), never wrapped by `"all-linear"`.
+    pub fn output_modules(self) -> &'static [&'static str] {
+        match self {
+            PeftTask::SeqCls => &["classifier", "score"],
+            PeftTask::CausalLm => &["lm_head"],
+        }
+    }
+}
+
+/// Attach adapter `cfg` to a model's store, the same way for every body:
+/// the whole base freezes; `modules_to_save` train fully (for SEQ_CLS PEFT
+/// adds the head, `classifier` / `score`); the adapter's parameters are
+/// added to every targeted linear module (prompt tuning is attached to the
+/// input embeddings by its caller). New weights draw from `rng`.
+pub fn attach(
+    store: &mut ParamStore,
+    cfg: &AdapterConfig,
+    task: PeftTask,
+    rng: &mut impl Rng,
+) -> Result<Vec<String>> {
+    store.freeze_all();
+    let mut ad = cfg.clone();
+    if task == PeftTask::SeqCls {
+        for m in task.output_modules() {
+            if !ad.modules_to_save.iter().any(|x| x == m) {
+                ad.modules_to_save.push(m.to_string());
+            }
+        }
+    }
+    let linears = linear_modules(store);
+    for (path, _, _) in &linears {
+        if ad.modules_to_save.iter().any(|m| matches_key(path, m)) {
+            store.make_trainable(&format!("{path}.weight"))?;
+            store.make_trainable(&format!("{path}.bias"))?;
+        }
+    }
+    ad.apply(store, &linears, task.output_modules(), rng)
+}
+
 /// Linear modules of a store: every 2-d `{path}.weight` outside the
 /// embeddings, f32 or kept quantised, in name order.
 pub fn linear_modules(store: &ParamStore) -> Vec<(String, usize, usize)> {

@@ -15,6 +15,11 @@ use std::path::Path;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// afinar's note beside a sequence-head adapter: what PEFT's files do not
+/// say (the base folder, the labels, the head settings, the truncation).
+pub const HEAD_META: &str = "afinar_head.json";
+/// afinar's note beside a causal-LM adapter: where its base is.
+pub const LM_META: &str = "afinar_lm.json";
 const PREFIX: &str = "base_model.model.";
 
 /// Read `adapter_config.json` into afinar's adapter config (+ the raw JSON).
@@ -365,5 +370,5 @@ pub fn save(
         };
         (key, p.tensor.clone())
     });
-    crate::train::run::write_safetensors(&dir.join(WEIGHTS_FILE), tensors)
+    crate::hub::checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), tensors)
 }

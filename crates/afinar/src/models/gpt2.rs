@@ -3,11 +3,11 @@
 //!
 //! Follows transformers' `models/gpt2/modeling_gpt2.py` (v5.23). The
 //! checkpoint stores its `Conv1D` weights as `[in, out]`; the loader
-//! (`decoder::load_decoder_params`) transposes them once to afinar's `[out,
+//! (`load::load_params`) transposes them once to afinar's `[out,
 //! in]` so every linear (and every adapter on it) has one layout, and export
 //! transposes them back. Names copy the checkpoint keys.
 
-use super::decoder::{DecoderInputs, KvCache};
+use super::{Inputs, KvCache};
 use crate::nn::linear::{LayerNorm, Linear};
 use crate::nn::{self, maybe_dropout, DropoutRng, Weight};
 use crate::params::Path;
@@ -174,7 +174,7 @@ impl Gpt2Block {
     fn forward_ckpt(
         self: &Arc<Self>,
         x: &Tensor,
-        inp: &DecoderInputs,
+        inp: &Inputs,
         rng: Option<&DropoutRng>,
         on: bool,
     ) -> Result<Tensor> {
@@ -190,7 +190,7 @@ impl Gpt2Block {
         )
     }
 
-    fn forward(&self, x: &Tensor, inp: &DecoderInputs, rng: Option<&DropoutRng>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, inp: &Inputs, rng: Option<&DropoutRng>) -> Result<Tensor> {
         let (q, k, v) = self.split_qkv(&self.c_attn.forward_t(&self.ln_1.forward(x)?, rng)?)?;
         let drop = rng
             .filter(|_| self.attn_pdrop > 0.0)
@@ -219,7 +219,7 @@ impl Gpt2Block {
         let (b, tn, _) = x.dims3()?;
         let (q, k, v) = self.split_qkv(&self.c_attn.forward(&self.ln_1.forward(x)?)?)?;
         let d = self.c / self.heads;
-        let ctx = super::decoder::cached_attention(
+        let ctx = super::kv_cache::cached_attention(
             &q, &k, &v, cache, b, tn, t_past, self.heads, self.heads, d,
         )?;
         let x = x.add(&self.attn_proj.forward(&ctx)?)?;
@@ -259,9 +259,6 @@ impl Gpt2 {
     pub fn embed_weight(&self) -> &Weight {
         &self.wte
     }
-    pub fn lm_head(&self) -> &Weight {
-        &self.wte
-    }
 
     /// Token embeddings `[B, T, C]` (positions are added in the body).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
@@ -288,7 +285,7 @@ impl Gpt2 {
     pub fn forward_embeds(
         &self,
         x: &Tensor,
-        inp: &DecoderInputs,
+        inp: &Inputs,
         rng: Option<&DropoutRng>,
     ) -> Result<Tensor> {
         let mut x = maybe_dropout(self.add_positions(x, &inp.positions)?, self.embd_pdrop, rng)?;

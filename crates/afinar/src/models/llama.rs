@@ -7,7 +7,7 @@
 //! (`model.layers.N.self_attn.q_proj`, `mlp.gate_proj`, ...), so adapters
 //! target `q_proj`, `v_proj`, ... as in PEFT.
 
-use super::decoder::{DecoderInputs, KvCache};
+use super::{Inputs, KvCache};
 use crate::nn::linear::Linear;
 use crate::nn::{self, DropoutRng, RopeTable, Weight};
 use crate::params::Path;
@@ -232,7 +232,7 @@ impl LlamaLayer {
     fn forward_ckpt(
         self: &Arc<Self>,
         x: &Tensor,
-        inp: &DecoderInputs,
+        inp: &Inputs,
         rope: &Arc<RopeTable>,
         rng: Option<&DropoutRng>,
         on: bool,
@@ -252,7 +252,7 @@ impl LlamaLayer {
     fn forward(
         &self,
         x: &Tensor,
-        inp: &DecoderInputs,
+        inp: &Inputs,
         rope: &Arc<RopeTable>,
         rng: Option<&DropoutRng>,
     ) -> Result<Tensor> {
@@ -294,7 +294,7 @@ impl LlamaLayer {
         let q = nn::rope(&self.q_proj.forward(&hn)?, rope, positions, self.heads)?;
         let k = nn::rope(&self.k_proj.forward(&hn)?, rope, positions, self.kv_heads)?;
         let v = self.v_proj.forward(&hn)?;
-        let ctx = super::decoder::cached_attention(
+        let ctx = super::kv_cache::cached_attention(
             &q,
             &k,
             &v,
@@ -312,20 +312,20 @@ impl LlamaLayer {
     }
 }
 
-/// The decoder body with its final norm and LM head weight.
+/// The decoder body (`LlamaModel`): embeddings, layers, final norm. The LM
+/// head belongs to `heads::CausalLm`, the sequence head to `heads::SequenceModel`.
 pub struct Llama {
     embed_tokens: Weight,
     layers: Vec<Arc<LlamaLayer>>,
     /// Recompute each layer in backward (training only): [`nn::checkpoint`].
     pub gradient_checkpointing: bool,
     norm: RmsNorm,
-    lm_head: Weight,
     rope: Arc<RopeTable>,
     pub config: LlamaConfig,
 }
 
 impl Llama {
-    /// `p` is the store's root: `model.*` and (untied) `lm_head.weight`.
+    /// `p` is the store's root: the body is `model.*`.
     pub fn load(p: &Path, cfg: &LlamaConfig) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let m = p.pp("model");
@@ -334,17 +334,11 @@ impl Llama {
             .map(|i| LlamaLayer::load(&m.pp("layers").pp(i), cfg).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&m.pp("norm"), h, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
-        } else {
-            p.get(&[v, h], "lm_head.weight")?
-        };
         Ok(Llama {
             gradient_checkpointing: false,
             embed_tokens,
             layers,
             norm,
-            lm_head,
             rope: Arc::new(RopeTable::new(
                 cfg.head_dim(),
                 cfg.theta(),
@@ -356,9 +350,6 @@ impl Llama {
 
     pub fn embed_weight(&self) -> &Weight {
         &self.embed_tokens
-    }
-    pub fn lm_head(&self) -> &Weight {
-        &self.lm_head
     }
 
     /// Token embeddings `[B, T, C]`.
@@ -374,7 +365,7 @@ impl Llama {
     pub fn forward_embeds(
         &self,
         x: &Tensor,
-        inp: &DecoderInputs,
+        inp: &Inputs,
         rng: Option<&DropoutRng>,
     ) -> Result<Tensor> {
         let mut x = x.clone();

@@ -12,7 +12,7 @@ pub mod ops;
 pub mod qlinear;
 
 pub use graph::{checkpoint, LayerFn};
-pub use linear::maybe_dropout;
+pub use linear::{maybe_dropout, LayerNorm, Linear};
 pub use llm_kernels::{attention_with_cache, attention_with_cache_masked};
 pub use llm_ops::{
     causal_attention, causal_attention_dropout, gelu_tanh, lm_cross_entropy, lm_logits, rms_norm,

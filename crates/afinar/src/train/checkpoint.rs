@@ -177,8 +177,8 @@ pub fn save(
     }
     let json = serde_json::to_vec_pretty(state).map_err(|e| Error::msg(e.to_string()))?;
     fsutil::write_dir_atomic(&dir, |tmp| {
-        super::run::write_safetensors(&tmp.join(WEIGHTS_FILE), weights.into_iter())?;
-        super::run::write_safetensors(&tmp.join(OPTIMIZER_FILE), moments.into_iter())?;
+        crate::hub::checkpoint::write_safetensors(&tmp.join(WEIGHTS_FILE), weights.into_iter())?;
+        crate::hub::checkpoint::write_safetensors(&tmp.join(OPTIMIZER_FILE), moments.into_iter())?;
         fsutil::write_atomic(&tmp.join(STATE_FILE), &json)
     })?;
     Ok(dir)

@@ -22,7 +22,6 @@
 //! [`quant::SUPPORTED_TYPES`] can be dequantised (every type is listed and
 //! bounds-checked where its block layout is known).
 
-pub mod export;
 pub mod llama;
 pub mod quant;
 pub mod tokenizer;

@@ -875,13 +875,13 @@ fn gguf_real_smollm2_qlinear() {
 
 /// LoRA on q/v/gate of a decoder loaded from `g`, f32 or quantised; the same
 /// init seed, so both get the same adapter weights.
-fn lora_decoder(
-    g: &Gguf,
-    quantized: bool,
-) -> (crate::models::decoder::Decoder, crate::params::ParamStore) {
-    use crate::models::decoder::{gguf_params, Decoder, LoadOpts};
-    let (cfg, _, mut store) =
-        gguf_params(g, crate::params::Selector::none(), LoadOpts { quantized }).unwrap();
+fn lora_decoder(g: &Gguf, quantized: bool) -> (crate::heads::CausalLm, crate::params::ParamStore) {
+    use crate::models::load::gguf_params;
+    let opts = crate::models::LoadOpts {
+        quantized,
+        max_length: None,
+    };
+    let (cfg, _, mut store) = gguf_params(g, crate::params::Selector::none(), opts).unwrap();
     let ad: crate::adapters::AdapterConfig = toml::from_str(
         "type = \"lora\"\nr = 4\nlora_alpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"gate_proj\"]\ninit_lora_weights = \"gaussian\"",
     )
@@ -900,7 +900,7 @@ fn lora_decoder(
             store.copy_values_from(&[(n, v)].into()).unwrap();
         }
     }
-    let model = Decoder::load(&store, &cfg).unwrap();
+    let model = crate::heads::CausalLm::build(&store, &cfg).unwrap();
     assert!(store.unused().is_empty(), "{:?}", store.unused());
     (model, store)
 }
@@ -910,7 +910,8 @@ fn lora_decoder(
 /// gradients as the f32 load; full fine-tuning is refused.
 #[test]
 fn gguf_quantized_load_matches_f32_with_lora() {
-    use crate::models::decoder::{gguf_params, DecoderInputs, LoadOpts};
+    use crate::models::load::gguf_params;
+    use crate::models::{Inputs, LoadOpts};
     let dir = tempfile::tempdir().unwrap();
     let (h, _, _, _, vocab, layers) = LLAMA_DIMS;
     for tied in [true, false] {
@@ -928,7 +929,7 @@ fn gguf_quantized_load_matches_f32_with_lora() {
         );
         let (b, t) = (2, 7);
         let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % vocab) as u32).collect();
-        let inp = DecoderInputs::new(ids.clone(), vec![1.0; b * t], b, t).unwrap();
+        let inp = Inputs::new(ids.clone(), vec![1.0; b * t], b, t).unwrap();
         let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         let (hq, hf) = (
             mq.forward(&inp, None).unwrap(),
@@ -974,7 +975,10 @@ fn gguf_quantized_load_matches_f32_with_lora() {
         let e = gguf_params(
             &g,
             crate::params::Selector::all(),
-            LoadOpts { quantized: true },
+            LoadOpts {
+                quantized: true,
+                max_length: None,
+            },
         )
         .err()
         .unwrap()
@@ -988,7 +992,7 @@ fn gguf_quantized_load_matches_f32_with_lora() {
 #[test]
 fn gguf_real_smollm2_quantized_generates_as_f32() {
     use crate::generate::{generate, GenerateConfig};
-    use crate::models::decoder::{load_lm_with, Decoder, LoadOpts};
+    use crate::models::{load_model, LoadOpts};
     let path = match crate::hub::assets::resolve_asset_path("smollm2-135m-instruct") {
         Ok(p) => p,
         Err(e) => {
@@ -998,32 +1002,29 @@ fn gguf_real_smollm2_quantized_generates_as_f32() {
     };
     let mut out = Vec::new();
     for quantized in [false, true] {
-        let src = load_lm_with(
+        let src = load_model(
             &path,
             crate::params::Selector::none(),
-            LoadOpts { quantized },
+            LoadOpts {
+                quantized,
+                max_length: None,
+            },
         )
         .unwrap();
         assert_eq!(
             src.store.quantized().count(),
             if quantized { 30 * 7 } else { 0 }
         );
-        let model = Decoder::load(&src.store, &src.cfg).unwrap();
+        let model = crate::heads::CausalLm::build(&src.store, &src.cfg).unwrap();
         let ids = src
             .tokenizer
-            .encode("The capital of France is", false)
-            .unwrap()
-            .get_ids()
-            .to_vec();
+            .encode_raw("The capital of France is", false)
+            .unwrap();
         let cfg = GenerateConfig {
             max_new_tokens: 8,
             ..Default::default()
         };
-        let decode = |ids: &[u32]| -> crate::Result<String> {
-            src.tokenizer
-                .decode(ids, true)
-                .map_err(|e| crate::Error::msg(e.to_string()))
-        };
+        let decode = |ids: &[u32]| src.tokenizer.decode(ids, true);
         let g = generate(&model, &ids, 2048, &cfg, &decode, &mut |_| {}).unwrap();
         eprintln!("quantized = {quantized}: {:?} {:?}", g.ids, g.text);
         out.push((g.ids, g.text));

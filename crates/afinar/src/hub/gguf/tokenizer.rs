@@ -20,7 +20,7 @@
 //! (`bert`) and the other `tokenizer.ggml.pre` values are refused by name.
 
 use super::{Gguf, GgufError, GgufResult};
-use crate::hub::tokenizer::TextTokenizer;
+use crate::hub::tokenizer::{Specials, TextTokenizer};
 use std::path::Path;
 use tokenizers::{
     decoders::byte_level::ByteLevel,
@@ -85,7 +85,8 @@ impl std::fmt::Debug for GgufTokenizer {
 
 impl GgufTokenizer {
     /// As afinar's [`TextTokenizer`] (padding off, truncation at `max_length`,
-    /// pad id = `tokenizer.ggml.padding_token_id`, else eos).
+    /// pad id = `tokenizer.ggml.padding_token_id`, else eos), with the
+    /// decoder's special tokens and chat template.
     pub fn text_tokenizer(&self, source: &Path, max_length: usize) -> crate::Result<TextTokenizer> {
         let mut t = self.tokenizer.clone();
         if let Some(pad_id) = self.pad_id.or(self.eos_id) {
@@ -96,7 +97,27 @@ impl GgufTokenizer {
                 ..Default::default()
             }));
         }
-        TextTokenizer::from_tokenizer(t, source, max_length)
+        let mut tt = TextTokenizer::from_tokenizer(t, source, max_length)?;
+        let tok_str = |id: Option<u32>| {
+            id.and_then(|i| self.tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let mut eos_ids: Vec<u32> = self.eos_id.into_iter().collect();
+        // ChatML templates end a turn with <|im_end|>: generation stops there too.
+        if let Some(id) = self.tokenizer.token_to_id("<|im_end|>") {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+        tt.set_pad_id(self.pad_id.or(self.eos_id).unwrap_or(0));
+        tt.specials = Some(Specials {
+            bos_id: self.bos_id,
+            eos_ids,
+            bos_token: tok_str(self.bos_id),
+            eos_token: tok_str(self.eos_id),
+            chat_template: self.chat_template.clone(),
+        });
+        Ok(tt)
     }
 }
 

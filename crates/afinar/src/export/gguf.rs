@@ -5,11 +5,11 @@
 //! (vocab, merges, token types, special ids, chat template) as
 //! `tokenizer.ggml.*`. Follows llama.cpp's `convert_hf_to_gguf.py` layout.
 
-use super::llama::{gguf_name, permute_qk};
-use super::quant::GgmlType;
-use super::tokenizer::token_type;
-use super::writer::{str_array, GgufWriter};
-use super::GgufValue;
+use crate::hub::gguf::llama::{gguf_name, permute_qk};
+use crate::hub::gguf::quant::GgmlType;
+use crate::hub::gguf::tokenizer::token_type;
+use crate::hub::gguf::writer::{str_array, GgufWriter};
+use crate::hub::gguf::GgufValue;
 use crate::models::llama::LlamaConfig;
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -167,7 +167,7 @@ pub fn write_llama_gguf(
     w.add_metadata(
         "tokenizer.ggml.token_type",
         GgufValue::Array(
-            super::GgufValueType::I32,
+            crate::hub::gguf::GgufValueType::I32,
             v.types.iter().map(|&t| GgufValue::I32(t)).collect(),
         ),
     )?;

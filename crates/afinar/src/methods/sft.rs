@@ -10,75 +10,29 @@
 //! template) that `afinar generate` and transformers load; an adapter run also
 //! writes `adapter/` as PEFT does (task_type CAUSAL_LM).
 
-use super::run::{write_dir_atomic, write_safetensors, RunWriter};
-use super::{run_loop, Event, Objective, Split, TrainOptions, TrainReport};
+use super::canonical;
+use crate::adapters::{peft, AdapterConfig, AdapterType, PeftTask};
 use crate::config::Plan;
 use crate::data::sft::{
     pack, pad_batch, read_sft, Overflow, Role, SftBatch, SftEncoder, SftExample, SftFormat,
     SftTokens,
 };
 use crate::data::{seeded_split, FieldPath};
+use crate::event::Event;
+use crate::export;
 use crate::generate::GenerateConfig;
+use crate::heads::CausalLm;
 use crate::hub::chat_template::ChatTemplate;
-use crate::models::decoder::{
-    load_lm_with, Decoder, DecoderConfig, DecoderInputs, LmSource, LoadOpts,
-};
+use crate::hub::tokenizer::TextTokenizer;
+use crate::models::{self, Family, Inputs, LoadOpts, LoadedModel};
 use crate::nn::DropoutRng;
 use crate::params::{ParamStore, Selector};
-use crate::{fsutil, Error, Result};
+use crate::train::{run_loop, Fingerprint, Objective, RunWriter, Split, TrainOptions, TrainReport};
+use crate::{Error, Result};
 use rand::SeedableRng;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// Where the decoder comes from: an asset (a folder or a .gguf file), a
-/// local folder or file, or a hub download.
-pub fn resolve_model_path(plan: &Plan) -> Result<PathBuf> {
-    let m = &plan.config.model;
-    if let Some(p) = &m.path {
-        if !p.exists() {
-            return Err(Error::file(
-                p,
-                "model path does not exist (config `model.path`)",
-            ));
-        }
-        return Ok(p.clone());
-    }
-    super::resolve_model_dir(plan)
-}
-
-/// A data spec: a file, a folder (every `.jsonl` in it, sorted), or
-/// `asset:NAME[/sub/path]`.
-pub fn resolve_data_files(spec: &str) -> Result<Vec<PathBuf>> {
-    let p = match spec.strip_prefix("asset:") {
-        Some(rest) => {
-            let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));
-            let root = crate::hub::assets::resolve_asset_path(name)?;
-            if sub.is_empty() {
-                root
-            } else {
-                root.join(sub)
-            }
-        }
-        None => PathBuf::from(spec),
-    };
-    if p.is_file() {
-        return Ok(vec![p]);
-    }
-    if !p.is_dir() {
-        return Err(Error::file(&p, "data file or folder does not exist"));
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
-        .map_err(|e| Error::io(&p, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|f| f.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::file(&p, "no .jsonl files in the data folder"));
-    }
-    Ok(files)
-}
 
 fn sft_format(plan: &Plan) -> Result<SftFormat> {
     let d = &plan.config.data;
@@ -139,8 +93,9 @@ struct EvalSet {
 }
 
 struct Sft<'a> {
-    model: &'a Decoder,
-    src: &'a LmSource,
+    model: &'a CausalLm,
+    tok: &'a TextTokenizer,
+    max_positions: usize,
     template: Option<&'a ChatTemplate>,
     packed: Option<Vec<crate::data::sft::PackedRow>>,
     train_rows: &'a [SftTokens],
@@ -154,9 +109,9 @@ struct Sft<'a> {
 }
 
 impl Sft<'_> {
-    fn batch_inputs(b: &SftBatch) -> Result<DecoderInputs> {
+    fn batch_inputs(b: &SftBatch) -> Result<Inputs> {
         let mask: Vec<f32> = b.attention_mask.iter().map(|&m| m as f32).collect();
-        DecoderInputs::packed(
+        Inputs::packed(
             b.ids.clone(),
             mask,
             b.positions.clone(),
@@ -173,7 +128,7 @@ impl Sft<'_> {
         let (mut sum, mut n) = (0f64, 0usize);
         for chunk in order.chunks(self.eval_bs.max(1)) {
             let refs: Vec<&SftTokens> = chunk.iter().map(|&i| &rows[i]).collect();
-            let b = pad_batch(&refs, self.src.pad_id)?;
+            let b = pad_batch(&refs, self.tok.pad_id())?;
             let inp = Self::batch_inputs(&b)?;
             let hidden = self
                 .model
@@ -192,7 +147,8 @@ impl Sft<'_> {
         exact_match(
             self.model,
             prefix.as_ref(),
-            self.src,
+            self.tok,
+            self.max_positions,
             self.template,
             rows,
             self.max_new_tokens,
@@ -201,9 +157,10 @@ impl Sft<'_> {
 }
 
 fn exact_match(
-    model: &Decoder,
+    model: &CausalLm,
     prefix: Option<&candle_core::Tensor>,
-    src: &LmSource,
+    tok: &TextTokenizer,
+    max_positions: usize,
     template: Option<&ChatTemplate>,
     rows: &[Scored],
     max_new_tokens: usize,
@@ -213,14 +170,10 @@ fn exact_match(
     }
     let cfg = GenerateConfig {
         max_new_tokens,
-        eos_ids: src.eos_ids.clone(),
+        eos_ids: tok.eos_ids().to_vec(),
         ..Default::default()
     };
-    let tok = &src.tokenizer;
-    let decode = |ids: &[u32]| -> Result<String> {
-        tok.decode(ids, true)
-            .map_err(|e| Error::msg(format!("decoding: {e}")))
-    };
+    let decode = |ids: &[u32]| tok.decode(ids, true);
     let mut hits = 0usize;
     for r in rows {
         let text = match &r.prompt {
@@ -229,16 +182,12 @@ fn exact_match(
                 .render(m, true)?,
             SftExample::PromptCompletion { prompt, .. } => prompt.clone(),
         };
-        let ids = tok
-            .encode(text, false)
-            .map_err(|e| Error::msg(format!("tokenizing: {e}")))?
-            .get_ids()
-            .to_vec();
+        let ids = tok.encode_raw(&text, false)?;
         let g = crate::generate::generate_with_prefix(
             model,
             prefix,
             &ids,
-            src.cfg.max_positions(),
+            max_positions,
             &cfg,
             &decode,
             &mut |_| {},
@@ -262,7 +211,7 @@ impl Objective for Sft<'_> {
             Some(p) => SftBatch::from_packed(&idx.iter().map(|&i| &p[i]).collect::<Vec<_>>())?,
             None => pad_batch(
                 &idx.iter().map(|&i| &self.train_rows[i]).collect::<Vec<_>>(),
-                self.src.pad_id,
+                self.tok.pad_id(),
             )?,
         };
         let tokens = b.attention_mask.iter().filter(|&&m| m != 0).count();
@@ -303,11 +252,11 @@ impl Objective for Sft<'_> {
         }
         Ok(Some(m))
     }
-    fn save(&self, store: &ParamStore, name: &str) -> Result<()> {
-        self.saver.save(store, name)
+    fn save(&self, store: &ParamStore) -> Result<()> {
+        self.saver.save(store)
     }
     fn data_fingerprint(&self) -> String {
-        let mut f = super::Fingerprint::new();
+        let mut f = Fingerprint::new();
         match &self.packed {
             Some(p) => {
                 for r in p {
@@ -351,106 +300,60 @@ impl Objective for Sft<'_> {
 /// Writes an SFT run's models.
 struct Saver<'a> {
     dir: PathBuf,
-    src: &'a LmSource,
-    adapter: Option<&'a crate::adapters::AdapterConfig>,
+    /// The base model (folder or GGUF file), recorded beside an adapter.
+    base: PathBuf,
+    family: Family,
+    base_config: &'a serde_json::Value,
+    tok: &'a TextTokenizer,
+    adapter: Option<&'a AdapterConfig>,
 }
 
 impl Saver<'_> {
-    fn save(&self, store: &ParamStore, name: &str) -> Result<()> {
-        let prompt_tuning = self
-            .adapter
-            .is_some_and(|a| a.kind == crate::adapters::AdapterType::PromptTuning);
-        if prompt_tuning {
-            // The soft prompt does not merge into the weights: the run's
-            // result is the adapter alone (`<run>/adapter`).
-            let dir = if name == "model" {
-                self.dir.join("adapter")
-            } else {
-                self.dir.join(name).join("adapter")
-            };
-            let ad = self.adapter.expect("prompt tuning is an adapter");
-            let base = std::fs::canonicalize(&self.src.path).unwrap_or(self.src.path.clone());
-            return write_dir_atomic(&dir, |tmp| {
-                crate::adapters::peft::save(
-                    tmp,
-                    store,
-                    ad,
-                    &base.display().to_string(),
-                    "CAUSAL_LM",
-                )?;
-                fsutil::write_json(
-                    &tmp.join(LM_META),
-                    &serde_json::json!({ "base_model_path": base, "task": "sft" }),
-                )
-            });
+    /// `<run>/model/` (adapters merged in) and for an adapter run
+    /// `<run>/adapter/`; prompt tuning writes the adapter alone (a soft
+    /// prompt does not merge into the weights).
+    fn save(&self, store: &ParamStore) -> Result<()> {
+        if let Some(ad) = self.adapter {
+            let note = serde_json::json!({ "base_model_path": self.base, "task": "sft" });
+            export::write_adapter_folder(
+                &self.dir.join("adapter"),
+                store,
+                ad,
+                &self.base,
+                PeftTask::CausalLm,
+                peft::LM_META,
+                &note,
+            )?;
+            if ad.kind == AdapterType::PromptTuning {
+                return Ok(());
+            }
         }
-        if let (Some(ad), "model") = (self.adapter, name) {
-            let base = std::fs::canonicalize(&self.src.path).unwrap_or(self.src.path.clone());
-            write_dir_atomic(&self.dir.join("adapter"), |tmp| {
-                crate::adapters::peft::save(
-                    tmp,
-                    store,
-                    ad,
-                    &base.display().to_string(),
-                    "CAUSAL_LM",
-                )?;
-                fsutil::write_json(
-                    &tmp.join(LM_META),
-                    &serde_json::json!({ "base_model_path": base, "task": "sft" }),
-                )
-            })?;
-        }
-        save_lm(&self.dir.join(name), store, self.src)
+        save_lm(
+            &self.dir.join("model"),
+            store,
+            self.family,
+            self.base_config,
+            self.tok,
+        )
     }
 }
 
-/// afinar's note beside a decoder adapter: where its base is.
-pub const LM_META: &str = "afinar_lm.json";
-
 /// Save the model in `store` (adapters merged) as an HF folder that
 /// transformers' `AutoModelForCausalLM` and `afinar generate` load.
-pub fn save_lm(dir: &Path, store: &ParamStore, src: &LmSource) -> Result<()> {
-    let tensors: BTreeMap<String, candle_core::Tensor> = if store.adapters.is_empty() {
-        store.f32_state()?
-    } else {
-        crate::adapters::merged_state(store)?
-    };
-    let gpt2 = matches!(src.cfg, DecoderConfig::Gpt2(_));
-    let tensors = tensors.into_iter().map(|(n, t)| {
-        // GPT-2's Conv1D weights go back to [in, out].
-        if gpt2 && crate::models::gpt2::is_conv1d(&n) {
-            (n, t.t().and_then(|t| t.contiguous()).expect("2-D weight"))
-        } else {
-            (n, t)
-        }
-    });
-    let mut config = src.raw_config.clone();
-    if config.get("architectures").is_none() {
-        config["architectures"] = serde_json::json!([match src.cfg {
-            DecoderConfig::Llama(_) => "LlamaForCausalLM",
-            DecoderConfig::Gpt2(_) => "GPT2LMHeadModel",
-        }]);
-    }
-    config["torch_dtype"] = serde_json::json!("float32");
-    let tok_config = serde_json::json!({
-        "chat_template": src.chat_template,
-        "bos_token": src.bos_token,
-        "eos_token": src.eos_token,
-        "pad_token": src.tokenizer.id_to_token(src.pad_id),
-        "model_max_length": src.cfg.max_positions(),
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    });
-    let gen_config = serde_json::json!({ "eos_token_id": src.eos_ids, "bos_token_id": src.bos_id });
-    let tensors: Vec<(String, candle_core::Tensor)> = tensors.collect();
-    write_dir_atomic(dir, |tmp| {
-        write_safetensors(&tmp.join("model.safetensors"), tensors.into_iter())?;
-        fsutil::write_json(&tmp.join("config.json"), &config)?;
-        fsutil::write_json(&tmp.join("tokenizer_config.json"), &tok_config)?;
-        fsutil::write_json(&tmp.join("generation_config.json"), &gen_config)?;
-        src.tokenizer
-            .save(tmp.join("tokenizer.json"), false)
-            .map_err(|e| Error::file(tmp.join("tokenizer.json"), e.to_string()))
-    })
+pub fn save_lm(
+    dir: &Path,
+    store: &ParamStore,
+    family: Family,
+    base_config: &serde_json::Value,
+    tok: &TextTokenizer,
+) -> Result<()> {
+    export::write_model_folder(
+        dir,
+        export::model_tensors(store)?,
+        &export::causal_lm_config(base_config, family),
+        family,
+        tok,
+    )
 }
 
 /// Read the rows of `files`, at most `cap` per file (a seeded choice).
@@ -477,15 +380,12 @@ fn read_rows(
     Ok(out)
 }
 
-pub fn train_sft(
-    plan: &Plan,
-    opts: &TrainOptions,
-    on: &mut dyn FnMut(Event),
-) -> Result<TrainReport> {
+/// Train a decoder LM on instructions as `plan` says.
+pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Result<TrainReport> {
     let t0 = Instant::now();
     let c = &plan.config;
     let d = &c.data;
-    let model_path = resolve_model_path(plan)?;
+    let model_path = c.model.source().resolve(on)?;
     let selector = if c.adapter.is_some() {
         Selector::none()
     } else {
@@ -493,17 +393,35 @@ pub fn train_sft(
     };
     let load_opts = LoadOpts {
         quantized: c.model.base_dtype == crate::config::BaseDtype::Quantized,
+        max_length: None,
     };
-    let mut src = load_lm_with(&model_path, selector, load_opts)?;
-    src.cfg.set_dropout(
+    let LoadedModel {
+        mut cfg,
+        raw_config,
+        mut store,
+        tokenizer: tok,
+        ..
+    } = models::load_model(&model_path, selector, load_opts)?;
+    let family = cfg.family();
+    if !family.is_decoder() {
+        return Err(Error::Config {
+            path: plan.config_path.clone(),
+            msg: format!(
+                "`task.type` = \"sft\" trains a decoder LM, but {} is a BERT encoder",
+                model_path.display()
+            ),
+        });
+    }
+    cfg.set_dropout(
         c.model.hidden_dropout_prob,
         c.model.attention_probs_dropout_prob,
     );
-    let max_len = c.model.max_length.min(src.cfg.max_positions());
-    let template = src
+    let max_len = c.model.max_length.min(cfg.max_positions());
+    let specials = tok.specials.clone().unwrap_or_default();
+    let template = specials
         .chat_template
         .as_deref()
-        .map(|t| ChatTemplate::new(t, &src.bos_token, &src.eos_token))
+        .map(|t| ChatTemplate::new(t, &specials.bos_token, &specials.eos_token))
         .transpose()?;
     let format = sft_format(plan)?;
     let overflow = match d.overflow.as_deref() {
@@ -512,15 +430,15 @@ pub fn train_sft(
         _ => Overflow::Truncate,
     };
     let enc = SftEncoder {
-        tokenizer: &src.tokenizer,
+        tokenizer: tok.raw(),
         template: template.as_ref(),
-        eos_id: src.eos_ids.first().copied(),
+        eos_id: specials.eos_ids.first().copied(),
         max_length: max_len,
         overflow,
     };
 
     // ---- data: every training file's rows, split by row (seeded)
-    let files = resolve_data_files(&d.train)?;
+    let files = crate::data::resolve_files(&d.train)?;
     let tasks = read_rows(&files, &format, d.max_rows_per_file, d.split_seed)?;
     let all: Vec<SftExample> = tasks.iter().flat_map(|(_, e)| e.iter().cloned()).collect();
     let ratios = d.split.unwrap_or([1.0, 0.0, 0.0]);
@@ -546,7 +464,7 @@ pub fn train_sft(
     }
     let val_tokens = match &d.validation {
         Some(v) => {
-            let rows = read_rows(&resolve_data_files(v)?, &format, None, d.split_seed)?;
+            let rows = read_rows(&crate::data::resolve_files(v)?, &format, None, d.split_seed)?;
             let ex: Vec<SftExample> = rows.into_iter().flat_map(|(_, e)| e).collect();
             let (t, _) = enc.encode_rows(&crate::data::sft::SftRows {
                 path: PathBuf::from(v),
@@ -579,7 +497,7 @@ pub fn train_sft(
     }];
     if let Some(h) = &d.heldout_tasks {
         for (task, ex) in read_rows(
-            &resolve_data_files(h)?,
+            &crate::data::resolve_files(h)?,
             &format,
             d.max_rows_per_file,
             d.split_seed,
@@ -609,56 +527,32 @@ pub fn train_sft(
         scored: vec![],
     };
 
-    // ---- model
-    let mut store = std::mem::replace(&mut src.store, ParamStore::new(Selector::none(), ""));
-    let mut adapter_cfg = c.adapter.clone();
-    if let (Some(ad), DecoderConfig::Gpt2(_)) = (adapter_cfg.as_mut(), &src.cfg) {
-        ad.fan_in_fan_out = true; // PEFT's marker for GPT-2's Conv1D layers
-    }
+    // ---- model (+ adapter, or a soft prompt)
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seeds.init);
+    let mut adapter_cfg =
+        super::attach_adapter(plan, &mut store, family, PeftTask::CausalLm, &mut rng, on)?;
     let mut prompt_dim = None;
     if let Some(ad) = adapter_cfg
         .as_mut()
-        .filter(|a| a.kind == crate::adapters::AdapterType::PromptTuning)
+        .filter(|a| a.kind == AdapterType::PromptTuning)
     {
         store.freeze_all();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seeds.init);
         let embed = store
             .iter()
             .find(|(n, _)| n.ends_with("embed_tokens.weight") || n.ends_with("wte.weight"))
             .map(|(_, p)| p.tensor.clone())
             .ok_or_else(|| Error::msg("prompt tuning: the model has no token embedding"))?;
-        let init = crate::adapters::prompt_tuning::init(ad, &embed, &src.tokenizer, &mut rng)?;
+        let init = crate::adapters::prompt_tuning::init(ad, &embed, tok.raw(), &mut rng)?;
         let (n, dim) = init.dims2()?;
         ad.token_dim = Some(dim);
-        ad.num_layers = Some(
-            src.raw_config["num_hidden_layers"]
-                .as_u64()
-                .or(src.raw_config["n_layer"].as_u64())
-                .unwrap_or(0) as usize,
-        );
-        ad.num_attention_heads = Some(
-            src.raw_config["num_attention_heads"]
-                .as_u64()
-                .or(src.raw_config["n_head"].as_u64())
-                .unwrap_or(0) as usize,
-        );
+        ad.num_layers = Some(cfg.num_layers());
+        ad.num_attention_heads = Some(cfg.num_heads());
         store.insert_trainable(crate::adapters::prompt_tuning::KEY, init)?;
         prompt_dim = Some([n, dim]);
-    } else if let Some(ad) = &c.adapter {
-        store.freeze_all();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seeds.init);
-        let linears = crate::adapters::linear_modules(&store);
-        for (path, _, _) in &linears {
-            if ad
-                .modules_to_save
-                .iter()
-                .any(|m| crate::adapters::matches_key(path, m))
-            {
-                store.make_trainable(&format!("{path}.weight"))?;
-                store.make_trainable(&format!("{path}.bias"))?;
-            }
-        }
-        ad.apply(&mut store, &linears, &["lm_head"], &mut rng)?;
+        on(Event::Info(format!(
+            "adapter: prompt tuning, {} virtual tokens",
+            ad.num_virtual_tokens
+        )));
     }
     let device = crate::device(&c.train.device)?;
     if !device.is_cpu() {
@@ -672,31 +566,19 @@ pub fn train_sft(
             c.train.device
         )));
     }
-    let mut model = Decoder::load(&store, &src.cfg)?;
+    let mut model = CausalLm::build(&store, &cfg)?;
     model.set_gradient_checkpointing(c.train.gradient_checkpointing);
     let prompt = prompt_dim
         .map(|shape| store.get(crate::adapters::prompt_tuning::KEY, &shape))
         .transpose()?;
-    crate::models::check_unused(&mut store, &mut |w| {
-        on(Event::Info(format!("warning: {w}")))
+    models::check_unused(&mut store, models::other_heads(family, true), &mut |w| {
+        on(Event::Warning(w))
     })?;
     on(Event::Info(store.summary()));
-    if let Some(ad) = &c.adapter {
-        on(Event::Info(
-            if ad.kind == crate::adapters::AdapterType::PromptTuning {
-                format!(
-                    "adapter: prompt tuning, {} virtual tokens",
-                    ad.num_virtual_tokens
-                )
-            } else {
-                format!("adapter: {:?} on {} modules", ad.kind, store.adapters.len())
-            },
-        ));
-    }
 
-    let run = RunWriter::create_log(&opts.run_dir, plan, opts.resume)?;
+    let run = RunWriter::create(&opts.run_dir, plan, opts.resume)?;
     let packed = if d.packing {
-        let p = pack(&train_rows, max_len, src.pad_id)?;
+        let p = pack(&train_rows, max_len, tok.pad_id())?;
         on(Event::Info(format!(
             "packing: {} examples into {} rows of {max_len} tokens",
             train_rows.len(),
@@ -709,7 +591,8 @@ pub fn train_sft(
     let max_new_tokens = 48;
     let obj = Sft {
         model: &model,
-        src: &src,
+        tok: &tok,
+        max_positions: cfg.max_positions(),
         template: template.as_ref(),
         packed,
         train_rows: &train_rows,
@@ -720,7 +603,10 @@ pub fn train_sft(
         prompt,
         saver: Saver {
             dir: opts.run_dir.clone(),
-            src: &src,
+            base: canonical(&model_path),
+            family,
+            base_config: &raw_config,
+            tok: &tok,
             adapter: adapter_cfg.as_ref(),
         },
     };

@@ -1,0 +1,79 @@
+//! The KV cache of generation: keys and values of the positions seen so
+//! far, per layer and batch row, and attention of new queries over them
+//! (inference only, no backward).
+
+use crate::nn;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+/// Keys and values of the positions seen so far, per layer and batch row:
+/// `layers[l].0[row]` is `[len, kv_heads * head_dim]` row-major.
+#[derive(Default)]
+pub struct KvCache {
+    pub layers: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)>,
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Ready the cache of an `n`-layer model for `tn` new positions of `b`
+    /// rows; returns their position ids `[b * tn]` (continuing the cache).
+    pub fn begin(&mut self, n: usize, b: usize, tn: usize) -> Arc<Vec<u32>> {
+        self.ensure_layers(n, b);
+        let t_past = self.len as u32;
+        Arc::new((0..b).flat_map(|_| t_past..t_past + tn as u32).collect())
+    }
+
+    pub fn ensure_layers(&mut self, n: usize, b: usize) {
+        if self.layers.len() != n {
+            self.layers = (0..n)
+                .map(|_| (vec![Vec::new(); b], vec![Vec::new(); b]))
+                .collect();
+        }
+    }
+}
+
+/// Append the new keys/values to `cache` and attend the new queries to every
+/// cached position (causal). q [B, Tn, Hq*D], k/v [B, Tn, Hkv*D].
+#[allow(clippy::too_many_arguments)]
+pub fn cached_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cache: &mut (Vec<Vec<f32>>, Vec<Vec<f32>>),
+    b: usize,
+    tn: usize,
+    t_past: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+) -> Result<Tensor> {
+    let kvd = kv_heads * d;
+    // On a GPU the new token's q/k/v come over to the CPU cache (generation
+    // only: there is no GPU kernel for the cached path yet).
+    let host = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    };
+    let (kf, vf, qf) = (host(k)?, host(v)?, host(q)?);
+    let t_total = t_past + tn;
+    let mut kc = Vec::with_capacity(b * t_total * kvd);
+    let mut vc = Vec::with_capacity(b * t_total * kvd);
+    for r in 0..b {
+        cache.0[r].extend_from_slice(&kf[r * tn * kvd..(r + 1) * tn * kvd]);
+        cache.1[r].extend_from_slice(&vf[r * tn * kvd..(r + 1) * tn * kvd]);
+        if cache.0[r].len() != t_total * kvd {
+            return Err(Error::msg(
+                "KV cache length out of step with the positions".to_string(),
+            ));
+        }
+        kc.extend_from_slice(&cache.0[r]);
+        vc.extend_from_slice(&cache.1[r]);
+    }
+    let mut out = vec![0f32; b * tn * heads * d];
+    nn::attention_with_cache(&qf, &kc, &vc, b, tn, t_total, heads, kv_heads, d, &mut out);
+    let out = Tensor::from_vec(out, (b, tn, heads * d), &Device::Cpu)?;
+    Ok(out.to_device(q.device())?.to_dtype(q.dtype())?)
+}
