@@ -136,8 +136,9 @@ pub fn encode(
     })
 }
 
-/// Where the base model lives, resolved from `[model]`.
-pub fn resolve_model_dir(plan: &Plan) -> Result<PathBuf> {
+/// Where the base model lives, resolved from `[model]`; a hub download
+/// reports its progress to `on`.
+pub fn resolve_model_dir(plan: &Plan, on: &mut dyn FnMut(Event)) -> Result<PathBuf> {
     let m = &plan.config.model;
     if let Some(a) = &m.asset {
         return crate::hub::assets::resolve_asset_path(a);
@@ -164,6 +165,7 @@ pub fn resolve_model_dir(plan: &Plan) -> Result<PathBuf> {
         id,
         m.revision.as_deref(),
         &crate::hub::hf::default_hub_cache(&cache),
+        on,
     )
 }
 
@@ -357,7 +359,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     let t0 = Instant::now();
     let c = &plan.config;
     let run_dir = &opts.run_dir;
-    let model_dir = resolve_model_dir(plan)?;
+    let model_dir = resolve_model_dir(plan, on)?;
     let (mut bert_cfg, raw_cfg) = models::read_bert_config(&model_dir)?;
     if let Some(p) = c.model.hidden_dropout_prob {
         bert_cfg.hidden_dropout_prob = p;

@@ -32,8 +32,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Where the decoder comes from: an asset (a folder or a .gguf file), a
-/// local folder or file, or a hub download.
-pub fn resolve_model_path(plan: &Plan) -> Result<PathBuf> {
+/// local folder or file, or a hub download (its progress to `on`).
+pub fn resolve_model_path(plan: &Plan, on: &mut dyn FnMut(Event)) -> Result<PathBuf> {
     let m = &plan.config.model;
     if let Some(p) = &m.path {
         if !p.exists() {
@@ -44,7 +44,7 @@ pub fn resolve_model_path(plan: &Plan) -> Result<PathBuf> {
         }
         return Ok(p.clone());
     }
-    super::resolve_model_dir(plan)
+    super::resolve_model_dir(plan, on)
 }
 
 /// A data spec: a file, a folder (every `.jsonl` in it, sorted), or
@@ -485,7 +485,7 @@ pub fn train_sft(
     let t0 = Instant::now();
     let c = &plan.config;
     let d = &c.data;
-    let model_path = resolve_model_path(plan)?;
+    let model_path = resolve_model_path(plan, on)?;
     let selector = if c.adapter.is_some() {
         Selector::none()
     } else {
