@@ -185,7 +185,7 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Fetch { name } => {
             let cache = afinar::hub::assets::cache_dir()?;
-            let p = afinar::hub::assets::fetch(&name, &cache)?;
+            let p = afinar::hub::assets::fetch(&name, &cache, &mut print_event)?;
             println!("{}", p.display());
             Ok(0)
         }
@@ -273,6 +273,43 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// What the library reports outside a training run, on stderr: notes as
+/// they are, warnings as `warning: ...`, download progress redrawn in place.
+fn print_event(ev: Event) {
+    match ev {
+        Event::Info(s) => eprintln!("{s}"),
+        Event::Warning(s) => eprintln!("warning: {s}"),
+        Event::Progress {
+            what,
+            done,
+            total,
+            finished,
+        } => draw_progress(&what, done, total, finished),
+        Event::Start { .. } | Event::Step { .. } | Event::Eval { .. } => {}
+    }
+}
+
+/// One line per downloaded file on a terminal's stderr, redrawn with `\r`:
+/// `model.safetensors:  42% of 90.9 MB` (`model.safetensors: 12 MB` without
+/// a size), ended with the transfer. Nothing when stderr is not a terminal.
+fn draw_progress(what: &str, done: u64, total: Option<u64>, finished: bool) {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return;
+    }
+    let line = match total {
+        Some(t) if t > 0 => format!(
+            "{what}: {:>3}% of {:.1} MB",
+            done.saturating_mul(100) / t,
+            t as f64 / 1e6
+        ),
+        _ => format!("{what}: {} MB", done / 1_000_000),
+    };
+    eprint!("\r{line}");
+    if finished {
+        eprintln!();
+    }
+}
+
 fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>, resume: bool) -> Result<i32> {
     if resume {
         let run = out.as_deref().unwrap_or(Path::new("."));
@@ -347,6 +384,12 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>, resume: bool) 
     let mut on = |ev: Event| match ev {
         Event::Info(s) => bar.suspend(|| eprintln!("{s}")),
         Event::Warning(s) => bar.suspend(|| eprintln!("warning: {s}")),
+        Event::Progress {
+            what,
+            done,
+            total,
+            finished,
+        } => bar.suspend(|| draw_progress(&what, done, total, finished)),
         Event::Start { total_steps, step } => {
             if tty {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());

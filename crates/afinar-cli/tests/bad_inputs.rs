@@ -1523,6 +1523,59 @@ fn config_keys_that_conflict() {
     }
 }
 
+/// `data.validation` (or `data.test`) given as a file while `data.split` still
+/// keeps a share of `data.train` for that part: the split's rows would be read
+/// and dropped. Refused before any weight is loaded, naming both keys, the
+/// file and the split to write; the split written as told then trains.
+#[test]
+fn a_split_part_also_given_as_a_file() {
+    let c = Case::new();
+    let cfg = tiny_config_file(c.d());
+    let rows = fixture().join("train.jsonl");
+    let val = format!("data.validation={}", q(&rows));
+    let test = format!("data.test={}", q(&rows));
+    let file = rows.display().to_string();
+    for (set, needles) in [
+        (
+            &[val.as_str()][..],
+            &[
+                "tiny.toml",
+                "`data.split`: [0.6, 0.2, 0.2] keeps 0.2 of `data.train` for validation",
+                "`data.validation` = ",
+                &file,
+                "Write `split = [0.8, 0.0, 0.2]` (the validation ratio 0) or leave `data.validation` out",
+            ][..],
+        ),
+        (
+            &[test.as_str()],
+            &[
+                "`data.split`: [0.6, 0.2, 0.2] keeps 0.2 of `data.train` for test",
+                "`data.test` = ",
+                &file,
+                "Write `split = [0.8, 0.2, 0.0]` (the test ratio 0) or leave `data.test` out",
+            ],
+        ),
+        (
+            &[val.as_str(), test.as_str()],
+            &["for validation", "Write `split = [1.0, 0.0, 0.0]`"],
+        ),
+        (
+            &[test.as_str(), "data.split=[0.7, 0.0, 0.3]"],
+            &["[0.7, 0.0, 0.3] keeps 0.3 of `data.train` for test", "Write `split = [1.0, 0.0, 0.0]`"],
+        ),
+    ] {
+        c.train(&cfg, set).fails_with(needles);
+        c.no_run_folder();
+    }
+    // As the message says: the validation ratio 0 with the file.
+    c.train(
+        &cfg,
+        &[&val, "data.split=[0.8, 0.0, 0.2]", "train.max_steps=2"],
+    )
+    .ok();
+    assert!(c.run().join("results.json").is_file());
+}
+
 /// `model.hub` is the one way a run reaches the network: with the endpoint
 /// closed, the error says so; a revision that would leave the cache is
 /// refused before any request.

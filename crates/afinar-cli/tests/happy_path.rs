@@ -340,26 +340,50 @@ fn freeze_last_layers() {
     );
 }
 
-/// The fixture's texts with a numeric `score` (pos ~ 1, neg ~ 0).
-fn regression_data(dir: &Path) -> PathBuf {
+/// The fixture's texts with a numeric `score` (pos ~ 1, neg ~ 0, plus 0, 0.1
+/// or 0.2 by row): rows 0..36 to train, 36..48 to validate, 48..60 to test,
+/// as three files. Returns the three paths and the scores of each part.
+fn regression_data(dir: &Path) -> ([PathBuf; 3], [Vec<f64>; 3]) {
     let text = std::fs::read_to_string(fixture().join("train.jsonl")).unwrap();
-    let mut out = String::new();
+    let mut parts: [(String, Vec<f64>); 3] = Default::default();
     for (i, l) in text.lines().enumerate() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
         let base = if v["label"] == "pos" { 1.0 } else { 0.0 };
         let score = base + 0.1 * (i % 3) as f64;
-        out.push_str(&serde_json::json!({"text": v["text"], "score": score}).to_string());
-        out.push('\n');
+        let (rows, scores) = &mut parts[match i {
+            0..36 => 0,
+            36..48 => 1,
+            _ => 2,
+        }];
+        rows.push_str(&serde_json::json!({"text": v["text"], "score": score}).to_string());
+        rows.push('\n');
+        scores.push(score);
     }
-    write(dir, "scores.jsonl", &out)
+    let [(tr, s_tr), (va, s_va), (te, s_te)] = parts;
+    (
+        [
+            write(dir, "scores-train.jsonl", &tr),
+            write(dir, "scores-validation.jsonl", &va),
+            write(dir, "scores-test.jsonl", &te),
+        ],
+        [s_tr, s_va, s_te],
+    )
 }
 
+/// A regression head learns the scores: on the held-out test file its MSE is
+/// far below that of always predicting the training mean, and its predictions
+/// correlate with the scores.
 #[test]
 fn regression_task() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let data = regression_data(d);
-    let cfg = tiny_config(&fixture(), &data).replace("label = \"label\"", "label = \"score\"")
+    let ([train_f, val_f, test_f], [train_s, _, test_s]) = regression_data(d);
+    let cfg = tiny_config(&fixture(), &train_f)
+        .replace("label = \"label\"", "label = \"score\"")
+        .replace(
+            "split = [0.6, 0.2, 0.2]\n",
+            &format!("validation = {}\ntest = {}\n", q(&val_f), q(&test_f)),
+        )
         + "\n[task]\ntype = \"regression\"\n";
     let cfg = write(d, "reg.toml", &cfg);
     train(d, &cfg, "run", &[]).ok();
@@ -368,6 +392,20 @@ fn regression_task() {
     for k in ["mse", "pearson", "loss"] {
         assert!(results["test"][k].as_f64().is_some(), "{k}: {results}");
     }
+    // The baseline: the training mean (0.6) for every test row, MSE 0.257.
+    let mean = train_s.iter().sum::<f64>() / train_s.len() as f64;
+    let baseline = test_s.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / test_s.len() as f64;
+    assert!((baseline - 0.2567).abs() < 1e-3, "{baseline}");
+    // Measured (100 steps, 0.3 s): test MSE 0.032 and Pearson 0.945 with the
+    // default seed; 0.027..0.039 and 0.941..0.953 with seeds.init = 1, 2, 3, 7.
+    // After 3 steps (train.max_steps = 3) the test MSE is 0.336, Pearson -0.45.
+    let mse = results["test"]["mse"].as_f64().unwrap();
+    let pearson = results["test"]["pearson"].as_f64().unwrap();
+    assert!(
+        mse < 0.4 * baseline,
+        "test MSE {mse} is not well below {baseline}, the MSE of predicting the training mean: {results}"
+    );
+    assert!(pearson > 0.8, "test Pearson {pearson}: {results}");
     let c = read_json(&run.join("model/config.json"));
     assert_eq!(c["problem_type"], "regression");
     assert_eq!(

@@ -1,21 +1,18 @@
-//! Gated tests on the real assets (all-MiniLM-L6-v2 + sarcasm headlines):
-//! they run after `afinar fetch` (scripts/test.sh does it) and skip, saying
-//! so, when the assets are not in the cache.
+//! Gated tests on the real assets (all-MiniLM-L6-v2 + sarcasm headlines,
+//! SmolLM2): they run after `afinar fetch` (scripts/test.sh does it); when the
+//! assets are not in the cache they skip, saying so, or fail under CI
+//! (`common::real_asset`).
+
+mod common;
 
 use std::path::Path;
 use std::process::Command;
-
-fn assets_present() -> bool {
-    afinar::hub::assets::resolve_asset_path("all-minilm-l6-v2").is_ok()
-        && afinar::hub::assets::resolve_asset_path("sarcasm").is_ok()
-}
 
 /// 80 steps of full fine-tuning of the real MiniLM on sarcasm headlines learn
 /// far above chance, and the exported model predicts.
 #[test]
 fn real_minilm_learns_sarcasm_in_80_steps() {
-    if !assets_present() {
-        eprintln!("SKIPPED: real assets not fetched (run `afinar fetch`)");
+    if common::real_asset("all-minilm-l6-v2").is_none() || common::real_asset("sarcasm").is_none() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -59,8 +56,7 @@ fn real_minilm_learns_sarcasm_in_80_steps() {
 /// `--quantized` (projections kept Q4_1, dequantised per matmul) the text is the same.
 #[test]
 fn smollm2_gguf_greedy_says_paris() {
-    if afinar::hub::assets::resolve_asset_path("smollm2-135m-instruct").is_err() {
-        eprintln!("SKIPPED: smollm2-135m-instruct not fetched (run `afinar fetch`)");
+    if common::real_asset("smollm2-135m-instruct").is_none() {
         return;
     }
     for chat in [false, true] {

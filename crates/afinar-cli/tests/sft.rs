@@ -359,3 +359,42 @@ fn bad_decoder_inputs_fail_clearly() {
     );
     assert!(!run.join("model").exists());
 }
+
+/// `data.test` names the SFT test rows (the split's test ratio 0): they are
+/// read, encoded and scored, where the file was once ignored.
+#[test]
+fn sft_test_rows_from_a_file() {
+    let d = tempfile::tempdir().unwrap();
+    let rows = std::fs::read_to_string(fixtures().join("sft-tiny/train.jsonl")).unwrap();
+    let test = d.path().join("test.jsonl");
+    std::fs::write(
+        &test,
+        rows.lines().take(6).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .unwrap();
+    let cfg = config(d.path(), "llama-tiny", "max_steps = 2");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "split = [0.7, 0.15, 0.15]",
+        &format!(
+            "split = [0.85, 0.15, 0.0]\ntest = {:?}",
+            test.display().to_string()
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let run = d.path().join("run");
+    let o = afinar(&[
+        "train".as_ref(),
+        cfg.as_os_str(),
+        "--out".as_ref(),
+        run.as_os_str(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("data (test, {}): 6 rows: 6 kept", test.display())),
+        "{err}"
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
+    assert!(results["test"]["loss"].as_f64().is_some(), "{results}");
+}

@@ -11,6 +11,17 @@ pub enum Event {
     Info(String),
     /// Something the user should look at; the run goes on.
     Warning(String),
+    /// A transfer advanced: `done` of `total` bytes (`None`: size unknown)
+    /// of `what` (a file). Sent when the shown amount changes (a whole
+    /// percent, or a whole MB without a size), so a line can be redrawn in
+    /// place; the last one of each transfer has `finished: true`, also when
+    /// the transfer failed, so that line can be ended.
+    Progress {
+        what: String,
+        done: u64,
+        total: Option<u64>,
+        finished: bool,
+    },
     Start {
         total_steps: usize,
         /// Steps already done (a resumed run).

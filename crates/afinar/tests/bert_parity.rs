@@ -3,6 +3,8 @@
 //! `scripts/reference/golden_minilm.py` (real all-MiniLM-L6-v2 weights).
 //! Activations within 1e-4 relative, gradients within 1e-3 relative.
 
+mod common;
+
 use afinar::heads::{head_patterns, HeadConfig, Pooling, SequenceModel, Targets, TaskKind};
 use afinar::hub::checkpoint::Checkpoint;
 use afinar::models::load::{load_params, read_config};
@@ -314,8 +316,7 @@ fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
 /// Real all-MiniLM-L6-v2 weights (gated: needs `afinar fetch`).
 #[test]
 fn minilm_real_weights_match_transformers() {
-    let Some(dir) = afinar::hub::assets::resolve_asset_path("all-minilm-l6-v2").ok() else {
-        eprintln!("SKIPPED: all-minilm-l6-v2 not fetched (run `afinar fetch`)");
+    let Some(dir) = common::real_asset("all-minilm-l6-v2") else {
         return;
     };
     let g = Golden::open(fixtures().join("minilm/golden.safetensors"));

@@ -3,6 +3,8 @@
 //! logits (adapter on, off, merged); a fresh adapter leaves the base model's
 //! outputs unchanged; afinar's written adapter reads back identically.
 
+mod common;
+
 use afinar::adapters::{merged_state, peft, AdapterConfig, AdapterType, Targets};
 use afinar::heads::{HeadConfig, Pooling, SequenceModel, TaskKind};
 use afinar::hub::checkpoint::Checkpoint;
@@ -362,8 +364,7 @@ fn unmatched_targets_and_bad_files_are_errors() {
 /// needs `afinar fetch`).
 #[test]
 fn peft_lora_real_minilm() {
-    let Ok(dir) = afinar::hub::assets::resolve_asset_path("all-minilm-l6-v2") else {
-        eprintln!("SKIPPED: all-minilm-l6-v2 not fetched (run `afinar fetch`)");
+    let Some(dir) = common::real_asset("all-minilm-l6-v2") else {
         return;
     };
     let g = Checkpoint::open(fixtures().join("peft/lora-minilm/golden.safetensors")).unwrap();

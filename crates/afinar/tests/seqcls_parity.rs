@@ -8,6 +8,8 @@
 //! The real SmolLM2-135M-Instruct (GGUF) with a fixed `score` gives the
 //! logits transformers computes from the same file, within 1e-4.
 
+mod common;
+
 use afinar::heads::{HeadConfig, Pooling, SequenceModel, Targets, TaskKind};
 use afinar::hub::checkpoint::Checkpoint;
 use afinar::models::load::{load_params, read_config};
@@ -256,15 +258,8 @@ fn peft_llama_seqcls_lora_loads_with_pefts_logits() {
 #[test]
 fn smollm2_real_seqcls_logits_match_transformers() {
     use afinar::models::{load_model, LoadOpts};
-    let path = match afinar::hub::assets::resolve_asset_path("smollm2-135m-instruct") {
-        Ok(p) => p,
-        Err(e) if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) => {
-            panic!("smollm2-135m-instruct is missing under CI (run `afinar fetch`): {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: {e} (run `afinar fetch`)");
-            return;
-        }
+    let Some(path) = common::real_asset("smollm2-135m-instruct") else {
+        return;
     };
     let fx = fixtures().join("smollm2");
     let g = Checkpoint::open(fx.join("seqcls_reference.safetensors")).unwrap();

@@ -10,6 +10,22 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The fetched asset `name` (real weights or data, `afinar fetch`). When it
+/// is not in the cache: `None` after a note on stderr (the test skips),
+/// except under CI (`CI` set, non-empty), where the test fails naming the
+/// asset and how to fetch it. The one place this crate's tests decide that.
+pub fn real_asset(name: &str) -> Option<PathBuf> {
+    let e = match afinar::hub::assets::resolve_asset_path(name) {
+        Ok(p) => return Some(p),
+        Err(e) => e,
+    };
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{e}\n(CI is set: a missing real asset fails the test; `afinar fetch` fetches them all)");
+    }
+    eprintln!("skipped: {e}");
+    None
+}
+
 /// The tiny random BERT checkpoint (config, weights, tokenizer) and its data.
 pub fn fixture() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bert-tiny");

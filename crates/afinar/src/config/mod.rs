@@ -158,8 +158,9 @@ pub struct DataSection {
     pub heldout_tasks: Option<String>,
     /// SFT: rows of each held-out set scored by greedy generation (exact match).
     pub generate_eval_rows: Option<usize>,
-    /// train / validation / test ratios of a seeded split of `train`,
-    /// for the parts not given as files.
+    /// train / validation / test ratios of a seeded split of `train`, for
+    /// the parts not given as files: a part given as a file (`validation`,
+    /// `test`) has ratio 0 here (`[0.9, 0.0, 0.1]`), else the config is refused.
     pub split: Option<[f64; 3]>,
     #[serde(default = "d_seed")]
     pub split_seed: u64,
@@ -350,6 +351,17 @@ fn cfg_err(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
+/// A split ratio as a user writes it: `0.8`, not `0.8000000000000002`.
+fn format_ratio(x: f64) -> String {
+    let s = format!("{x:.6}");
+    let s = s.trim_end_matches('0');
+    if s.ends_with('.') {
+        format!("{s}0")
+    } else {
+        s.to_string()
+    }
+}
+
 /// Apply `key.path=value` overrides (`train.lr=3e-5`) to a parsed TOML table.
 /// The value is read as TOML (numbers, booleans, arrays), else as a string.
 pub fn apply_override(root: &mut toml::Table, assignment: &str, path: &Path) -> Result<()> {
@@ -509,6 +521,40 @@ impl Plan {
                 return err(
                     "data.split",
                     format!("{s:?}: ratios must be finite, >= 0 and sum to 1"),
+                );
+            }
+        }
+        // A part given as a file is not also cut from `train`: those rows
+        // would be read, then dropped (neither trained on nor evaluated).
+        if let Some(s) = c.data.split {
+            let files = [
+                (1, "validation", &c.data.validation),
+                (2, "test", &c.data.test),
+            ];
+            let mut fixed = s;
+            for (i, _, file) in &files {
+                if file.is_some() {
+                    fixed[0] += fixed[*i];
+                    fixed[*i] = 0.0;
+                }
+            }
+            if let Some((i, part, Some(file))) =
+                files.iter().find(|(i, _, f)| f.is_some() && s[*i] > 0.0)
+            {
+                let show = |r: &[f64; 3]| {
+                    let r: Vec<String> = r.iter().map(|x| format_ratio(*x)).collect();
+                    format!("[{}]", r.join(", "))
+                };
+                return err(
+                    "data.split",
+                    format!(
+                        "{} keeps {} of `data.train` for {part}, but `data.{part}` = \"{file}\" gives the {part} rows: \
+                         the split's {part} rows would be dropped. Write `split = {}` (the {part} ratio 0) \
+                         or leave `data.{part}` out",
+                        show(&s),
+                        format_ratio(s[*i]),
+                        show(&fixed)
+                    ),
                 );
             }
         }

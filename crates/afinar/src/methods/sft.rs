@@ -462,39 +462,62 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     if train_rows.is_empty() {
         return Err(Error::Data(format!("{}: no training rows", d.train)));
     }
+    // A validation or test file stands for that part of the split (whose
+    // ratio config validation keeps at 0).
+    let read_file = |spec: &str,
+                     what: &str,
+                     on: &mut dyn FnMut(Event)|
+     -> Result<(Vec<SftTokens>, Vec<SftExample>)> {
+        let rows = read_rows(
+            &crate::data::resolve_files(spec)?,
+            &format,
+            None,
+            d.split_seed,
+        )?;
+        let ex: Vec<SftExample> = rows.into_iter().flat_map(|(_, e)| e).collect();
+        let (t, stats) = enc.encode_rows(&crate::data::sft::SftRows {
+            path: PathBuf::from(spec),
+            rows: ex
+                .iter()
+                .enumerate()
+                .map(|(i, example)| crate::data::sft::SftRow {
+                    line: i + 1,
+                    example: example.clone(),
+                })
+                .collect(),
+        })?;
+        on(Event::Info(format!("data ({what}, {spec}): {stats}")));
+        Ok((t, ex))
+    };
     let val_tokens = match &d.validation {
-        Some(v) => {
-            let rows = read_rows(&crate::data::resolve_files(v)?, &format, None, d.split_seed)?;
-            let ex: Vec<SftExample> = rows.into_iter().flat_map(|(_, e)| e).collect();
-            let (t, _) = enc.encode_rows(&crate::data::sft::SftRows {
-                path: PathBuf::from(v),
-                rows: ex
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, example)| crate::data::sft::SftRow {
-                        line: i + 1,
-                        example,
-                    })
-                    .collect(),
-            })?;
-            t
-        }
+        Some(v) => read_file(v, "validation", on)?.0,
         None => encode(&sp.validation, "validation", on)?,
     };
     if val_tokens.is_empty() {
         return Err(Error::Data("the validation split is empty".into()));
     }
     let n_gen = d.generate_eval_rows.unwrap_or(50);
-    let test_idx: Vec<usize> = sp.test.clone();
-    let mut tests = vec![EvalSet {
-        name: "test".into(),
-        tokens: encode(&test_idx, "test", on)?,
-        scored: test_idx
-            .iter()
-            .filter_map(|&i| scored(&all[i]))
-            .take(n_gen)
-            .collect(),
-    }];
+    let test = match &d.test {
+        Some(t) => {
+            let (tokens, ex) = read_file(t, "test", on)?;
+            EvalSet {
+                name: "test".into(),
+                tokens,
+                scored: ex.iter().filter_map(scored).take(n_gen).collect(),
+            }
+        }
+        None => EvalSet {
+            name: "test".into(),
+            tokens: encode(&sp.test, "test", on)?,
+            scored: sp
+                .test
+                .iter()
+                .filter_map(|&i| scored(&all[i]))
+                .take(n_gen)
+                .collect(),
+        },
+    };
+    let mut tests = vec![test];
     if let Some(h) = &d.heldout_tasks {
         for (task, ex) in read_rows(
             &crate::data::resolve_files(h)?,

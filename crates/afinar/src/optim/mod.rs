@@ -10,13 +10,35 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 
-/// Which parameters get weight decay: not biases, not LayerNorm weights
-/// (the usual transformers rule).
+/// The modules afinar's models build as `nn::LayerNorm` (BERT's `LayerNorm`,
+/// GPT-2's `ln_1`, `ln_2`, `ln_f`): what transformers' Trainer finds by type
+/// (`isinstance(module, nn.LayerNorm)`); afinar has only the names. A model
+/// family that loads a LayerNorm under another name adds it here (a test
+/// reads `models/*.rs` and says so).
+const LAYER_NORM_MODULES: &[&str] = &["LayerNorm", "ln_1", "ln_2", "ln_f"];
+
+/// Which parameters get weight decay, as transformers' `Trainer` decides
+/// (`get_decay_parameter_names`, trainer.py at huggingface/transformers
+/// 000945a9): none for a parameter of a LayerNorm module (by type there, by
+/// [`LAYER_NORM_MODULES`] here), nor for a name that, lowercased, contains
+/// `bias`, `layernorm` or `rmsnorm`, has a segment `norm`, or a segment
+/// ending in `_norm` (the patterns `bias`, `layernorm`, `rmsnorm`,
+/// `(?:^|\.)norm(?:$|\.)`, `_norm(?:$|\.)`). So: no decay for any bias and any
+/// norm weight of every family (BERT `LayerNorm`, Llama's RMSNorms
+/// `input_layernorm`, `post_attention_layernorm`, `model.norm`, GPT-2's
+/// `ln_*`). Everything else decays, adapter weights included: with PEFT
+/// under the Trainer, `lora_A`/`lora_B`, `lora_magnitude_vector`, `ia3_l`
+/// and the prompt embeddings match no pattern and get the decay.
 pub fn decays(name: &str) -> bool {
-    !(name.ends_with(".bias")
-        || name.contains("LayerNorm.")
-        || name.contains("layer_norm")
-        || name.contains(".ln_"))
+    let lower = name.to_ascii_lowercase();
+    let by_pattern = ["bias", "layernorm", "rmsnorm"]
+        .iter()
+        .any(|p| lower.contains(p))
+        || lower
+            .split('.')
+            .any(|seg| seg == "norm" || seg.ends_with("_norm"));
+    let in_layer_norm = name.split('.').any(|seg| LAYER_NORM_MODULES.contains(&seg));
+    !(by_pattern || in_layer_norm)
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -415,8 +437,148 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
         }
-        assert!(!decays("bert.encoder.layer.0.output.LayerNorm.weight"));
-        assert!(!decays("classifier.bias"));
-        assert!(decays("classifier.weight"));
+    }
+
+    /// The parameter names of a tiny fixture checkpoint.
+    fn fixture_names(model: &str) -> Vec<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(model);
+        crate::hub::checkpoint::Checkpoint::open(&dir)
+            .unwrap()
+            .names()
+    }
+
+    /// Every name of `names` (and the same under PEFT's `base_model.model.`)
+    /// decays unless it is in `no_decay`; each of `no_decay` is one of them.
+    #[track_caller]
+    fn check_family(names: &[String], no_decay: &[&str]) {
+        for n in no_decay {
+            assert!(names.iter().any(|x| x == n), "{n} is not a parameter");
+        }
+        for n in names {
+            let want = !no_decay.contains(&n.as_str());
+            assert_eq!(decays(n), want, "{n}");
+            assert_eq!(decays(&format!("base_model.model.{n}")), want, "{n}");
+        }
+    }
+
+    /// The Trainer's split into decay / no decay, family by family, on the
+    /// fixtures' real names. The lists were worked out by hand from the
+    /// Trainer's rule: biases, nn.LayerNorm modules, names with `layernorm`.
+    #[test]
+    fn decay_follows_the_trainer_for_every_family() {
+        // BERT (classification names carry `bert.`; the head is `classifier`).
+        let mut bert = fixture_names("bert-tiny");
+        bert.extend(bert.clone().iter().map(|n| format!("bert.{n}")));
+        bert.extend(["classifier.weight".into(), "classifier.bias".into()]);
+        let no_decay: Vec<String> = bert
+            .iter()
+            .filter(|n| n.ends_with(".bias") || n.contains(".LayerNorm."))
+            .cloned()
+            .collect();
+        // Embeddings LayerNorm 2; per layer two LayerNorms (4) and six biases;
+        // the pooler's bias: 23, twice (with `bert.`), and the classifier's bias.
+        assert_eq!(no_decay.len(), 2 * (2 + 2 * (4 + 6) + 1) + 1);
+        check_family(
+            &bert,
+            &no_decay.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        );
+
+        // Llama: the RMSNorms are not nn.LayerNorm; their names match
+        // `layernorm` and `(^|.)norm(.|$)`. No bias anywhere.
+        check_family(
+            &fixture_names("llama-tiny"),
+            &[
+                "model.layers.0.input_layernorm.weight",
+                "model.layers.0.post_attention_layernorm.weight",
+                "model.layers.1.input_layernorm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+                "model.norm.weight",
+            ],
+        );
+
+        // GPT-2: ln_1, ln_2, ln_f are nn.LayerNorm (caught by type in the
+        // Trainer, no pattern matches them), plus every Conv1D bias.
+        let mut no_decay = vec!["transformer.ln_f.weight", "transformer.ln_f.bias"];
+        let per_layer = [
+            "ln_1.weight",
+            "ln_1.bias",
+            "ln_2.weight",
+            "ln_2.bias",
+            "attn.c_attn.bias",
+            "attn.c_proj.bias",
+            "mlp.c_fc.bias",
+            "mlp.c_proj.bias",
+        ];
+        let owned: Vec<String> = (0..2)
+            .flat_map(|l| {
+                per_layer
+                    .iter()
+                    .map(move |p| format!("transformer.h.{l}.{p}"))
+            })
+            .collect();
+        no_decay.extend(owned.iter().map(|s| s.as_str()));
+        check_family(&fixture_names("gpt2-tiny"), &no_decay);
+        assert!(decays("transformer.wte.weight") && decays("transformer.h.1.attn.c_attn.weight"));
+
+        // Adapters: with PEFT under the Trainer they match no pattern, so
+        // they decay; a saved head's bias does not.
+        for n in [
+            "model.layers.0.self_attn.q_proj.lora_A.weight",
+            "model.layers.0.self_attn.q_proj.lora_B.weight",
+            "model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+            "transformer.h.0.attn.c_attn.lora_A.weight",
+            "bert.encoder.layer.0.attention.self.query.lora_B.weight",
+            "model.layers.1.mlp.down_proj.ia3_l",
+            "bert.encoder.layer.1.output.dense.ia3_l",
+            "prompt_embeddings",
+        ] {
+            assert!(decays(n), "{n}");
+            assert!(decays(&format!("base_model.model.{n}")), "{n}");
+        }
+        assert!(!decays("classifier.modules_to_save.default.bias"));
+        // Other norm names of the Trainer's patterns.
+        for n in [
+            "model.layers.0.self_attn.q_norm.weight",
+            "encoder.final_layer_norm.weight",
+            "norm.weight",
+            "h.0.RMSNorm.weight",
+        ] {
+            assert!(!decays(n), "{n}");
+        }
+        // A segment that merely contains `norm` is not a norm.
+        assert!(decays("model.normalizer_proj.weight"));
+    }
+
+    /// Every module a model in `src/models/` loads with `LayerNorm::load` is in
+    /// `LAYER_NORM_MODULES` (the Trainer's by-type rule).
+    #[test]
+    fn every_layer_norm_module_is_listed() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/models");
+        let mut found = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let src = std::fs::read_to_string(&path).unwrap();
+            for (i, _) in src.match_indices("LayerNorm::load(") {
+                let call = &src[i..];
+                let call = &call[..call.find(")?").expect("a call")];
+                let name = call
+                    .rsplit("pp(\"")
+                    .next()
+                    .and_then(|r| r.split('"').next())
+                    .expect("a pp(\"NAME\")");
+                assert!(
+                    LAYER_NORM_MODULES.contains(&name),
+                    "{}: LayerNorm `{name}` is not in optim::LAYER_NORM_MODULES: {call}",
+                    path.display()
+                );
+                found += 1;
+            }
+        }
+        assert!(found >= 6, "{found}");
     }
 }

@@ -719,13 +719,7 @@ fn gguf_tokenizer_from_metadata() {
 // ---------------------------------------------------------------- the real SmolLM2
 
 fn smollm2() -> Option<Gguf> {
-    match crate::hub::assets::resolve_asset_path("smollm2-135m-instruct") {
-        Ok(p) => Some(Gguf::open(p).unwrap()),
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-    }
+    crate::hub::assets::testing::real_asset("smollm2-135m-instruct").map(|p| Gguf::open(p).unwrap())
 }
 
 fn fixture() -> serde_json::Value {
@@ -993,12 +987,8 @@ fn gguf_quantized_load_matches_f32_with_lora() {
 fn gguf_real_smollm2_quantized_generates_as_f32() {
     use crate::generate::{generate, GenerateConfig};
     use crate::models::{load_model, LoadOpts};
-    let path = match crate::hub::assets::resolve_asset_path("smollm2-135m-instruct") {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            return;
-        }
+    let Some(path) = crate::hub::assets::testing::real_asset("smollm2-135m-instruct") else {
+        return;
     };
     let mut out = Vec::new();
     for quantized in [false, true] {
