@@ -82,7 +82,7 @@ pub fn load(spec: &str, quantized: bool) -> Result<Lm> {
         };
         let a = load_lm_adapter(&ad, None, opts)?;
         let model = CausalLm::build(&a.model.store, &a.model.cfg)?;
-        eprintln!("adapter: {:?} from {}", a.adapter.kind, ad.display());
+        eprintln!("adapter: {:?} from {}", a.adapter.kind(), ad.display());
         return Ok(Lm {
             src: a.model,
             model,

@@ -9,7 +9,7 @@
 //! frozen base in bf16, the LoRA weights f32 master copies cast to bf16 in
 //! the products, the loss in f32 (what PyTorch autocast + PEFT does).
 
-use afinar::adapters::{linear_modules, AdapterConfig, Targets};
+use afinar::adapters::{linear_modules, AdapterConfig};
 use afinar::heads::CausalLm;
 use afinar::models::{load_model, Inputs, LoadOpts};
 use afinar::nn::DropoutRng;
@@ -44,12 +44,7 @@ fn main() -> afinar::Result<()> {
     afinar::keep_freed_memory();
     afinar::init_threads(Some(threads));
     let mut src = load_model(&model_path, Selector::none(), LoadOpts::default())?;
-    let lora = AdapterConfig {
-        r: 8,
-        lora_alpha: 16.0,
-        target_modules: Targets::List(vec!["q_proj".into(), "v_proj".into()]),
-        ..AdapterConfig::default()
-    };
+    let lora = AdapterConfig::lora(&["q_proj", "v_proj"], 8, 16.0);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let linears = linear_modules(&src.store);
     lora.apply(&mut src.store, &linears, &["lm_head"], &mut rng)?;

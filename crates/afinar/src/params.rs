@@ -10,7 +10,7 @@
 //! [`QTensor`]s: always frozen, counted, and read by `nn::qlinear`.
 
 use crate::hub::gguf::QTensor;
-use crate::nn::{GradBuf, Weight};
+use crate::nn::{Base, GradBuf, LayerNorm, Linear, LinearAdapter, RmsNorm, Weight};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use globset::{Glob, GlobMatcher};
@@ -229,8 +229,9 @@ pub struct ParamStore {
     selector: Selector,
     /// Where the tensors came from, for error messages.
     pub source: String,
-    /// Linear modules wrapped by an adapter, by module path.
-    pub adapters: BTreeMap<String, crate::adapters::AdapterMeta>,
+    /// Linear modules wrapped by an adapter, by module path (`adapters/`
+    /// attaches them; [`Path::linear`] builds them into the layer).
+    pub adapters: BTreeMap<String, Arc<dyn AdapterSpec>>,
     /// The adapters' on/off switch (off: the base model, e.g. a DPO reference).
     pub adapters_enabled: Arc<std::sync::atomic::AtomicBool>,
     /// Set while the adapters are merged into the base weights.
@@ -537,13 +538,26 @@ impl ParamStore {
     }
 }
 
-/// A quantised matrix as an f32 `[rows, cols]` tensor.
-pub fn dequantize(q: &QTensor) -> Result<Tensor> {
-    Ok(Tensor::from_vec(
-        q.to_f32_vec(),
-        (q.rows(), q.cols()),
-        &Device::Cpu,
-    )?)
+pub use crate::nn::qlinear::dequantize;
+
+/// How an adapter wraps one linear module. The store keeps one per wrapped
+/// module path (`adapters::attach` puts them there); [`Path::linear`]
+/// builds the layer's [`LinearAdapter`] from the module's parameters.
+pub trait AdapterSpec: Send + Sync + std::fmt::Debug {
+    /// The method, for messages ("LoRA", "DoRA", "IA3").
+    fn method(&self) -> &'static str;
+    /// The parameters it adds under the module's path (PEFT's names, e.g.
+    /// `lora_A.weight`): what an adapter file must hold for the module.
+    fn tensor_names(&self) -> Vec<&'static str>;
+    /// The layer's adapter, from the module's parameters (`p` points at
+    /// the module; `base` is its weight `[out, in]`).
+    fn build(
+        &self,
+        p: &Path,
+        in_f: usize,
+        out_f: usize,
+        base: &Base,
+    ) -> Result<Arc<dyn LinearAdapter>>;
 }
 
 /// A path prefix into a [`ParamStore`], as candle's `VarBuilder::pp`.
@@ -575,6 +589,59 @@ impl<'a> Path<'a> {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
+    /// The linear layer at this path: `weight` `[out, in]` (f32, or as
+    /// stored quantised), `bias` `[out]` if `bias`, and the adapter the
+    /// store keeps for this module, if any.
+    pub fn linear(&self, in_f: usize, out_f: usize, bias: bool) -> Result<Linear> {
+        let weight = match self.get_quantized("weight") {
+            Some(q) if q.shape() != [out_f, in_f] => {
+                return Err(Error::Tensor {
+                    name: self.name("weight"),
+                    msg: format!(
+                        "expected shape [{out_f}, {in_f}], found {:?} ({} quantised) in {}",
+                        q.shape(),
+                        q.ty(),
+                        self.store.source
+                    ),
+                })
+            }
+            Some(q) => Base::Quantized(q),
+            None => Base::F32(self.get(&[out_f, in_f], "weight")?),
+        };
+        let adapter = match self.store.adapters.get(self.prefix()) {
+            Some(spec) => Some(spec.build(self, in_f, out_f, &weight)?),
+            None => None,
+        };
+        Ok(Linear {
+            weight,
+            bias: if bias {
+                Some(self.get(&[out_f], "bias")?)
+            } else {
+                None
+            },
+            adapter,
+            adapters_enabled: self.store.adapters_enabled.clone(),
+            adapters_merged: self.store.adapters_merged.clone(),
+        })
+    }
+
+    /// The LayerNorm at this path: `weight` and `bias` `[d]`.
+    pub fn layer_norm(&self, d: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.get(&[d], "weight")?,
+            bias: self.get(&[d], "bias")?,
+            eps,
+        })
+    }
+
+    /// The RMSNorm at this path: `weight` `[d]`.
+    pub fn rms_norm(&self, d: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self.get(&[d], "weight")?,
+            eps,
+        })
+    }
+
     pub fn name(&self, leaf: &str) -> String {
         if self.prefix.is_empty() {
             leaf.to_string()
@@ -592,7 +659,11 @@ impl<'a> Path<'a> {
 }
 
 /// N(0, std) initialisation from a seeded RNG (transformers' `initializer_range`).
-pub fn normal_init(shape: &[usize], std: f64, rng: &mut impl rand::Rng) -> Result<Tensor> {
+pub fn normal_init(
+    shape: &[usize],
+    std: f64,
+    rng: &mut (impl rand::Rng + ?Sized),
+) -> Result<Tensor> {
     use rand_distr::{Distribution, Normal};
     let n: usize = shape.iter().product();
     let dist = Normal::new(0.0f64, std).map_err(|e| Error::msg(e.to_string()))?;

@@ -4,7 +4,7 @@
 //! recomputation replays the same dropout masks). Full fine-tuning and LoRA,
 //! on the tiny BERT, Llama and GPT-2 fixtures.
 
-use afinar::adapters::{linear_modules, AdapterConfig, Targets};
+use afinar::adapters::{linear_modules, AdapterConfig};
 use afinar::heads::{CausalLm, HeadConfig, Pooling, SequenceModel, TaskKind};
 use afinar::models::load::{load_params, read_config};
 use afinar::models::Inputs;
@@ -39,13 +39,10 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn lora(store: &mut ParamStore, targets: &[&str], keep: &[&str]) {
-    let cfg = AdapterConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.1,
-        target_modules: Targets::List(targets.iter().map(|s| s.to_string()).collect()),
-        ..AdapterConfig::default()
-    };
+    let mut cfg = AdapterConfig::lora(targets, 4, 8.0);
+    if let AdapterConfig::Lora(l) = &mut cfg {
+        l.lora_dropout = 0.1;
+    }
     let linears = linear_modules(store);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     cfg.apply(store, &linears, keep, &mut rng).unwrap();

@@ -422,24 +422,17 @@ fn decoder_fixtures_on_cuda_bf16() {
 /// LoRA SFT steps on llama-tiny: the loss curve on the GPU (f32) is the CPU's.
 #[test]
 fn lora_training_curve_matches_the_cpu() {
-    use afinar::adapters::{linear_modules, AdapterConfig, Targets};
+    use afinar::adapters::{linear_modules, AdapterConfig};
     use rand::SeedableRng;
     let dir = fixtures().join("llama-tiny");
     let (cfg, _) = read_decoder_config(&dir).unwrap();
     let mut curves = vec![];
     for dev in [Device::Cpu, gpu()] {
         let mut store = load_decoder_params(&dir, &cfg, Selector::none()).unwrap();
-        let lora = AdapterConfig {
-            r: 4,
-            lora_alpha: 8.0,
-            lora_dropout: 0.1,
-            target_modules: Targets::List(vec![
-                "q_proj".into(),
-                "v_proj".into(),
-                "down_proj".into(),
-            ]),
-            ..AdapterConfig::default()
-        };
+        let mut lora = AdapterConfig::lora(&["q_proj", "v_proj", "down_proj"], 4, 8.0);
+        if let AdapterConfig::Lora(l) = &mut lora {
+            l.lora_dropout = 0.1;
+        }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let linears = linear_modules(&store);
         lora.apply(&mut store, &linears, &["lm_head"], &mut rng)

@@ -256,7 +256,7 @@ fn llama_gguf_export_reloads_with_the_same_logits() {
 /// script's `--check` (PEFT loading afinar's adapter).
 #[test]
 fn prompt_tuning_matches_peft_both_ways() {
-    use afinar::adapters::{peft, prompt_tuning, AdapterConfig, AdapterType};
+    use afinar::adapters::{peft, prompt_tuning, AdapterConfig, AdapterType, PromptTuningConfig};
     use afinar::models::load::load_lm_adapter;
     use afinar::nn::Weight;
     let base = fixtures().join("llama-tiny");
@@ -275,7 +275,7 @@ fn prompt_tuning_matches_peft_both_ways() {
     // PEFT -> afinar.
     let dir = fixtures().join("peft/prompt-tiny");
     let a = load_lm_adapter(&dir, Some(&base), LoadOpts::default()).unwrap();
-    assert_eq!(a.adapter.kind, AdapterType::PromptTuning);
+    assert_eq!(a.adapter.kind(), AdapterType::PromptTuning);
     let model = CausalLm::build(&a.model.store, &a.model.cfg).unwrap();
     let prompt = Weight::frozen(a.prompt.clone().unwrap());
     let logits = model
@@ -304,14 +304,14 @@ fn prompt_tuning_matches_peft_both_ways() {
             Tensor::from_vec(v, (5, 64), &candle_core::Device::Cpu).unwrap(),
         )
         .unwrap();
-    let cfg = AdapterConfig {
-        kind: AdapterType::PromptTuning,
+    let cfg = AdapterConfig::PromptTuning(PromptTuningConfig {
         num_virtual_tokens: 5,
+        prompt_tuning_init: Default::default(),
+        prompt_tuning_init_text: None,
         token_dim: Some(64),
         num_layers: Some(2),
         num_attention_heads: Some(4),
-        ..AdapterConfig::default()
-    };
+    });
     peft::save(
         &out.join("adapter"),
         &src.store,

@@ -5,7 +5,7 @@
 
 mod common;
 
-use afinar::adapters::{merged_state, peft, AdapterConfig, AdapterType, Targets};
+use afinar::adapters::{merged_state, peft, AdapterConfig, Ia3Config, Targeting, Targets};
 use afinar::heads::{HeadConfig, Pooling, SequenceModel, TaskKind};
 use afinar::hub::checkpoint::Checkpoint;
 use afinar::models::load::{load_params, read_config};
@@ -237,38 +237,33 @@ fn fresh_adapters_leave_the_base_outputs_unchanged() {
     let x = inputs(&g);
     let (_, base) = build(&fixtures().join("bert-tiny"), tiny_classifier(), None);
     let want = base.forward(&x, None).unwrap();
-    let lora = |dora: bool| AdapterConfig {
-        kind: AdapterType::Lora,
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        target_modules: Targets::One("all-linear".into()),
-        exclude_modules: vec![],
-        layers_to_transform: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-        use_rslora: false,
-        use_dora: dora,
-        init_lora_weights: "kaiming".into(),
-        modules_to_save: vec![],
-        feedforward_modules: vec![],
-        allow_unmatched: false,
-        ..AdapterConfig::default()
+    let lora = |dora: bool| {
+        let mut c = AdapterConfig::lora(&[], 4, 8.0);
+        if let AdapterConfig::Lora(l) = &mut c {
+            l.targeting.target_modules = Targets::One("all-linear".into());
+            l.use_dora = dora;
+        }
+        c
     };
-    let ia3 = AdapterConfig {
-        kind: AdapterType::Ia3,
-        target_modules: Targets::List(vec!["key".into(), "value".into(), "output.dense".into()]),
+    let ia3 = AdapterConfig::Ia3(Ia3Config {
+        targeting: Targeting {
+            target_modules: Targets::List(vec![
+                "key".into(),
+                "value".into(),
+                "output.dense".into(),
+            ]),
+            ..Default::default()
+        },
         feedforward_modules: vec!["output.dense".into()],
-        ..lora(false)
-    };
+    });
     for ad in [lora(false), lora(true), ia3] {
         let (store, m) = build(&fixtures().join("bert-tiny"), tiny_classifier(), Some(&ad));
         let d = max_diff(&m.forward(&x, None).unwrap(), &want);
         assert!(
             d < 1e-6,
             "{:?} dora={}: step-0 output differs by {d}",
-            ad.kind,
-            ad.use_dora
+            ad.kind(),
+            ad.uses_dora()
         );
         let (t, all) = store.counts();
         assert!(t < all / 4, "{t} of {all} trainable");
@@ -284,24 +279,7 @@ fn fresh_adapters_leave_the_base_outputs_unchanged() {
 
 #[test]
 fn unmatched_targets_and_bad_files_are_errors() {
-    let ad = AdapterConfig {
-        kind: AdapterType::Lora,
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        target_modules: Targets::List(vec!["query".into(), "q_proj".into()]),
-        exclude_modules: vec![],
-        layers_to_transform: None,
-        rank_pattern: Default::default(),
-        alpha_pattern: Default::default(),
-        use_rslora: false,
-        use_dora: false,
-        init_lora_weights: "kaiming".into(),
-        modules_to_save: vec![],
-        feedforward_modules: vec![],
-        allow_unmatched: false,
-        ..AdapterConfig::default()
-    };
+    let ad = AdapterConfig::lora(&["query", "q_proj"], 4, 8.0);
     let dir = fixtures().join("bert-tiny");
     let (cfg, _) = read_config(&dir).unwrap();
     let mut store = base_store(&dir, tiny_classifier());
@@ -320,14 +298,10 @@ fn unmatched_targets_and_bad_files_are_errors() {
         "{e}"
     );
     // r = 0, alpha <= 0
-    for bad in [
-        AdapterConfig { r: 0, ..ad.clone() },
-        AdapterConfig {
-            lora_alpha: 0.0,
-            ..ad.clone()
-        },
-    ] {
-        assert!(bad.validate().is_err());
+    for (r, alpha) in [(0, 8.0), (4, 0.0)] {
+        assert!(AdapterConfig::lora(&["query"], r, alpha)
+            .validate()
+            .is_err());
     }
     // An adapter folder without weights / config, and an adapter of another rank.
     let tmp = tempfile::tempdir().unwrap();

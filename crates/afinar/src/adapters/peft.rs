@@ -3,9 +3,14 @@
 //! (`{"format": "pt"}` metadata; keys `base_model.model.<module path>.lora_A.weight`
 //! `[r, in]`, `.lora_B.weight` `[out, r]`, `.lora_magnitude_vector` `[out]`,
 //! `.ia3_l` `[out, 1]` or `[1, in]` for feed-forward modules, and the
-//! `modules_to_save` under their own path, e.g. `base_model.model.classifier.weight`).
+//! `modules_to_save` under their own path, e.g. `base_model.model.classifier.weight`;
+//! a soft prompt is `prompt_embeddings`). Every PEFT file name, key prefix
+//! and parameter name is here, and only here.
 
-use super::{AdapterConfig, AdapterType, Targets};
+use super::config::{
+    AdapterConfig, AdapterType, Ia3Config, InitLoraWeights, LoraConfig, Patterns,
+    PromptTuningConfig, PromptTuningInit, Targeting, Targets,
+};
 use crate::hub::checkpoint::Checkpoint;
 use crate::params::ParamStore;
 use crate::{fsutil, Error, Result};
@@ -20,7 +25,26 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const HEAD_META: &str = "afinar_head.json";
 /// afinar's note beside a causal-LM adapter: where its base is.
 pub const LM_META: &str = "afinar_lm.json";
-const PREFIX: &str = "base_model.model.";
+/// The prefix of every module's key in `adapter_model.safetensors`.
+pub const PREFIX: &str = "base_model.model.";
+/// LoRA's down projection `[r, in]`, under the module's path.
+pub const LORA_A: &str = "lora_A.weight";
+/// LoRA's up projection `[out, r]`.
+pub const LORA_B: &str = "lora_B.weight";
+/// DoRA's magnitude `[out]`.
+pub const LORA_MAGNITUDE: &str = "lora_magnitude_vector";
+/// IA3's scaling vector.
+pub const IA3_L: &str = "ia3_l";
+/// Prompt tuning's soft prompt (a key of its own, without [`PREFIX`]).
+pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+
+/// Whether `name` is an adapter's own parameter (not a base weight).
+pub fn is_adapter_tensor(name: &str) -> bool {
+    name == PROMPT_EMBEDDINGS
+        || [LORA_A, LORA_B, LORA_MAGNITUDE, IA3_L]
+            .iter()
+            .any(|s| name.ends_with(&format!(".{s}")))
+}
 
 /// Read `adapter_config.json` into afinar's adapter config (+ the raw JSON).
 pub fn read_config(dir: &Path) -> Result<(AdapterConfig, Value)> {
@@ -111,53 +135,54 @@ pub fn config_from_json(file: &Path, text: &str) -> Result<(AdapterConfig, Value
         ),
         other => return Err(err(format!("layers_to_transform {other}"))),
     };
-    // The patterns in the order of the file (serde_json's Value sorts keys).
-    #[derive(serde::Deserialize, Default)]
-    struct Ordered {
-        #[serde(default)]
-        rank_pattern: Option<super::Patterns<usize>>,
-        #[serde(default)]
-        alpha_pattern: Option<super::Patterns<f64>>,
-    }
-    let ordered: Ordered = serde_json::from_str(text)
-        .map_err(|e| err(format!("rank_pattern / alpha_pattern: {e}")))?;
     let mut modules_to_save = strings("modules_to_save");
     modules_to_save.dedup();
-    let cfg = AdapterConfig {
-        kind,
-        r: raw["r"].as_u64().unwrap_or(8) as usize,
-        lora_alpha: raw["lora_alpha"].as_f64().unwrap_or(8.0),
-        lora_dropout: raw["lora_dropout"].as_f64().unwrap_or(0.0) as f32,
+    let targeting = Targeting {
         target_modules,
         exclude_modules: strings("exclude_modules"),
         layers_to_transform,
-        rank_pattern: ordered.rank_pattern.unwrap_or_default(),
-        alpha_pattern: ordered.alpha_pattern.unwrap_or_default(),
-        use_rslora: raw["use_rslora"].as_bool().unwrap_or(false),
-        use_dora: raw["use_dora"].as_bool().unwrap_or(false),
-        init_lora_weights: if raw["init_lora_weights"] == "gaussian" {
-            "gaussian".into()
-        } else {
-            "kaiming".into()
-        },
         modules_to_save,
-        feedforward_modules: strings("feedforward_modules"),
         // A PEFT file names what PEFT matched; entries for other models
         // (PEFT adds `score` for SEQ_CLS) are not an error here.
         allow_unmatched: true,
         fan_in_fan_out: raw["fan_in_fan_out"].as_bool().unwrap_or(false),
         source: Some(file.to_path_buf()),
-        ..prompt_defaults()
+    };
+    let cfg = match kind {
+        AdapterType::Lora => {
+            // The patterns in the order of the file (serde_json's Value sorts keys).
+            #[derive(serde::Deserialize, Default)]
+            struct Ordered {
+                #[serde(default)]
+                rank_pattern: Option<Patterns<usize>>,
+                #[serde(default)]
+                alpha_pattern: Option<Patterns<f64>>,
+            }
+            let ordered: Ordered = serde_json::from_str(text)
+                .map_err(|e| err(format!("rank_pattern / alpha_pattern: {e}")))?;
+            AdapterConfig::Lora(LoraConfig {
+                targeting,
+                r: raw["r"].as_u64().unwrap_or(8) as usize,
+                lora_alpha: raw["lora_alpha"].as_f64().unwrap_or(8.0),
+                lora_dropout: raw["lora_dropout"].as_f64().unwrap_or(0.0) as f32,
+                rank_pattern: ordered.rank_pattern.unwrap_or_default(),
+                alpha_pattern: ordered.alpha_pattern.unwrap_or_default(),
+                use_rslora: raw["use_rslora"].as_bool().unwrap_or(false),
+                use_dora: raw["use_dora"].as_bool().unwrap_or(false),
+                init_lora_weights: if raw["init_lora_weights"] == "gaussian" {
+                    InitLoraWeights::Gaussian
+                } else {
+                    InitLoraWeights::Kaiming
+                },
+            })
+        }
+        _ => AdapterConfig::Ia3(Ia3Config {
+            targeting,
+            feedforward_modules: strings("feedforward_modules"),
+        }),
     };
     cfg.validate().map_err(|e| err(e.to_string()))?;
     Ok((cfg, raw))
-}
-
-fn prompt_defaults() -> AdapterConfig {
-    AdapterConfig {
-        kind: AdapterType::PromptTuning,
-        ..AdapterConfig::default()
-    }
 }
 
 /// PEFT's PromptTuningConfig: the soft prompt is one tensor,
@@ -176,18 +201,25 @@ fn read_prompt_tuning(raw: &Value, file: &Path) -> Result<AdapterConfig> {
             )))
         }
     }
-    let cfg = AdapterConfig {
+    let init = raw["prompt_tuning_init"].as_str().unwrap_or("RANDOM");
+    let prompt_tuning_init = match init.to_ascii_uppercase().as_str() {
+        "RANDOM" => PromptTuningInit::Random,
+        "SAMPLE_VOCAB" => PromptTuningInit::SampleVocab,
+        "TEXT" => PromptTuningInit::Text,
+        other => {
+            return Err(err(format!(
+                "prompt_tuning_init {other:?} is not supported (RANDOM, SAMPLE_VOCAB, TEXT)"
+            )))
+        }
+    };
+    let cfg = AdapterConfig::PromptTuning(PromptTuningConfig {
         num_virtual_tokens: n,
-        prompt_tuning_init: raw["prompt_tuning_init"]
-            .as_str()
-            .unwrap_or("RANDOM")
-            .to_ascii_lowercase(),
+        prompt_tuning_init,
         prompt_tuning_init_text: raw["prompt_tuning_init_text"].as_str().map(String::from),
         token_dim: raw["token_dim"].as_u64().map(|v| v as usize),
         num_layers: raw["num_layers"].as_u64().map(|v| v as usize),
         num_attention_heads: raw["num_attention_heads"].as_u64().map(|v| v as usize),
-        ..prompt_defaults()
-    };
+    });
     cfg.validate().map_err(|e| err(e.to_string()))?;
     Ok(cfg)
 }
@@ -229,15 +261,8 @@ pub fn load_weights(store: &mut ParamStore, dir: &Path) -> Result<usize> {
     // Every wrapped module needs its adapter tensors: PEFT only warns and
     // keeps the init (B = 0, a silent no-op adapter).
     let mut absent = Vec::new();
-    for (path, meta) in &store.adapters {
-        let wanted: &[&str] = match meta {
-            super::AdapterMeta::Lora { dora: true, .. } => {
-                &["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"]
-            }
-            super::AdapterMeta::Lora { .. } => &["lora_A.weight", "lora_B.weight"],
-            super::AdapterMeta::Ia3 { .. } => &["ia3_l"],
-        };
-        for w in wanted {
+    for (path, spec) in &store.adapters {
+        for w in spec.tensor_names() {
             let name = format!("{path}.{w}");
             if !values.contains_key(&name) {
                 absent.push(format!("{PREFIX}{name}"));
@@ -269,101 +294,88 @@ pub fn save(
     task_type: &str,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let targets = match &cfg.target_modules {
-        Targets::One(s) => json!(s),
-        Targets::List(v) => json!(v),
-    };
     let mut c = BTreeMap::new();
     c.insert("base_model_name_or_path", json!(base_model));
     c.insert("task_type", json!(task_type));
-    c.insert("target_modules", targets);
-    c.insert(
-        "modules_to_save",
-        if cfg.modules_to_save.is_empty() {
-            Value::Null
-        } else {
-            json!(cfg.modules_to_save)
-        },
-    );
     c.insert("inference_mode", json!(true));
     c.insert("revision", Value::Null);
-    c.insert(
-        "exclude_modules",
-        if cfg.exclude_modules.is_empty() {
-            Value::Null
-        } else {
-            json!(cfg.exclude_modules)
-        },
-    );
-    c.insert("layers_to_transform", json!(cfg.layers_to_transform));
-    c.insert("layers_pattern", Value::Null);
-    match cfg.kind {
-        AdapterType::Lora => {
+    let targeting = |c: &mut BTreeMap<&str, Value>, t: &Targeting| {
+        let or_null = |v: &Vec<String>| {
+            if v.is_empty() {
+                Value::Null
+            } else {
+                json!(v)
+            }
+        };
+        c.insert(
+            "target_modules",
+            match &t.target_modules {
+                Targets::One(s) => json!(s),
+                Targets::List(v) => json!(v),
+            },
+        );
+        c.insert("modules_to_save", or_null(&t.modules_to_save));
+        c.insert("exclude_modules", or_null(&t.exclude_modules));
+        c.insert("layers_to_transform", json!(t.layers_to_transform));
+        c.insert("layers_pattern", Value::Null);
+        c.insert("fan_in_fan_out", json!(t.fan_in_fan_out));
+    };
+    match cfg {
+        AdapterConfig::Lora(l) => {
+            targeting(&mut c, &l.targeting);
             c.insert("peft_type", json!("LORA"));
-            c.insert("r", json!(cfg.r));
-            c.insert("lora_alpha", json!(cfg.lora_alpha));
+            c.insert("r", json!(l.r));
+            c.insert("lora_alpha", json!(l.lora_alpha));
             // The shortest decimal of the f32 (0.05, not 0.05000000074505806).
             c.insert(
                 "lora_dropout",
-                json!(format!("{}", cfg.lora_dropout)
-                    .parse::<f64>()
-                    .unwrap_or(0.0)),
+                json!(format!("{}", l.lora_dropout).parse::<f64>().unwrap_or(0.0)),
             );
             c.insert("bias", json!("none"));
-            c.insert("use_rslora", json!(cfg.use_rslora));
-            c.insert("use_dora", json!(cfg.use_dora));
-            c.insert("rank_pattern", json!(cfg.rank_pattern));
-            c.insert("alpha_pattern", json!(cfg.alpha_pattern));
-            c.insert("fan_in_fan_out", json!(cfg.fan_in_fan_out));
+            c.insert("use_rslora", json!(l.use_rslora));
+            c.insert("use_dora", json!(l.use_dora));
+            c.insert("rank_pattern", json!(l.rank_pattern));
+            c.insert("alpha_pattern", json!(l.alpha_pattern));
             c.insert(
                 "init_lora_weights",
-                if cfg.init_lora_weights == "gaussian" {
-                    json!("gaussian")
-                } else {
-                    json!(true)
+                match l.init_lora_weights {
+                    InitLoraWeights::Gaussian => json!("gaussian"),
+                    InitLoraWeights::Kaiming => json!(true),
                 },
             );
         }
-        AdapterType::PromptTuning => {
+        AdapterConfig::Ia3(i) => {
+            targeting(&mut c, &i.targeting);
+            c.insert("peft_type", json!("IA3"));
+            c.insert("feedforward_modules", json!(i.feedforward_modules));
+            c.insert("init_ia3_weights", json!(true));
+        }
+        AdapterConfig::PromptTuning(p) => {
             // PEFT's PromptTuningConfig fields (LoRA's do not apply).
-            for k in [
-                "target_modules",
-                "modules_to_save",
-                "exclude_modules",
-                "layers_to_transform",
-                "layers_pattern",
-            ] {
-                c.remove(k);
-            }
             c.insert("peft_type", json!("PROMPT_TUNING"));
-            c.insert("num_virtual_tokens", json!(cfg.num_virtual_tokens));
-            c.insert("token_dim", json!(cfg.token_dim));
+            c.insert("num_virtual_tokens", json!(p.num_virtual_tokens));
+            c.insert("token_dim", json!(p.token_dim));
             c.insert("num_transformer_submodules", json!(1));
-            c.insert("num_attention_heads", json!(cfg.num_attention_heads));
-            c.insert("num_layers", json!(cfg.num_layers));
+            c.insert("num_attention_heads", json!(p.num_attention_heads));
+            c.insert("num_layers", json!(p.num_layers));
             c.insert(
                 "prompt_tuning_init",
-                json!(cfg.prompt_tuning_init.to_ascii_uppercase()),
+                json!(match p.prompt_tuning_init {
+                    PromptTuningInit::Random => "RANDOM",
+                    PromptTuningInit::SampleVocab => "SAMPLE_VOCAB",
+                    PromptTuningInit::Text => "TEXT",
+                }),
             );
-            c.insert(
-                "prompt_tuning_init_text",
-                json!(cfg.prompt_tuning_init_text),
-            );
+            c.insert("prompt_tuning_init_text", json!(p.prompt_tuning_init_text));
             c.insert("tokenizer_name_or_path", json!(base_model));
             c.insert("tokenizer_kwargs", Value::Null);
             c.insert("modules_to_save", Value::Null);
-        }
-        AdapterType::Ia3 => {
-            c.insert("peft_type", json!("IA3"));
-            c.insert("feedforward_modules", json!(cfg.feedforward_modules));
-            c.insert("fan_in_fan_out", json!(cfg.fan_in_fan_out));
-            c.insert("init_ia3_weights", json!(true));
         }
     }
     fsutil::write_json(&dir.join(CONFIG_FILE), &c)?;
     // PEFT saves the soft prompt under its own name, without the model prefix.
     let tensors = store.iter().filter(|(_, p)| p.var.is_some()).map(|(n, p)| {
-        let key = if n == super::prompt_tuning::KEY {
+        let key = if n == PROMPT_EMBEDDINGS {
             n.clone()
         } else {
             format!("{PREFIX}{n}")

@@ -501,7 +501,7 @@ impl Plan {
                     "\"quantized\" keeps the base frozen: add an [adapter] (full fine-tuning needs \"f32\")".into(),
                 );
             }
-            if c.adapter.as_ref().is_some_and(|a| a.use_dora) {
+            if c.adapter.as_ref().is_some_and(|a| a.uses_dora()) {
                 return err(
                     "model.base_dtype",
                     "DoRA needs the base weight's row norms: use \"f32\" with adapter.use_dora"

@@ -176,10 +176,12 @@ impl SequenceModel {
         let root = Path::root(store, "");
         let body = Body::load(&root, cfg)?;
         let pooler = match (names.pooler, head.pooling) {
-            (Some(p), Pooling::Cls) => Some(Linear::load(&Path::root(store, p), h, h)?),
+            (Some(p), Pooling::Cls) => Some(Path::root(store, p).linear(h, h, true)?),
             _ => None,
         };
-        let out = Linear::load_with(&root.pp(names.out), h, head.num_labels, names.out_bias)?;
+        let out = root
+            .pp(names.out)
+            .linear(h, head.num_labels, names.out_bias)?;
         Ok(SequenceModel {
             body,
             pooler,

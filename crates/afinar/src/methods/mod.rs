@@ -58,21 +58,23 @@ pub fn attach_adapter(
     store: &mut ParamStore,
     family: Family,
     task: PeftTask,
-    rng: &mut impl rand::Rng,
+    rng: &mut dyn rand::RngCore,
     on: &mut dyn FnMut(Event),
 ) -> Result<Option<AdapterConfig>> {
     let Some(ad) = &plan.config.adapter else {
         return Ok(None);
     };
     let mut ad = ad.clone();
-    if family == Family::Gpt2 {
-        ad.fan_in_fan_out = true; // PEFT's marker for GPT-2's Conv1D layers
+    if let (Some(t), Family::Gpt2) = (ad.targeting_mut(), family) {
+        t.fan_in_fan_out = true; // PEFT's marker for GPT-2's Conv1D layers
     }
-    if ad.kind != AdapterType::PromptTuning {
-        crate::adapters::attach(store, &ad, task, rng)?;
+    if ad.kind() != AdapterType::PromptTuning {
+        for note in crate::adapters::attach(store, &ad, task, rng)? {
+            on(Event::Warning(note));
+        }
         on(Event::Info(format!(
             "adapter: {:?} on {} modules",
-            ad.kind,
+            ad.kind(),
             store.adapters.len()
         )));
     }

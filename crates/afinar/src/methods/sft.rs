@@ -324,7 +324,7 @@ impl Saver<'_> {
                 peft::LM_META,
                 &note,
             )?;
-            if ad.kind == AdapterType::PromptTuning {
+            if ad.kind() == AdapterType::PromptTuning {
                 return Ok(());
             }
         }
@@ -555,26 +555,24 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     let mut adapter_cfg =
         super::attach_adapter(plan, &mut store, family, PeftTask::CausalLm, &mut rng, on)?;
     let mut prompt_dim = None;
-    if let Some(ad) = adapter_cfg
-        .as_mut()
-        .filter(|a| a.kind == AdapterType::PromptTuning)
-    {
-        store.freeze_all();
+    if let Some(AdapterConfig::PromptTuning(pt)) = adapter_cfg.as_mut() {
         let embed = store
             .iter()
             .find(|(n, _)| n.ends_with("embed_tokens.weight") || n.ends_with("wte.weight"))
             .map(|(_, p)| p.tensor.clone())
             .ok_or_else(|| Error::msg("prompt tuning: the model has no token embedding"))?;
-        let init = crate::adapters::prompt_tuning::init(ad, &embed, tok.raw(), &mut rng)?;
-        let (n, dim) = init.dims2()?;
-        ad.token_dim = Some(dim);
-        ad.num_layers = Some(cfg.num_layers());
-        ad.num_attention_heads = Some(cfg.num_heads());
-        store.insert_trainable(crate::adapters::prompt_tuning::KEY, init)?;
-        prompt_dim = Some([n, dim]);
+        let shape = crate::adapters::prompt_tuning::attach(
+            &mut store,
+            pt,
+            &embed,
+            tok.raw(),
+            (cfg.num_layers(), cfg.num_heads()),
+            &mut rng,
+        )?;
+        prompt_dim = Some(shape);
         on(Event::Info(format!(
             "adapter: prompt tuning, {} virtual tokens",
-            ad.num_virtual_tokens
+            pt.num_virtual_tokens
         )));
     }
     let device = crate::device(&c.train.device)?;

@@ -7,8 +7,7 @@
 //! Field names copy the checkpoint keys.
 
 use super::Inputs;
-use crate::nn::linear::{LayerNorm, Linear};
-use crate::nn::{self, maybe_dropout, DropoutRng, Weight};
+use crate::nn::{self, maybe_dropout, DropoutRng, LayerNorm, Linear, Weight};
 use crate::params::Path;
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -109,7 +108,7 @@ impl BertEmbeddings {
             )?,
             token_type_embeddings: p
                 .get(&[cfg.type_vocab_size, h], "token_type_embeddings.weight")?,
-            layer_norm: LayerNorm::load(&p.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            layer_norm: p.pp("LayerNorm").layer_norm(h, cfg.layer_norm_eps)?,
             dropout: cfg.hidden_dropout_prob,
             pad_token_id: cfg.pad_token_id,
         })
@@ -164,14 +163,14 @@ impl BertLayer {
         let (h, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let att = p.pp("attention");
         Ok(BertLayer {
-            query: Linear::load(&att.pp("self").pp("query"), h, h)?,
-            key: Linear::load(&att.pp("self").pp("key"), h, h)?,
-            value: Linear::load(&att.pp("self").pp("value"), h, h)?,
-            attn_out: Linear::load(&att.pp("output").pp("dense"), h, h)?,
-            attn_ln: LayerNorm::load(&att.pp("output").pp("LayerNorm"), h, eps)?,
-            intermediate: Linear::load(&p.pp("intermediate").pp("dense"), h, f)?,
-            output: Linear::load(&p.pp("output").pp("dense"), f, h)?,
-            out_ln: LayerNorm::load(&p.pp("output").pp("LayerNorm"), h, eps)?,
+            query: att.pp("self").pp("query").linear(h, h, true)?,
+            key: att.pp("self").pp("key").linear(h, h, true)?,
+            value: att.pp("self").pp("value").linear(h, h, true)?,
+            attn_out: att.pp("output").pp("dense").linear(h, h, true)?,
+            attn_ln: att.pp("output").pp("LayerNorm").layer_norm(h, eps)?,
+            intermediate: p.pp("intermediate").pp("dense").linear(h, f, true)?,
+            output: p.pp("output").pp("dense").linear(f, h, true)?,
+            out_ln: p.pp("output").pp("LayerNorm").layer_norm(h, eps)?,
             heads: cfg.num_attention_heads,
             hidden_dropout: cfg.hidden_dropout_prob,
             attn_dropout: cfg.attention_probs_dropout_prob,

@@ -8,8 +8,7 @@
 //! transposes them back. Names copy the checkpoint keys.
 
 use super::{Inputs, KvCache};
-use crate::nn::linear::{LayerNorm, Linear};
-use crate::nn::{self, maybe_dropout, DropoutRng, Weight};
+use crate::nn::{self, maybe_dropout, DropoutRng, LayerNorm, Linear, Weight};
 use crate::params::Path;
 use crate::{Error, Result};
 use candle_core::{Tensor, D};
@@ -134,12 +133,12 @@ impl Gpt2Block {
     fn load(p: &Path, cfg: &Gpt2Config) -> Result<Self> {
         let (c, f, eps) = (cfg.n_embd, cfg.inner(), cfg.layer_norm_epsilon);
         Ok(Gpt2Block {
-            ln_1: LayerNorm::load(&p.pp("ln_1"), c, eps)?,
-            c_attn: Linear::load(&p.pp("attn").pp("c_attn"), c, 3 * c)?,
-            attn_proj: Linear::load(&p.pp("attn").pp("c_proj"), c, c)?,
-            ln_2: LayerNorm::load(&p.pp("ln_2"), c, eps)?,
-            c_fc: Linear::load(&p.pp("mlp").pp("c_fc"), c, f)?,
-            mlp_proj: Linear::load(&p.pp("mlp").pp("c_proj"), f, c)?,
+            ln_1: p.pp("ln_1").layer_norm(c, eps)?,
+            c_attn: p.pp("attn").pp("c_attn").linear(c, 3 * c, true)?,
+            attn_proj: p.pp("attn").pp("c_proj").linear(c, c, true)?,
+            ln_2: p.pp("ln_2").layer_norm(c, eps)?,
+            c_fc: p.pp("mlp").pp("c_fc").linear(c, f, true)?,
+            mlp_proj: p.pp("mlp").pp("c_proj").linear(f, c, true)?,
             heads: cfg.n_head,
             c,
             resid_pdrop: cfg.resid_pdrop,
@@ -249,7 +248,7 @@ impl Gpt2 {
             blocks: (0..cfg.n_layer)
                 .map(|i| Gpt2Block::load(&t.pp("h").pp(i), cfg).map(Arc::new))
                 .collect::<Result<Vec<_>>>()?,
-            ln_f: LayerNorm::load(&t.pp("ln_f"), c, cfg.layer_norm_epsilon)?,
+            ln_f: t.pp("ln_f").layer_norm(c, cfg.layer_norm_epsilon)?,
             embd_pdrop: cfg.embd_pdrop,
             config: cfg.clone(),
             gradient_checkpointing: false,

@@ -8,8 +8,7 @@
 //! target `q_proj`, `v_proj`, ... as in PEFT.
 
 use super::{Inputs, KvCache};
-use crate::nn::linear::Linear;
-use crate::nn::{self, DropoutRng, RopeTable, Weight};
+use crate::nn::{self, DropoutRng, Linear, RmsNorm, RopeTable, Weight};
 use crate::params::Path;
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -143,25 +142,6 @@ impl LlamaConfig {
     }
 }
 
-/// RMSNorm by checkpoint path: `{path}.weight` [C].
-#[derive(Clone)]
-pub struct RmsNorm {
-    pub weight: Weight,
-    pub eps: f64,
-}
-
-impl RmsNorm {
-    pub fn load(p: &Path, d: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm {
-            weight: p.get(&[d], "weight")?,
-            eps,
-        })
-    }
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(nn::rms_norm(x, &self.weight, self.eps)?)
-    }
-}
-
 pub struct LlamaLayer {
     q_proj: Linear,
     k_proj: Linear,
@@ -186,15 +166,15 @@ impl LlamaLayer {
         let mlp = p.pp("mlp");
         let qkv_b = cfg.qkv_bias();
         Ok(LlamaLayer {
-            q_proj: Linear::load_with(&att.pp("q_proj"), h, nq * d, qkv_b)?,
-            k_proj: Linear::load_with(&att.pp("k_proj"), h, nkv * d, qkv_b)?,
-            v_proj: Linear::load_with(&att.pp("v_proj"), h, nkv * d, qkv_b)?,
-            o_proj: Linear::load_with(&att.pp("o_proj"), nq * d, h, cfg.o_bias())?,
-            gate_proj: Linear::load_with(&mlp.pp("gate_proj"), h, f, cfg.mlp_bias)?,
-            up_proj: Linear::load_with(&mlp.pp("up_proj"), h, f, cfg.mlp_bias)?,
-            down_proj: Linear::load_with(&mlp.pp("down_proj"), f, h, cfg.mlp_bias)?,
-            input_layernorm: RmsNorm::load(&p.pp("input_layernorm"), h, eps)?,
-            post_attention_layernorm: RmsNorm::load(&p.pp("post_attention_layernorm"), h, eps)?,
+            q_proj: att.pp("q_proj").linear(h, nq * d, qkv_b)?,
+            k_proj: att.pp("k_proj").linear(h, nkv * d, qkv_b)?,
+            v_proj: att.pp("v_proj").linear(h, nkv * d, qkv_b)?,
+            o_proj: att.pp("o_proj").linear(nq * d, h, cfg.o_bias())?,
+            gate_proj: mlp.pp("gate_proj").linear(h, f, cfg.mlp_bias)?,
+            up_proj: mlp.pp("up_proj").linear(h, f, cfg.mlp_bias)?,
+            down_proj: mlp.pp("down_proj").linear(f, h, cfg.mlp_bias)?,
+            input_layernorm: p.pp("input_layernorm").rms_norm(h, eps)?,
+            post_attention_layernorm: p.pp("post_attention_layernorm").rms_norm(h, eps)?,
             heads: nq,
             kv_heads: nkv,
             head_dim: d,
@@ -333,7 +313,7 @@ impl Llama {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| LlamaLayer::load(&m.pp("layers").pp(i), cfg).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(&m.pp("norm"), h, cfg.rms_norm_eps)?;
+        let norm = m.pp("norm").rms_norm(h, cfg.rms_norm_eps)?;
         Ok(Llama {
             gradient_checkpointing: false,
             embed_tokens,

@@ -296,7 +296,7 @@ pub fn adapter_base(ad: &Path, raw: &serde_json::Value, base: Option<&Path>) -> 
 /// Load the base model of the causal-LM adapter folder `ad` with the
 /// adapter applied (unmerged).
 pub fn load_lm_adapter(ad: &Path, base: Option<&Path>, opts: LoadOpts) -> Result<AdaptedModel> {
-    use crate::adapters::{peft, prompt_tuning, AdapterType};
+    use crate::adapters::{peft, prompt_tuning, AdapterConfig};
     let (cfg, raw) = peft::read_config(ad)?;
     match raw["task_type"].as_str() {
         Some("CAUSAL_LM") | None => {}
@@ -310,9 +310,10 @@ pub fn load_lm_adapter(ad: &Path, base: Option<&Path>, opts: LoadOpts) -> Result
     let base = adapter_base(ad, &raw, base)?;
     let mut model = load_model(&base, Selector::none(), opts)?;
     let mut prompt = None;
-    if cfg.kind == AdapterType::PromptTuning {
+    if let AdapterConfig::PromptTuning(pt) = &cfg {
         let dim = model.cfg.hidden_size();
-        if let Some(d) = cfg.token_dim.filter(|&d| d != dim) {
+        let n = pt.num_virtual_tokens;
+        if let Some(d) = pt.token_dim.filter(|&d| d != dim) {
             return Err(Error::file(
                 ad.join(peft::CONFIG_FILE),
                 format!(
@@ -323,14 +324,13 @@ pub fn load_lm_adapter(ad: &Path, base: Option<&Path>, opts: LoadOpts) -> Result
         let file = ad.join(peft::WEIGHTS_FILE);
         let ckpt = Checkpoint::open(&file)?;
         let t = ckpt.load_f32(prompt_tuning::KEY)?;
-        if t.dims() != [cfg.num_virtual_tokens, dim] {
+        if t.dims() != [n, dim] {
             return Err(Error::Tensor {
                 name: prompt_tuning::KEY.into(),
                 msg: format!(
-                    "shape {:?} in {}, expected [{}, {dim}] (num_virtual_tokens, the base's hidden size)",
+                    "shape {:?} in {}, expected [{n}, {dim}] (num_virtual_tokens, the base's hidden size)",
                     t.dims(),
                     file.display(),
-                    cfg.num_virtual_tokens
                 ),
             });
         }
@@ -341,12 +341,7 @@ pub fn load_lm_adapter(ad: &Path, base: Option<&Path>, opts: LoadOpts) -> Result
             ));
         }
         model.store.insert(prompt_tuning::KEY, t)?;
-        prompt = Some(
-            model
-                .store
-                .get(prompt_tuning::KEY, &[cfg.num_virtual_tokens, dim])?
-                .t,
-        );
+        prompt = Some(model.store.get(prompt_tuning::KEY, &[n, dim])?.t);
     } else {
         let linears = crate::adapters::linear_modules(&model.store);
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);

@@ -8,16 +8,18 @@ pub mod kernels;
 pub mod linear;
 pub mod llm_kernels;
 pub mod llm_ops;
+pub mod norm;
 pub mod ops;
 pub mod qlinear;
 
 pub use graph::{checkpoint, LayerFn};
-pub use linear::{maybe_dropout, LayerNorm, Linear};
+pub use linear::{maybe_dropout, Base, Linear, LinearAdapter};
 pub use llm_kernels::{attention_with_cache, attention_with_cache_masked};
 pub use llm_ops::{
     causal_attention, causal_attention_dropout, gelu_tanh, lm_cross_entropy, lm_logits, rms_norm,
     rope, silu_mul, RopeTable,
 };
+pub use norm::{LayerNorm, RmsNorm};
 pub use ops::{attention, cross_entropy, dropout, embedding, gelu, layer_norm, linear, scale_last};
 
 use std::cell::Cell;

@@ -235,6 +235,16 @@ pub fn qlinear(x: &Tensor, w: &Arc<QTensor>, b: Option<&Weight>) -> CResult<Tens
     }
 }
 
+/// A quantised matrix as an f32 `[rows, cols]` tensor (decoded exactly,
+/// not rounded again).
+pub fn dequantize(q: &QTensor) -> crate::Result<Tensor> {
+    Ok(Tensor::from_vec(
+        q.to_f32_vec(),
+        (q.rows(), q.cols()),
+        &candle_core::Device::Cpu,
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -551,8 +551,9 @@ mod tests {
         assert!(decays("model.normalizer_proj.weight"));
     }
 
-    /// Every module a model in `src/models/` loads with `LayerNorm::load` is in
-    /// `LAYER_NORM_MODULES` (the Trainer's by-type rule).
+    /// Every module a model in `src/models/` loads as a LayerNorm
+    /// (`p.pp("NAME").layer_norm(..)`) is in `LAYER_NORM_MODULES` (the
+    /// Trainer's by-type rule).
     #[test]
     fn every_layer_norm_module_is_listed() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/models");
@@ -563,9 +564,9 @@ mod tests {
                 continue;
             }
             let src = std::fs::read_to_string(&path).unwrap();
-            for (i, _) in src.match_indices("LayerNorm::load(") {
-                let call = &src[i..];
-                let call = &call[..call.find(")?").expect("a call")];
+            for (i, _) in src.match_indices(".layer_norm(") {
+                let line_start = src[..i].rfind('\n').map_or(0, |n| n + 1);
+                let call = &src[line_start..i];
                 let name = call
                     .rsplit("pp(\"")
                     .next()
