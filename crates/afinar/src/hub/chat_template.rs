@@ -17,7 +17,6 @@
 //! `strftime_now` uses UTC, not the local time zone, and knows the common
 //! directives only (`%Y %y %m %d %e %B %b %A %a %H %I %M %S %p %j %%`).
 
-use crate::data::sft::Message;
 use crate::{Error, Result};
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{context, Environment, ErrorKind};
@@ -31,6 +30,76 @@ const RAISED: &str = "raise_exception: ";
 /// capped at 100,000 items, their product is not) would otherwise run for
 /// hours. About a second of rendering.
 pub const FUEL: u64 = 20_000_000;
+
+/// Who speaks a chat turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::System, Role::User, Role::Assistant];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+
+    /// The role named `s`, or a message naming it and the allowed ones.
+    pub fn parse(s: &str) -> std::result::Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown role `{s}` (allowed: system, user, assistant)"))
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Role> {
+        Role::parse(s).map_err(Error::Data)
+    }
+}
+
+impl serde::Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Role {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Role, D::Error> {
+        let s = String::deserialize(d)?;
+        Role::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One chat turn, as chat templates see it (`message['role']`, `message['content']`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: content.into(),
+        }
+    }
+}
 
 /// A compiled chat template plus the special tokens it is rendered with.
 pub struct ChatTemplate {
@@ -348,7 +417,6 @@ pub fn strftime(fmt: &str, t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::sft::{Message, Role};
 
     /// SmolLM2-135M-Instruct's `chat_template`, verbatim.
     pub(crate) const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
