@@ -111,3 +111,34 @@ fn backstop_child() {
     let r = t.render(&chat(), false);
     eprintln!("rendered anyway: {r:?}");
 }
+
+/// Real templates on a long chat use a small part of both budgets (printed).
+#[test]
+fn real_templates_use_a_small_part_of_the_budget() {
+    let smollm2 = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let llama3 = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+    for (turns, bytes) in [(2000, 200), (2, 1 << 20)] {
+        let msgs: Vec<Message> = (0..turns)
+            .map(|i| {
+                let role = [Role::User, Role::Assistant][i % 2];
+                Message::new(role, "lorem ipsum ".repeat(bytes / 12))
+            })
+            .collect();
+        for (name, src) in [("smollm2", smollm2), ("llama3", llama3)] {
+            let (out, stats) = ChatTemplate::new(src, "<s>", "</s>")
+                .unwrap()
+                .render_counted(&msgs, true)
+                .unwrap();
+            eprintln!(
+                "{name}, {turns} turns of {bytes} bytes: {} bytes out, fuel {} ({:.1}%), peak {:.1} MiB",
+                out.len(),
+                stats.fuel,
+                100.0 * stats.fuel as f64 / FUEL as f64,
+                stats.peak_bytes as f64 / (1 << 20) as f64
+            );
+            assert!(stats.fuel < FUEL / 5, "{name}: {stats:?}");
+            assert!(stats.peak_bytes < MEMORY_LIMIT / 8, "{name}: {stats:?}");
+            assert!(stats.peak_bytes > 0, "the guarded allocator counts");
+        }
+    }
+}

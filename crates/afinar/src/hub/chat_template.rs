@@ -54,9 +54,11 @@ const BYTES_PER_FUEL: u64 = 64;
 /// minijinja's fuel for one render: at most this many instructions, or 64
 /// MiB of data made (a quarter of [`MEMORY_LIMIT`]: a list slot is charged
 /// 32 bytes, holds 24, and a growing list or string briefly holds its old
-/// and new buffers). A real template uses a few dozen per message (a
-/// 2,000-turn Llama 3 chat about 1%, test `chat_template_render_is_bounded`);
-/// a hostile one runs out in well under a second.
+/// and new buffers). Real templates use about 40 per turn plus their text
+/// a few times over: a Llama 3 template takes 8% for 2,000 turns of 200
+/// bytes, 17% for two turns of 1 MB (tests/chat_template_limits.rs), so
+/// about 10 MB of chat fits. A hostile template runs out in well under a
+/// second.
 pub const FUEL: u64 = (MEMORY_LIMIT as u64 / 4) / BYTES_PER_FUEL;
 
 /// Who speaks a chat turn.
