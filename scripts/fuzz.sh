@@ -6,7 +6,8 @@
 # Runs on stable Rust: the targets are built without a sanitizer
 # (`--sanitizer none`; ASan needs nightly), in release with debug assertions
 # and overflow checks on, so a panic, an overflow, an abort, a hang
-# (`-timeout`) or an allocation over 256 MiB (afinar::fuzz_targets::CappedAlloc)
+# (`-timeout`), an allocation over 256 MiB (afinar::fuzz_targets::CappedAlloc)
+# or a chat template render holding over 256 MiB (afinar::mem_guard)
 # is a crash. Installs cargo-fuzz when it is missing. One target at a time.
 #
 # Environment:

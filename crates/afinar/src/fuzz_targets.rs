@@ -29,7 +29,9 @@ use std::path::Path;
 pub const ALLOC_CAP: usize = 256 << 20;
 
 /// The system allocator, aborting (a crash libFuzzer records) on any single
-/// allocation over [`ALLOC_CAP`]. The fuzz binaries and the replay test install it.
+/// allocation over [`ALLOC_CAP`], and guarding [`crate::mem_guard::limit`] (a
+/// chat template render that holds more than its memory limit aborts too).
+/// The fuzz binaries and the replay test install it.
 pub struct CappedAlloc;
 
 fn check_size(size: usize) {
@@ -47,17 +49,21 @@ fn check_size(size: usize) {
 unsafe impl std::alloc::GlobalAlloc for CappedAlloc {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         check_size(layout.size());
+        crate::mem_guard::on_alloc(layout.size());
         std::alloc::System.alloc(layout)
     }
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
         check_size(layout.size());
+        crate::mem_guard::on_alloc(layout.size());
         std::alloc::System.alloc_zeroed(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        crate::mem_guard::on_dealloc(layout.size());
         std::alloc::System.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
         check_size(new);
+        crate::mem_guard::on_realloc(layout.size(), new);
         std::alloc::System.realloc(ptr, layout, new)
     }
 }

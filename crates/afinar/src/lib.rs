@@ -18,6 +18,7 @@ pub mod fsutil;
 #[doc(hidden)]
 pub mod fuzz_targets;
 pub mod generate;
+pub mod mem_guard;
 
 pub use error::{Error, Result};
 pub mod adapters;

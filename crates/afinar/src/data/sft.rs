@@ -26,6 +26,9 @@
 use super::field::{kind, FieldPath};
 use super::source::{read_records, Format, Record, Records};
 use crate::hub::chat_template::ChatTemplate;
+/// The chat turn types live with the template that renders them (`hub` does not
+/// depend on `data`); re-exported here, where SFT rows are made of them.
+pub use crate::hub::chat_template::{Message, Role};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
@@ -35,76 +38,6 @@ use tokenizers::Tokenizer;
 
 /// Label of a token that carries no loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
-
-/// Who speaks a chat turn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-impl Role {
-    pub const ALL: [Role; 3] = [Role::System, Role::User, Role::Assistant];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-
-    /// The role named `s`, or a message naming it and the allowed ones.
-    pub fn parse(s: &str) -> std::result::Result<Role, String> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown role `{s}` (allowed: system, user, assistant)"))
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Role> {
-        Role::parse(s).map_err(Error::Data)
-    }
-}
-
-impl serde::Serialize for Role {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Role {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Role, D::Error> {
-        let s = String::deserialize(d)?;
-        Role::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-/// One chat turn, as chat templates see it (`message['role']`, `message['content']`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Message {
-    pub role: Role,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Message {
-            role,
-            content: content.into(),
-        }
-    }
-}
 
 /// One SFT example before tokenisation.
 #[derive(Debug, Clone, PartialEq, Eq)]
