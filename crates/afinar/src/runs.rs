@@ -230,7 +230,7 @@ fn load_peft_folder(ad: &Path, opts: &LoadOptions) -> Result<RunModel> {
         TaskKind::Classification
     };
     let labels = match task {
-        TaskKind::Regression => None,
+        TaskKind::Regression | TaskKind::Scalar => None,
         TaskKind::Classification => Some(LabelMap::from_config(match &opts.labels {
             Some(l) if l.len() != num_labels => {
                 return Err(Error::msg(format!(
@@ -297,13 +297,16 @@ fn load_merged(path: &Path) -> Result<RunModel> {
     let (cfg, raw) = models::load::read_config(&dir)?;
     let family = cfg.family();
     let afinar = &raw["afinar"];
-    let task = match raw["problem_type"].as_str() {
-        Some("regression") => TaskKind::Regression,
-        _ => TaskKind::Classification,
-    };
+    // afinar's own note first (a scalar head is saved as regression).
+    let task = serde_json::from_value(afinar["task"].clone()).unwrap_or(
+        match raw["problem_type"].as_str() {
+            Some("regression") => TaskKind::Regression,
+            _ => TaskKind::Classification,
+        },
+    );
     let labels = match task {
         TaskKind::Classification => Some(config_labels(&raw, &dir.join("config.json"))?),
-        TaskKind::Regression => None,
+        TaskKind::Regression | TaskKind::Scalar => None,
     };
     let pooling: Pooling =
         serde_json::from_value(afinar["pooling"].clone()).unwrap_or(Pooling::default_for(family));

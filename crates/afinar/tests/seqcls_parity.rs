@@ -111,6 +111,7 @@ fn check(case: &str, task: TaskKind) {
                 .collect(),
         ),
         TaskKind::Regression => Targets::Values(g.load_f32("labels").unwrap().to_vec1().unwrap()),
+        TaskKind::Scalar => unreachable!("no scalar goldens"),
     };
     let loss = model.loss(&logits, &targets).unwrap();
     let want = g.load_f32("loss").unwrap().to_vec1::<f32>().unwrap()[0];

@@ -28,6 +28,11 @@ use serde::{Deserialize, Serialize};
 pub enum TaskKind {
     Classification,
     Regression,
+    /// One score per sequence with no loss of its own: a reward model's
+    /// (trained by its objective, e.g. Bradley-Terry on preference pairs)
+    /// or a value head's. transformers' class is the same
+    /// `*ForSequenceClassification` with `num_labels = 1`.
+    Scalar,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,6 +259,11 @@ impl SequenceModel {
         self.out.forward_t(&pooled, dropout)
     }
 
+    /// One score per sequence `[B]` (a scalar head; any head's first output).
+    pub fn scores(&self, x: &Inputs, dropout: Option<&DropoutRng>) -> Result<Tensor> {
+        Ok(self.forward(x, dropout)?.narrow(1, 0, 1)?.squeeze(1)?)
+    }
+
     /// Mean cross-entropy (classification) or MSE (regression).
     pub fn loss(&self, logits: &Tensor, targets: &Targets) -> Result<Tensor> {
         match (self.head.task, targets) {
@@ -265,6 +275,9 @@ impl SequenceModel {
                 let t = Tensor::from_slice(v, (v.len(), 1), &Device::Cpu)?;
                 Ok((logits - t)?.sqr()?.mean_all()?)
             }
+            (TaskKind::Scalar, _) => Err(Error::msg(
+                "a scalar head has no loss of its own: its objective (reward model, value) gives it",
+            )),
             _ => Err(Error::msg("targets do not match the task kind")),
         }
     }

@@ -86,6 +86,11 @@ pub fn encode(
             let lm = labels.ok_or_else(|| Error::msg("classification needs a label map"))?;
             Targets::Classes(lm.ids(ex, path)?.into_iter().map(|i| i as u32).collect())
         }
+        TaskKind::Scalar => {
+            return Err(Error::msg(
+                "a scalar head has no targets in the data: its objective scores it",
+            ))
+        }
         TaskKind::Regression => Targets::Values(
             ex.iter()
                 .map(|e| {
@@ -433,7 +438,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         TaskKind::Classification => {
             Some(LabelMap::from_examples(&splits.train.0, &splits.train.1)?)
         }
-        TaskKind::Regression => None,
+        TaskKind::Regression | TaskKind::Scalar => None,
     };
     let enc = |(ex, p): &(Vec<RawExample>, PathBuf)| encode(&tok, ex, task, labels.as_ref(), p);
     let train_set = enc(&splits.train)?;

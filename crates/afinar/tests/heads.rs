@@ -1,0 +1,102 @@
+//! The scalar head (a reward / value head: one score per sequence, no loss
+//! of its own) on every body: BERT, Llama, GPT-2. A Bradley-Terry loss on a
+//! preference pair built from its scores reaches every trainable tensor
+//! (body and `score` / `classifier`) with a finite, non-zero gradient
+//! (offsets shared by every sequence get exactly zero: a difference of
+//! scores cancels them).
+
+use afinar::heads::{HeadConfig, Pooling, SequenceModel, Targets, TaskKind};
+use afinar::models::load::{load_params, read_config};
+use afinar::models::{check_unused, other_heads, Inputs};
+use afinar::params::Selector;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+#[test]
+fn a_scalar_head_scores_sequences_on_every_body() {
+    for case in ["bert-tiny", "llama-tiny", "gpt2-tiny"] {
+        let dir = fixtures().join(case);
+        let (mut cfg, _) = read_config(&dir).unwrap();
+        cfg.set_dropout(Some(0.0), Some(0.0));
+        let mut store = load_params(&dir, &cfg, Selector::all()).unwrap();
+        let head = HeadConfig {
+            task: TaskKind::Scalar,
+            pooling: Pooling::default_for(cfg.family()),
+            num_labels: 1,
+            dropout: 0.0,
+        };
+        let model = SequenceModel::new(&mut store, &cfg, &head, 3, None, 0).unwrap();
+        // The pretraining head (llama-tiny's untied lm_head) is dropped.
+        check_unused(&mut store, other_heads(cfg.family(), false), &mut |_| {}).unwrap();
+        // Two pairs (chosen, rejected), right-padded with the pad id 0.
+        let (b, t) = (4, 6);
+        let ids: Vec<u32> = (0..b * t)
+            .map(|i| {
+                if i % t >= t - i / t {
+                    0
+                } else {
+                    (i * 7 % 90 + 1) as u32
+                }
+            })
+            .collect();
+        let mask = ids.iter().map(|&i| (i != 0) as u8 as f32).collect();
+        let x = Inputs::new(ids, mask, b, t)
+            .and_then(|x| x.with_type_ids(vec![0; b * t]))
+            .unwrap();
+        let s = model.scores(&x, None).unwrap();
+        assert_eq!(s.dims(), &[b], "{case}");
+        // Bradley-Terry: -log sigmoid(s_chosen - s_rejected), rows 0/2 chosen.
+        let chosen = s.narrow(0, 0, 1).unwrap();
+        let chosen = candle_core::Tensor::cat(&[&chosen, &s.narrow(0, 2, 1).unwrap()], 0).unwrap();
+        let rejected = s.narrow(0, 1, 1).unwrap();
+        let rejected =
+            candle_core::Tensor::cat(&[&rejected, &s.narrow(0, 3, 1).unwrap()], 0).unwrap();
+        let margin = (chosen - rejected).unwrap();
+        // log(1 + exp(-m)) = softplus(-m)
+        let loss = (margin.neg().unwrap().exp().unwrap() + 1.0)
+            .unwrap()
+            .log()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        loss.backward().unwrap();
+        let trainable = store.trainable();
+        assert!(trainable
+            .iter()
+            .any(|(n, _)| n == "score.weight" || n == "classifier.weight"));
+        for (name, _) in trainable {
+            if name.starts_with("bert.pooler") && head.pooling != Pooling::Cls {
+                continue;
+            }
+            let g = store
+                .grad(&name)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+            let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{case}: {name}");
+            // A score difference does not see an offset shared by every
+            // sequence: the output bias (BERT), and GPT-2's final LayerNorm
+            // bias, which reaches the bias-free `score` as w . b.
+            if name == "classifier.bias" || name == "transformer.ln_f.bias" {
+                assert!(v.iter().all(|x| *x == 0.0), "{case}: {name} {v:?}");
+            } else {
+                assert!(
+                    v.iter().any(|x| *x != 0.0),
+                    "{case}: {name} has a zero gradient"
+                );
+            }
+        }
+        // No loss of its own: the objective gives it.
+        let e = model
+            .loss(
+                &model.forward(&x, None).unwrap(),
+                &Targets::Values(vec![0.0; b]),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scalar head has no loss"), "{e}");
+    }
+}
