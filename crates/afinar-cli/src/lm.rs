@@ -142,7 +142,7 @@ impl Lm {
     ) -> Result<afinar::generate::Generated> {
         let tok = &self.src.tokenizer;
         let decode = |ids: &[u32]| tok.decode(ids, true);
-        Ok(afinar::generate::generate_with_prefix(
+        Ok(afinar::generate::generate(
             &self.model,
             self.prefix.as_ref(),
             prompt_ids,

@@ -124,23 +124,11 @@ pub fn argmax(v: &[f32]) -> usize {
     best
 }
 
-/// Generate from `prompt` ids. `decode` turns ids into text (for stop
-/// strings and the result); `on_text` receives each new piece of text as it
-/// is produced (streaming).
+/// Generate from `prompt` ids, after an optional soft prompt `[P, C]`
+/// (prompt tuning) in front of the prompt's token embeddings. `decode`
+/// turns ids into text (for stop strings and the result); `on_text`
+/// receives each new piece of text as it is produced (streaming).
 pub fn generate(
-    model: &CausalLm,
-    prompt: &[u32],
-    max_positions: usize,
-    cfg: &GenerateConfig,
-    decode: &dyn Fn(&[u32]) -> Result<String>,
-    on_text: &mut dyn FnMut(&str),
-) -> Result<Generated> {
-    generate_with_prefix(model, None, prompt, max_positions, cfg, decode, on_text)
-}
-
-/// [`generate`] with a soft prompt `[P, C]` (prompt tuning) in front of the
-/// prompt's token embeddings.
-pub fn generate_with_prefix(
     model: &CausalLm,
     prefix: Option<&Tensor>,
     prompt: &[u32],
@@ -232,19 +220,17 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let greedy = GenerateConfig::default();
         assert_eq!(sample(&logits, &greedy, &mut rng), 1);
-        let k1 = GenerateConfig {
+        let sampled = |top_k, top_p| GenerateConfig {
             temperature: 1.0,
-            top_k: Some(1),
+            top_k,
+            top_p,
             ..Default::default()
         };
+        let k1 = sampled(Some(1), None);
         for _ in 0..20 {
             assert_eq!(sample(&logits, &k1, &mut rng), 1);
         }
-        let k2 = GenerateConfig {
-            temperature: 1.0,
-            top_k: Some(2),
-            ..Default::default()
-        };
+        let k2 = sampled(Some(2), None);
         let mut seen = [0usize; 4];
         for _ in 0..400 {
             seen[sample(&logits, &k2, &mut rng) as usize] += 1;
@@ -253,11 +239,7 @@ mod tests {
         // p(1) = e^3 / (e^3 + e^2) = 0.73 of the top-2 mass.
         assert!((seen[1] as f32 / 400.0 - 0.73).abs() < 0.08, "{seen:?}");
         // top-p 0.5: id 1 alone has 0.66 of the full mass.
-        let p = GenerateConfig {
-            temperature: 1.0,
-            top_p: Some(0.5),
-            ..Default::default()
-        };
+        let p = sampled(None, Some(0.5));
         for _ in 0..50 {
             assert_eq!(sample(&logits, &p, &mut rng), 1);
         }

@@ -34,6 +34,8 @@ pub mod optim;
 pub mod params;
 pub mod plot;
 pub mod runs;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod train;
 
 /// Training allocates the same large activation buffers every step. mimalloc

@@ -551,13 +551,7 @@ pub trait AdapterSpec: Send + Sync + std::fmt::Debug {
     fn tensor_names(&self) -> Vec<&'static str>;
     /// The layer's adapter, from the module's parameters (`p` points at
     /// the module; `base` is its weight `[out, in]`).
-    fn build(
-        &self,
-        p: &Path,
-        in_f: usize,
-        out_f: usize,
-        base: &Base,
-    ) -> Result<Arc<dyn LinearAdapter>>;
+    fn build(&self, p: &Path, base: &Base) -> Result<Arc<dyn LinearAdapter>>;
 }
 
 /// A path prefix into a [`ParamStore`], as candle's `VarBuilder::pp`.
@@ -609,7 +603,7 @@ impl<'a> Path<'a> {
             None => Base::F32(self.get(&[out_f, in_f], "weight")?),
         };
         let adapter = match self.store.adapters.get(self.prefix()) {
-            Some(spec) => Some(spec.build(self, in_f, out_f, &weight)?),
+            Some(spec) => Some(spec.build(self, &weight)?),
             None => None,
         };
         Ok(Linear {

@@ -274,7 +274,29 @@ type DrawResult = std::result::Result<
     DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>,
 >;
 
-fn empty_panel(area: &DrawingArea<BitMapBackend, Shift>, caption: &str, note: &str) -> DrawResult {
+/// The grid and axis labels of a panel (steps along x), one look for both
+/// panels (a macro: the two charts' coordinate types differ).
+macro_rules! draw_mesh {
+    ($chart:expr, $y_desc:expr, $ticks:expr) => {
+        $chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc($y_desc)
+            .x_label_formatter(&step_label)
+            .x_labels($ticks)
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 15))
+            .light_line_style(RGBColor(238, 238, 238))
+            .draw()?
+    };
+}
+
+/// One panel of the figure.
+type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+/// The x axis: optimizer steps.
+type Steps = std::ops::Range<f64>;
+
+fn empty_panel(area: &Area, caption: &str, note: &str) -> DrawResult {
     // Same top margin as the charts' captions, so the two titles line up.
     let area = area
         .margin(12, 0, 0, 0)
@@ -305,11 +327,7 @@ fn x_ticks(x_range: &std::ops::Range<f64>) -> usize {
     (x_range.end as usize + 1).clamp(2, 10)
 }
 
-fn draw_train(
-    area: &DrawingArea<BitMapBackend, Shift>,
-    curves: &Curves,
-    x_range: std::ops::Range<f64>,
-) -> DrawResult {
+fn draw_train(area: &Area, curves: &Curves, x_range: Steps) -> DrawResult {
     if curves.train.is_empty() {
         return empty_panel(area, "Training loss", "no training loss logged");
     }
@@ -340,16 +358,7 @@ fn draw_train(
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(x_range, y_range(curves.train.iter().map(|p| &p.1)))?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("loss")
-        .x_label_formatter(&step_label)
-        .x_labels(ticks)
-        .label_style((FONT, 13))
-        .axis_desc_style((FONT, 15))
-        .light_line_style(RGBColor(238, 238, 238))
-        .draw()?;
+    draw_mesh!(chart, "loss", ticks);
     chart.draw_series(LineSeries::new(
         curves.train.iter().copied(),
         raw_color.stroke_width(1),
@@ -369,11 +378,7 @@ fn draw_train(
     legend.draw(&legend_area)
 }
 
-fn draw_eval(
-    area: &DrawingArea<BitMapBackend, Shift>,
-    curves: &Curves,
-    x_range: std::ops::Range<f64>,
-) -> DrawResult {
+fn draw_eval(area: &Area, curves: &Curves, x_range: Steps) -> DrawResult {
     if curves.eval.is_empty() {
         return empty_panel(area, "Evaluation", "no evaluation logged");
     }
@@ -426,16 +431,7 @@ fn draw_eval(
         .right_y_label_area_size(if right.is_empty() { 0 } else { 60 })
         .build_cartesian_2d(x_range.clone(), left_y)?
         .set_secondary_coord(x_range, right_y);
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc(left_desc)
-        .x_label_formatter(&step_label)
-        .x_labels(ticks)
-        .label_style((FONT, 13))
-        .axis_desc_style((FONT, 15))
-        .light_line_style(RGBColor(238, 238, 238))
-        .draw()?;
+    draw_mesh!(chart, left_desc, ticks);
     if !right.is_empty() {
         chart
             .configure_secondary_axes()

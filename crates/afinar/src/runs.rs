@@ -88,18 +88,35 @@ fn adapted_model(
     labels: Option<LabelMap>,
     plan: Option<Plan>,
 ) -> Result<RunModel> {
+    let mut base = base;
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    SequenceModel::init_head(&mut base.store, &base.cfg, head, &mut rng)?;
+    crate::adapters::attach(&mut base.store, adapter_cfg, PeftTask::SeqCls, &mut rng)?;
+    peft::load_weights(&mut base.store, ad)?;
+    let pad_id = base.tokenizer.pad_id();
+    let mut rm = assemble(base, head, pad_id, labels, ad.to_path_buf(), plan)?;
+    rm.adapter = Some(adapter_cfg.clone());
+    Ok(rm)
+}
+
+/// The sequence model from a loaded store that holds its head, checked for
+/// unused tensors (a pretraining head is dropped).
+fn assemble(
+    loaded: LoadedModel,
+    head: &HeadConfig,
+    pad_id: u32,
+    labels: Option<LabelMap>,
+    dir: PathBuf,
+    plan: Option<Plan>,
+) -> Result<RunModel> {
     let LoadedModel {
         cfg,
         raw_config,
         mut store,
         tokenizer,
         ..
-    } = base;
-    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-    SequenceModel::init_head(&mut store, &cfg, head, &mut rng)?;
-    crate::adapters::attach(&mut store, adapter_cfg, PeftTask::SeqCls, &mut rng)?;
-    peft::load_weights(&mut store, ad)?;
-    let model = SequenceModel::build(&store, &cfg, head, tokenizer.pad_id())?;
+    } = loaded;
+    let model = SequenceModel::build(&store, &cfg, head, pad_id)?;
     models::check_unused(
         &mut store,
         models::other_heads(cfg.family(), false),
@@ -112,10 +129,10 @@ fn adapted_model(
         tok: tokenizer,
         labels,
         cfg,
-        dir: ad.to_path_buf(),
+        dir,
         plan,
         base_config: raw_config,
-        adapter: Some(adapter_cfg.clone()),
+        adapter: None,
     })
 }
 
@@ -320,11 +337,7 @@ fn load_merged(path: &Path) -> Result<RunModel> {
         num_labels: labels.as_ref().map_or(1, |l| l.len()),
         dropout: 0.0,
     };
-    let LoadedModel {
-        mut store,
-        tokenizer,
-        ..
-    } = models::load_model(
+    let loaded = models::load_model(
         &dir,
         Selector::none(),
         LoadOpts {
@@ -338,7 +351,7 @@ fn load_merged(path: &Path) -> Result<RunModel> {
         wanted.push(format!("{}.bias", names.out));
     }
     for k in wanted {
-        if !store.contains(&k) {
+        if !loaded.store.contains(&k) {
             return Err(Error::Tensor {
                 name: k,
                 msg: format!(
@@ -353,21 +366,8 @@ fn load_merged(path: &Path) -> Result<RunModel> {
         .first()
         .copied()
         .filter(|_| family.is_decoder())
-        .unwrap_or(tokenizer.pad_id());
-    let model = SequenceModel::build(&store, &cfg, &head, pad_id)?;
-    models::check_unused(&mut store, models::other_heads(family, false), &mut |_| {})?;
-    Ok(RunModel {
-        model,
-        store,
-        max_length: tokenizer.max_length(),
-        tok: tokenizer,
-        labels,
-        cfg,
-        dir,
-        plan,
-        base_config: raw,
-        adapter: None,
-    })
+        .unwrap_or(loaded.tokenizer.pad_id());
+    assemble(loaded, &head, pad_id, labels, dir, plan)
 }
 
 /// What `afinar export` reads from a path.

@@ -40,13 +40,8 @@ impl AdapterSpec for Ia3Spec {
         vec![IA3_L]
     }
 
-    fn build(
-        &self,
-        p: &Path,
-        in_f: usize,
-        out_f: usize,
-        _base: &Base,
-    ) -> Result<Arc<dyn LinearAdapter>> {
+    fn build(&self, p: &Path, base: &Base) -> Result<Arc<dyn LinearAdapter>> {
+        let (out_f, in_f) = base.dims()?;
         Ok(Arc::new(Ia3 {
             l: {
                 let (r, c) = self.shape(in_f, out_f);
@@ -59,13 +54,8 @@ impl AdapterSpec for Ia3Spec {
 
 impl Ia3Config {
     /// Add IA3's vector for module `path` (`[out, in]`) to `store`, at 1.
-    pub(crate) fn init(
-        &self,
-        store: &mut ParamStore,
-        path: &str,
-        out_f: usize,
-        in_f: usize,
-    ) -> Result<Ia3Spec> {
+    pub(crate) fn init(&self, store: &mut ParamStore, m: (&str, usize, usize)) -> Result<Ia3Spec> {
+        let (path, out_f, in_f) = m;
         let spec = Ia3Spec {
             feedforward: self
                 .feedforward_modules

@@ -54,13 +54,8 @@ impl AdapterSpec for LoraSpec {
         v
     }
 
-    fn build(
-        &self,
-        p: &Path,
-        in_f: usize,
-        out_f: usize,
-        base: &Base,
-    ) -> Result<Arc<dyn LinearAdapter>> {
+    fn build(&self, p: &Path, base: &Base) -> Result<Arc<dyn LinearAdapter>> {
+        let (out_f, in_f) = base.dims()?;
         if self.dora && base.is_quantized() {
             return Err(dora_quantized_error(p.prefix()));
         }
@@ -122,9 +117,7 @@ impl LoraConfig {
     pub(crate) fn init(
         &self,
         store: &mut ParamStore,
-        path: &str,
-        out_f: usize,
-        in_f: usize,
+        (path, out_f, in_f): (&str, usize, usize),
         rng: &mut dyn rand::RngCore,
     ) -> Result<(LoraSpec, Vec<String>)> {
         let notes: Vec<String> = [

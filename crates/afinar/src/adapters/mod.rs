@@ -124,11 +124,11 @@ impl AdapterConfig {
             }
             let spec: Arc<dyn AdapterSpec> = match self {
                 AdapterConfig::Lora(c) => {
-                    let (spec, n) = c.init(store, path, *out_f, *in_f, rng)?;
+                    let (spec, n) = c.init(store, (path, *out_f, *in_f), rng)?;
                     notes.extend(n);
                     Arc::new(spec)
                 }
-                AdapterConfig::Ia3(c) => Arc::new(c.init(store, path, *out_f, *in_f)?),
+                AdapterConfig::Ia3(c) => Arc::new(c.init(store, (path, *out_f, *in_f))?),
                 AdapterConfig::PromptTuning(_) => unreachable!("no targeting"),
             };
             store.adapters.insert(path.clone(), spec);

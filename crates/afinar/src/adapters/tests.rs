@@ -9,8 +9,8 @@ use super::lora::{pattern_value, LoraSpec};
 use super::*;
 use crate::hub::gguf::{GgmlType, QTensor};
 use crate::params::{Path, Selector};
+use crate::testutil::{max_diff, uniform as randn};
 use candle_core::{Device, Var};
-use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
 #[test]
@@ -61,6 +61,16 @@ enum Meta {
     Ia3(Ia3Spec),
 }
 
+/// LoRA of rank R on the test's module.
+fn lora(scale: f64, dora: bool) -> Meta {
+    Meta::Lora(LoraSpec {
+        r: R,
+        scale,
+        dropout: 0.0,
+        dora,
+    })
+}
+
 impl Meta {
     fn spec(&self) -> Arc<dyn AdapterSpec> {
         match self {
@@ -70,26 +80,8 @@ impl Meta {
     }
 }
 
-fn randn(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect()
-}
-
 fn t(v: Vec<f32>, shape: &[usize]) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 const OUT: usize = 48;
@@ -177,15 +169,7 @@ fn check_equal(ty: GgmlType, meta: Meta) {
 #[test]
 fn quantized_base_lora_matches_f32() {
     for ty in [GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_0] {
-        check_equal(
-            ty,
-            Meta::Lora(LoraSpec {
-                r: R,
-                scale: 2.0,
-                dropout: 0.0,
-                dora: false,
-            }),
-        );
+        check_equal(ty, lora(2.0, false));
     }
 }
 
@@ -198,29 +182,13 @@ fn quantized_base_ia3_matches_f32() {
 
 #[test]
 fn quantized_base_refuses_dora_shape_and_in_place_merge() {
-    let (sq, _) = stores(
-        GgmlType::Q8_0,
-        Meta::Lora(LoraSpec {
-            r: R,
-            scale: 1.0,
-            dropout: 0.0,
-            dora: true,
-        }),
-    );
+    let (sq, _) = stores(GgmlType::Q8_0, lora(1.0, true));
     let e = load(&sq).err().unwrap().to_string();
     assert_eq!(
         e,
         "DoRA on a quantized base weight `m` is not supported: use base_dtype = \"f32\""
     );
-    let (sq, _) = stores(
-        GgmlType::Q8_0,
-        Meta::Lora(LoraSpec {
-            r: R,
-            scale: 1.0,
-            dropout: 0.0,
-            dora: false,
-        }),
-    );
+    let (sq, _) = stores(GgmlType::Q8_0, lora(1.0, false));
     let e = Path::root(&sq, "m")
         .linear(IN, OUT + 1, true)
         .err()
@@ -239,15 +207,7 @@ fn quantized_base_refuses_dora_shape_and_in_place_merge() {
 
 #[test]
 fn quantized_weights_count_list_and_save_as_f32() {
-    let (sq, _) = stores(
-        GgmlType::Q4_1,
-        Meta::Lora(LoraSpec {
-            r: R,
-            scale: 1.0,
-            dropout: 0.0,
-            dora: false,
-        }),
-    );
+    let (sq, _) = stores(GgmlType::Q4_1, lora(1.0, false));
     // weight (quantised) + bias + A + B
     let all = OUT * IN + OUT + R * IN + OUT * R;
     assert_eq!(sq.counts(), (R * IN + OUT * R, all));

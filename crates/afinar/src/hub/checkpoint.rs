@@ -603,6 +603,33 @@ pub(crate) fn group_digits(n: impl std::fmt::Display) -> String {
     out
 }
 
+/// A table of tensors: name, type (headed `type_header`), shape and
+/// parameter count, columns as wide as their widest cell.
+pub(crate) fn tensor_table(rows: &[(String, String, String, usize)], type_header: &str) -> String {
+    use std::fmt::Write;
+    let width = |f: &dyn Fn(&(String, String, String, usize)) -> usize, head: &str| {
+        rows.iter().map(f).max().unwrap_or(0).max(head.len())
+    };
+    let wn = width(&|r| r.0.len(), "name");
+    let wt = width(&|r| r.1.len(), type_header);
+    let ws = width(&|r| r.2.len(), "shape");
+    let wp = width(&|r| group_digits(r.3).len(), "params");
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<wn$}  {:<wt$}  {:<ws$}  {:>wp$}",
+        "name", type_header, "shape", "params"
+    );
+    for (n, t, s, p) in rows {
+        let _ = writeln!(
+            out,
+            "{n:<wn$}  {t:<wt$}  {s:<ws$}  {:>wp$}",
+            group_digits(*p)
+        );
+    }
+    out
+}
+
 /// A human-readable table of the checkpoint at `path`: one row per tensor
 /// (name, dtype, shape, parameters) and totals, for `afinar inspect`.
 pub fn inspect(path: impl AsRef<Path>) -> Result<String> {
@@ -630,43 +657,7 @@ fn table(ck: &Checkpoint) -> String {
             )
         })
         .collect();
-    let wn = rows
-        .iter()
-        .map(|r| r.0.len())
-        .max()
-        .unwrap_or(0)
-        .max("name".len());
-    let wd = rows
-        .iter()
-        .map(|r| r.1.len())
-        .max()
-        .unwrap_or(0)
-        .max("dtype".len());
-    let ws = rows
-        .iter()
-        .map(|r| r.2.len())
-        .max()
-        .unwrap_or(0)
-        .max("shape".len());
-    let wp = rows
-        .iter()
-        .map(|r| group_digits(r.3).len())
-        .max()
-        .unwrap_or(0)
-        .max("params".len());
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<wn$}  {:<wd$}  {:<ws$}  {:>wp$}",
-        "name", "dtype", "shape", "params"
-    );
-    for (n, d, s, p) in &rows {
-        let _ = writeln!(
-            out,
-            "{n:<wn$}  {d:<wd$}  {s:<ws$}  {:>wp$}",
-            group_digits(*p)
-        );
-    }
+    let mut out = tensor_table(&rows, "dtype");
     let mut by_dtype: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut bytes = 0usize;
     for e in ck.tensors.values() {
@@ -933,31 +924,26 @@ mod tests {
             b.extend(std::iter::repeat_n(0u8, data_len));
             std::fs::write(&p, b).unwrap();
         };
-        write_raw("{\"x\": {\"dtype\": \"F32\", \"shape\": [2], ", 8);
-        let err = Checkpoint::open(&p).unwrap_err().to_string();
-        assert!(
-            err.contains("bad.safetensors") && err.contains("corrupt safetensors header"),
-            "{err}"
-        );
-
-        // Shape and byte length disagree.
-        write_raw(
-            r#"{"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}"#,
-            8,
-        );
-        let err = Checkpoint::open(&p).unwrap_err().to_string();
-        assert!(
-            err.contains("`x`") && err.contains("needs 12 bytes"),
-            "{err}"
-        );
-
-        // Unknown dtype.
-        write_raw(
-            r#"{"x": {"dtype": "F17", "shape": [2], "data_offsets": [0, 8]}}"#,
-            8,
-        );
-        let err = Checkpoint::open(&p).unwrap_err().to_string();
-        assert!(err.contains("`x`") && err.contains("F17"), "{err}");
+        for (header, needles) in [
+            (
+                "{\"x\": {\"dtype\": \"F32\", \"shape\": [2], ",
+                &["bad.safetensors", "corrupt safetensors header"][..],
+            ),
+            // Shape and byte length disagree.
+            (
+                r#"{"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}"#,
+                &["`x`", "needs 12 bytes"],
+            ),
+            // Unknown dtype.
+            (
+                r#"{"x": {"dtype": "F17", "shape": [2], "data_offsets": [0, 8]}}"#,
+                &["`x`", "F17"],
+            ),
+        ] {
+            write_raw(header, 8);
+            let err = Checkpoint::open(&p).unwrap_err().to_string();
+            assert!(needles.iter().all(|n| err.contains(n)), "{err}");
+        }
 
         // Overlap.
         write_raw(

@@ -204,6 +204,18 @@ struct Fetcher<'a> {
 }
 
 impl Fetcher<'_> {
+    /// An answer that is neither the file nor a redirect to it.
+    fn unexpected(&self, file: &str, resp: &ureq::Response, url: &str) -> Error {
+        self.err(
+            file,
+            format!(
+                "unexpected answer {} {} from {url}",
+                resp.status(),
+                resp.status_text()
+            ),
+        )
+    }
+
     fn err(&self, file: &str, msg: impl std::fmt::Display) -> Error {
         Error::msg(format!(
             "hub model {}@{}: {file}: {msg}",
@@ -286,14 +298,7 @@ impl Fetcher<'_> {
         if resp.status() != 200
             && !(is_redirect(resp.status()) && resp.header("location").is_some())
         {
-            return Err(self.err(
-                file,
-                format!(
-                    "unexpected answer {} {} from {url}",
-                    resp.status(),
-                    resp.status_text()
-                ),
-            ));
+            return Err(self.unexpected(file, &resp, &url));
         }
         let commit = resp
             .header(COMMIT_HEADER)
@@ -352,16 +357,7 @@ impl Fetcher<'_> {
             match resp.header("location") {
                 Some(loc) if is_redirect(resp.status()) => url = resolve(&url, loc),
                 _ if resp.status() == 200 => return Ok(resp),
-                _ => {
-                    return Err(self.err(
-                        file,
-                        format!(
-                            "unexpected answer {} {} from {url}",
-                            resp.status(),
-                            resp.status_text()
-                        ),
-                    ))
-                }
+                _ => return Err(self.unexpected(file, &resp, &url)),
             }
         }
         Err(self.err(file, format!("more than {MAX_REDIRECTS} redirects")))
@@ -895,6 +891,16 @@ mod tests {
         safetensors::serialize(views, None).unwrap()
     }
 
+    /// Options pointing at a loopback port nothing listens on.
+    fn closed_port_opts() -> HfOptions {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        opts(&format!("http://127.0.0.1:{port}"))
+    }
+
     fn opts(endpoint: &str) -> HfOptions {
         HfOptions {
             endpoint: endpoint.to_string(),
@@ -1051,12 +1057,7 @@ mod tests {
         assert_eq!(shard_names(&index).unwrap(), vec!["model-1.safetensors"]);
 
         // A closed port: were a request made, the error would be "cannot reach".
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let o = opts(&format!("http://127.0.0.1:{port}"));
+        let o = closed_port_opts();
         for rev in ["../../../outside", "/abs"] {
             let err = download_model_with("org/x", Some(rev), d.path(), &o, &mut |_| {})
                 .unwrap_err()
@@ -1200,12 +1201,7 @@ mod tests {
         }
         std::fs::write(repo.join("refs/main"), COMMIT).unwrap();
         // A closed port: a request would fail.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let o = opts(&format!("http://127.0.0.1:{port}"));
+        let o = closed_port_opts();
         let dir = download_model_with("org/shared", None, cache.path(), &o, &mut |_| {}).unwrap();
         assert_eq!(dir, snap);
         assert_eq!(Checkpoint::open(&dir).unwrap().names(), vec!["w"]);

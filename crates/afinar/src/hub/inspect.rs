@@ -61,25 +61,7 @@ pub fn gguf_table(g: &Gguf) -> String {
             )
         })
         .collect();
-    let width =
-        |f: &dyn Fn(&Row) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
-    let wn = width(&|r| r.0.len(), 4);
-    let wt = width(&|r| r.1.len(), 4);
-    let ws = width(&|r| r.2.len(), 5);
-    let wp = width(&|r| group_digits(r.3).len(), 6);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<wn$}  {:<wt$}  {:<ws$}  {:>wp$}",
-        "name", "type", "shape", "params"
-    );
-    for (n, t, s, p) in &rows {
-        let _ = writeln!(
-            out,
-            "{n:<wn$}  {t:<wt$}  {s:<ws$}  {:>wp$}",
-            group_digits(*p)
-        );
-    }
+    let mut out = super::checkpoint::tensor_table(&rows, "type");
     // u128: the element counts of tensors whose type has no known layout
     // are not bounded by the file's length (each fits i64, their sum may not).
     let total: u128 = rows.iter().map(|r| r.3 as u128).sum();

@@ -183,7 +183,7 @@ fn exact_match(
             SftExample::PromptCompletion { prompt, .. } => prompt.clone(),
         };
         let ids = tok.encode_raw(&text, false)?;
-        let g = crate::generate::generate_with_prefix(
+        let g = crate::generate::generate(
             model,
             prefix,
             &ids,

@@ -191,19 +191,7 @@ impl Gpt2Block {
 
     fn forward(&self, x: &Tensor, inp: &Inputs, rng: Option<&DropoutRng>) -> Result<Tensor> {
         let (q, k, v) = self.split_qkv(&self.c_attn.forward_t(&self.ln_1.forward(x)?, rng)?)?;
-        let drop = rng
-            .filter(|_| self.attn_pdrop > 0.0)
-            .map(|r| (self.attn_pdrop, r.next()));
-        let ctx = nn::causal_attention_dropout(
-            &q,
-            &k,
-            &v,
-            self.heads,
-            self.heads,
-            inp.key_mask.clone(),
-            inp.segments.clone(),
-            drop,
-        )?;
+        let ctx = inp.causal_attention(&q, &k, &v, self.heads, self.heads, self.attn_pdrop, rng)?;
         let a = maybe_dropout(self.attn_proj.forward_t(&ctx, rng)?, self.resid_pdrop, rng)?;
         let x = (x + a)?;
         Ok((&x + self.mlp(&x, rng)?)?)
@@ -259,13 +247,6 @@ impl Gpt2 {
         &self.wte
     }
 
-    /// Token embeddings `[B, T, C]` (positions are added in the body).
-    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let x = nn::embedding(&self.wte, &ids.flatten_all()?, None)?;
-        Ok(x.reshape((b, t, self.config.n_embd))?)
-    }
-
     fn add_positions(&self, x: &Tensor, positions: &Arc<Vec<u32>>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         if let Some(&p) = positions.iter().max() {
@@ -281,34 +262,24 @@ impl Gpt2 {
         Ok((x + pos)?)
     }
 
-    pub fn forward_embeds(
-        &self,
-        x: &Tensor,
-        inp: &Inputs,
-        rng: Option<&DropoutRng>,
-    ) -> Result<Tensor> {
-        let mut x = maybe_dropout(self.add_positions(x, &inp.positions)?, self.embd_pdrop, rng)?;
+    pub fn forward_embeds(&self, x: &Tensor, i: &Inputs, d: Option<&DropoutRng>) -> Result<Tensor> {
+        let mut x = maybe_dropout(self.add_positions(x, &i.positions)?, self.embd_pdrop, d)?;
         for blk in &self.blocks {
-            x = blk.forward_ckpt(&x, inp, rng, self.gradient_checkpointing)?;
+            x = blk.forward_ckpt(&x, i, d, self.gradient_checkpointing)?;
         }
         self.ln_f.forward(&x)
     }
 
-    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.forward_cached_embeds(&self.embed(ids)?, cache)
-    }
-
-    /// [`Self::forward_cached`] from input embeddings `[B, Tn, C]` (a soft
-    /// prompt, then token embeddings).
+    /// Final hidden states of new positions after `cache` (generation),
+    /// from input embeddings `[B, Tn, C]` (a soft prompt, then token
+    /// embeddings).
     pub fn forward_cached_embeds(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, tn, _) = x.dims3()?;
-        let t_past = cache.len;
-        let positions = cache.begin(self.blocks.len(), b, tn);
+        let (positions, t_past, tn) = cache.begin_step(self.blocks.len(), x)?;
         let mut x = self.add_positions(x, &positions)?;
         for (blk, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             x = blk.forward_cached(&x, c, t_past)?;
         }
-        cache.len += tn;
+        cache.end_step(tn);
         self.ln_f.forward(&x)
     }
 }

@@ -19,12 +19,22 @@ impl KvCache {
     pub fn new() -> Self {
         Self::default()
     }
-    /// Ready the cache of an `n`-layer model for `tn` new positions of `b`
-    /// rows; returns their position ids `[b * tn]` (continuing the cache).
-    pub fn begin(&mut self, n: usize, b: usize, tn: usize) -> Arc<Vec<u32>> {
+    /// Ready the cache of an `n`-layer model for the new positions of input
+    /// embeddings `x` `[B, Tn, C]`: their position ids `[B * Tn]`
+    /// (continuing the cache), how many positions it held before, and Tn.
+    /// [`Self::end_step`] counts them in once every layer has run.
+    pub fn begin_step(&mut self, n: usize, x: &Tensor) -> Result<(Arc<Vec<u32>>, usize, usize)> {
+        let (b, tn, _) = x.dims3()?;
         self.ensure_layers(n, b);
-        let t_past = self.len as u32;
-        Arc::new((0..b).flat_map(|_| t_past..t_past + tn as u32).collect())
+        let t_past = self.len;
+        let p = t_past as u32;
+        let positions = Arc::new((0..b).flat_map(|_| p..p + tn as u32).collect());
+        Ok((positions, t_past, tn))
+    }
+
+    /// The step's `tn` positions are in every layer's cache.
+    pub fn end_step(&mut self, tn: usize) {
+        self.len += tn;
     }
 
     pub fn ensure_layers(&mut self, n: usize, b: usize) {

@@ -242,19 +242,8 @@ impl LlamaLayer {
         let v = self.v_proj.forward_t(&hn, rng)?;
         let q = nn::rope(&q, rope, &inp.positions, self.heads)?;
         let k = nn::rope(&k, rope, &inp.positions, self.kv_heads)?;
-        let drop = rng
-            .filter(|_| self.attention_dropout > 0.0)
-            .map(|r| (self.attention_dropout, r.next()));
-        let ctx = nn::causal_attention_dropout(
-            &q,
-            &k,
-            &v,
-            self.heads,
-            self.kv_heads,
-            inp.key_mask.clone(),
-            inp.segments.clone(),
-            drop,
-        )?;
+        let (h, kvh, p) = (self.heads, self.kv_heads, self.attention_dropout);
+        let ctx = inp.causal_attention(&q, &k, &v, h, kvh, p, rng)?; // [B, T, Hq*D]
         let x = x.add(&self.o_proj.forward_t(&ctx, rng)?)?;
         let hn = self.post_attention_layernorm.forward(&x)?;
         Ok((&x + self.mlp(&hn, rng)?)?)
@@ -332,45 +321,27 @@ impl Llama {
         &self.embed_tokens
     }
 
-    /// Token embeddings `[B, T, C]`.
-    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let x = nn::embedding(&self.embed_tokens, &ids.flatten_all()?, None)?;
-        Ok(x.reshape((b, t, self.config.hidden_size))?)
-    }
-
     /// The final hidden states `[B, T, C]` (after the last norm) of input
     /// embeddings `x` `[B, T, C]` (token embeddings, or a soft prompt
     /// prepended to them). `rng` = Some in training.
-    pub fn forward_embeds(
-        &self,
-        x: &Tensor,
-        inp: &Inputs,
-        rng: Option<&DropoutRng>,
-    ) -> Result<Tensor> {
+    pub fn forward_embeds(&self, x: &Tensor, i: &Inputs, d: Option<&DropoutRng>) -> Result<Tensor> {
         let mut x = x.clone();
         for l in &self.layers {
-            x = l.forward_ckpt(&x, inp, &self.rope, rng, self.gradient_checkpointing)?;
+            x = l.forward_ckpt(&x, i, &self.rope, d, self.gradient_checkpointing)?;
         }
         self.norm.forward(&x)
     }
 
-    /// Final hidden states of the new tokens `ids` [B, Tn] after `cache`.
-    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.forward_cached_embeds(&self.embed(ids)?, cache)
-    }
-
-    /// [`Self::forward_cached`] from input embeddings `[B, Tn, C]` (a soft
-    /// prompt, then token embeddings).
+    /// Final hidden states of new positions after `cache` (generation),
+    /// from input embeddings `[B, Tn, C]` (a soft prompt, then token
+    /// embeddings).
     pub fn forward_cached_embeds(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, tn, _) = x.dims3()?;
-        let t_past = cache.len;
-        let positions = cache.begin(self.layers.len(), b, tn);
+        let (positions, t_past, tn) = cache.begin_step(self.layers.len(), x)?;
         let mut x = x.clone();
         for (l, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = l.forward_cached(&x, &positions, &self.rope, c, t_past)?;
         }
-        cache.len += tn;
+        cache.end_step(tn);
         self.norm.forward(&x)
     }
 }

@@ -57,6 +57,20 @@ pub fn is_gguf(path: &Path) -> bool {
     crate::hub::inspect::is_gguf_file(path)
 }
 
+/// A model is a folder or a GGUF file: any other file is refused (a
+/// PyTorch pickle as such, never unpickled).
+fn refuse_other_files(path: &Path) -> Result<()> {
+    if path.is_file() {
+        crate::hub::pickle::refuse(path)?;
+        return Err(Error::file(
+            path,
+            "is a file: a model is a folder (config.json, model.safetensors, \
+             tokenizer files) or a .gguf file",
+        ));
+    }
+    Ok(())
+}
+
 /// Read and validate the `config.json` of a model folder.
 pub fn read_config(dir: &Path) -> Result<(ModelConfig, serde_json::Value)> {
     if !dir.exists() {
@@ -75,14 +89,7 @@ pub fn peek_config(path: &Path) -> Result<(ModelConfig, serde_json::Value)> {
         let raw = crate::hub::gguf::llama::llama_config_from_gguf(&g)?;
         return Ok((ModelConfig::from_value(&raw, path)?, raw));
     }
-    if path.is_file() {
-        crate::hub::pickle::refuse(path)?;
-        return Err(Error::file(
-            path,
-            "is a file: a model is a folder (config.json, model.safetensors, \
-             tokenizer files) or a .gguf file",
-        ));
-    }
+    refuse_other_files(path)?;
     read_config(path)
 }
 
@@ -92,14 +99,7 @@ pub fn load_model(path: &Path, selector: Selector, opts: LoadOpts) -> Result<Loa
     if is_gguf(path) {
         return load_gguf(path, selector, opts);
     }
-    if path.is_file() {
-        crate::hub::pickle::refuse(path)?;
-        return Err(Error::file(
-            path,
-            "is a file: a model is a folder (config.json, model.safetensors, \
-             tokenizer files) or a .gguf file",
-        ));
-    }
+    refuse_other_files(path)?;
     if opts.quantized {
         return Err(Error::file(
             path,

@@ -297,6 +297,33 @@ impl Inputs {
         Ok(x)
     }
 
+    /// Causal self-attention of this batch: q `[B, T, heads * D]`, k and v
+    /// `[B, T, kv_heads * D]` (grouped-query when fewer), padding and packed
+    /// segments masked; attention dropout `p` in training (`rng` = Some).
+    #[allow(clippy::too_many_arguments)]
+    pub fn causal_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        p: f32,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
+        let drop = rng.filter(|_| p > 0.0).map(|r| (p, r.next()));
+        Ok(crate::nn::causal_attention_dropout(
+            q,
+            k,
+            v,
+            heads,
+            kv_heads,
+            self.key_mask.clone(),
+            self.segments.clone(),
+            drop,
+        )?)
+    }
+
     /// The padding mask as a `[B, T]` tensor (mean pooling).
     pub fn mask_tensor(&self) -> Result<Tensor> {
         Ok(Tensor::from_slice(
@@ -409,13 +436,16 @@ impl Body {
         ))
     }
 
-    /// Token embeddings `[B, T, C]` (decoders: positions are added inside).
+    /// Token embeddings `[B, T, C]` of a decoder (positions are added in
+    /// the body), through the embedding op so a trainable table gets its
+    /// gradient.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        match self {
-            Body::Bert(_) => Err(self.decoder_only("embed")),
-            Body::Llama(m) => m.embed(ids),
-            Body::Gpt2(m) => m.embed(ids),
+        if let Body::Bert(_) = self {
+            return Err(self.decoder_only("embed"));
         }
+        let (b, t) = ids.dims2()?;
+        let x = crate::nn::embedding(self.embed_weight(), &ids.flatten_all()?, None)?;
+        Ok(x.reshape((b, t, self.hidden_size()))?)
     }
 
     /// Final hidden states `[B, T, C]` of input embeddings `[B, T, C]` (a

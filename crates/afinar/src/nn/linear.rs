@@ -37,6 +37,14 @@ impl Base {
         matches!(self, Base::Quantized(_))
     }
 
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Base::F32(w) => w.t.dims2()?,
+            Base::Quantized(q) => (q.rows(), q.cols()),
+        })
+    }
+
     /// The weight as a detached f32 tensor (a quantised one dequantised).
     pub fn to_f32(&self) -> Result<Tensor> {
         match self {

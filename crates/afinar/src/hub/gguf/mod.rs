@@ -113,43 +113,37 @@ pub type GgufResult<T> = std::result::Result<T, GgufError>;
 
 // ---------------------------------------------------------------- values
 
-/// The metadata value types, by their GGUF ids.
+/// The metadata value types; a type's GGUF id is its position
+/// (`as u32`, and [`GgufValueType::from_id`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 pub enum GgufValueType {
-    U8 = 0,
-    I8 = 1,
-    U16 = 2,
-    I16 = 3,
-    U32 = 4,
-    I32 = 5,
-    F32 = 6,
-    Bool = 7,
-    String = 8,
-    Array = 9,
-    U64 = 10,
-    I64 = 11,
-    F64 = 12,
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    F32,
+    Bool,
+    String,
+    Array,
+    U64,
+    I64,
+    F64,
 }
 
 impl GgufValueType {
-    pub fn from_id(id: u32) -> Option<Self> {
+    /// Every type, in the order of their GGUF ids.
+    const ALL: [GgufValueType; 13] = {
         use GgufValueType::*;
-        Some(match id {
-            0 => U8,
-            1 => I8,
-            2 => U16,
-            3 => I16,
-            4 => U32,
-            5 => I32,
-            6 => F32,
-            7 => Bool,
-            8 => String,
-            9 => Array,
-            10 => U64,
-            11 => I64,
-            12 => F64,
-            _ => return None,
-        })
+        [
+            U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64,
+        ]
+    };
+
+    pub fn from_id(id: u32) -> Option<Self> {
+        Self::ALL.get(id as usize).copied()
     }
 }
 

@@ -5,12 +5,8 @@
 use super::quant::{GgmlType, QData, QTensor};
 use super::writer::str_array;
 use super::*;
-use rand::{Rng, SeedableRng};
-
-fn randn(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect()
-}
+use crate::testutil::{max_diff, uniform as randn};
+use rand::SeedableRng;
 
 fn all_value_types() -> Vec<(&'static str, GgufValue)> {
     use GgufValue as V;
@@ -384,52 +380,27 @@ fn tiny_llama(dir: &Path, arch: &str, tied: bool) -> (PathBuf, Vec<(String, Tens
         vec![vocab, h],
         GgmlType::Q8_0,
     );
+    use GgmlType::{F32, Q4_0, Q4_1, Q8_0};
+    let layer: [(&str, Vec<usize>, GgmlType); 9] = [
+        ("self_attn.q_proj.weight", vec![h, h], F32),
+        ("self_attn.k_proj.weight", vec![kv, h], F32),
+        ("self_attn.v_proj.weight", vec![kv, h], Q4_1),
+        ("self_attn.o_proj.weight", vec![h, h], Q4_0),
+        ("mlp.gate_proj.weight", vec![ff, h], Q4_1),
+        ("mlp.up_proj.weight", vec![ff, h], Q4_1),
+        ("mlp.down_proj.weight", vec![h, ff], Q8_0),
+        ("input_layernorm.weight", vec![h], F32),
+        ("post_attention_layernorm.weight", vec![h], F32),
+    ];
     for l in 0..layers {
-        let p = |s: &str| format!("model.layers.{l}.{s}");
-        add(
-            &mut w,
-            p("self_attn.q_proj.weight"),
-            vec![h, h],
-            GgmlType::F32,
-        );
-        add(
-            &mut w,
-            p("self_attn.k_proj.weight"),
-            vec![kv, h],
-            GgmlType::F32,
-        );
-        add(
-            &mut w,
-            p("self_attn.v_proj.weight"),
-            vec![kv, h],
-            GgmlType::Q4_1,
-        );
-        add(
-            &mut w,
-            p("self_attn.o_proj.weight"),
-            vec![h, h],
-            GgmlType::Q4_0,
-        );
-        add(
-            &mut w,
-            p("mlp.gate_proj.weight"),
-            vec![ff, h],
-            GgmlType::Q4_1,
-        );
-        add(&mut w, p("mlp.up_proj.weight"), vec![ff, h], GgmlType::Q4_1);
-        add(
-            &mut w,
-            p("mlp.down_proj.weight"),
-            vec![h, ff],
-            GgmlType::Q8_0,
-        );
-        add(&mut w, p("input_layernorm.weight"), vec![h], GgmlType::F32);
-        add(
-            &mut w,
-            p("post_attention_layernorm.weight"),
-            vec![h],
-            GgmlType::F32,
-        );
+        for (name, shape, ty) in &layer {
+            add(
+                &mut w,
+                format!("model.layers.{l}.{name}"),
+                shape.clone(),
+                *ty,
+            );
+        }
     }
     add(&mut w, "model.norm.weight".into(), vec![h], GgmlType::F32);
     if !tied {
@@ -570,15 +541,8 @@ fn gguf_llama_names_config_and_weights() {
         assert_eq!(got.dims(), want.dims(), "{name}");
         let q = llama_qtensor(&g, name).unwrap();
         let from_q = Tensor::from_vec(q.to_f32_vec(), got.shape(), &Device::Cpu).unwrap();
-        let d = (&got - &from_q)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        let d = max_diff(&got, &from_q);
+        assert_eq!(d, 0.0, "{name}");
         // F32 weights (q, k, norms) come back exactly, in HF row order.
         let ty = g.tensor_info(&gguf_name(name).unwrap()).unwrap().ty;
         if ty == GgmlType::F32 {
@@ -853,15 +817,8 @@ fn gguf_real_smollm2_qlinear() {
         let x = Tensor::from_vec(randn(3 * q.cols(), 1), (3, q.cols()), &Device::Cpu).unwrap();
         let y = crate::nn::qlinear::qlinear(&x, &q, None).unwrap();
         let y_ref = x.matmul(&wf.t().unwrap()).unwrap();
-        let d = (&y - &y_ref)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "{name}");
+        let d = max_diff(&y, &y_ref);
+        assert!(d < 1e-4, "{name}");
     }
 }
 
@@ -930,18 +887,8 @@ fn gguf_quantized_load_matches_f32_with_lora() {
             mf.forward(&inp, None).unwrap(),
         );
         assert_eq!(hq.dims(), &[b, t, h]);
-        let d = (&hq - &hf)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(
-            d.to_scalar::<f32>().unwrap() < 1e-4,
-            "hidden states differ by {d}"
-        );
+        let d = max_diff(&hq, &hf);
+        assert!(d < 1e-4, "hidden states differ by {d}");
         let (lq, _) = mq.lm_loss(&hq, &labels).unwrap();
         let (lf, _) = mf.lm_loss(&hf, &labels).unwrap();
         let (lqv, lfv) = (
@@ -955,15 +902,7 @@ fn gguf_quantized_load_matches_f32_with_lora() {
         assert_eq!(names.len(), 2 * 3 * layers);
         for n in &names {
             let (gq, gf) = (sq.grad(n).unwrap().unwrap(), sf.grad(n).unwrap().unwrap());
-            let d = (&gq - &gf)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            let d = d.to_scalar::<f32>().unwrap();
+            let d = max_diff(&gq, &gf);
             assert!(d < 1e-4, "{n}: gradient differs by {d}");
         }
         let e = gguf_params(
@@ -1015,7 +954,7 @@ fn gguf_real_smollm2_quantized_generates_as_f32() {
             ..Default::default()
         };
         let decode = |ids: &[u32]| src.tokenizer.decode(ids, true);
-        let g = generate(&model, &ids, 2048, &cfg, &decode, &mut |_| {}).unwrap();
+        let g = generate(&model, None, &ids, 2048, &cfg, &decode, &mut |_| {}).unwrap();
         eprintln!("quantized = {quantized}: {:?} {:?}", g.ids, g.text);
         out.push((g.ids, g.text));
     }
