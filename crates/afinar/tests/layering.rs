@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 /// Bottom to top. Items of `lib.rs` itself (`Error`, `Result`, `device`,
 /// `candle_core`) are the root: every layer may use them.
 const LAYERS: &[&str] = &[
+    "testutil",     // unit-test helpers (cfg(test) only)
     "error",        // typed errors
     "event",        // what the library reports instead of printing
     "fsutil",       // atomic writes
