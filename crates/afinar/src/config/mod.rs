@@ -362,6 +362,31 @@ fn format_ratio(x: f64) -> String {
     }
 }
 
+/// An error of the file itself: toml quotes the line, but names no key when
+/// it has a span. Reading the file's table again as a value meets the same
+/// error (`preserve_order`: keys in the file's order, so the same first
+/// error) and tracks the dotted key, added on a last line as a `--set`
+/// error shows it: "in `train.lr`".
+fn file_err(path: &Path, text: &str, e: &toml::de::Error) -> Error {
+    let key = toml::from_str::<toml::Table>(text)
+        .ok()
+        .and_then(|t| toml::Value::Table(t).try_into::<RunConfig>().err())
+        .filter(|v| e.span().is_some() && v.span().is_none() && v.message() == e.message())
+        .and_then(|v| {
+            // Without a span, the value error's text is the message, then "in `KEY`".
+            let text = v.to_string();
+            let rest = text.strip_prefix(v.message())?.trim();
+            rest.strip_prefix("in `")?
+                .strip_suffix('`')
+                .map(String::from)
+        });
+    let msg = match key {
+        Some(k) => format!("{e}in `{k}`\n"),
+        None => e.to_string(),
+    };
+    cfg_err(path, msg)
+}
+
 /// Apply `key.path=value` overrides (`train.lr=3e-5`) to a parsed TOML table.
 /// The value is read as TOML (numbers, booleans, arrays), else as a string.
 pub fn apply_override(root: &mut toml::Table, assignment: &str, path: &Path) -> Result<()> {
@@ -394,7 +419,7 @@ impl Plan {
 
     pub fn from_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
         // Deserialize the file itself first: its errors carry line and column.
-        let _: RunConfig = toml::from_str(text).map_err(|e| cfg_err(path, e.to_string()))?;
+        let _: RunConfig = toml::from_str(text).map_err(|e| file_err(path, text, &e))?;
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| cfg_err(path, e.to_string()))?;
         // Deserialize after each override, so an error names the `--set` that caused it.
@@ -792,6 +817,58 @@ lr = 1e-4
             .unwrap_err()
             .to_string();
         assert!(e.contains("lrr"), "{e}");
+    }
+
+    /// A decoder SFT run with a LoRA adapter (parsed only: `m` need not exist).
+    const SFT: &str = r#"
+[model]
+path = "m"
+[task]
+type = "sft"
+[data]
+train = "t.jsonl"
+messages = "input"
+split = [0.8, 0.1, 0.1]
+[adapter]
+type = "lora"
+target_modules = ["q_proj"]
+[train]
+lr = 1e-4
+"#;
+
+    /// A file error names the key of the error the file shows, also when
+    /// another key has an error with the same text: the table is read in
+    /// the file's order (toml's `preserve_order`), as the file is.
+    #[test]
+    fn a_file_error_names_its_own_key() {
+        let text = format!(
+            "[train]\nlr = 1e-4\nepochs = \"two\"\n{}",
+            GOOD.replace("[train]\nlr = 1e-4\n", "")
+        )
+        .replace("path = \"m\"", "path = \"m\"\nmax_length = \"two\"");
+        let e = Plan::from_str(&text, Path::new("x.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3") && e.contains("in `train.epochs`") && !e.contains("max_length"),
+            "{e}"
+        );
+    }
+
+    /// `rank_pattern` keeps the file's order (PEFT takes the first match),
+    /// also through the table `--set` edits.
+    #[test]
+    fn rank_pattern_keeps_the_file_order() {
+        let text = SFT.replace(
+            "target_modules = [\"q_proj\"]",
+            "target_modules = [\"q_proj\"]\nrank_pattern = { \"q_proj\" = 2, \"layers.0.q_proj\" = 4 }",
+        );
+        let p = Plan::from_str(&text, Path::new("x.toml"), &["train.lr=1e-3".into()]).unwrap();
+        let Some(crate::adapters::AdapterConfig::Lora(l)) = &p.config.adapter else {
+            panic!("a lora adapter")
+        };
+        let keys: Vec<&str> = l.rank_pattern.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["q_proj", "layers.0.q_proj"]);
     }
 
     #[test]
