@@ -1489,7 +1489,7 @@ fn config_value_of_the_wrong_type_in_the_file() {
 }
 
 /// A typed mode (`freeze.preset`, `data.overflow`, `data.format`,
-/// `train.device`, `init_lora_weights`,
+/// `train.device`, `model.format`, `init_lora_weights`,
 /// `prompt_tuning_init`) with a value it does not take, in the file or by
 /// `--set`: refused before any weight is read, naming the key, the file
 /// (and its line) and the valid values.
@@ -1541,6 +1541,14 @@ fn config_mode_with_a_wrong_value() {
             ],
         ),
         (
+            &["model.format=onnx"],
+            &[
+                "--set `model.format=onnx`",
+                "unknown variant `onnx`, expected `safetensors` or `gguf`",
+                "in `model.format`",
+            ],
+        ),
+        (
             &[lora[0], lora[1], "adapter.init_lora_weights=true"],
             &[
                 "--set `adapter.init_lora_weights=true`",
@@ -1560,6 +1568,32 @@ fn config_mode_with_a_wrong_value() {
         c.train(&cfg, set).fails_with(needles);
         c.no_run_folder();
     }
+}
+
+/// `model.format` that is not what `model.path` holds names both.
+#[test]
+fn model_format_that_does_not_match_the_model() {
+    let c = Case::new();
+    let cfg = tiny_config_file(c.d());
+    c.train(&cfg, &["model.format=gguf"]).fails_with(&[
+        "tiny.toml",
+        "`model.format`: \"gguf\" does not match `model.path` = ",
+        "bert-tiny\", a safetensors model folder",
+    ]);
+    c.no_run_folder();
+    let gguf = c.d().join("weights");
+    std::fs::copy(llama_gguf(&c, "m.gguf"), &gguf).unwrap();
+    let cfg = write(
+        c.d(),
+        "run.toml",
+        &tiny_config(&gguf, &fixture().join("train.jsonl")),
+    );
+    c.train(&cfg, &["model.format=safetensors"]).fails_with(&[
+        "run.toml",
+        "`model.format`: \"safetensors\" does not match `model.path` = ",
+        "weights\", a GGUF file",
+    ]);
+    c.no_run_folder();
 }
 
 #[test]

@@ -10,6 +10,7 @@ pub(crate) use modes::{mode, opt_mode};
 use crate::data::sft::Overflow;
 use crate::data::Format;
 use crate::heads::{Pooling, TaskKind};
+use crate::models::SourceFormat;
 use crate::optim::Schedule;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -52,6 +53,10 @@ pub struct ModelSection {
     /// training on a quantised base). GGUF sources and adapter runs only.
     #[serde(default, deserialize_with = "mode")]
     pub base_dtype: BaseDtype,
+    /// "safetensors" (a model folder) or "gguf" (one llama.cpp file); by
+    /// default what the source holds. When given, it must agree with it.
+    #[serde(default, deserialize_with = "opt_mode")]
+    pub format: Option<SourceFormat>,
 }
 fn d_max_length() -> usize {
     128
@@ -69,6 +74,28 @@ impl ModelSection {
                 revision: self.revision.clone(),
             },
         }
+    }
+
+    /// What the source holds, as far as it can be told before loading: a
+    /// path's file or folder, an asset's registered file, a hub model's
+    /// folder (the hub client downloads safetensors only). None when it
+    /// cannot be told (a path not there yet, an unknown asset).
+    pub fn held_format(&self) -> Option<SourceFormat> {
+        match (&self.asset, &self.path, &self.hub) {
+            (Some(a), _, _) => crate::hub::assets::asset(a)
+                .ok()
+                .map(|a| SourceFormat::of_name(Path::new(a.path))),
+            (None, Some(p), _) => SourceFormat::detect(p),
+            (None, None, _) => Some(SourceFormat::Safetensors),
+        }
+    }
+
+    /// The source's format: `model.format`, else what the source holds,
+    /// else a model folder.
+    pub fn format(&self) -> SourceFormat {
+        self.format
+            .or_else(|| self.held_format())
+            .unwrap_or(SourceFormat::Safetensors)
     }
 }
 
@@ -499,6 +526,19 @@ impl Plan {
                 }
             }
         }
+        if let (Some(want), Some(held)) = (c.model.format, c.model.held_format()) {
+            if want != held {
+                let source = match (&c.model.asset, &c.model.path, &c.model.hub) {
+                    (Some(a), _, _) => format!("asset `{a}`"),
+                    (None, Some(p), _) => format!("`model.path` = {:?}", p.display().to_string()),
+                    (None, None, h) => format!("hub model `{}`", h.as_deref().unwrap_or_default()),
+                };
+                return err(
+                    "model.format",
+                    format!("\"{want}\" does not match {source}, {}", held.what()),
+                );
+            }
+        }
         if !c.train.device.is_cpu() {
             if c.task.kind != TaskType::Sft {
                 return err(
@@ -520,14 +560,7 @@ impl Plan {
             );
         }
         if c.model.base_dtype == BaseDtype::Quantized {
-            let gguf = match (&c.model.path, &c.model.asset) {
-                (Some(path), _) => path.extension().is_some_and(|e| e == "gguf"),
-                (None, Some(a)) => {
-                    crate::hub::assets::asset(a).is_ok_and(|a| a.path.ends_with(".gguf"))
-                }
-                _ => false,
-            };
-            if !gguf {
+            if c.model.format() != SourceFormat::Gguf {
                 return err(
                     "model.base_dtype",
                     "\"quantized\" needs a GGUF model (a `.gguf` path or a GGUF asset); safetensors load as \"f32\"".into(),
@@ -1052,7 +1085,7 @@ lr = 1e-4
             "type = \"prompt_tuning\"\nnum_virtual_tokens = 4",
         );
         // (base config, the line the key goes after, key, bad value, valid values)
-        let cases: [(&str, &str, &str, &str, &[&str]); 6] = [
+        let cases: [(&str, &str, &str, &str, &[&str]); 7] = [
             (
                 GOOD,
                 "[train]",
@@ -1080,6 +1113,13 @@ lr = 1e-4
                 "train.device",
                 "gpu",
                 &[r#""cpu", "cuda" or "cuda:N""#],
+            ),
+            (
+                GOOD,
+                "path = \"m\"",
+                "model.format",
+                "onnx",
+                &["`safetensors`", "`gguf`"],
             ),
             (
                 SFT,
@@ -1225,6 +1265,83 @@ lr = 1e-4
         );
     }
 
+    /// `model.format` must agree with what the source holds; it decides
+    /// whether `base_dtype = "quantized"` has a GGUF model to quantise.
+    #[test]
+    fn model_format_agrees_with_the_source() {
+        let d = tempfile::tempdir().unwrap();
+        let folder = d.path().join("m");
+        std::fs::create_dir(&folder).unwrap();
+        // A GGUF file without the extension: told by its magic.
+        let gguf = d.path().join("weights");
+        std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00").unwrap();
+        let q = |s: &Path| format!("{:?}", s.display().to_string());
+        let with = |path: &str| SFT.replace("path = \"m\"", &format!("path = {path}"));
+        let load = |text: &str, sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Plan::from_str(text, Path::new("x.toml"), &sets).map_err(|e| e.to_string())
+        };
+        // Given or not, a folder is safetensors and the magic makes GGUF.
+        let p = load(&with(&q(&folder)), &["model.format=safetensors"]).unwrap();
+        assert_eq!(p.config.model.format(), SourceFormat::Safetensors);
+        let p = load(&with(&q(&gguf)), &[]).unwrap();
+        assert_eq!(p.config.model.format, None);
+        assert_eq!(p.config.model.format(), SourceFormat::Gguf);
+        load(&with(&q(&gguf)), &["model.base_dtype=quantized"]).unwrap();
+        // A name that is not there yet: its extension, else what `format` says.
+        assert_eq!(
+            load(&with("\"x.gguf\""), &[])
+                .unwrap()
+                .config
+                .model
+                .format(),
+            SourceFormat::Gguf
+        );
+        load(&SFT, &["model.format=gguf", "model.base_dtype=quantized"]).unwrap();
+        let e = load(&SFT, &["model.base_dtype=quantized"]).unwrap_err();
+        assert!(e.contains("needs a GGUF model"), "{e}");
+        // Disagreement names both.
+        for (text, sets, source, held) in [
+            (
+                with(&q(&folder)),
+                ["model.format=gguf"],
+                q(&folder),
+                "a safetensors model folder",
+            ),
+            (
+                with(&q(&gguf)),
+                ["model.format=safetensors"],
+                q(&gguf),
+                "a GGUF file",
+            ),
+            (
+                with("\"x.gguf\""),
+                ["model.format=safetensors"],
+                "\"x.gguf\"".into(),
+                "a GGUF file",
+            ),
+        ] {
+            let e = load(&text, &sets).unwrap_err();
+            let want = format!(
+                "`model.format`: \"{}\" does not match `model.path` = {source}, {held}",
+                sets[0].rsplit('=').next().unwrap()
+            );
+            assert!(e.contains(&want), "{want}\n{e}");
+        }
+        let asset = SFT.replace("path = \"m\"", "asset = \"smollm2-135m-instruct\"");
+        let e = load(&asset, &["model.format=safetensors"]).unwrap_err();
+        assert!(
+            e.contains("does not match asset `smollm2-135m-instruct`, a GGUF file"),
+            "{e}"
+        );
+        let hub = SFT.replace("path = \"m\"", "hub = \"org/name\"");
+        let e = load(&hub, &["model.format=gguf"]).unwrap_err();
+        assert!(
+            e.contains("does not match hub model `org/name`, a safetensors model folder"),
+            "{e}"
+        );
+    }
+
     /// The run folder's `config.toml` (what `--resume` reads) loads back to
     /// the same config, every typed mode included.
     #[test]
@@ -1240,6 +1357,7 @@ lr = 1e-4
                     "freeze.preset=last_layers",
                     "freeze.last_layers=2",
                     "data.format=json",
+                    "model.format=safetensors",
                 ][..],
             ),
             (GOOD, &["freeze.preset=head_only", "data.format=tsv"]),
@@ -1274,6 +1392,7 @@ lr = 1e-4
             assert_eq!(a.data.format, b.data.format);
             assert_eq!(a.data.overflow, b.data.overflow);
             assert_eq!(a.train.device, b.train.device);
+            assert_eq!(a.model.format, b.model.format);
             assert_eq!(a.adapter, b.adapter);
         }
         let p = Plan::from_str(
