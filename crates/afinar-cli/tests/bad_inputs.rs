@@ -336,8 +336,9 @@ fn invalid_values() {
         (
             "freeze.preset=bottom_half",
             &[
-                "`freeze.preset`",
-                "`bottom_half` is not one of full, head_only, last_layers",
+                "--set `freeze.preset=bottom_half`",
+                "unknown variant `bottom_half`, expected one of `full`, `head_only`, `last_layers`",
+                "in `freeze.preset`",
             ],
         ),
         (
@@ -363,7 +364,11 @@ fn invalid_values() {
         ),
         (
             "data.format=parquet",
-            &["`data.format`", "`parquet` is not jsonl, csv or tsv"],
+            &[
+                "--set `data.format=parquet`",
+                "unknown variant `parquet`, expected one of `json`, `jsonl`, `csv`, `tsv`",
+                "in `data.format`",
+            ],
         ),
         // Zero used to panic (`step % 0`) once training had started.
         ("train.eval_every=0", &["`train.eval_every`", "must be > 0"]),
@@ -1483,6 +1488,114 @@ fn config_value_of_the_wrong_type_in_the_file() {
     c.no_run_folder();
 }
 
+/// A typed mode (`freeze.preset`, `data.overflow`, `data.format`,
+/// `train.device`, `model.format`, `init_lora_weights`,
+/// `prompt_tuning_init`) with a value it does not take, in the file or by
+/// `--set`: refused before any weight is read, naming the key, the file
+/// (and its line) and the valid values.
+#[test]
+fn config_mode_with_a_wrong_value() {
+    let c = Case::new();
+    let text = tiny_config(&fixture(), &fixture().join("train.jsonl"))
+        .replace("[train]", "[freeze]\npreset = \"bottom_half\"\n\n[train]");
+    let cfg = write(c.d(), "run.toml", &text);
+    let out = c.train(&cfg, &[]);
+    out.fails_with(&[
+        "run.toml",
+        "line 12, column 10",
+        "preset = \"bottom_half\"",
+        "unknown variant `bottom_half`, expected one of `full`, `head_only`, `last_layers`",
+        "in `freeze.preset`",
+    ]);
+    c.snapshot("config_mode_wrong_value", &out);
+    c.no_run_folder();
+    let text = tiny_config(&fixture(), &fixture().join("train.jsonl"))
+        .replace("threads = 1", "threads = 1\ndevice = 0");
+    let cfg = write(c.d(), "run.toml", &text);
+    c.train(&cfg, &[]).fails_with(&[
+        "run.toml",
+        "line 17, column 10",
+        "invalid type: integer `0`, expected \"cpu\", \"cuda\" or \"cuda:N\"",
+        "in `train.device`",
+    ]);
+    c.no_run_folder();
+    let cfg = tiny_config_file(c.d());
+    let lora = ["adapter.type=lora", "adapter.target_modules=[\"query\"]"];
+    let prompt = ["adapter.type=prompt_tuning", "adapter.num_virtual_tokens=4"];
+    for (set, needles) in [
+        (
+            &["data.overflow=wrap"][..],
+            &[
+                "tiny.toml",
+                "--set `data.overflow=wrap`",
+                "unknown variant `wrap`, expected one of `truncate`, `error`, `skip`",
+                "in `data.overflow`",
+            ][..],
+        ),
+        (
+            &["train.device=cuda:x"],
+            &[
+                "--set `train.device=cuda:x`",
+                "\"cuda:x\" is not a device: use \"cpu\", \"cuda\" or \"cuda:N\"",
+                "in `train.device`",
+            ],
+        ),
+        (
+            &["model.format=onnx"],
+            &[
+                "--set `model.format=onnx`",
+                "unknown variant `onnx`, expected `safetensors` or `gguf`",
+                "in `model.format`",
+            ],
+        ),
+        (
+            &[lora[0], lora[1], "adapter.init_lora_weights=true"],
+            &[
+                "--set `adapter.init_lora_weights=true`",
+                "invalid type: boolean `true`, expected `kaiming` or `gaussian`",
+                "in `adapter.init_lora_weights`",
+            ],
+        ),
+        (
+            &[prompt[0], prompt[1], "adapter.prompt_tuning_init=TEXT"],
+            &[
+                "--set `adapter.prompt_tuning_init=TEXT`",
+                "unknown variant `TEXT`, expected one of `random`, `sample_vocab`, `text`",
+                "in `adapter.prompt_tuning_init`",
+            ],
+        ),
+    ] {
+        c.train(&cfg, set).fails_with(needles);
+        c.no_run_folder();
+    }
+}
+
+/// `model.format` that is not what `model.path` holds names both.
+#[test]
+fn model_format_that_does_not_match_the_model() {
+    let c = Case::new();
+    let cfg = tiny_config_file(c.d());
+    c.train(&cfg, &["model.format=gguf"]).fails_with(&[
+        "tiny.toml",
+        "`model.format`: \"gguf\" does not match `model.path` = ",
+        "bert-tiny\", a safetensors model folder",
+    ]);
+    c.no_run_folder();
+    let gguf = c.d().join("weights");
+    std::fs::copy(llama_gguf(&c, "m.gguf"), &gguf).unwrap();
+    let cfg = write(
+        c.d(),
+        "run.toml",
+        &tiny_config(&gguf, &fixture().join("train.jsonl")),
+    );
+    c.train(&cfg, &["model.format=safetensors"]).fails_with(&[
+        "run.toml",
+        "`model.format`: \"safetensors\" does not match `model.path` = ",
+        "weights\", a GGUF file",
+    ]);
+    c.no_run_folder();
+}
+
 #[test]
 fn config_keys_that_conflict() {
     let c = Case::new();
@@ -1511,6 +1624,10 @@ fn config_keys_that_conflict() {
         (
             &["train.early_stopping={metric = \"bleu\", patience = 2}"],
             &["`train.early_stopping.metric`: `bleu` is not one of [\"loss\", \"accuracy\", \"macro_f1\"]"],
+        ),
+        (
+            &["task.type=\"sft\"", "data.messages=\"messages\"", "data.format=\"csv\""],
+            &["tiny.toml", "`data.format`: SFT reads JSONL rows (\"jsonl\"); \"csv\" and \"tsv\" are for classification and regression"],
         ),
         (&["train.threads=0"], &["`train.threads`: must be > 0"]),
         (

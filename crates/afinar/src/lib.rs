@@ -54,26 +54,18 @@ pub fn keep_freed_memory() {
 }
 
 /// The compute device named by `train.device`: "cpu", "cuda" or "cuda:N".
-pub fn device(name: &str) -> Result<candle_core::Device> {
-    let ordinal = match name {
-        "cpu" => return Ok(candle_core::Device::Cpu),
-        "cuda" => Some(0),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok()),
-    };
-    let Some(ordinal) = ordinal else {
-        return Err(Error::msg(format!(
-            "device {name:?}: use \"cpu\", \"cuda\" or \"cuda:N\""
-        )));
+pub fn device(spec: config::DeviceSpec) -> Result<candle_core::Device> {
+    let ordinal = match spec {
+        config::DeviceSpec::Cpu => return Ok(candle_core::Device::Cpu),
+        config::DeviceSpec::Cuda(n) => n,
     };
     if !cfg!(feature = "cuda") {
         return Err(Error::msg(format!(
-            "device {name:?}: this afinar was built without the cuda feature (scripts/build-cuda.sh builds one with it)"
+            "device \"{spec}\": this afinar was built without the cuda feature (scripts/build-cuda.sh builds one with it)"
         )));
     }
     candle_core::Device::new_cuda(ordinal)
-        .map_err(|e| Error::msg(format!("device {name:?}: no usable CUDA device ({e})")))
+        .map_err(|e| Error::msg(format!("device \"{spec}\": no usable CUDA device ({e})")))
 }
 
 /// Set up the CPU threads once per process: afinar's kernels run on rayon's

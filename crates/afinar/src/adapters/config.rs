@@ -4,6 +4,7 @@
 //! (unknown keys refused with their line), then each method takes its own
 //! fields and refuses another method's, naming the key.
 
+use crate::config::opt_mode;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -201,7 +202,7 @@ impl Default for LoraConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdapter {
-    #[serde(rename = "type")]
+    #[serde(rename = "type", default, deserialize_with = "opt_mode")]
     kind: Option<AdapterType>,
     #[serde(skip_serializing_if = "Option::is_none")]
     r: Option<usize>,
@@ -223,7 +224,11 @@ struct RawAdapter {
     use_rslora: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     use_dora: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "opt_mode",
+        skip_serializing_if = "Option::is_none"
+    )]
     init_lora_weights: Option<InitLoraWeights>,
     #[serde(skip_serializing_if = "Option::is_none")]
     modules_to_save: Option<Vec<String>>,
@@ -233,7 +238,11 @@ struct RawAdapter {
     allow_unmatched: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     num_virtual_tokens: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "opt_mode",
+        skip_serializing_if = "Option::is_none"
+    )]
     prompt_tuning_init: Option<PromptTuningInit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prompt_tuning_init_text: Option<String>,

@@ -2,7 +2,15 @@
 //! names) validated into a [`Plan`] before any weight is loaded, so a typo
 //! fails in milliseconds naming the key and the file.
 
+mod modes;
+
+pub use modes::DeviceSpec;
+pub(crate) use modes::{mode, opt_mode};
+
+use crate::data::sft::Overflow;
+use crate::data::Format;
 use crate::heads::{Pooling, TaskKind};
+use crate::models::SourceFormat;
 use crate::optim::Schedule;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -43,8 +51,12 @@ pub struct ModelSection {
     /// at load) or "quantized" (kept in the file's own types, Q4_0 / Q4_1 /
     /// Q8_0 ..., frozen and dequantised per matmul; QLoRA-style adapter
     /// training on a quantised base). GGUF sources and adapter runs only.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "mode")]
     pub base_dtype: BaseDtype,
+    /// "safetensors" (a model folder) or "gguf" (one llama.cpp file); by
+    /// default what the source holds. When given, it must agree with it.
+    #[serde(default, deserialize_with = "opt_mode")]
+    pub format: Option<SourceFormat>,
 }
 fn d_max_length() -> usize {
     128
@@ -62,6 +74,28 @@ impl ModelSection {
                 revision: self.revision.clone(),
             },
         }
+    }
+
+    /// What the source holds, as far as it can be told before loading: a
+    /// path's file or folder, an asset's registered file, a hub model's
+    /// folder (the hub client downloads safetensors only). None when it
+    /// cannot be told (a path not there yet, an unknown asset).
+    pub fn held_format(&self) -> Option<SourceFormat> {
+        match (&self.asset, &self.path, &self.hub) {
+            (Some(a), _, _) => crate::hub::assets::asset(a)
+                .ok()
+                .map(|a| SourceFormat::of_name(Path::new(a.path))),
+            (None, Some(p), _) => SourceFormat::detect(p),
+            (None, None, _) => Some(SourceFormat::Safetensors),
+        }
+    }
+
+    /// The source's format: `model.format`, else what the source holds,
+    /// else a model folder.
+    pub fn format(&self) -> SourceFormat {
+        self.format
+            .or_else(|| self.held_format())
+            .unwrap_or(SourceFormat::Safetensors)
     }
 }
 
@@ -102,10 +136,11 @@ impl TaskType {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSection {
-    #[serde(rename = "type", default = "d_task")]
+    #[serde(rename = "type", default = "d_task", deserialize_with = "mode")]
     pub kind: TaskType,
     /// How the head pools the body's states; default: what the family's
     /// transformers class does ("cls" for BERT, "last" for decoders).
+    #[serde(default, deserialize_with = "opt_mode")]
     pub pooling: Option<Pooling>,
     /// Dropout before the classifier; default: the model's hidden dropout.
     pub dropout: Option<f32>,
@@ -130,8 +165,9 @@ pub struct DataSection {
     pub train: String,
     pub validation: Option<String>,
     pub test: Option<String>,
-    /// "jsonl" | "csv" | "tsv"; default from the file extension.
-    pub format: Option<String>,
+    /// "jsonl" (or "json") | "csv" | "tsv"; default from the file extension.
+    #[serde(default, deserialize_with = "opt_mode")]
+    pub format: Option<Format>,
     /// Field path of the text (`input[-1].content`, `sentence1`).
     #[serde(default)]
     pub text: String,
@@ -149,8 +185,9 @@ pub struct DataSection {
     /// SFT: pack short examples into full `max_length` rows.
     #[serde(default)]
     pub packing: bool,
-    /// SFT: rows longer than max_length: "truncate" | "skip" | "error".
-    pub overflow: Option<String>,
+    /// SFT: rows longer than max_length: "truncate" (default) | "error" | "skip".
+    #[serde(default, deserialize_with = "opt_mode")]
+    pub overflow: Option<Overflow>,
     /// At most this many rows from each training file (a folder's tasks mixed evenly).
     pub max_rows_per_file: Option<usize>,
     /// SFT: whole tasks held out from training (a file or folder), scored
@@ -166,12 +203,36 @@ pub struct DataSection {
     pub split_seed: u64,
 }
 
+/// `freeze.preset`: what trains before `embeddings`, `first_layers` and the
+/// patterns apply. `last_layers` takes its count from `freeze.last_layers`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FreezePreset {
+    /// Every parameter trains.
+    #[default]
+    Full,
+    /// Only the new head trains.
+    HeadOnly,
+    /// The head and the last `freeze.last_layers` layers train.
+    LastLayers,
+}
+
+impl FreezePreset {
+    /// The name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FreezePreset::Full => "full",
+            FreezePreset::HeadOnly => "head_only",
+            FreezePreset::LastLayers => "last_layers",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FreezeSection {
-    /// "full" | "head_only" | "last_layers"
-    #[serde(default = "d_preset")]
-    pub preset: String,
+    #[serde(default, deserialize_with = "mode")]
+    pub preset: FreezePreset,
     /// With preset "last_layers": how many of the last encoder layers train.
     pub last_layers: Option<usize>,
     /// Freeze the embeddings.
@@ -186,13 +247,10 @@ pub struct FreezeSection {
     #[serde(default)]
     pub trainable: Vec<String>,
 }
-fn d_preset() -> String {
-    "full".into()
-}
 impl Default for FreezeSection {
     fn default() -> Self {
         FreezeSection {
-            preset: d_preset(),
+            preset: FreezePreset::Full,
             last_layers: None,
             embeddings: false,
             first_layers: 0,
@@ -229,7 +287,7 @@ pub struct TrainSection {
     pub beta2: f64,
     #[serde(default = "d_eps")]
     pub eps: f64,
-    #[serde(default = "d_schedule")]
+    #[serde(default = "d_schedule", deserialize_with = "mode")]
     pub schedule: Schedule,
     #[serde(default)]
     pub warmup_ratio: f64,
@@ -248,8 +306,8 @@ pub struct TrainSection {
     pub threads: Option<usize>,
     /// "cpu" (default), "cuda" or "cuda:N" (a build with the cuda feature;
     /// decoder SFT runs).
-    #[serde(default = "d_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceSpec,
     /// Recompute each layer's activations in backward instead of keeping
     /// them (transformers' `gradient_checkpointing`): less memory, one extra
     /// forward per step.
@@ -266,7 +324,7 @@ pub struct TrainSection {
     /// A NaN or Inf in the loss or the gradients: `"stop"` (the default)
     /// ends the run with an error naming the step and the rows, `"skip"`
     /// drops the batch (no update; counted in results.json).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "mode")]
     pub on_non_finite: OnNonFinite,
 }
 
@@ -280,9 +338,6 @@ pub enum OnNonFinite {
 }
 fn d_save_total_limit() -> usize {
     2
-}
-fn d_device() -> String {
-    "cpu".into()
 }
 fn d_epochs() -> usize {
     1
@@ -362,6 +417,31 @@ fn format_ratio(x: f64) -> String {
     }
 }
 
+/// An error of the file itself: toml quotes the line, but names no key when
+/// it has a span. Reading the file's table again as a value meets the same
+/// error (`preserve_order`: keys in the file's order, so the same first
+/// error) and tracks the dotted key, added on a last line as a `--set`
+/// error shows it: "in `train.lr`".
+fn file_err(path: &Path, text: &str, e: &toml::de::Error) -> Error {
+    let key = toml::from_str::<toml::Table>(text)
+        .ok()
+        .and_then(|t| toml::Value::Table(t).try_into::<RunConfig>().err())
+        .filter(|v| e.span().is_some() && v.span().is_none() && v.message() == e.message())
+        .and_then(|v| {
+            // Without a span, the value error's text is the message, then "in `KEY`".
+            let text = v.to_string();
+            let rest = text.strip_prefix(v.message())?.trim();
+            rest.strip_prefix("in `")?
+                .strip_suffix('`')
+                .map(String::from)
+        });
+    let msg = match key {
+        Some(k) => format!("{e}in `{k}`\n"),
+        None => e.to_string(),
+    };
+    cfg_err(path, msg)
+}
+
 /// Apply `key.path=value` overrides (`train.lr=3e-5`) to a parsed TOML table.
 /// The value is read as TOML (numbers, booleans, arrays), else as a string.
 pub fn apply_override(root: &mut toml::Table, assignment: &str, path: &Path) -> Result<()> {
@@ -394,7 +474,7 @@ impl Plan {
 
     pub fn from_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
         // Deserialize the file itself first: its errors carry line and column.
-        let _: RunConfig = toml::from_str(text).map_err(|e| cfg_err(path, e.to_string()))?;
+        let _: RunConfig = toml::from_str(text).map_err(|e| file_err(path, text, &e))?;
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| cfg_err(path, e.to_string()))?;
         // Deserialize after each override, so an error names the `--set` that caused it.
@@ -446,16 +526,20 @@ impl Plan {
                 }
             }
         }
-        if c.train.device != "cpu" {
-            if !(c.train.device == "cuda" || c.train.device.starts_with("cuda:")) {
+        if let (Some(want), Some(held)) = (c.model.format, c.model.held_format()) {
+            if want != held {
+                let source = match (&c.model.asset, &c.model.path, &c.model.hub) {
+                    (Some(a), _, _) => format!("asset `{a}`"),
+                    (None, Some(p), _) => format!("`model.path` = {:?}", p.display().to_string()),
+                    (None, None, h) => format!("hub model `{}`", h.as_deref().unwrap_or_default()),
+                };
                 return err(
-                    "train.device",
-                    format!(
-                        "{:?} is not a device: use \"cpu\", \"cuda\" or \"cuda:N\"",
-                        c.train.device
-                    ),
+                    "model.format",
+                    format!("\"{want}\" does not match {source}, {}", held.what()),
                 );
             }
+        }
+        if !c.train.device.is_cpu() {
             if c.task.kind != TaskType::Sft {
                 return err(
                     "train.device",
@@ -469,21 +553,14 @@ impl Plan {
                 );
             }
         }
-        if c.model.base_dtype == BaseDtype::Bf16 && c.train.device == "cpu" {
+        if c.model.base_dtype == BaseDtype::Bf16 && c.train.device.is_cpu() {
             return err(
                 "model.base_dtype",
                 "\"bf16\" is for GPU runs (train.device = \"cuda\"); on the CPU use \"f32\" or \"quantized\"".into(),
             );
         }
         if c.model.base_dtype == BaseDtype::Quantized {
-            let gguf = match (&c.model.path, &c.model.asset) {
-                (Some(path), _) => path.extension().is_some_and(|e| e == "gguf"),
-                (None, Some(a)) => {
-                    crate::hub::assets::asset(a).is_ok_and(|a| a.path.ends_with(".gguf"))
-                }
-                _ => false,
-            };
-            if !gguf {
+            if c.model.format() != SourceFormat::Gguf {
                 return err(
                     "model.base_dtype",
                     "\"quantized\" needs a GGUF model (a `.gguf` path or a GGUF asset); safetensors load as \"f32\"".into(),
@@ -564,34 +641,28 @@ impl Plan {
                 "give `validation` (a file) or `split` (ratios of train)".into(),
             );
         }
-        match c.freeze.preset.as_str() {
-            "full" | "head_only" => {
-                if c.freeze.last_layers.is_some() {
-                    return err(
-                        "freeze.last_layers",
-                        "only with preset = \"last_layers\"".into(),
-                    );
-                }
-            }
-            "last_layers" => {
-                if c.freeze.last_layers.is_none() {
-                    return err(
-                        "freeze.last_layers",
-                        "preset \"last_layers\" needs last_layers = N".into(),
-                    );
-                }
-            }
-            other => {
+        match (c.freeze.preset, c.freeze.last_layers) {
+            (preset @ (FreezePreset::Full | FreezePreset::HeadOnly), Some(n)) => {
                 return err(
-                    "freeze.preset",
-                    format!("`{other}` is not one of full, head_only, last_layers"),
-                )
+                    "freeze.last_layers",
+                    format!(
+                        "{n} is only for preset = \"last_layers\" (preset is \"{}\")",
+                        preset.as_str()
+                    ),
+                );
             }
+            (FreezePreset::LastLayers, None) => {
+                return err(
+                    "freeze.last_layers",
+                    "preset \"last_layers\" needs last_layers = N".into(),
+                );
+            }
+            _ => {}
         }
         if let Some(ad) = &c.adapter {
             // The message begins "adapter: ...".
             ad.validate().map_err(|e| cfg_err(p, e.to_string()))?;
-            if c.freeze.preset != "full"
+            if c.freeze.preset != FreezePreset::Full
                 || !c.freeze.frozen.is_empty()
                 || !c.freeze.trainable.is_empty()
             {
@@ -660,15 +731,13 @@ impl Plan {
                 if pc && (d.prompt.is_none() || d.completion.is_none()) {
                     return err("data", "give both `prompt` and `completion`".into());
                 }
-                if let Some(o) = &d.overflow {
-                    if !matches!(o.as_str(), "truncate" | "skip" | "error") {
-                        return err(
-                            "data.overflow",
-                            format!("`{o}` is not truncate, skip or error"),
-                        );
-                    }
+                if d.format.is_some_and(|f| f != Format::Jsonl) {
+                    return err(
+                        "data.format",
+                        "SFT reads JSONL rows (\"jsonl\"); \"csv\" and \"tsv\" are for classification and regression".into(),
+                    );
                 }
-                if c.freeze.preset != "full"
+                if c.freeze.preset != FreezePreset::Full
                     || !c.freeze.frozen.is_empty()
                     || !c.freeze.trainable.is_empty()
                 {
@@ -774,7 +843,7 @@ lr = 1e-4
         )
         .unwrap();
         assert_eq!(p.config.train.lr, 3e-5);
-        assert_eq!(p.config.freeze.preset, "head_only");
+        assert_eq!(p.config.freeze.preset, FreezePreset::HeadOnly);
         assert_eq!(p.config.seeds.init, 42);
     }
 
@@ -792,6 +861,41 @@ lr = 1e-4
             .unwrap_err()
             .to_string();
         assert!(e.contains("lrr"), "{e}");
+    }
+
+    /// A file error names the key of the error the file shows, also when
+    /// another key has an error with the same text: the table is read in
+    /// the file's order (toml's `preserve_order`), as the file is.
+    #[test]
+    fn a_file_error_names_its_own_key() {
+        let text = format!(
+            "[train]\nlr = 1e-4\nepochs = \"two\"\n{}",
+            GOOD.replace("[train]\nlr = 1e-4\n", "")
+        )
+        .replace("path = \"m\"", "path = \"m\"\nmax_length = \"two\"");
+        let e = Plan::from_str(&text, Path::new("x.toml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3") && e.contains("in `train.epochs`") && !e.contains("max_length"),
+            "{e}"
+        );
+    }
+
+    /// `rank_pattern` keeps the file's order (PEFT takes the first match),
+    /// also through the table `--set` edits.
+    #[test]
+    fn rank_pattern_keeps_the_file_order() {
+        let text = SFT.replace(
+            "target_modules = [\"q_proj\"]",
+            "target_modules = [\"q_proj\"]\nrank_pattern = { \"q_proj\" = 2, \"layers.0.q_proj\" = 4 }",
+        );
+        let p = Plan::from_str(&text, Path::new("x.toml"), &["train.lr=1e-3".into()]).unwrap();
+        let Some(crate::adapters::AdapterConfig::Lora(l)) = &p.config.adapter else {
+            panic!("a lora adapter")
+        };
+        let keys: Vec<&str> = l.rank_pattern.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["q_proj", "layers.0.q_proj"]);
     }
 
     #[test]
@@ -861,7 +965,7 @@ target_modules = ["q_proj"]
 lr = 1e-4
 "#;
         let p = Plan::from_str(sft, Path::new("x.toml"), &[]).unwrap();
-        assert_eq!(p.config.train.device, "cpu");
+        assert_eq!(p.config.train.device, DeviceSpec::Cpu);
         assert!(!p.config.train.gradient_checkpointing);
         let gpu = Plan::from_str(
             sft,
@@ -874,9 +978,14 @@ lr = 1e-4
         )
         .unwrap();
         assert_eq!(gpu.config.model.base_dtype, BaseDtype::Bf16);
+        assert_eq!(gpu.config.train.device, DeviceSpec::Cuda(1));
         assert!(gpu.config.train.gradient_checkpointing);
         for (sets, key, want) in [
-            (vec!["train.device=gpu"], "`train.device`", "not a device"),
+            (
+                vec!["train.device=gpu"],
+                "in `train.device`",
+                "not a device",
+            ),
             (
                 vec!["model.base_dtype=bf16"],
                 "`model.base_dtype`",
@@ -905,11 +1014,22 @@ lr = 1e-4
         }
         // Without the cuda feature, asking for a GPU is an error naming the feature.
         if !cfg!(feature = "cuda") {
-            let e = crate::device("cuda").unwrap_err().to_string();
-            assert!(e.contains("cuda feature"), "{e}");
+            let e = crate::device(DeviceSpec::Cuda(0)).unwrap_err().to_string();
+            assert!(e.contains("cuda feature") && e.contains("cuda:0"), "{e}");
         }
-        assert!(crate::device("cpu").unwrap().is_cpu());
-        assert!(crate::device("tpu").is_err());
+        assert!(crate::device(DeviceSpec::Cpu).unwrap().is_cpu());
+        for (s, want) in [
+            ("cpu", Some(DeviceSpec::Cpu)),
+            ("cuda", Some(DeviceSpec::Cuda(0))),
+            ("cuda:3", Some(DeviceSpec::Cuda(3))),
+            ("tpu", None),
+            ("cuda:", None),
+            ("cuda:+1", None),
+            ("cuda:x", None),
+            ("CPU", None),
+        ] {
+            assert_eq!(s.parse::<DeviceSpec>().ok(), want, "{s}");
+        }
     }
 
     #[test]
@@ -936,5 +1056,352 @@ lr = 1e-4
         .unwrap_err()
         .to_string();
         assert!(e.contains("freeze.last_layers"), "{e}");
+    }
+
+    /// A decoder SFT run with a LoRA adapter (parsed only: `m` need not exist).
+    const SFT: &str = r#"
+[model]
+path = "m"
+[task]
+type = "sft"
+[data]
+train = "t.jsonl"
+messages = "input"
+split = [0.8, 0.1, 0.1]
+[adapter]
+type = "lora"
+target_modules = ["q_proj"]
+[train]
+lr = 1e-4
+"#;
+
+    /// Every typed mode: a wrong value fails at `Plan::from_str` naming the
+    /// key, the file and its line, and the valid values; given by `--set`,
+    /// naming the `--set` and the key.
+    #[test]
+    fn a_wrong_mode_names_key_file_line_and_valid_values() {
+        let prompt = SFT.replace(
+            "type = \"lora\"\ntarget_modules = [\"q_proj\"]",
+            "type = \"prompt_tuning\"\nnum_virtual_tokens = 4",
+        );
+        // (base config, the line the key goes after, key, bad value, valid values)
+        let cases: [(&str, &str, &str, &str, &[&str]); 7] = [
+            (
+                GOOD,
+                "[train]",
+                "freeze.preset",
+                "bottom_half",
+                &["`full`", "`head_only`", "`last_layers`"],
+            ),
+            (
+                SFT,
+                "messages = \"input\"",
+                "data.overflow",
+                "wrap",
+                &["`truncate`", "`error`", "`skip`"],
+            ),
+            (
+                GOOD,
+                "label = \"label\"",
+                "data.format",
+                "parquet",
+                &["`jsonl`", "`csv`", "`tsv`"],
+            ),
+            (
+                SFT,
+                "lr = 1e-4",
+                "train.device",
+                "gpu",
+                &[r#""cpu", "cuda" or "cuda:N""#],
+            ),
+            (
+                GOOD,
+                "path = \"m\"",
+                "model.format",
+                "onnx",
+                &["`safetensors`", "`gguf`"],
+            ),
+            (
+                SFT,
+                "target_modules = [\"q_proj\"]",
+                "adapter.init_lora_weights",
+                "pissa",
+                &["`kaiming`", "`gaussian`"],
+            ),
+            (
+                &prompt,
+                "num_virtual_tokens = 4",
+                "adapter.prompt_tuning_init",
+                "vocab",
+                &["`random`", "`sample_vocab`", "`text`"],
+            ),
+        ];
+        let file = Path::new("runs/x.toml");
+        for (base, after, key, bad, valid) in cases {
+            let (section, name) = key.split_once('.').unwrap();
+            // Another name, and a value of another type.
+            for value in [format!("\"{bad}\""), "3".into()] {
+                let line = format!("{name} = {value}");
+                let text = if after == "[train]" {
+                    // A section of its own, before [train].
+                    base.replace("[train]", &format!("[{section}]\n{line}\n[train]"))
+                } else {
+                    base.replace(after, &format!("{after}\n{line}"))
+                };
+                let n = text.lines().position(|l| l == line).unwrap() + 1;
+                let e = Plan::from_str(&text, file, &[]).unwrap_err().to_string();
+                for want in [
+                    "runs/x.toml",
+                    &format!("line {n}"),
+                    &line,
+                    &format!("in `{key}`"),
+                ]
+                .into_iter()
+                .chain(valid.iter().copied())
+                {
+                    assert!(e.contains(want), "{key} in the file: no {want:?} in\n{e}");
+                }
+                // The same value by `--set` on the config without it.
+                let set = format!("{key}={value}");
+                let e = Plan::from_str(base, file, &[set.clone()])
+                    .unwrap_err()
+                    .to_string();
+                for want in [
+                    "runs/x.toml",
+                    &format!("--set `{set}`"),
+                    &format!("in `{key}`"),
+                ]
+                .into_iter()
+                .chain(valid.iter().copied())
+                {
+                    assert!(e.contains(want), "--set {set}: no {want:?} in\n{e}");
+                }
+            }
+        }
+    }
+
+    /// The modes that were enums already fail the same way on a value of
+    /// another type (serde's own enums name no valid value then).
+    #[test]
+    fn every_mode_names_its_values_on_a_wrong_type() {
+        for (set, valid) in [
+            (
+                "task.type=1",
+                "one of `classification`, `regression`, `sft`",
+            ),
+            ("task.pooling=true", "`cls`"),
+            ("train.schedule=[1]", "`linear`"),
+            ("train.on_non_finite={a = 1}", "`stop` or `skip`"),
+            ("model.base_dtype=16", "one of `f32`, `quantized`, `bf16`"),
+            ("adapter.type=2", "one of `lora`, `ia3`, `prompt_tuning`"),
+            ("adapter.init_lora_weights=true", "`kaiming` or `gaussian`"),
+        ] {
+            let key = set.split('=').next().unwrap();
+            let e = Plan::from_str(SFT, Path::new("x.toml"), &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("invalid type")
+                    && e.contains(valid)
+                    && e.contains(&format!("in `{key}`")),
+                "{set}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn typed_modes_read_as_written() {
+        let p = Plan::from_str(
+            GOOD,
+            Path::new("x.toml"),
+            &[
+                "data.format=json".into(),
+                "freeze.preset=last_layers".into(),
+                "freeze.last_layers=2".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.config.data.format, Some(Format::Jsonl));
+        assert_eq!(p.config.freeze.preset, FreezePreset::LastLayers);
+        for (f, want) in [
+            ("csv", Format::Csv),
+            ("tsv", Format::Tsv),
+            ("jsonl", Format::Jsonl),
+        ] {
+            let p =
+                Plan::from_str(GOOD, Path::new("x.toml"), &[format!("data.format={f}")]).unwrap();
+            assert_eq!(p.config.data.format, Some(want));
+        }
+        let p = Plan::from_str(SFT, Path::new("x.toml"), &[]).unwrap();
+        assert_eq!(p.config.data.overflow, None);
+        for (o, want) in [
+            ("truncate", Overflow::Truncate),
+            ("skip", Overflow::Skip),
+            ("error", Overflow::Error),
+        ] {
+            let p =
+                Plan::from_str(SFT, Path::new("x.toml"), &[format!("data.overflow={o}")]).unwrap();
+            assert_eq!(p.config.data.overflow, Some(want));
+        }
+        Plan::from_str(SFT, Path::new("x.toml"), &["data.format=json".into()]).unwrap();
+        let e = Plan::from_str(SFT, Path::new("x.toml"), &["data.format=csv".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`data.format`: SFT reads JSONL rows"), "{e}");
+        // `last_layers` without its preset names both.
+        let e = Plan::from_str(
+            GOOD,
+            Path::new("x.toml"),
+            &[
+                "freeze.preset=head_only".into(),
+                "freeze.last_layers=2".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`freeze.last_layers`: 2 is only for preset = \"last_layers\" (preset is \"head_only\")"),
+            "{e}"
+        );
+    }
+
+    /// `model.format` must agree with what the source holds; it decides
+    /// whether `base_dtype = "quantized"` has a GGUF model to quantise.
+    #[test]
+    fn model_format_agrees_with_the_source() {
+        let d = tempfile::tempdir().unwrap();
+        let folder = d.path().join("m");
+        std::fs::create_dir(&folder).unwrap();
+        // A GGUF file without the extension: told by its magic.
+        let gguf = d.path().join("weights");
+        std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00").unwrap();
+        let q = |s: &Path| format!("{:?}", s.display().to_string());
+        let with = |path: &str| SFT.replace("path = \"m\"", &format!("path = {path}"));
+        let load = |text: &str, sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Plan::from_str(text, Path::new("x.toml"), &sets).map_err(|e| e.to_string())
+        };
+        // Given or not, a folder is safetensors and the magic makes GGUF.
+        let p = load(&with(&q(&folder)), &["model.format=safetensors"]).unwrap();
+        assert_eq!(p.config.model.format(), SourceFormat::Safetensors);
+        let p = load(&with(&q(&gguf)), &[]).unwrap();
+        assert_eq!(p.config.model.format, None);
+        assert_eq!(p.config.model.format(), SourceFormat::Gguf);
+        load(&with(&q(&gguf)), &["model.base_dtype=quantized"]).unwrap();
+        // A name that is not there yet: its extension, else what `format` says.
+        assert_eq!(
+            load(&with("\"x.gguf\""), &[])
+                .unwrap()
+                .config
+                .model
+                .format(),
+            SourceFormat::Gguf
+        );
+        load(&SFT, &["model.format=gguf", "model.base_dtype=quantized"]).unwrap();
+        let e = load(&SFT, &["model.base_dtype=quantized"]).unwrap_err();
+        assert!(e.contains("needs a GGUF model"), "{e}");
+        // Disagreement names both.
+        for (text, sets, source, held) in [
+            (
+                with(&q(&folder)),
+                ["model.format=gguf"],
+                q(&folder),
+                "a safetensors model folder",
+            ),
+            (
+                with(&q(&gguf)),
+                ["model.format=safetensors"],
+                q(&gguf),
+                "a GGUF file",
+            ),
+            (
+                with("\"x.gguf\""),
+                ["model.format=safetensors"],
+                "\"x.gguf\"".into(),
+                "a GGUF file",
+            ),
+        ] {
+            let e = load(&text, &sets).unwrap_err();
+            let want = format!(
+                "`model.format`: \"{}\" does not match `model.path` = {source}, {held}",
+                sets[0].rsplit('=').next().unwrap()
+            );
+            assert!(e.contains(&want), "{want}\n{e}");
+        }
+        let asset = SFT.replace("path = \"m\"", "asset = \"smollm2-135m-instruct\"");
+        let e = load(&asset, &["model.format=safetensors"]).unwrap_err();
+        assert!(
+            e.contains("does not match asset `smollm2-135m-instruct`, a GGUF file"),
+            "{e}"
+        );
+        let hub = SFT.replace("path = \"m\"", "hub = \"org/name\"");
+        let e = load(&hub, &["model.format=gguf"]).unwrap_err();
+        assert!(
+            e.contains("does not match hub model `org/name`, a safetensors model folder"),
+            "{e}"
+        );
+    }
+
+    /// The run folder's `config.toml` (what `--resume` reads) loads back to
+    /// the same config, every typed mode included.
+    #[test]
+    fn the_saved_config_round_trips() {
+        let prompt = SFT.replace(
+            "type = \"lora\"\ntarget_modules = [\"q_proj\"]",
+            "type = \"prompt_tuning\"\nnum_virtual_tokens = 4",
+        );
+        for (text, sets) in [
+            (
+                GOOD,
+                &[
+                    "freeze.preset=last_layers",
+                    "freeze.last_layers=2",
+                    "data.format=json",
+                    "model.format=safetensors",
+                ][..],
+            ),
+            (GOOD, &["freeze.preset=head_only", "data.format=tsv"]),
+            (
+                SFT,
+                &[
+                    "data.overflow=skip",
+                    "train.device=cuda",
+                    "model.base_dtype=bf16",
+                    "adapter.init_lora_weights=gaussian",
+                ],
+            ),
+            (
+                SFT,
+                &[
+                    "train.device=cuda:2",
+                    "model.base_dtype=bf16",
+                    "data.overflow=error",
+                ],
+            ),
+            (&prompt, &["adapter.prompt_tuning_init=sample_vocab"]),
+        ] {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            let p = Plan::from_str(text, Path::new("x.toml"), &sets).unwrap();
+            let saved = p.to_toml().unwrap();
+            let again = Plan::from_str(&saved, Path::new("run/config.toml"), &[])
+                .unwrap_or_else(|e| panic!("{sets:?}: {e}\n{saved}"));
+            assert_eq!(again.to_toml().unwrap(), saved);
+            let (a, b) = (&p.config, &again.config);
+            assert_eq!(a.freeze.preset, b.freeze.preset);
+            assert_eq!(a.freeze.last_layers, b.freeze.last_layers);
+            assert_eq!(a.data.format, b.data.format);
+            assert_eq!(a.data.overflow, b.data.overflow);
+            assert_eq!(a.train.device, b.train.device);
+            assert_eq!(a.model.format, b.model.format);
+            assert_eq!(a.adapter, b.adapter);
+        }
+        let p = Plan::from_str(
+            SFT,
+            Path::new("x.toml"),
+            &["train.device=cuda".into(), "model.base_dtype=bf16".into()],
+        )
+        .unwrap();
+        let saved = p.to_toml().unwrap();
+        assert!(saved.contains("device = \"cuda:0\""), "{saved}");
     }
 }

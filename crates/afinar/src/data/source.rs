@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
-    /// One JSON object per line (`.jsonl`, `.json`).
+    /// One JSON object per line (`.jsonl`, `.json`); a config may write "json".
+    #[serde(alias = "json")]
     Jsonl,
     /// Comma-separated with a header row, RFC 4180 quoting.
     Csv,

@@ -141,20 +141,7 @@ pub fn data_spec(plan: &Plan) -> Result<(DataSpec, Option<data::Format>)> {
             .map_err(|e| cfg("text_pair", e))?,
         label: Some(FieldPath::parse(&d.label).map_err(|e| cfg("label", e))?),
     };
-    let format = d
-        .format
-        .as_deref()
-        .map(|f| match f {
-            "jsonl" | "json" => Ok(data::Format::Jsonl),
-            "csv" => Ok(data::Format::Csv),
-            "tsv" => Ok(data::Format::Tsv),
-            other => Err(Error::Config {
-                path: plan.config_path.clone(),
-                msg: format!("`data.format`: `{other}` is not jsonl, csv or tsv"),
-            }),
-        })
-        .transpose()?;
-    Ok((spec, format))
+    Ok((spec, d.format))
 }
 
 /// Read the data files and apply the seeded split.

@@ -12,7 +12,7 @@ pub mod classify;
 pub mod sft;
 
 use crate::adapters::{AdapterConfig, AdapterType, PeftTask};
-use crate::config::{Plan, TaskType};
+use crate::config::{FreezePreset, Plan, TaskType};
 use crate::event::Event;
 use crate::models::{Family, ModelConfig};
 use crate::params::{FreezeRules, ParamStore, Preset, Selector};
@@ -31,10 +31,11 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
 /// `cfg`, with a new head under `head` (patterns that always train).
 pub fn selector(plan: &Plan, cfg: &ModelConfig, head: &[&str]) -> Result<Selector> {
     let f = &plan.config.freeze;
-    let preset = match f.preset.as_str() {
-        "full" => Preset::Full,
-        "head_only" => Preset::HeadOnly,
-        _ => Preset::LastLayers(f.last_layers.unwrap_or(0)),
+    // `Plan::validate` checked that `last_layers` is given with its preset.
+    let preset = match f.preset {
+        FreezePreset::Full => Preset::Full,
+        FreezePreset::HeadOnly => Preset::HeadOnly,
+        FreezePreset::LastLayers => Preset::LastLayers(f.last_layers.unwrap_or(0)),
     };
     let rules = FreezeRules {
         preset,

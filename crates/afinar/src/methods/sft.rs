@@ -14,8 +14,7 @@ use super::canonical;
 use crate::adapters::{peft, AdapterConfig, AdapterType, PeftTask};
 use crate::config::Plan;
 use crate::data::sft::{
-    pack, pad_batch, read_sft, Overflow, Role, SftBatch, SftEncoder, SftExample, SftFormat,
-    SftTokens,
+    pack, pad_batch, read_sft, Role, SftBatch, SftEncoder, SftExample, SftFormat, SftTokens,
 };
 use crate::data::{seeded_split, FieldPath};
 use crate::event::Event;
@@ -424,17 +423,12 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         .map(|t| ChatTemplate::new(t, &specials.bos_token, &specials.eos_token))
         .transpose()?;
     let format = sft_format(plan)?;
-    let overflow = match d.overflow.as_deref() {
-        Some("skip") => Overflow::Skip,
-        Some("error") => Overflow::Error,
-        _ => Overflow::Truncate,
-    };
     let enc = SftEncoder {
         tokenizer: tok.raw(),
         template: template.as_ref(),
         eos_id: specials.eos_ids.first().copied(),
         max_length: max_len,
-        overflow,
+        overflow: d.overflow.unwrap_or_default(),
     };
 
     // ---- data: every training file's rows, split by row (seeded)
@@ -575,7 +569,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             pt.num_virtual_tokens
         )));
     }
-    let device = crate::device(&c.train.device)?;
+    let device = crate::device(c.train.device)?;
     if !device.is_cpu() {
         let dt = match c.model.base_dtype {
             crate::config::BaseDtype::Bf16 => candle_core::DType::BF16,

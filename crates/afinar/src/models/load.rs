@@ -27,6 +27,51 @@ pub enum SourceFormat {
     Gguf,
 }
 
+impl SourceFormat {
+    /// The format a name says: a `.gguf` file, else a model folder.
+    pub fn of_name(path: &Path) -> SourceFormat {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            SourceFormat::Gguf
+        } else {
+            SourceFormat::Safetensors
+        }
+    }
+
+    /// What `path` holds, told without reading any weight: a `.gguf` name
+    /// or a file starting with the GGUF magic is GGUF, a folder is a
+    /// safetensors model. None for a path that is not there (unless its
+    /// name ends in `.gguf`) and for any other file (the loader refuses it).
+    pub fn detect(path: &Path) -> Option<SourceFormat> {
+        if is_gguf(path) {
+            Some(SourceFormat::Gguf)
+        } else if path.is_dir() {
+            Some(SourceFormat::Safetensors)
+        } else if !path.exists() && SourceFormat::of_name(path) == SourceFormat::Gguf {
+            Some(SourceFormat::Gguf)
+        } else {
+            None
+        }
+    }
+
+    /// How a source of this format is described in an error.
+    pub fn what(self) -> &'static str {
+        match self {
+            SourceFormat::Safetensors => "a safetensors model folder",
+            SourceFormat::Gguf => "a GGUF file",
+        }
+    }
+}
+
+/// The name as written in `model.format`.
+impl std::fmt::Display for SourceFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SourceFormat::Safetensors => "safetensors",
+            SourceFormat::Gguf => "gguf",
+        })
+    }
+}
+
 /// How [`load_model`] reads the weights.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadOpts {
