@@ -5,8 +5,8 @@ use afinar::data::sft::{Message, Role};
 use afinar::generate::{GenerateConfig, StopReason};
 use afinar::heads::CausalLm;
 use afinar::hub::chat_template::ChatTemplate;
-use afinar::models::load::{is_gguf, load_lm_adapter};
-use afinar::models::{load_model, LoadOpts, LoadedModel};
+use afinar::models::load::load_lm_adapter;
+use afinar::models::{load_model, LoadOpts, LoadedModel, SourceFormat};
 use afinar::params::Selector;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, Write};
@@ -89,7 +89,7 @@ pub fn load(spec: &str, quantized: bool) -> Result<Lm> {
             prefix: a.prompt,
         });
     }
-    if quantized && !is_gguf(&path) {
+    if quantized && SourceFormat::detect(&path) != Some(SourceFormat::Gguf) {
         bail!(
             "--quantized needs a .gguf model; {} is not one",
             path.display()

@@ -382,7 +382,9 @@ pub enum RunKind {
 /// A run folder, model folder or GGUF file: a classifier or an LM?
 pub fn kind_of(path: &Path) -> RunKind {
     let dir = model_of(path);
-    if dir.extension().is_some_and(|e| e == "gguf") || path.join(peft::LM_META).is_file() {
+    if models::SourceFormat::detect(&dir) == Some(models::SourceFormat::Gguf)
+        || path.join(peft::LM_META).is_file()
+    {
         return RunKind::Lm;
     }
     if path.join(peft::HEAD_META).is_file() || path.join("adapter").join(peft::HEAD_META).is_file()
