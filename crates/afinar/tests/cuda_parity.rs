@@ -34,7 +34,7 @@ fn fixtures() -> PathBuf {
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n)
-        .map(|i| (afinar::nn::kernels::uniform(seed, i as u64) - 0.5) * 2.0)
+        .map(|i| (afinar::nn::dropout::uniform(seed, i as u64) - 0.5) * 2.0)
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
