@@ -777,4 +777,27 @@ mod tests {
         w.grad.as_ref().unwrap().clear();
         assert!(w.grad_tensor().unwrap().is_none());
     }
+
+    #[test]
+    fn lora_linear_grads_match_finite_differences() {
+        // x, lora_A and lora_B are checked; the frozen base and bias get no
+        // gradient (the op never computes one).
+        let vals = [
+            randn(&[2, 3, 5], 21),
+            randn(&[2, 5], 22),
+            randn(&[4, 2], 23),
+        ];
+        let (w, b) = (
+            Weight::frozen(randn(&[4, 5], 24)),
+            Weight::frozen(randn(&[4], 25)),
+        );
+        for dropout in [None, Some((0.3f32, 7u64))] {
+            let (w, b) = (w.clone(), b.clone());
+            check_grads(
+                &vals,
+                &move |a| lora_linear(&a[0].t, &w, Some(&b), &a[1], &a[2], 2.0, dropout).unwrap(),
+                2e-2,
+            );
+        }
+    }
 }
