@@ -5,18 +5,18 @@
 //! computes the gradient of a frozen weight anyway).
 //!
 //! One file per op family, each holding the op's candle `CustomOp` (forward
-//! + backward), its raw f32 CPU kernels (a `cpu` module, where they are more
-//! than a gemm), its CUDA entry (a `cuda` module, feature `cuda`: the Rust
-//! side that launches the kernels of `cuda_kernels.cu`) and its
-//! finite-difference gradient tests:
-//! `linear.rs` (with the `Linear` layer and `LinearAdapter`), `qlinear.rs`
-//! (a quantised frozen base), `norm.rs` (with the `LayerNorm` / `RmsNorm`
-//! layers), `activation.rs`, `attention/`, `rope.rs`, `embedding.rs`,
-//! `loss.rs`, `dropout.rs` (with `DropoutRng`) and `scale.rs`. What they
-//! share is in one place each: `kernels.rs` (gemm, lane sums, e^x, the
-//! parallel-write pointer), `custom_op.rs` (storages as slices, errors),
-//! `cuda.rs` (launches, buffers, uploads, profiling), `graph.rs` (joining
-//! candle's graph, checkpointing) and, for the tests, `testing.rs`.
+//! and backward), its raw f32 CPU kernels (a `cpu` module, where they are
+//! more than a gemm), its CUDA entry (a `cuda` module, feature `cuda`: the
+//! Rust side that launches the kernels of `cuda_kernels.cu`) and its
+//! finite-difference gradient tests: `linear.rs` (with the `Linear` layer
+//! and `LinearAdapter`), `qlinear.rs` (a quantised frozen base), `norm.rs`
+//! (with the `LayerNorm` / `RmsNorm` layers), `activation.rs`, `attention/`,
+//! `rope.rs`, `embedding.rs`, `loss.rs`, `dropout.rs` (with `DropoutRng`)
+//! and `scale.rs`. What they share is in one place each: `kernels.rs` (gemm,
+//! lane sums, e^x, the parallel-write pointer), `custom_op.rs` (storages as
+//! slices, errors), `cuda.rs` (launches, buffers, uploads, profiling),
+//! `graph.rs` (joining candle's graph, checkpointing) and, for the tests,
+//! `testing.rs`.
 //!
 //! A [`Weight`]'s gradient is written in place into its [`GradBuf`] (never
 //! returned to candle) and a frozen weight costs nothing.

@@ -247,6 +247,7 @@ mod cpu {
 
     /// Forward multi-head attention (BERT: bidirectional with key padding).
     /// `dropout` = Some((p, seed)) drops attention probabilities.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention_fwd(
         q: &[f32],
         k: &[f32],
