@@ -74,7 +74,7 @@ fn main() -> afinar::Result<()> {
     let b: usize = arg(&args, "--batch", "16").parse().unwrap();
     let t: usize = arg(&args, "--seq", "128").parse().unwrap();
     let ids: Vec<u32> = (0..b * t)
-        .map(|i| (afinar::nn::kernels::splitmix64(i as u64) % cfg.vocab_size() as u64) as u32)
+        .map(|i| (afinar::data::splitmix64(i as u64) % cfg.vocab_size() as u64) as u32)
         .collect();
     let x = Inputs::new(ids, vec![1.0; b * t], b, t)?.with_type_ids(vec![0; b * t])?;
     let targets = Targets::Classes((0..b as u32).map(|i| i % 2).collect());

@@ -9,9 +9,11 @@
 //! - LoRA SFT on llama-tiny: the same loss curve on both devices.
 #![cfg(feature = "cuda")]
 
+use afinar::heads::CausalLm;
 use afinar::hub::checkpoint::Checkpoint;
-use afinar::models::decoder::{load_decoder_params, read_decoder_config, Decoder, DecoderInputs};
 use afinar::models::gpt2::is_conv1d;
+use afinar::models::load::{load_params, read_config};
+use afinar::models::Inputs;
 use afinar::nn::{self, RopeTable, Weight};
 use afinar::optim::{AdamW, AdamWConfig};
 use afinar::params::Selector;
@@ -34,7 +36,7 @@ fn fixtures() -> PathBuf {
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n)
-        .map(|i| (afinar::nn::kernels::uniform(seed, i as u64) - 0.5) * 2.0)
+        .map(|i| (afinar::nn::dropout::uniform(seed, i as u64) - 0.5) * 2.0)
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
@@ -322,10 +324,10 @@ fn i64s(g: &Checkpoint, n: &str) -> Vec<i64> {
 fn golden_on_gpu(case: &str, dtype: DType) {
     let dir = fixtures().join(case);
     let g = Checkpoint::open(dir.join("golden.safetensors")).unwrap();
-    let (cfg, _) = read_decoder_config(&dir).unwrap();
-    let mut store = load_decoder_params(&dir, &cfg, Selector::all()).unwrap();
+    let (cfg, _) = read_config(&dir).unwrap();
+    let mut store = load_params(&dir, &cfg, Selector::all()).unwrap();
     store.to_device(&gpu(), dtype).unwrap();
-    let model = Decoder::load(&store, &cfg).unwrap();
+    let model = CausalLm::build(&store, &cfg).unwrap();
     let (b, t) = g.load("input_ids").unwrap().dims2().unwrap();
     let ids: Vec<u32> = i64s(&g, "input_ids")
         .into_iter()
@@ -336,7 +338,7 @@ fn golden_on_gpu(case: &str, dtype: DType) {
         .map(|v| v as f32)
         .collect();
     let labels = i64s(&g, "labels");
-    let inp = DecoderInputs::new(ids, mask, b, t).unwrap();
+    let inp = Inputs::new(ids, mask, b, t).unwrap();
     // Trainable weights are f32 masters; the activations follow the embedding's dtype.
     let hidden = model.forward(&inp, None).unwrap();
     let want_loss = g.load_f32("loss").unwrap().to_vec1::<f32>().unwrap()[0];
@@ -425,10 +427,10 @@ fn lora_training_curve_matches_the_cpu() {
     use afinar::adapters::{linear_modules, AdapterConfig};
     use rand::SeedableRng;
     let dir = fixtures().join("llama-tiny");
-    let (cfg, _) = read_decoder_config(&dir).unwrap();
+    let (cfg, _) = read_config(&dir).unwrap();
     let mut curves = vec![];
     for dev in [Device::Cpu, gpu()] {
-        let mut store = load_decoder_params(&dir, &cfg, Selector::none()).unwrap();
+        let mut store = load_params(&dir, &cfg, Selector::none()).unwrap();
         let mut lora = AdapterConfig::lora(&["q_proj", "v_proj", "down_proj"], 4, 8.0);
         if let AdapterConfig::Lora(l) = &mut lora {
             l.lora_dropout = 0.1;
@@ -440,7 +442,7 @@ fn lora_training_curve_matches_the_cpu() {
         if !dev.is_cpu() {
             store.to_device(&dev, DType::F32).unwrap();
         }
-        let model = Decoder::load(&store, &cfg).unwrap();
+        let model = CausalLm::build(&store, &cfg).unwrap();
         let mut opt = AdamW::new(
             store.trainable(),
             AdamWConfig {
@@ -456,7 +458,7 @@ fn lora_training_curve_matches_the_cpu() {
         let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         let mut curve = vec![];
         for s in 0..5 {
-            let inp = DecoderInputs::new(ids.clone(), vec![1.0; b * t], b, t).unwrap();
+            let inp = Inputs::new(ids.clone(), vec![1.0; b * t], b, t).unwrap();
             let drop = nn::DropoutRng::new(3, s);
             let hidden = model.forward(&inp, Some(&drop)).unwrap();
             let (loss, _) = model.lm_loss(&hidden, &labels).unwrap();

@@ -199,7 +199,7 @@ impl LinearAdapter for Lora {
             if let Base::F32(w) = &layer.weight {
                 if !w.is_trainable() && !layer.bias.as_ref().is_some_and(|b| b.is_trainable()) {
                     let drop = rng.filter(|_| dropout > 0.0).map(|r| (dropout, r.next()));
-                    return Ok(nn::ops::lora_linear(
+                    return Ok(nn::lora_linear(
                         x,
                         w,
                         layer.bias.as_ref(),

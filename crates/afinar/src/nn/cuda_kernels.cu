@@ -1,7 +1,8 @@
-// afinar's CUDA kernels, launched from nn/cuda.rs; build.rs compiles this file to PTX with nvcc
-// when the `cuda` feature is on. Every kernel that touches activations has an f32 and a bf16
-// instance (suffix _f32 / _bf16). bf16 is carried as its 16 bits and converted by hand, so no
-// CUDA header is needed: loads widen exactly, stores round to nearest even (NaN stays NaN).
+// afinar's CUDA kernels, launched by the `cuda` module of each op file in nn/ (linear.rs,
+// norm.rs, attention/ ...) through nn/cuda.rs; build.rs compiles this one file to one PTX module
+// with nvcc when the `cuda` feature is on. Every kernel that touches activations has an f32 and a
+// bf16 instance (suffix _f32 / _bf16). bf16 is carried as its 16 bits and converted by hand, so
+// no CUDA header is needed: loads widen exactly, stores round to nearest even (NaN stays NaN).
 // Arithmetic is always f32.
 
 typedef unsigned short bf16;
@@ -216,7 +217,7 @@ __device__ void gelu_bwd(const T* x, const T* dy, T* dx, long long n, int kind) 
 }
 
 // ------------------------------------------------------------------ dropout
-// The counter-based mask of nn::kernels::uniform: element i is kept when
+// The counter-based mask of nn::dropout::uniform: element i is kept when
 // uniform(seed, i) >= p, so CPU and GPU drop the same elements.
 __device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
     unsigned long long z = x + 0x9E3779B97F4A7C15ull;

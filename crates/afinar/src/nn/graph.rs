@@ -7,7 +7,7 @@
 //! does [`checkpoint`] (forward without keeping the layer's graph, backward
 //! recomputes the layer and back-propagates through it).
 
-use super::ops::{cerr, CResult};
+use super::custom_op::{cerr, CResult};
 use super::DropoutRng;
 use candle_core::backend::BackendStorage;
 use candle_core::{

@@ -7,11 +7,20 @@
 //! and dequantised tile by tile inside each matmul by [`nn::qlinear`]. A
 //! layer is built from its parameters (`params::Path::linear` reads them
 //! from the store by checkpoint path).
+//!
+//! Below the layer, the ops it runs on, each with a hand-written backward:
+//! [`linear`] (`x W^T + b`: a frozen weight costs no gradient gemm, which
+//! candle's matmul backward would compute anyway) and [`lora_linear`], a
+//! LoRA-wrapped frozen linear as one graph node (Hu et al. 2021,
+//! <https://arxiv.org/abs/2106.09685>; PEFT's `lora.Linear.forward`).
 
+use super::custom_op::{cerr, f32s, needs_grad, tensor, with_f32, CResult};
+use super::kernels::{self, Mat};
 use crate::hub::gguf::QTensor;
 use crate::nn::{self, DropoutRng, Weight};
 use crate::Result;
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -169,5 +178,634 @@ pub fn maybe_dropout(x: Tensor, p: f32, rng: Option<&DropoutRng>) -> Result<Tens
     match rng {
         Some(r) if p > 0.0 => Ok(nn::dropout(&x, p, r.next())?),
         _ => Ok(x),
+    }
+}
+
+// ------------------------------------------------------------------ the linear op
+
+/// `x @ w^T + b`; the weight and bias gradients go to their grad buffers.
+struct LinearOp {
+    w: Weight,
+    b: Option<Weight>,
+}
+
+impl LinearOp {
+    fn fwd(
+        &self,
+        x: &[f32],
+        xs: &[usize],
+        w: &[f32],
+        ws: &[usize],
+        b: Option<&[f32]>,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (out_f, in_f) = (ws[0], ws[1]);
+        let k = *xs.last().ok_or_else(|| cerr("linear: scalar input"))?;
+        if k != in_f {
+            return Err(cerr(format!(
+                "linear: input width {k} but weight is [{out_f}, {in_f}]"
+            )));
+        }
+        let n = x.len() / in_f;
+        let mut y = vec![0f32; n * out_f];
+        if let Some(b) = b {
+            y.par_chunks_mut(out_f).for_each(|r| r.copy_from_slice(b));
+        }
+        kernels::matmul(
+            &mut y,
+            out_f,
+            Mat::rm(x, n, in_f),
+            Mat::rm(w, out_f, in_f).t(),
+            1.0,
+            b.is_some(),
+            kernels::parallelism(),
+        );
+        let mut shape = xs.to_vec();
+        *shape.last_mut().unwrap() = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    /// dx goes back to candle; dW and db accumulate in place.
+    fn backward(&self, x: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let (out_f, in_f) = self.w.t.dims2()?;
+        with_f32(grad, "linear grad", |g| {
+            let n = g.len() / out_f;
+            // The point of owning this op: a frozen weight costs no gemm.
+            if let Some(buf) = &self.w.grad {
+                with_f32(x, "linear input", |xv| {
+                    buf.accumulate(out_f * in_f, false, |dw, overwrite| {
+                        kernels::matmul(
+                            dw,
+                            in_f,
+                            Mat::rm(g, n, out_f).t(),
+                            Mat::rm(xv, n, in_f),
+                            1.0,
+                            !overwrite,
+                            kernels::parallelism(),
+                        );
+                    });
+                    Ok(())
+                })?;
+            }
+            if let Some(Weight {
+                grad: Some(buf), ..
+            }) = &self.b
+            {
+                buf.add(&kernels::col_sums(g, out_f));
+            }
+            if !needs_grad(x) {
+                return Ok(None);
+            }
+            with_f32(&self.w.t, "linear weight", |wv| {
+                let mut dx = vec![0f32; n * in_f];
+                kernels::matmul(
+                    &mut dx,
+                    in_f,
+                    Mat::rm(g, n, out_f),
+                    Mat::rm(wv, out_f, in_f),
+                    1.0,
+                    false,
+                    kernels::parallelism(),
+                );
+                Ok(Some(tensor(dx, x.shape())?))
+            })
+        })
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "afinar-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        self.fwd(
+            f32s(s1, l1, "linear input")?,
+            l1.dims(),
+            f32s(s2, l2, "linear weight")?,
+            l2.dims(),
+            None,
+        )
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        Ok((self.backward(x, grad)?, None))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "afinar-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        self.fwd(
+            f32s(s1, l1, "linear input")?,
+            l1.dims(),
+            f32s(s2, l2, "linear weight")?,
+            l2.dims(),
+            Some(f32s(s3, l3, "linear bias")?),
+        )
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((self.backward(x, grad)?, None, None))
+    }
+}
+
+/// `x @ w^T + b` over the last dimension of `x` ([.., in] -> [.., out]).
+/// A frozen weight or bias costs no gradient computation; trainable ones
+/// accumulate into their gradient buffers.
+pub fn linear(x: &Tensor, w: &Weight, b: Option<&Weight>) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::linear(x, w, b);
+    }
+    let x = x.contiguous()?;
+    let op = LinearOp {
+        w: w.clone(),
+        b: b.cloned(),
+    };
+    match b {
+        Some(b) => x.apply_op3_arc(
+            &w.t.contiguous()?,
+            &b.t.contiguous()?,
+            Arc::new(Box::new(op)),
+        ),
+        None => x.apply_op2_arc(&w.t.contiguous()?, Arc::new(Box::new(op))),
+    }
+}
+
+// ------------------------------------------------------------------ the LoRA linear op
+
+/// A LoRA-wrapped frozen linear as one op (PEFT's `Linear.forward`):
+/// y = x W^T + b + s * (drop(x) A^T) B^T, the adapter's sum folded into the
+/// last GEMM (beta = 1). Backward: gh = s g B, dB += s g^T h, dA += gh^T
+/// drop(x), dx = g W + drop(gh A) (the dropout mask regenerated from its
+/// seed, never stored). One graph node instead of five saves candle's
+/// per-node gradient passes (a memset and an add each) and its
+/// single-threaded elementwise ops.
+struct LoraLinearOp {
+    w: Weight,
+    b: Option<Weight>,
+    a: Weight,
+    bw: Weight,
+    scale: f32,
+    dropout: Option<(f32, u64)>,
+    /// drop(x) from the forward, for the backward (with dropout only; as
+    /// torch keeps the dropout's output for the A product).
+    xd: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl LoraLinearOp {
+    fn dims(&self) -> CResult<(usize, usize, usize)> {
+        let (out_f, in_f) = self.w.t.dims2()?;
+        let r = self.a.t.dim(0)?;
+        Ok((out_f, in_f, r))
+    }
+    /// drop(x) (x itself without dropout).
+    fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
+        self.dropout.map(|(p, seed)| {
+            let mut xd = vec![0f32; x.len()];
+            super::dropout::cpu::apply_mask(x, p, seed, &mut xd);
+            xd
+        })
+    }
+}
+
+impl CustomOp3 for LoraLinearOp {
+    fn name(&self) -> &'static str {
+        "afinar-lora-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (out_f, in_f, r) = self.dims()?;
+        let x = f32s(s1, l1, "lora input")?;
+        let a = f32s(s2, l2, "lora_A")?;
+        let bw = f32s(s3, l3, "lora_B")?;
+        if l1.dims().last() != Some(&in_f) || a.len() != r * in_f || bw.len() != out_f * r {
+            return Err(cerr(format!(
+                "lora linear: input {:?}, weight [{out_f}, {in_f}], lora_A {:?}, lora_B {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )));
+        }
+        let n = x.len() / in_f;
+        let par = kernels::parallelism();
+        let mut y = vec![0f32; n * out_f];
+        if let Some(b) = &self.b {
+            with_f32(&b.t, "linear bias", |b| {
+                y.par_chunks_mut(out_f).for_each(|r| r.copy_from_slice(b));
+                Ok(())
+            })?;
+        }
+        with_f32(&self.w.t, "linear weight", |w| {
+            kernels::matmul(
+                &mut y,
+                out_f,
+                Mat::rm(x, n, in_f),
+                Mat::rm(w, out_f, in_f).t(),
+                1.0,
+                self.b.is_some(),
+                par,
+            );
+            Ok(())
+        })?;
+        let xd = self.dropped(x);
+        let mut h = vec![0f32; n * r];
+        kernels::matmul(
+            &mut h,
+            r,
+            Mat::rm(xd.as_deref().unwrap_or(x), n, in_f),
+            Mat::rm(a, r, in_f).t(),
+            1.0,
+            false,
+            par,
+        );
+        *self.xd.lock().unwrap() = xd;
+        kernels::matmul(
+            &mut y,
+            out_f,
+            Mat::rm(&h, n, r),
+            Mat::rm(bw, out_f, r).t(),
+            self.scale,
+            true,
+            par,
+        );
+        let mut shape = l1.dims().to_vec();
+        *shape.last_mut().unwrap() = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        bw: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out_f, in_f, r) = self.dims()?;
+        let par = kernels::parallelism();
+        let dx = with_f32(grad, "lora grad", |g| {
+            with_f32(x, "lora input", |xv| {
+                with_f32(a, "lora_A", |av| {
+                    with_f32(bw, "lora_B", |bv| {
+                        let n = g.len() / out_f;
+                        // drop(x) kept by the forward (regenerated if the op runs backward twice)
+                        let kept = self.xd.lock().unwrap().take();
+                        let xd = kept.or_else(|| self.dropped(xv));
+                        let xd = xd.as_deref().unwrap_or(xv);
+                        // h = drop(x) A^T, recomputed ([n, r]: cheap)
+                        let mut h = vec![0f32; n * r];
+                        kernels::matmul(
+                            &mut h,
+                            r,
+                            Mat::rm(xd, n, in_f),
+                            Mat::rm(av, r, in_f).t(),
+                            1.0,
+                            false,
+                            par,
+                        );
+                        // gh = s g B  [n, r]
+                        let mut gh = vec![0f32; n * r];
+                        kernels::matmul(
+                            &mut gh,
+                            r,
+                            Mat::rm(g, n, out_f),
+                            Mat::rm(bv, out_f, r),
+                            self.scale,
+                            false,
+                            par,
+                        );
+                        if let Some(buf) = &self.bw.grad {
+                            buf.accumulate(out_f * r, false, |d, overwrite| {
+                                kernels::matmul(
+                                    d,
+                                    r,
+                                    Mat::rm(g, n, out_f).t(),
+                                    Mat::rm(&h, n, r),
+                                    self.scale,
+                                    !overwrite,
+                                    par,
+                                )
+                            });
+                        }
+                        if let Some(buf) = &self.a.grad {
+                            buf.accumulate(r * in_f, false, |d, overwrite| {
+                                kernels::matmul(
+                                    d,
+                                    in_f,
+                                    Mat::rm(&gh, n, r).t(),
+                                    Mat::rm(xd, n, in_f),
+                                    1.0,
+                                    !overwrite,
+                                    par,
+                                )
+                            });
+                        }
+                        if !needs_grad(x) {
+                            return Ok(None);
+                        }
+                        let mut dx = vec![0f32; n * in_f];
+                        with_f32(&self.w.t, "linear weight", |w| {
+                            kernels::matmul(
+                                &mut dx,
+                                in_f,
+                                Mat::rm(g, n, out_f),
+                                Mat::rm(w, out_f, in_f),
+                                1.0,
+                                false,
+                                par,
+                            );
+                            Ok(())
+                        })?;
+                        match self.dropout {
+                            None => kernels::matmul(
+                                &mut dx,
+                                in_f,
+                                Mat::rm(&gh, n, r),
+                                Mat::rm(av, r, in_f),
+                                1.0,
+                                true,
+                                par,
+                            ),
+                            Some((p, seed)) => {
+                                let mut dl = vec![0f32; n * in_f];
+                                kernels::matmul(
+                                    &mut dl,
+                                    in_f,
+                                    Mat::rm(&gh, n, r),
+                                    Mat::rm(av, r, in_f),
+                                    1.0,
+                                    false,
+                                    par,
+                                );
+                                let mut dld = vec![0f32; n * in_f];
+                                super::dropout::cpu::apply_mask(&dl, p, seed, &mut dld);
+                                dx.par_chunks_mut(4096).zip(dld.par_chunks(4096)).for_each(
+                                    |(d, l)| {
+                                        for (d, l) in d.iter_mut().zip(l) {
+                                            *d += l;
+                                        }
+                                    },
+                                );
+                            }
+                        }
+                        Ok(Some(tensor(dx, x.shape())?))
+                    })
+                })
+            })
+        })?;
+        Ok((dx, None, None))
+    }
+}
+
+/// A frozen linear (`w`, optional frozen bias) wrapped by LoRA `a` `[r, in]`,
+/// `bw` `[out, r]` with scale `s` and adapter dropout `(p, seed)`: one op
+/// (forward and backward as [`LoraLinearOp`]).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Weight,
+    b: Option<&Weight>,
+    a: &Weight,
+    bw: &Weight,
+    scale: f64,
+    dropout: Option<(f32, u64)>,
+) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::lora_linear(x, w, b, a, bw, scale, dropout);
+    }
+    let op = LoraLinearOp {
+        w: w.clone(),
+        b: b.cloned(),
+        a: a.clone(),
+        bw: bw.clone(),
+        scale: scale as f32,
+        dropout,
+        xd: std::sync::Mutex::new(None),
+    };
+    x.contiguous()?.apply_op3_arc(
+        &a.t.contiguous()?,
+        &bw.t.contiguous()?,
+        Arc::new(Box::new(op)),
+    )
+}
+
+/// The CUDA entries: cuBLAS through candle's matmul.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::nn::cuda::{add_grad, attach, cast, cuda_dev, Timer};
+    use crate::nn::custom_op::{cerr, CResult};
+    use crate::nn::dropout::cuda::apply as dropout_apply;
+    use crate::nn::Weight;
+    use candle_core::{DType, Tensor};
+
+    /// `x @ w^T + b` with cuBLAS; dW only for a trainable weight.
+    pub(super) fn linear(x: &Tensor, w: &Weight, b: Option<&Weight>) -> CResult<Tensor> {
+        let _t = Timer::start("afinar-cuda-linear", "forward", &cuda_dev(x)?);
+        let dt = x.dtype();
+        let (out_f, in_f) = w.t.dims2()?;
+        let n = x.elem_count() / in_f.max(1);
+        let x2 = x.detach().reshape((n, in_f))?;
+        let wc = cast(&w.t, dt)?;
+        let mut y = x2.matmul(&wc.t()?)?;
+        if let Some(b) = b {
+            y = y.broadcast_add(&cast(&b.t, dt)?)?;
+        }
+        let mut shape = x.dims().to_vec();
+        *shape
+            .last_mut()
+            .ok_or_else(|| cerr("linear: scalar input"))? = out_f;
+        let y = y.reshape(shape)?;
+        let want_dx = x.track_op();
+        let xshape = x.shape().clone();
+        let (w, b) = (w.clone(), b.cloned());
+        let mut args = vec![x, &w.t];
+        let bt = b.as_ref().map(|b| b.t.clone());
+        if let Some(bt) = &bt {
+            args.push(bt);
+        }
+        let (wg, bg) = (w.clone(), b.clone());
+        attach("afinar-cuda-linear", &args, y, move |g| {
+            let g2 = g.reshape((n, out_f))?;
+            if wg.grad.is_some() {
+                add_grad(&wg, &g2.t()?.matmul(&x2)?)?;
+            }
+            if let Some(bw) = &bg {
+                if bw.grad.is_some() {
+                    add_grad(bw, &g2.to_dtype(DType::F32)?.sum(0)?)?;
+                }
+            }
+            let dx = if want_dx {
+                Some(g2.matmul(&wc)?.reshape(xshape.clone())?)
+            } else {
+                None
+            };
+            Ok(vec![dx])
+        })
+    }
+
+    /// A LoRA-wrapped frozen linear as one graph node:
+    /// y = x W^T + b + s * (drop(x) A^T) B^T. Backward: dB = s g^T h,
+    /// dA = (s g B)^T drop(x), dx = g W + drop(s g B A) (h = drop(x) A^T). One
+    /// node instead of five (two linears, the scale, the sum) saves candle's
+    /// per-node gradient bookkeeping; the products are the same.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lora_linear(
+        x: &Tensor,
+        w: &Weight,
+        bias: Option<&Weight>,
+        a: &Weight,
+        bw: &Weight,
+        scale: f64,
+        dropout: Option<(f32, u64)>,
+    ) -> CResult<Tensor> {
+        let dev = cuda_dev(x)?;
+        let _t = Timer::start("afinar-cuda-lora-linear", "forward", &dev);
+        let dt = x.dtype();
+        let (out_f, in_f) = w.t.dims2()?;
+        let n = x.elem_count() / in_f.max(1);
+        let x2 = x.detach().reshape((n, in_f))?.contiguous()?;
+        let xd2 = match dropout {
+            Some((p, seed)) => dropout_apply(&x2, p, seed)?,
+            None => x2.clone(),
+        };
+        let (wc, ac, bc) = (cast(&w.t, dt)?, cast(&a.t, dt)?, cast(&bw.t, dt)?);
+        let h = xd2.matmul(&ac.t()?)?; // [n, r]
+        let mut y = x2.matmul(&wc.t()?)?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(&cast(&b.t, dt)?)?;
+        }
+        let y = (y + h.matmul(&bc.t()?)?.affine(scale, 0.0)?)?;
+        let mut shape = x.dims().to_vec();
+        *shape
+            .last_mut()
+            .ok_or_else(|| cerr("lora_linear: scalar input"))? = out_f;
+        let y = y.reshape(shape)?;
+        let want_dx = x.track_op();
+        let xshape = x.shape().clone();
+        let (ag, bg) = (a.clone(), bw.clone());
+        attach("afinar-cuda-lora-linear", &[x, &a.t, &bw.t], y, move |g| {
+            let g2 = g.reshape((n, out_f))?;
+            let gs = g2.affine(scale, 0.0)?;
+            if bg.grad.is_some() {
+                add_grad(&bg, &gs.t()?.matmul(&h)?)?;
+            }
+            let gh = gs.matmul(&bc)?; // [n, r]
+            if ag.grad.is_some() {
+                add_grad(&ag, &gh.t()?.matmul(&xd2)?)?;
+            }
+            if !want_dx {
+                return Ok(vec![None]);
+            }
+            let dl = gh.matmul(&ac)?;
+            let dl = match dropout {
+                Some((p, seed)) => dropout_apply(&dl, p, seed)?,
+                None => dl,
+            };
+            Ok(vec![Some((g2.matmul(&wc)? + dl)?.reshape(xshape.clone())?)])
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::testing::{check_grads, randn};
+    use candle_core::Var;
+
+    #[test]
+    fn linear_grads_match_finite_differences() {
+        let vals = [randn(&[2, 3, 5], 1), randn(&[4, 5], 2), randn(&[4], 3)];
+        check_grads(
+            &vals,
+            &|w| linear(&w[0].t, &w[1], Some(&w[2])).unwrap(),
+            2e-2,
+        );
+    }
+
+    #[test]
+    fn frozen_weight_gets_no_gradient_and_trainable_accumulates() {
+        let x = Var::from_tensor(&randn(&[3, 5], 1)).unwrap();
+        let frozen = Weight::frozen(randn(&[4, 5], 2));
+        let y = linear(x.as_tensor(), &frozen, None).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+        assert!(grads.get(&frozen.t).is_none());
+        // A trainable weight: two backward passes add up in its buffer.
+        let w = Weight::trainable(&randn(&[4, 5], 2)).unwrap();
+        let once = {
+            let y = linear(x.as_tensor(), &w, None).unwrap();
+            let _ = y.sum_all().unwrap().backward().unwrap();
+            w.grad_tensor().unwrap().unwrap()
+        };
+        let y = linear(x.as_tensor(), &w, None).unwrap();
+        let _ = y.sum_all().unwrap().backward().unwrap();
+        let twice = w.grad_tensor().unwrap().unwrap();
+        let diff = ((once * 2.0).unwrap() - twice)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_vec0::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5);
+        w.grad.as_ref().unwrap().clear();
+        assert!(w.grad_tensor().unwrap().is_none());
+    }
+
+    #[test]
+    fn lora_linear_grads_match_finite_differences() {
+        // x, lora_A and lora_B are checked; the frozen base and bias get no
+        // gradient (the op never computes one).
+        let vals = [
+            randn(&[2, 3, 5], 21),
+            randn(&[2, 5], 22),
+            randn(&[4, 2], 23),
+        ];
+        let (w, b) = (
+            Weight::frozen(randn(&[4, 5], 24)),
+            Weight::frozen(randn(&[4], 25)),
+        );
+        for dropout in [None, Some((0.3f32, 7u64))] {
+            let (w, b) = (w.clone(), b.clone());
+            check_grads(
+                &vals,
+                &move |a| lora_linear(&a[0].t, &w, Some(&b), &a[1], &a[2], 2.0, dropout).unwrap(),
+                2e-2,
+            );
+        }
     }
 }

@@ -1,28 +1,58 @@
-//! afinar's own layers: differentiable end to end on the training path, with
-//! hand-written backward where candle's stock ops have none or waste work.
+//! afinar's own layers and differentiable ops: differentiable end to end on
+//! the training path, with hand-written backward where candle's stock ops
+//! have none or waste work (candle 0.11's fused `layer_norm`,
+//! `softmax_last_dim`, `sdpa`... record no backward, and its matmul backward
+//! computes the gradient of a frozen weight anyway).
+//!
+//! One file per op family, each holding the op's candle `CustomOp` (forward
+//! and backward), its raw f32 CPU kernels (a `cpu` module, where they are
+//! more than a gemm), its CUDA entry (a `cuda` module, feature `cuda`: the
+//! Rust side that launches the kernels of `cuda_kernels.cu`) and its
+//! finite-difference gradient tests: `linear.rs` (with the `Linear` layer
+//! and `LinearAdapter`), `qlinear.rs` (a quantised frozen base), `norm.rs`
+//! (with the `LayerNorm` / `RmsNorm` layers), `activation.rs`, `attention/`,
+//! `rope.rs`, `embedding.rs`, `loss.rs`, `dropout.rs` (with `DropoutRng`)
+//! and `scale.rs`. What they share is in one place each: `kernels.rs` (gemm,
+//! lane sums, e^x, the parallel-write pointer), `custom_op.rs` (storages as
+//! slices, errors), `cuda.rs` (launches, buffers, uploads, profiling),
+//! `graph.rs` (joining candle's graph, checkpointing) and, for the tests,
+//! `testing.rs`.
+//!
+//! A [`Weight`]'s gradient is written in place into its [`GradBuf`] (never
+//! returned to candle) and a frozen weight costs nothing.
 
+pub mod activation;
+pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod custom_op;
+pub mod dropout;
+pub mod embedding;
 pub mod graph;
 pub mod kernels;
 pub mod linear;
-pub mod llm_kernels;
-pub mod llm_ops;
+pub mod loss;
 pub mod norm;
-pub mod ops;
 pub mod qlinear;
+pub mod rope;
+pub mod scale;
+#[cfg(test)]
+mod testing;
 
-pub use graph::{checkpoint, LayerFn};
-pub use linear::{maybe_dropout, Base, Linear, LinearAdapter};
-pub use llm_kernels::{attention_with_cache, attention_with_cache_masked};
-pub use llm_ops::{
-    causal_attention, causal_attention_dropout, gelu_tanh, lm_cross_entropy, lm_logits, rms_norm,
-    rope, silu_mul, RopeTable,
+pub use activation::{gelu, gelu_tanh, silu_mul};
+pub use attention::{
+    attention, attention_with_cache, attention_with_cache_masked, causal_attention,
+    causal_attention_dropout,
 };
-pub use norm::{LayerNorm, RmsNorm};
-pub use ops::{attention, cross_entropy, dropout, embedding, gelu, layer_norm, linear, scale_last};
+pub use dropout::{dropout, DropoutRng};
+pub use embedding::embedding;
+pub use graph::{checkpoint, LayerFn};
+pub use linear::{linear, lora_linear, maybe_dropout, Base, Linear, LinearAdapter};
+pub use loss::{cross_entropy, lm_cross_entropy, lm_logits};
+pub use norm::{layer_norm, rms_norm, LayerNorm, RmsNorm};
+pub use rope::{rope, RopeTable};
+pub use scale::scale_last;
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static AUTOCAST_BF16: AtomicBool = AtomicBool::new(false);
@@ -37,38 +67,6 @@ pub fn set_autocast_bf16(on: bool) {
 
 pub fn autocast_bf16() -> bool {
     AUTOCAST_BF16.load(Ordering::Relaxed)
-}
-
-/// Seeds for the dropout sites of one forward pass. Each call of `next`
-/// gives a fresh seed; the same (seed, step) replays the same masks, so the
-/// dropout seed is independent of the init and data-order seeds.
-pub struct DropoutRng {
-    base: u64,
-    counter: Cell<u64>,
-}
-
-impl DropoutRng {
-    pub fn new(seed: u64, step: u64) -> Self {
-        DropoutRng {
-            base: kernels::splitmix64(seed ^ kernels::splitmix64(step.wrapping_add(0x5eed))),
-            counter: Cell::new(0),
-        }
-    }
-    /// (base, counter): enough to replay the same seeds ([`Self::from_state`]).
-    pub fn state(&self) -> (u64, u64) {
-        (self.base, self.counter.get())
-    }
-    pub fn from_state((base, counter): (u64, u64)) -> Self {
-        DropoutRng {
-            base,
-            counter: Cell::new(counter),
-        }
-    }
-    pub fn next(&self) -> u64 {
-        let c = self.counter.get();
-        self.counter.set(c + 1);
-        kernels::splitmix64(self.base ^ kernels::splitmix64(c))
-    }
 }
 
 use candle_core::Tensor;

@@ -10,10 +10,11 @@
 //! gradient — the base is frozen, gradients flow on to the adapters around
 //! it — `dx = dy @ W`, tiled over strips of W's columns (whole blocks) so
 //! each strip owns its rows of `dx^T`. A trainable bias accumulates into
-//! its [`GradBuf`](super::GradBuf) as in `ops::linear`.
+//! its [`GradBuf`](super::GradBuf) as in `nn::linear`.
 //!
 //! Limits: CPU, f32 activations only.
 
+use super::custom_op::{cerr, f32s, with_f32, CResult};
 use super::kernels::{self, Mat};
 use super::Weight;
 use crate::hub::gguf::QTensor;
@@ -22,8 +23,6 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Arc;
-
-use super::ops::{cerr, f32s, CResult};
 
 thread_local! {
     /// The dequantised tile of the thread doing it (reused across calls).
@@ -164,7 +163,7 @@ impl QLinearOp {
 
     fn backward(&self, x: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let out_f = self.w.rows();
-        super::ops::with_f32(grad, "qlinear grad", |g| {
+        with_f32(grad, "qlinear grad", |g| {
             if let Some(Weight {
                 grad: Some(buf), ..
             }) = &self.b
@@ -294,8 +293,7 @@ mod tests {
             for bias in [None, Some(&b)] {
                 let y = qlinear(x.as_tensor(), &w, bias).unwrap();
                 let y_ref =
-                    super::super::ops::linear(x.as_tensor(), &Weight::frozen(wf.clone()), bias)
-                        .unwrap();
+                    crate::nn::linear(x.as_tensor(), &Weight::frozen(wf.clone()), bias).unwrap();
                 assert_eq!(y.dims(), &[2, 5, out_f]);
                 let d = max_diff(&y, &y_ref);
                 assert!(d < 1e-5, "{ty} forward differs by {d}");

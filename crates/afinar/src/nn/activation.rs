@@ -1,0 +1,494 @@
+//! Activations with hand-written backward: the exact (erf) GELU of BERT's
+//! `hidden_act = "gelu"` (Hendrycks & Gimpel 2016,
+//! <https://arxiv.org/abs/1606.08415>), GPT-2's tanh approximation
+//! (`gelu_new`: transformers' `activations.py` `NewGELUActivation`) and
+//! SwiGLU's `silu(gate) * up` (Shazeer 2020, <https://arxiv.org/abs/2002.05202>;
+//! transformers' `LlamaMLP` in `models/llama/modeling_llama.py`).
+//!
+//! All three are elementwise; the CPU kernels use [`fast_exp`] and a
+//! polynomial erf rather than libm (erff was a tenth of a training step).
+//!
+//! [`fast_exp`]: crate::nn::kernels::fast_exp
+
+use super::custom_op::{cerr, f32s, tensor, with_f32, CResult};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+// ------------------------------------------------------------------ GELU (erf)
+
+struct GeluOp;
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "afinar-gelu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32s(s, l, "gelu")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096))
+            .for_each(|(yc, xc)| {
+                for (o, v) in yc.iter_mut().zip(xc) {
+                    *o = cpu::gelu(*v);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        with_f32(x, "gelu input", |xv| {
+            with_f32(grad, "gelu grad", |g| {
+                let mut dx = vec![0f32; xv.len()];
+                dx.par_chunks_mut(4096).enumerate().for_each(|(c, dc)| {
+                    let o = c * 4096;
+                    for (j, d) in dc.iter_mut().enumerate() {
+                        *d = g[o + j] * cpu::gelu_grad(xv[o + j]);
+                    }
+                });
+                Ok(Some(tensor(dx, x.shape())?))
+            })
+        })
+    }
+}
+
+/// Exact (erf) GELU, as BERT's `hidden_act = "gelu"`.
+pub fn gelu(x: &Tensor) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::gelu(x, 1);
+    }
+    x.contiguous()?.apply_op1_arc(Arc::new(Box::new(GeluOp)))
+}
+
+// ------------------------------------------------------------------ GELU (tanh)
+
+struct GeluTanhOp;
+
+impl CustomOp1 for GeluTanhOp {
+    fn name(&self) -> &'static str {
+        "afinar-gelu-tanh"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32s(s, l, "gelu_tanh")?;
+        let mut y = vec![0f32; x.len()];
+        cpu::gelu_tanh_fwd(x, &mut y);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        with_f32(x, "gelu_tanh input", |xv| {
+            with_f32(grad, "gelu_tanh grad", |g| {
+                let mut dx = vec![0f32; xv.len()];
+                cpu::gelu_tanh_bwd(xv, g, &mut dx);
+                Ok(Some(tensor(dx, x.shape())?))
+            })
+        })
+    }
+}
+
+/// GPT-2's `gelu_new` (= `gelu_pytorch_tanh`):
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+pub fn gelu_tanh(x: &Tensor) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::gelu(x, 0);
+    }
+    x.contiguous()?
+        .apply_op1_arc(Arc::new(Box::new(GeluTanhOp)))
+}
+
+// ------------------------------------------------------------------ SwiGLU
+
+struct SiluMulOp;
+
+impl CustomOp2 for SiluMulOp {
+    fn name(&self) -> &'static str {
+        "afinar-silu-mul"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            return Err(cerr(format!(
+                "silu_mul: gate {:?} and up {:?} differ",
+                l1.dims(),
+                l2.dims()
+            )));
+        }
+        let (g, u) = (f32s(s1, l1, "silu_mul gate")?, f32s(s2, l2, "silu_mul up")?);
+        let mut y = vec![0f32; g.len()];
+        cpu::silu_mul_fwd(g, u, &mut y);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (want_g, want_u) = (gate.track_op(), up.track_op());
+        with_f32(gate, "silu_mul gate", |gv| {
+            with_f32(up, "silu_mul up", |uv| {
+                with_f32(grad, "silu_mul grad", |dy| {
+                    let mut dg = want_g.then(|| vec![0f32; gv.len()]);
+                    let mut du = want_u.then(|| vec![0f32; gv.len()]);
+                    cpu::silu_mul_bwd(gv, uv, dy, dg.as_deref_mut(), du.as_deref_mut());
+                    Ok((
+                        dg.map(|v| tensor(v, gate.shape())).transpose()?,
+                        du.map(|v| tensor(v, up.shape())).transpose()?,
+                    ))
+                })
+            })
+        })
+    }
+}
+
+/// SwiGLU's `silu(gate) * up` (Llama's MLP before `down_proj`); same shapes.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gate.device().is_cuda() {
+        return cuda::silu_mul(gate, up);
+    }
+    gate.contiguous()?
+        .apply_op2_arc(&up.contiguous()?, Arc::new(Box::new(SiluMulOp)))
+}
+
+/// The CPU kernels: scalar functions and their derivatives, and the
+/// element-wise loops of the tanh GELU and SwiGLU.
+mod cpu {
+    use crate::nn::kernels::{fast_exp, ELEM_CHUNK};
+    use rayon::prelude::*;
+
+    // ------------------------------------------------------------ GELU (erf)
+
+    /// erf(z) for z >= 0 and exp(-z^2), by Abramowitz & Stegun 7.1.26
+    /// (|error| <= 1.5e-7): one exp shared with GELU's derivative, where libm's
+    /// erff was a tenth of a training step.
+    #[inline]
+    fn erf_pos_and_gauss(z: f32) -> (f32, f32) {
+        const P: f32 = 0.327_591_1;
+        const A: [f32; 5] = [
+            0.254_829_6,
+            -0.284_496_74,
+            1.421_413_7,
+            -1.453_152_1,
+            1.061_405_4,
+        ];
+        let t = 1.0 / (1.0 + P * z);
+        let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
+        let g = fast_exp(-z * z);
+        (1.0 - poly * g, g)
+    }
+
+    /// Φ(x) (the standard normal CDF) and φ(x) (its density).
+    #[inline]
+    fn normal_cdf_pdf(x: f32) -> (f32, f32) {
+        let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+        let (e, g) = erf_pos_and_gauss(z);
+        let erf = if x < 0.0 { -e } else { e };
+        (0.5 * (1.0 + erf), g * 0.398_942_3)
+    }
+
+    /// Exact GELU: x Φ(x) (`hidden_act = "gelu"`, not the tanh approximation).
+    #[inline]
+    pub fn gelu(x: f32) -> f32 {
+        x * normal_cdf_pdf(x).0
+    }
+
+    #[inline]
+    pub fn gelu_grad(x: f32) -> f32 {
+        // d/dx [x Φ(x)] = Φ(x) + x φ(x)
+        let (cdf, pdf) = normal_cdf_pdf(x);
+        cdf + x * pdf
+    }
+
+    // ------------------------------------------------------------ GELU (tanh)
+
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const GELU_C: f32 = 0.044_715;
+
+    /// tanh(u) = 1 - 2 / (1 + e^{2u}); exact at the saturated ends because
+    /// fast_exp clamps instead of overflowing.
+    #[inline(always)]
+    fn tanh_fast(u: f32) -> f32 {
+        1.0 - 2.0 / (1.0 + fast_exp(2.0 * u))
+    }
+
+    /// GPT-2's `gelu_new`: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    #[inline]
+    pub fn gelu_tanh(x: f32) -> f32 {
+        let t = tanh_fast(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
+        0.5 * x * (1.0 + t)
+    }
+
+    #[inline]
+    pub fn gelu_tanh_grad(x: f32) -> f32 {
+        let x2 = x * x;
+        let t = tanh_fast(SQRT_2_OVER_PI * x * (1.0 + GELU_C * x2));
+        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x2)
+    }
+
+    pub fn gelu_tanh_fwd(x: &[f32], out: &mut [f32]) {
+        out.par_chunks_mut(ELEM_CHUNK)
+            .zip(x.par_chunks(ELEM_CHUNK))
+            .for_each(|(o, x)| {
+                for i in 0..o.len() {
+                    o[i] = gelu_tanh(x[i]);
+                }
+            });
+    }
+
+    pub fn gelu_tanh_bwd(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        dx.par_chunks_mut(ELEM_CHUNK)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let b = c * ELEM_CHUNK;
+                let (x, dy) = (&x[b..b + o.len()], &dy[b..b + o.len()]);
+                for i in 0..o.len() {
+                    o[i] = dy[i] * gelu_tanh_grad(x[i]);
+                }
+            });
+    }
+
+    // ------------------------------------------------------------ SwiGLU
+
+    #[inline(always)]
+    fn sigmoid(x: f32) -> f32 {
+        1.0 / (1.0 + fast_exp(-x))
+    }
+
+    /// `LlamaMLP`'s `act_fn(gate_proj(x)) * up_proj(x)` with SiLU: out = silu(g) * u.
+    pub fn silu_mul_fwd(g: &[f32], u: &[f32], out: &mut [f32]) {
+        out.par_chunks_mut(ELEM_CHUNK)
+            .zip(g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK)))
+            .for_each(|(o, (g, u))| {
+                for i in 0..o.len() {
+                    o[i] = g[i] * sigmoid(g[i]) * u[i];
+                }
+            });
+    }
+
+    /// dg = dy u s (1 + g (1 - s)), du = dy g s with s = sigmoid(g).
+    pub fn silu_mul_bwd(
+        g: &[f32],
+        u: &[f32],
+        dy: &[f32],
+        dg: Option<&mut [f32]>,
+        du: Option<&mut [f32]>,
+    ) {
+        if let Some(dg) = dg {
+            dg.par_chunks_mut(ELEM_CHUNK)
+                .enumerate()
+                .for_each(|(c, o)| {
+                    let b = c * ELEM_CHUNK;
+                    let (g, u, dy) = (&g[b..b + o.len()], &u[b..b + o.len()], &dy[b..b + o.len()]);
+                    for i in 0..o.len() {
+                        let s = sigmoid(g[i]);
+                        o[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    }
+                });
+        }
+        if let Some(du) = du {
+            du.par_chunks_mut(ELEM_CHUNK)
+                .enumerate()
+                .for_each(|(c, o)| {
+                    let b = c * ELEM_CHUNK;
+                    let (g, dy) = (&g[b..b + o.len()], &dy[b..b + o.len()]);
+                    for i in 0..o.len() {
+                        o[i] = dy[i] * g[i] * sigmoid(g[i]);
+                    }
+                });
+        }
+    }
+}
+
+/// The CUDA entries (kernels `silu_mul_*` and `gelu_*` in `cuda_kernels.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::nn::cuda::{
+        attach, attach_storage, blocks, cuda_dev, empty, empty_st, launch, ptr, sfx, sptr, Timer, A,
+    };
+    use crate::nn::custom_op::{cerr, CResult};
+    use candle_core::Tensor;
+
+    pub(super) fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
+        let dev = cuda_dev(gate)?;
+        let _t = Timer::start("afinar-cuda-silu-mul", "forward", &dev);
+        let dt = gate.dtype();
+        let s = sfx(dt, "silu_mul")?;
+        let (g, u) = (gate.detach().contiguous()?, up.detach().contiguous()?);
+        if g.shape() != u.shape() || u.dtype() != dt {
+            return Err(cerr(format!(
+                "silu_mul: gate {:?} {:?} and up {:?} {:?} differ",
+                g.dims(),
+                dt,
+                u.dims(),
+                u.dtype()
+            )));
+        }
+        let n = g.elem_count();
+        let y = empty_st(n, dt, &dev)?;
+        launch(
+            &dev,
+            &format!("silu_mul_fwd_{s}"),
+            (blocks(n), 1),
+            256,
+            &[
+                A::P(ptr(&g)?),
+                A::P(ptr(&u)?),
+                A::P(sptr(&y)),
+                A::L(n as i64),
+            ],
+        )?;
+        let shape = g.shape().clone();
+        attach_storage("afinar-cuda-silu-mul", &[gate, up], y, shape, move |dy| {
+            let dy = dy.contiguous()?;
+            let dg = empty(g.shape(), dt, &dev)?;
+            let du = empty(g.shape(), dt, &dev)?;
+            launch(
+                &dev,
+                &format!("silu_mul_bwd_{s}"),
+                (blocks(n), 1),
+                256,
+                &[
+                    A::P(ptr(&g)?),
+                    A::P(ptr(&u)?),
+                    A::P(ptr(&dy)?),
+                    A::P(ptr(&dg)?),
+                    A::P(ptr(&du)?),
+                    A::L(n as i64),
+                ],
+            )?;
+            Ok(vec![Some(dg), Some(du)])
+        })
+    }
+
+    /// kind 0: tanh GELU (GPT-2), 1: exact erf GELU (BERT).
+    pub(super) fn gelu(x: &Tensor, kind: i32) -> CResult<Tensor> {
+        let dev = cuda_dev(x)?;
+        let _t = Timer::start("afinar-cuda-gelu", "forward", &dev);
+        let dt = x.dtype();
+        let s = sfx(dt, "gelu")?;
+        let xd = x.detach().contiguous()?;
+        let n = xd.elem_count();
+        let y = empty(xd.shape(), dt, &dev)?;
+        launch(
+            &dev,
+            &format!("gelu_fwd_{s}"),
+            (blocks(n), 1),
+            256,
+            &[A::P(ptr(&xd)?), A::P(ptr(&y)?), A::L(n as i64), A::I(kind)],
+        )?;
+        attach("afinar-cuda-gelu", &[x], y, move |dy| {
+            let dy = dy.contiguous()?;
+            let dx = empty(xd.shape(), dt, &dev)?;
+            launch(
+                &dev,
+                &format!("gelu_bwd_{s}"),
+                (blocks(n), 1),
+                256,
+                &[
+                    A::P(ptr(&xd)?),
+                    A::P(ptr(&dy)?),
+                    A::P(ptr(&dx)?),
+                    A::L(n as i64),
+                    A::I(kind),
+                ],
+            )?;
+            Ok(vec![Some(dx)])
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::testing::{check, check_grads, f64s, randn};
+    use candle_core::Device;
+
+    #[test]
+    fn fast_gelu_matches_libm_erf() {
+        let mut worst = 0f32;
+        for i in -8000..8000 {
+            let x = i as f32 * 1e-3;
+            let exact = 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+            worst = worst.max((cpu::gelu(x) - exact).abs() / (1.0 + x.abs()));
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn gelu_grad_matches_finite_difference() {
+        for &x in &[-3.0f32, -1.0, -0.1, 0.0, 0.3, 1.7, 4.0] {
+            let h = 1e-3;
+            let fd = (cpu::gelu(x + h) - cpu::gelu(x - h)) / (2.0 * h);
+            assert!(
+                (fd - cpu::gelu_grad(x)).abs() < 1e-3,
+                "x={x} fd={fd} an={}",
+                cpu::gelu_grad(x)
+            );
+        }
+    }
+
+    #[test]
+    fn gelu_grads_match_finite_differences() {
+        let x = randn(&[4, 6], 4);
+        check_grads(&[x], &|w| gelu(&w[0].t).unwrap(), 2e-2);
+    }
+
+    fn silu_mul_ref(g: &[f64], u: &[f64]) -> Vec<f64> {
+        g.iter()
+            .zip(u)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect()
+    }
+
+    fn gelu_tanh_ref(x: &[f64]) -> Vec<f64> {
+        let k = (2.0 / std::f64::consts::PI).sqrt();
+        x.iter()
+            .map(|x| 0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh()))
+            .collect()
+    }
+
+    #[test]
+    fn silu_mul_and_gelu_tanh_grads() {
+        let g = (randn(&[3, 7], 30) * 4.0).unwrap();
+        let u = (randn(&[3, 7], 31) * 2.0).unwrap();
+        check(
+            &[g.clone(), u],
+            &|a| silu_mul(&a[0].t, &a[1].t).unwrap(),
+            &|a| silu_mul_ref(&a[0], &a[1]),
+            1,
+        );
+        check(
+            &[g],
+            &|a| gelu_tanh(&a[0].t).unwrap(),
+            &|a| gelu_tanh_ref(&a[0]),
+            1,
+        );
+        // Saturated ends stay finite and exact.
+        let x = Tensor::new(
+            &[-100f32, -20.0, -1e-4, 0.0, 1e-4, 20.0, 100.0],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let got = f64s(&gelu_tanh(&x).unwrap());
+        let want = gelu_tanh_ref(&f64s(&x));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+        let got = f64s(&silu_mul(&x, &x.ones_like().unwrap()).unwrap());
+        let want = silu_mul_ref(&f64s(&x), &[1.0; 7]);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+        let e = silu_mul(&randn(&[2, 3], 1), &randn(&[3, 2], 2))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+    }
+}

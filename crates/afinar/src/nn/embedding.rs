@@ -1,0 +1,154 @@
+//! Embedding lookup with hand-written backward, as torch's `nn.Embedding`
+//! (`padding_idx` included): rows of a `[V, H]` table for token ids; a
+//! trainable table's gradient is scattered into its buffer, never onto the
+//! padding row; a frozen table costs nothing. On a GPU with bf16 autocast
+//! ([`crate::nn::set_autocast_bf16`]) the rows come out in bf16 and the
+//! table's gradient in f32.
+
+use super::custom_op::{cerr, f32s, u32s, with_f32, CResult};
+use super::Weight;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+struct EmbeddingOp {
+    padding_idx: Option<u32>,
+    w: Weight,
+}
+
+impl CustomOp2 for EmbeddingOp {
+    fn name(&self) -> &'static str {
+        "afinar-embedding"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let w = f32s(s1, l1, "embedding weight")?;
+        let ids = u32s(s2, l2, "embedding ids")?;
+        let [v, h] = l1.dims() else {
+            return Err(cerr("embedding weight must be 2-d"));
+        };
+        let mut out = vec![0f32; ids.len() * h];
+        for (o, &id) in out.chunks_mut(*h).zip(ids) {
+            if id as usize >= *v {
+                return Err(cerr(format!(
+                    "token id {id} is out of range for a vocabulary of {v}"
+                )));
+            }
+            o.copy_from_slice(&w[id as usize * h..(id as usize + 1) * h]);
+        }
+        let mut shape = l2.dims().to_vec();
+        shape.push(*h);
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+    fn bwd(
+        &self,
+        w: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let Some(buf) = &self.w.grad else {
+            return Ok((None, None));
+        };
+        let (v, h) = w.dims2()?;
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        with_f32(grad, "embedding grad", |g| {
+            buf.accumulate(v * h, true, |dw, _| {
+                for (row, &id) in g.chunks(h).zip(&ids) {
+                    // As torch's `padding_idx`: the padding row never learns.
+                    if Some(id) == self.padding_idx {
+                        continue;
+                    }
+                    for (d, x) in dw[id as usize * h..(id as usize + 1) * h]
+                        .iter_mut()
+                        .zip(row)
+                    {
+                        *d += x;
+                    }
+                }
+            });
+            Ok((None, None))
+        })
+    }
+}
+
+/// Rows of `weight` `[V, H]` for `ids` (any shape, u32) -> `[..ids, H]`.
+/// The gradient skips `padding_idx`, as `nn.Embedding(padding_idx=...)`.
+pub fn embedding(weight: &Weight, ids: &Tensor, padding_idx: Option<u32>) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if weight.t.device().is_cuda() {
+        return cuda::embedding(weight, ids, padding_idx);
+    }
+    let op = EmbeddingOp {
+        padding_idx,
+        w: weight.clone(),
+    };
+    weight.t.contiguous()?.apply_op2_arc(
+        &ids.to_dtype(DType::U32)?.contiguous()?,
+        Arc::new(Box::new(op)),
+    )
+}
+
+/// The CUDA entry: candle's `index_select` forward, `index_add` backward.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::nn::cuda::{add_grad, attach};
+    use crate::nn::custom_op::CResult;
+    use crate::nn::Weight;
+    use candle_core::{DType, Tensor};
+
+    /// Rows of `w` by id; a trainable table gets the scattered gradient, none
+    /// for the `padding_idx` row (torch's `padding_idx`).
+    pub(super) fn embedding(w: &Weight, ids: &Tensor, padding_idx: Option<u32>) -> CResult<Tensor> {
+        let dev = w.t.device().clone();
+        let ids = ids.to_device(&dev)?.to_dtype(DType::U32)?.contiguous()?;
+        let y = w.t.detach().index_select(&ids, 0)?;
+        let bf16 = crate::nn::autocast_bf16() && y.dtype() == DType::F32;
+        if w.grad.is_none() {
+            return if bf16 { y.to_dtype(DType::BF16) } else { Ok(y) };
+        }
+        let wg = w.clone();
+        let y = attach("afinar-cuda-embedding", &[&w.t], y, move |g| {
+            let dw = Tensor::zeros(wg.t.shape(), DType::F32, &dev)?.index_add(
+                &ids,
+                &g.to_dtype(DType::F32)?.reshape((ids.elem_count(), ()))?,
+                0,
+            )?;
+            let dw = match padding_idx {
+                Some(p) if (p as usize) < wg.t.dim(0)? => {
+                    let rows = wg.t.dim(0)?;
+                    let mut keep = vec![1f32; rows];
+                    keep[p as usize] = 0.0;
+                    dw.broadcast_mul(&Tensor::from_vec(keep, (rows, 1), &dev)?)?
+                }
+                _ => dw,
+            };
+            add_grad(&wg, &dw)?;
+            Ok(vec![None])
+        })?;
+        // The cast is a graph node: its gradient comes back in f32.
+        if bf16 {
+            y.to_dtype(DType::BF16)
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::testing::{check_grads, randn};
+    use candle_core::Device;
+
+    #[test]
+    fn embedding_grads_match_finite_differences() {
+        let x = randn(&[4, 6], 4);
+        let ids = Tensor::new(&[1u32, 3, 0, 1], &Device::Cpu).unwrap();
+        check_grads(&[x], &|w| embedding(&w[0], &ids, Some(2)).unwrap(), 2e-2);
+    }
+}
