@@ -29,6 +29,7 @@ pub mod hub;
 pub mod methods;
 pub mod metrics;
 pub mod models;
+pub mod modes;
 pub mod nn;
 pub mod optim;
 pub mod params;

@@ -17,6 +17,7 @@ const LAYERS: &[&str] = &[
     "event",        // what the library reports instead of printing
     "fsutil",       // atomic writes
     "mem_guard",    // the memory bound of untrusted renders
+    "modes",        // typed modes of config files (serde helpers)
     "metrics",      // accuracy, F1, MSE, Pearson
     "plot",         // metrics.png
     "hub",  // files and sources: safetensors, GGUF, tokenizers, chat templates, assets, the hub

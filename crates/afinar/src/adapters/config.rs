@@ -4,7 +4,7 @@
 //! (unknown keys refused with their line), then each method takes its own
 //! fields and refuses another method's, naming the key.
 
-use crate::config::opt_mode;
+use crate::modes::opt_mode;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

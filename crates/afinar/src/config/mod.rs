@@ -4,8 +4,8 @@
 
 mod modes;
 
+pub(crate) use crate::modes::{mode, opt_mode};
 pub use modes::DeviceSpec;
-pub(crate) use modes::{mode, opt_mode};
 
 use crate::data::sft::Overflow;
 use crate::data::Format;
