@@ -1596,6 +1596,38 @@ fn model_format_that_does_not_match_the_model() {
     c.no_run_folder();
 }
 
+/// A head or objective the model's family cannot take: BERT's [CLS] pooler
+/// on a decoder, a decoder's last-token pooling on BERT, SFT on an encoder.
+/// Refused before the run folder is made.
+#[test]
+fn head_or_task_the_model_family_cannot_take() {
+    let c = Case::new();
+    let llama = fixture().join("../llama-tiny");
+    let dec = c.config_for_model(&llama);
+    c.train(&dec, &["task.pooling=\"cls\""])
+        .fails_with(&["run.toml", "`task.pooling`: \"cls\" reads BERT's pooler over the first token; a decoder's sequence head pools \"last\" (or \"mean\")"]);
+    c.no_run_folder();
+    let bert = c.config_for_model(&fixture());
+    c.train(&bert, &["task.pooling=\"last\""]).fails_with(&[
+        "`task.pooling`: \"last\" is the decoders' pooling; BERT pools \"cls\" (or \"mean\")",
+    ]);
+    c.no_run_folder();
+    let msgs = write(c.d(), "chat.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n");
+    let set_sft = [
+        "task.type=\"sft\"".to_string(),
+        format!("data.train={}", toml_str(&msgs.display().to_string())),
+        "data.messages=\"messages\"".into(),
+        "data.text=\"\"".into(),
+        "data.label=\"\"".into(),
+    ];
+    let set_sft: Vec<&str> = set_sft.iter().map(|s| s.as_str()).collect();
+    c.train(&bert, &set_sft).fails_with(&[
+        "`task.type` = \"sft\" trains a decoder LM, but",
+        "bert-tiny is a BERT encoder",
+    ]);
+    c.no_run_folder();
+}
+
 #[test]
 fn config_keys_that_conflict() {
     let c = Case::new();
