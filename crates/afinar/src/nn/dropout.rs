@@ -11,11 +11,10 @@
 //! the crate: `data` sits below `nn` and needed it first, for the seeded
 //! split).
 
-use super::custom_op::{cerr, f32s, tensor, with_f32, CResult};
+use super::custom_op::{apply, cerr, output, tensor, with_f32, CResult, Fwd, Grads, Input, Op};
 use crate::data::splitmix64;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::Tensor;
 use std::cell::Cell;
-use std::sync::Arc;
 
 /// Seeds for the dropout sites of one forward pass. Each call of `next`
 /// gives a fresh seed; the same (seed, step) replays the same masks, so the
@@ -77,21 +76,21 @@ struct DropoutOp {
     seed: u64,
 }
 
-impl CustomOp1 for DropoutOp {
+impl Op<1> for DropoutOp {
     fn name(&self) -> &'static str {
         "afinar-dropout"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let x = f32s(s, l, "dropout")?;
-        let mut y = vec![0f32; x.len()];
-        cpu::apply_mask(x, self.p, self.seed, &mut y);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+    fn cpu_fwd(&self, [x]: [Input; 1]) -> Fwd {
+        let xv = x.f32s("dropout")?;
+        let mut y = vec![0f32; xv.len()];
+        cpu::apply_mask(xv, self.p, self.seed, &mut y);
+        output(y, x.shape())
     }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+    fn bwd(&self, [x]: [&Tensor; 1], _res: &Tensor, grad: &Tensor) -> Grads<1> {
         with_f32(grad, "dropout grad", |g| {
             let mut dx = vec![0f32; g.len()];
             cpu::apply_mask(g, self.p, self.seed, &mut dx);
-            Ok(Some(tensor(dx, x.shape())?))
+            Ok([Some(tensor(dx, x.shape())?)])
         })
     }
 }
@@ -109,8 +108,7 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> CResult<Tensor> {
     if x.device().is_cuda() {
         return cuda::dropout(x, p, seed);
     }
-    x.contiguous()?
-        .apply_op1_arc(Arc::new(Box::new(DropoutOp { p, seed })))
+    apply(DropoutOp { p, seed }, [x])
 }
 
 /// The CPU kernel.

@@ -111,6 +111,22 @@ impl GradBuf {
         s.written = true;
     }
 
+    /// Add the product `alpha a @ b` (this buffer's `[a.rows, b.cols]`) into
+    /// the buffer: on the first write of a step the gemm writes it (beta =
+    /// 0), no zeroing pass first.
+    pub(crate) fn add_product(
+        &self,
+        a: kernels::Mat,
+        b: kernels::Mat,
+        alpha: f32,
+        par: gemm::Parallelism,
+    ) {
+        let (rows, cols) = (a.rows, b.cols);
+        self.accumulate(rows * cols, false, |d, overwrite| {
+            kernels::matmul(d, cols, a, b, alpha, !overwrite, par)
+        })
+    }
+
     /// Add `src` (same length) into the buffer.
     pub fn add(&self, src: &[f32]) {
         self.accumulate(src.len(), false, |d, overwrite| {

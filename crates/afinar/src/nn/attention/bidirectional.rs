@@ -3,8 +3,10 @@
 //! dropout on the probabilities. The backward recomputes the probabilities:
 //! nothing `T x T` is kept between forward and backward.
 
-use crate::nn::custom_op::{cerr, f32s, tensor, with_f32, CResult};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use crate::nn::custom_op::{
+    apply, cerr, output, tensor, with_f32s, CResult, Fwd, Grads, Input, Op,
+};
+use candle_core::Tensor;
 use cpu::AttnShape;
 use std::sync::Arc;
 
@@ -43,29 +45,21 @@ impl AttentionOp {
     }
 }
 
-impl CustomOp3 for AttentionOp {
+impl Op<3> for AttentionOp {
     fn name(&self) -> &'static str {
         "afinar-attention"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let sh = self.shape(l1.dims())?;
-        if l2.dims() != l1.dims() || l3.dims() != l1.dims() {
+    fn cpu_fwd(&self, [qi, ki, vi]: [Input; 3]) -> Fwd {
+        let sh = self.shape(qi.dims())?;
+        if ki.dims() != qi.dims() || vi.dims() != qi.dims() {
             return Err(cerr(format!(
                 "attention: q {:?}, k {:?}, v {:?} differ",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
+                qi.dims(),
+                ki.dims(),
+                vi.dims()
             )));
         }
-        let (q, k, v) = (f32s(s1, l1, "q")?, f32s(s2, l2, "k")?, f32s(s3, l3, "v")?);
+        let (q, k, v) = (qi.f32s("q")?, ki.f32s("k")?, vi.f32s("v")?);
         let mut out = vec![0f32; q.len()];
         cpu::attention_fwd(
             q,
@@ -77,46 +71,33 @@ impl CustomOp3 for AttentionOp {
             self.dropout,
             &mut out,
         );
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        output(out, qi.shape())
     }
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [q, k, v]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Grads<3> {
         let sh = self.shape(q.dims())?;
-        with_f32(q, "q", |qv| {
-            with_f32(k, "k", |kv| {
-                with_f32(v, "v", |vv| {
-                    with_f32(grad, "attention grad", |g| {
-                        let n = qv.len();
-                        let (mut dq, mut dk, mut dv) =
-                            (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-                        cpu::attention_bwd(
-                            qv,
-                            kv,
-                            vv,
-                            &self.key_mask,
-                            sh,
-                            self.scale,
-                            self.dropout,
-                            g,
-                            &mut dq,
-                            &mut dk,
-                            &mut dv,
-                        );
-                        let s = q.shape();
-                        Ok((
-                            Some(tensor(dq, s)?),
-                            Some(tensor(dk, s)?),
-                            Some(tensor(dv, s)?),
-                        ))
-                    })
-                })
-            })
+        let names = ["q", "k", "v", "attention grad"];
+        with_f32s([q, k, v, grad], names, |[qv, kv, vv, g]| {
+            let n = qv.len();
+            let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            cpu::attention_bwd(
+                qv,
+                kv,
+                vv,
+                &self.key_mask,
+                sh,
+                self.scale,
+                self.dropout,
+                g,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            );
+            let s = q.shape();
+            Ok([
+                Some(tensor(dq, s)?),
+                Some(tensor(dk, s)?),
+                Some(tensor(dv, s)?),
+            ])
         })
     }
 }
@@ -160,16 +141,13 @@ pub fn attention(
         };
         return super::cuda::attention(q, k, v, args);
     }
-    q.contiguous()?.apply_op3_arc(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        Arc::new(Box::new(AttentionOp {
-            key_mask,
-            heads,
-            scale,
-            dropout,
-        })),
-    )
+    let op = AttentionOp {
+        key_mask,
+        heads,
+        scale,
+        dropout,
+    };
+    apply(op, [q, k, v])
 }
 
 /// The CPU kernels: one rayon task per (batch, head), each writing its own

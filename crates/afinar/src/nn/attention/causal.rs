@@ -5,8 +5,10 @@
 //! grouped-query heads, <https://arxiv.org/abs/2305.13245>) and GPT-2's
 //! `attn_pdrop`. The backward recomputes the probabilities block by block.
 
-use crate::nn::custom_op::{cerr, f32s, tensor, with_f32, CResult};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use crate::nn::custom_op::{
+    apply, cerr, output, tensor, with_f32s, CResult, Fwd, Grads, Input, Op,
+};
+use candle_core::Tensor;
 use cpu::{CausalShape, Visibility};
 use std::sync::Arc;
 
@@ -73,75 +75,55 @@ impl CausalAttentionOp {
     }
 }
 
-impl CustomOp3 for CausalAttentionOp {
+impl Op<3> for CausalAttentionOp {
     fn name(&self) -> &'static str {
         "afinar-causal-attention"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let sh = self.shape(l1.dims(), l2.dims(), l3.dims())?;
-        let (q, k, v) = (f32s(s1, l1, "q")?, f32s(s2, l2, "k")?, f32s(s3, l3, "v")?);
+    fn cpu_fwd(&self, [qi, ki, vi]: [Input; 3]) -> Fwd {
+        let sh = self.shape(qi.dims(), ki.dims(), vi.dims())?;
+        let (q, k, v) = (qi.f32s("q")?, ki.f32s("k")?, vi.f32s("v")?);
         let mut out = vec![0f32; q.len()];
         let scale = 1.0 / (sh.d as f32).sqrt();
         cpu::causal_attention_fwd(q, k, v, self.vis(), sh, scale, self.dropout, &mut out);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        output(out, qi.shape())
     }
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [q, k, v]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Grads<3> {
         let sh = self.shape(q.dims(), k.dims(), v.dims())?;
         let scale = 1.0 / (sh.d as f32).sqrt();
-        with_f32(q, "q", |qv| {
-            with_f32(k, "k", |kv| {
-                with_f32(v, "v", |vv| {
-                    with_f32(grad, "causal_attention grad", |g| {
-                        let n = qv.len();
-                        let mut dq = vec![0f32; n];
-                        // Per query head, summed into kv heads below.
-                        let mut dkh = vec![0f32; n];
-                        let mut dvh = vec![0f32; n];
-                        cpu::causal_attention_bwd(
-                            qv,
-                            kv,
-                            vv,
-                            self.vis(),
-                            sh,
-                            scale,
-                            self.dropout,
-                            g,
-                            &mut dq,
-                            &mut dkh,
-                            &mut dvh,
-                        );
-                        let (dk, dv) = if sh.kv_heads == sh.heads {
-                            (dkh, dvh)
-                        } else {
-                            let mut dk = vec![0f32; kv.len()];
-                            let mut dv = vec![0f32; kv.len()];
-                            cpu::reduce_kv_heads(&dkh, sh, &mut dk);
-                            cpu::reduce_kv_heads(&dvh, sh, &mut dv);
-                            (dk, dv)
-                        };
-                        Ok((
-                            Some(tensor(dq, q.shape())?),
-                            Some(tensor(dk, k.shape())?),
-                            Some(tensor(dv, v.shape())?),
-                        ))
-                    })
-                })
-            })
+        let names = ["q", "k", "v", "causal_attention grad"];
+        with_f32s([q, k, v, grad], names, |[qv, kv, vv, g]| {
+            let n = qv.len();
+            let mut dq = vec![0f32; n];
+            // Per query head, summed into kv heads below.
+            let mut dkh = vec![0f32; n];
+            let mut dvh = vec![0f32; n];
+            cpu::causal_attention_bwd(
+                qv,
+                kv,
+                vv,
+                self.vis(),
+                sh,
+                scale,
+                self.dropout,
+                g,
+                &mut dq,
+                &mut dkh,
+                &mut dvh,
+            );
+            let (dk, dv) = if sh.kv_heads == sh.heads {
+                (dkh, dvh)
+            } else {
+                let mut dk = vec![0f32; kv.len()];
+                let mut dv = vec![0f32; kv.len()];
+                cpu::reduce_kv_heads(&dkh, sh, &mut dk);
+                cpu::reduce_kv_heads(&dvh, sh, &mut dv);
+                (dk, dv)
+            };
+            Ok([
+                Some(tensor(dq, q.shape())?),
+                Some(tensor(dk, k.shape())?),
+                Some(tensor(dv, v.shape())?),
+            ])
         })
     }
 }
@@ -209,8 +191,7 @@ pub fn causal_attention_dropout(
         };
         return super::cuda::attention(q, k, v, args);
     }
-    q.contiguous()?
-        .apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
+    apply(op, [q, k, v])
 }
 
 /// The CPU kernels: one rayon task per (batch, query head), over blocks of
