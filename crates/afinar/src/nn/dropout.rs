@@ -57,6 +57,26 @@ pub fn uniform(seed: u64, i: u64) -> f32 {
     (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
+/// `v` dropped as element `i` of the stream under `seed`: `v * scale` (=
+/// `v / (1 - p)`) if kept, else 0.
+#[inline]
+fn drop_one(v: f32, p: f32, scale: f32, seed: u64, i: u64) -> f32 {
+    if uniform(seed, i) >= p {
+        v * scale
+    } else {
+        0.0
+    }
+}
+
+/// Inverted dropout in place, `xs[j]` being element `first + j` of the
+/// stream (the attention kernels drop their probabilities by blocks).
+pub(crate) fn drop_in_place(xs: &mut [f32], p: f32, seed: u64, first: u64) {
+    let scale = 1.0 / (1.0 - p);
+    for (j, v) in xs.iter_mut().enumerate() {
+        *v = drop_one(*v, p, scale, seed, first + j as u64);
+    }
+}
+
 /// The backward's second use of a dropout mask, without hashing again:
 /// `dp[j] *= 1/(1-p)` where `pd[j]` (the dropped probabilities) was kept,
 /// else 0. Where the probability itself is 0 the mask does not matter (its
@@ -113,7 +133,7 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> CResult<Tensor> {
 
 /// The CPU kernel.
 pub(crate) mod cpu {
-    use super::uniform;
+    use super::drop_one;
     use rayon::prelude::*;
 
     /// out[i] = keep(i) ? x[i] / (1 - p) : 0.
@@ -123,11 +143,7 @@ pub(crate) mod cpu {
             let base = c * 4096;
             for (j, o) in oc.iter_mut().enumerate() {
                 let i = base + j;
-                *o = if uniform(seed, i as u64) >= p {
-                    x[i] * scale
-                } else {
-                    0.0
-                };
+                *o = drop_one(x[i], p, scale, seed, i as u64);
             }
         });
     }

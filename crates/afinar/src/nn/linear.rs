@@ -636,14 +636,7 @@ mod tests {
         let y = linear(x.as_tensor(), &w, None).unwrap();
         let _ = y.sum_all().unwrap().backward().unwrap();
         let twice = w.grad_tensor().unwrap().unwrap();
-        let diff = ((once * 2.0).unwrap() - twice)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_vec0::<f32>()
-            .unwrap();
+        let diff = crate::testutil::max_diff(&(once * 2.0).unwrap(), &twice);
         assert!(diff < 1e-5);
         w.grad.as_ref().unwrap().clear();
         assert!(w.grad_tensor().unwrap().is_none());

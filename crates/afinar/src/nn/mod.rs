@@ -41,8 +41,7 @@ mod testing;
 
 pub use activation::{gelu, gelu_tanh, silu_mul};
 pub use attention::{
-    attention, attention_with_cache, attention_with_cache_masked, causal_attention,
-    causal_attention_dropout,
+    attention, attention_with_cache, attention_with_cache_masked, causal_attention, CacheShape,
 };
 pub use dropout::{dropout, DropoutRng};
 pub use embedding::embedding;

@@ -212,26 +212,8 @@ pub fn dequantize(q: &QTensor) -> crate::Result<Tensor> {
 mod tests {
     use super::*;
     use crate::hub::gguf::GgmlType;
+    use crate::testutil::{max_diff, uniform as randn};
     use candle_core::{Device, Var};
-    use rand::{Rng, SeedableRng};
-
-    fn randn(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// qlinear equals dequantise-then-linear, forward and dx, for every type
     /// and for shapes that leave partial tiles and strips.
