@@ -227,7 +227,7 @@ fn ops_match_the_cpu() {
         ("causal_attention+dropout", Some((0.2f32, 5u64))),
     ] {
         same_on_both(name, &qkv, &[], 1e-4, &|x, _| {
-            nn::causal_attention_dropout(
+            nn::causal_attention(
                 &x[0],
                 &x[1],
                 &x[2],

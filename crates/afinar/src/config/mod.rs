@@ -900,22 +900,10 @@ lr = 1e-4
 
     #[test]
     fn base_dtype_quantized_needs_a_gguf_adapter_run() {
-        let sft = r#"
-[model]
-path = "m.gguf"
-base_dtype = "quantized"
-[task]
-type = "sft"
-[data]
-train = "t.jsonl"
-messages = "input"
-split = [0.8, 0.1, 0.1]
-[adapter]
-type = "lora"
-target_modules = ["q_proj"]
-[train]
-lr = 1e-4
-"#;
+        let sft = &SFT.replace(
+            "path = \"m\"",
+            "path = \"m.gguf\"\nbase_dtype = \"quantized\"",
+        );
         let p = Plan::from_str(sft, Path::new("x.toml"), &[]).unwrap();
         assert_eq!(p.config.model.base_dtype, BaseDtype::Quantized);
         let asset = sft.replace("path = \"m.gguf\"", "asset = \"smollm2-135m-instruct\"");
@@ -949,21 +937,7 @@ lr = 1e-4
 
     #[test]
     fn train_device_and_bf16_base_are_checked() {
-        let sft = r#"
-[model]
-path = "m"
-[task]
-type = "sft"
-[data]
-train = "t.jsonl"
-messages = "input"
-split = [0.8, 0.1, 0.1]
-[adapter]
-type = "lora"
-target_modules = ["q_proj"]
-[train]
-lr = 1e-4
-"#;
+        let sft = SFT;
         let p = Plan::from_str(sft, Path::new("x.toml"), &[]).unwrap();
         assert_eq!(p.config.train.device, DeviceSpec::Cpu);
         assert!(!p.config.train.gradient_checkpointing);

@@ -312,7 +312,7 @@ impl Inputs {
         rng: Option<&DropoutRng>,
     ) -> Result<Tensor> {
         let drop = rng.filter(|_| p > 0.0).map(|r| (p, r.next()));
-        Ok(crate::nn::causal_attention_dropout(
+        Ok(crate::nn::causal_attention(
             q,
             k,
             v,

@@ -10,44 +10,48 @@
 //!
 //! [`fast_exp`]: crate::nn::kernels::fast_exp
 
-use super::custom_op::{cerr, f32s, tensor, with_f32, CResult};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
-use std::sync::Arc;
+use super::custom_op::{apply, cerr, output, tensor, with_f32s, CResult, Fwd, Grads, Input, Op};
+use super::kernels::{map_elems, map_grad};
+use candle_core::Tensor;
 
-// ------------------------------------------------------------------ GELU (erf)
+// ------------------------------------------------------------------ GELU (erf, tanh)
 
-struct GeluOp;
+/// An elementwise activation: `f` forward, `dy * df(x)` backward. Generic
+/// over the functions (not `fn` pointers) so that each activation gets its
+/// own loops with `f` and `df` inlined.
+struct Elementwise<F, D> {
+    name: &'static str,
+    /// The activation's name in errors.
+    what: &'static str,
+    f: F,
+    df: D,
+}
 
-impl CustomOp1 for GeluOp {
+impl<F, D> Op<1> for Elementwise<F, D>
+where
+    F: Fn(f32) -> f32 + Send + Sync + 'static,
+    D: Fn(f32) -> f32 + Send + Sync + 'static,
+{
     fn name(&self) -> &'static str {
-        "afinar-gelu"
+        self.name
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let x = f32s(s, l, "gelu")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(4096)
-            .zip(x.par_chunks(4096))
-            .for_each(|(yc, xc)| {
-                for (o, v) in yc.iter_mut().zip(xc) {
-                    *o = cpu::gelu(*v);
-                }
-            });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+    fn cpu_fwd(&self, [x]: [Input; 1]) -> Fwd {
+        let xv = x.f32s(self.what)?;
+        let mut y = vec![0f32; xv.len()];
+        map_elems(xv, &mut y, &self.f);
+        output(y, x.shape())
     }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        with_f32(x, "gelu input", |xv| {
-            with_f32(grad, "gelu grad", |g| {
-                let mut dx = vec![0f32; xv.len()];
-                dx.par_chunks_mut(4096).enumerate().for_each(|(c, dc)| {
-                    let o = c * 4096;
-                    for (j, d) in dc.iter_mut().enumerate() {
-                        *d = g[o + j] * cpu::gelu_grad(xv[o + j]);
-                    }
-                });
-                Ok(Some(tensor(dx, x.shape())?))
-            })
-        })
+    fn bwd(&self, [x]: [&Tensor; 1], _res: &Tensor, grad: &Tensor) -> Grads<1> {
+        let (input, grad_of) = (
+            format!("{} input", self.what),
+            format!("{} grad", self.what),
+        );
+        let dx = with_f32s([x, grad], [input.as_str(), &grad_of], |[xv, g]| {
+            let mut dx = vec![0f32; xv.len()];
+            map_grad(xv, g, &mut dx, &self.df);
+            tensor(dx, x.shape())
+        })?;
+        Ok([Some(dx)])
     }
 }
 
@@ -57,32 +61,13 @@ pub fn gelu(x: &Tensor) -> CResult<Tensor> {
     if x.device().is_cuda() {
         return cuda::gelu(x, 1);
     }
-    x.contiguous()?.apply_op1_arc(Arc::new(Box::new(GeluOp)))
-}
-
-// ------------------------------------------------------------------ GELU (tanh)
-
-struct GeluTanhOp;
-
-impl CustomOp1 for GeluTanhOp {
-    fn name(&self) -> &'static str {
-        "afinar-gelu-tanh"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let x = f32s(s, l, "gelu_tanh")?;
-        let mut y = vec![0f32; x.len()];
-        cpu::gelu_tanh_fwd(x, &mut y);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        with_f32(x, "gelu_tanh input", |xv| {
-            with_f32(grad, "gelu_tanh grad", |g| {
-                let mut dx = vec![0f32; xv.len()];
-                cpu::gelu_tanh_bwd(xv, g, &mut dx);
-                Ok(Some(tensor(dx, x.shape())?))
-            })
-        })
-    }
+    let op = Elementwise {
+        name: "afinar-gelu",
+        what: "gelu",
+        f: cpu::gelu,
+        df: cpu::gelu_grad,
+    };
+    apply(op, [x])
 }
 
 /// GPT-2's `gelu_new` (= `gelu_pytorch_tanh`):
@@ -92,57 +77,47 @@ pub fn gelu_tanh(x: &Tensor) -> CResult<Tensor> {
     if x.device().is_cuda() {
         return cuda::gelu(x, 0);
     }
-    x.contiguous()?
-        .apply_op1_arc(Arc::new(Box::new(GeluTanhOp)))
+    let op = Elementwise {
+        name: "afinar-gelu-tanh",
+        what: "gelu_tanh",
+        f: cpu::gelu_tanh,
+        df: cpu::gelu_tanh_grad,
+    };
+    apply(op, [x])
 }
 
 // ------------------------------------------------------------------ SwiGLU
 
 struct SiluMulOp;
 
-impl CustomOp2 for SiluMulOp {
+impl Op<2> for SiluMulOp {
     fn name(&self) -> &'static str {
         "afinar-silu-mul"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        if l1.dims() != l2.dims() {
+    fn cpu_fwd(&self, [gi, ui]: [Input; 2]) -> Fwd {
+        if gi.dims() != ui.dims() {
             return Err(cerr(format!(
                 "silu_mul: gate {:?} and up {:?} differ",
-                l1.dims(),
-                l2.dims()
+                gi.dims(),
+                ui.dims()
             )));
         }
-        let (g, u) = (f32s(s1, l1, "silu_mul gate")?, f32s(s2, l2, "silu_mul up")?);
+        let (g, u) = (gi.f32s("silu_mul gate")?, ui.f32s("silu_mul up")?);
         let mut y = vec![0f32; g.len()];
         cpu::silu_mul_fwd(g, u, &mut y);
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        output(y, gi.shape())
     }
-    fn bwd(
-        &self,
-        gate: &Tensor,
-        up: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [gate, up]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
         let (want_g, want_u) = (gate.track_op(), up.track_op());
-        with_f32(gate, "silu_mul gate", |gv| {
-            with_f32(up, "silu_mul up", |uv| {
-                with_f32(grad, "silu_mul grad", |dy| {
-                    let mut dg = want_g.then(|| vec![0f32; gv.len()]);
-                    let mut du = want_u.then(|| vec![0f32; gv.len()]);
-                    cpu::silu_mul_bwd(gv, uv, dy, dg.as_deref_mut(), du.as_deref_mut());
-                    Ok((
-                        dg.map(|v| tensor(v, gate.shape())).transpose()?,
-                        du.map(|v| tensor(v, up.shape())).transpose()?,
-                    ))
-                })
-            })
+        let names = ["silu_mul gate", "silu_mul up", "silu_mul grad"];
+        with_f32s([gate, up, grad], names, |[gv, uv, dy]| {
+            let mut dg = want_g.then(|| vec![0f32; gv.len()]);
+            let mut du = want_u.then(|| vec![0f32; gv.len()]);
+            cpu::silu_mul_bwd(gv, uv, dy, dg.as_deref_mut(), du.as_deref_mut());
+            Ok([
+                dg.map(|v| tensor(v, gate.shape())).transpose()?,
+                du.map(|v| tensor(v, up.shape())).transpose()?,
+            ])
         })
     }
 }
@@ -153,12 +128,11 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
     if gate.device().is_cuda() {
         return cuda::silu_mul(gate, up);
     }
-    gate.contiguous()?
-        .apply_op2_arc(&up.contiguous()?, Arc::new(Box::new(SiluMulOp)))
+    apply(SiluMulOp, [gate, up])
 }
 
-/// The CPU kernels: scalar functions and their derivatives, and the
-/// element-wise loops of the tanh GELU and SwiGLU.
+/// The CPU kernels: scalar functions and their derivatives (the loops of
+/// the GELUs are `kernels::map_elems` / `map_grad`), and SwiGLU's loops.
 mod cpu {
     use crate::nn::kernels::{fast_exp, ELEM_CHUNK};
     use rayon::prelude::*;
@@ -230,28 +204,6 @@ mod cpu {
         let x2 = x * x;
         let t = tanh_fast(SQRT_2_OVER_PI * x * (1.0 + GELU_C * x2));
         0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x2)
-    }
-
-    pub fn gelu_tanh_fwd(x: &[f32], out: &mut [f32]) {
-        out.par_chunks_mut(ELEM_CHUNK)
-            .zip(x.par_chunks(ELEM_CHUNK))
-            .for_each(|(o, x)| {
-                for i in 0..o.len() {
-                    o[i] = gelu_tanh(x[i]);
-                }
-            });
-    }
-
-    pub fn gelu_tanh_bwd(x: &[f32], dy: &[f32], dx: &mut [f32]) {
-        dx.par_chunks_mut(ELEM_CHUNK)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let b = c * ELEM_CHUNK;
-                let (x, dy) = (&x[b..b + o.len()], &dy[b..b + o.len()]);
-                for i in 0..o.len() {
-                    o[i] = dy[i] * gelu_tanh_grad(x[i]);
-                }
-            });
     }
 
     // ------------------------------------------------------------ SwiGLU

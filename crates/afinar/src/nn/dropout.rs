@@ -11,11 +11,10 @@
 //! the crate: `data` sits below `nn` and needed it first, for the seeded
 //! split).
 
-use super::custom_op::{cerr, f32s, tensor, with_f32, CResult};
+use super::custom_op::{apply, cerr, output, tensor, with_f32, CResult, Fwd, Grads, Input, Op};
 use crate::data::splitmix64;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::Tensor;
 use std::cell::Cell;
-use std::sync::Arc;
 
 /// Seeds for the dropout sites of one forward pass. Each call of `next`
 /// gives a fresh seed; the same (seed, step) replays the same masks, so the
@@ -58,6 +57,26 @@ pub fn uniform(seed: u64, i: u64) -> f32 {
     (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
+/// `v` dropped as element `i` of the stream under `seed`: `v * scale` (=
+/// `v / (1 - p)`) if kept, else 0.
+#[inline]
+fn drop_one(v: f32, p: f32, scale: f32, seed: u64, i: u64) -> f32 {
+    if uniform(seed, i) >= p {
+        v * scale
+    } else {
+        0.0
+    }
+}
+
+/// Inverted dropout in place, `xs[j]` being element `first + j` of the
+/// stream (the attention kernels drop their probabilities by blocks).
+pub(crate) fn drop_in_place(xs: &mut [f32], p: f32, seed: u64, first: u64) {
+    let scale = 1.0 / (1.0 - p);
+    for (j, v) in xs.iter_mut().enumerate() {
+        *v = drop_one(*v, p, scale, seed, first + j as u64);
+    }
+}
+
 /// The backward's second use of a dropout mask, without hashing again:
 /// `dp[j] *= 1/(1-p)` where `pd[j]` (the dropped probabilities) was kept,
 /// else 0. Where the probability itself is 0 the mask does not matter (its
@@ -77,21 +96,21 @@ struct DropoutOp {
     seed: u64,
 }
 
-impl CustomOp1 for DropoutOp {
+impl Op<1> for DropoutOp {
     fn name(&self) -> &'static str {
         "afinar-dropout"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let x = f32s(s, l, "dropout")?;
-        let mut y = vec![0f32; x.len()];
-        cpu::apply_mask(x, self.p, self.seed, &mut y);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+    fn cpu_fwd(&self, [x]: [Input; 1]) -> Fwd {
+        let xv = x.f32s("dropout")?;
+        let mut y = vec![0f32; xv.len()];
+        cpu::apply_mask(xv, self.p, self.seed, &mut y);
+        output(y, x.shape())
     }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+    fn bwd(&self, [x]: [&Tensor; 1], _res: &Tensor, grad: &Tensor) -> Grads<1> {
         with_f32(grad, "dropout grad", |g| {
             let mut dx = vec![0f32; g.len()];
             cpu::apply_mask(g, self.p, self.seed, &mut dx);
-            Ok(Some(tensor(dx, x.shape())?))
+            Ok([Some(tensor(dx, x.shape())?)])
         })
     }
 }
@@ -109,13 +128,12 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> CResult<Tensor> {
     if x.device().is_cuda() {
         return cuda::dropout(x, p, seed);
     }
-    x.contiguous()?
-        .apply_op1_arc(Arc::new(Box::new(DropoutOp { p, seed })))
+    apply(DropoutOp { p, seed }, [x])
 }
 
 /// The CPU kernel.
 pub(crate) mod cpu {
-    use super::uniform;
+    use super::drop_one;
     use rayon::prelude::*;
 
     /// out[i] = keep(i) ? x[i] / (1 - p) : 0.
@@ -125,11 +143,7 @@ pub(crate) mod cpu {
             let base = c * 4096;
             for (j, o) in oc.iter_mut().enumerate() {
                 let i = base + j;
-                *o = if uniform(seed, i as u64) >= p {
-                    x[i] * scale
-                } else {
-                    0.0
-                };
+                *o = drop_one(x[i], p, scale, seed, i as u64);
             }
         });
     }

@@ -5,30 +5,23 @@
 //! ([`crate::nn::set_autocast_bf16`]) the rows come out in bf16 and the
 //! table's gradient in f32.
 
-use super::custom_op::{cerr, f32s, u32s, with_f32, CResult};
+use super::custom_op::{apply, cerr, output, with_f32, CResult, Fwd, Grads, Input, Op};
 use super::Weight;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
-use std::sync::Arc;
+use candle_core::{DType, Tensor};
 
 struct EmbeddingOp {
     padding_idx: Option<u32>,
     w: Weight,
 }
 
-impl CustomOp2 for EmbeddingOp {
+impl Op<2> for EmbeddingOp {
     fn name(&self) -> &'static str {
         "afinar-embedding"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let w = f32s(s1, l1, "embedding weight")?;
-        let ids = u32s(s2, l2, "embedding ids")?;
-        let [v, h] = l1.dims() else {
+    fn cpu_fwd(&self, [wi, idi]: [Input; 2]) -> Fwd {
+        let w = wi.f32s("embedding weight")?;
+        let ids = idi.u32s("embedding ids")?;
+        let [v, h] = wi.dims() else {
             return Err(cerr("embedding weight must be 2-d"));
         };
         let mut out = vec![0f32; ids.len() * h];
@@ -40,19 +33,13 @@ impl CustomOp2 for EmbeddingOp {
             }
             o.copy_from_slice(&w[id as usize * h..(id as usize + 1) * h]);
         }
-        let mut shape = l2.dims().to_vec();
+        let mut shape = idi.dims().to_vec();
         shape.push(*h);
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        output(out, shape)
     }
-    fn bwd(
-        &self,
-        w: &Tensor,
-        ids: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [w, ids]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
         let Some(buf) = &self.w.grad else {
-            return Ok((None, None));
+            return Ok([None, None]);
         };
         let (v, h) = w.dims2()?;
         let ids = ids.flatten_all()?.to_vec1::<u32>()?;
@@ -71,7 +58,7 @@ impl CustomOp2 for EmbeddingOp {
                     }
                 }
             });
-            Ok((None, None))
+            Ok([None, None])
         })
     }
 }
@@ -87,10 +74,7 @@ pub fn embedding(weight: &Weight, ids: &Tensor, padding_idx: Option<u32>) -> CRe
         padding_idx,
         w: weight.clone(),
     };
-    weight.t.contiguous()?.apply_op2_arc(
-        &ids.to_dtype(DType::U32)?.contiguous()?,
-        Arc::new(Box::new(op)),
-    )
+    apply(op, [&weight.t, &ids.to_dtype(DType::U32)?])
 }
 
 /// The CUDA entry: candle's `index_select` forward, `index_add` backward.

@@ -7,12 +7,14 @@
 //! does [`checkpoint`] (forward without keeping the layer's graph, backward
 //! recomputes the layer and back-propagates through it).
 
-use super::custom_op::{cerr, CResult};
+#[cfg(feature = "cuda")]
+use super::custom_op::CudaInput;
+use super::custom_op::{cerr, Apply, CResult, Fwd, Grads, Input, Op};
 use super::DropoutRng;
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor, Var,
-};
+#[cfg(feature = "cuda")]
+use candle_core::Shape;
+use candle_core::{Storage, Tensor, Var};
 use std::sync::{Arc, Mutex};
 
 type BwdFn = Box<dyn Fn(&Tensor) -> CResult<Vec<Option<Tensor>>> + Send + Sync>;
@@ -44,7 +46,7 @@ impl Attach {
             y.copy()
         }
     }
-    fn cpu(&self) -> CResult<(CpuStorage, Shape)> {
+    fn cpu(&self) -> Fwd {
         let y = self.take()?;
         let (st, l) = y.storage_and_layout();
         match &*st {
@@ -67,105 +69,25 @@ impl Attach {
             ))),
         }
     }
-    fn grads(&self, g: &Tensor, n: usize) -> CResult<Vec<Option<Tensor>>> {
-        let mut v = (self.bwd)(g)?;
-        v.resize(n, None);
-        Ok(v)
-    }
 }
 
-impl CustomOp1 for Attach {
+/// One impl for every number of graph inputs: the inputs themselves are
+/// never read (the result was computed before), only the backward counts
+/// them.
+impl<const N: usize> Op<N> for Attach {
     fn name(&self) -> &'static str {
         self.name
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: [Input; N]) -> Fwd {
         self.cpu()
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, _: [CudaInput; N]) -> CResult<(candle_core::CudaStorage, Shape)> {
         self.cuda()
     }
-    fn bwd(&self, _: &Tensor, _: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(self.grads(g, 1)?.remove(0))
-    }
-}
-
-impl CustomOp2 for Attach {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        self.cpu()
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        self.cuda()
-    }
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        g: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let mut v = self.grads(g, 2)?.into_iter();
-        Ok((v.next().flatten(), v.next().flatten()))
-    }
-}
-
-impl CustomOp3 for Attach {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        self.cpu()
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        self.cuda()
-    }
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        g: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut v = self.grads(g, 3)?.into_iter();
-        Ok((v.next().flatten(), v.next().flatten(), v.next().flatten()))
+    fn bwd(&self, _: [&Tensor; N], _res: &Tensor, g: &Tensor) -> Grads<N> {
+        let mut grads = (self.bwd)(g)?.into_iter();
+        Ok(std::array::from_fn(|_| grads.next().flatten()))
     }
 }
 
@@ -190,11 +112,12 @@ pub fn attach(
     apply(name, args, op)
 }
 
+/// The node over `args` as they are (not made contiguous: nothing reads them).
 fn apply(name: &'static str, args: &[&Tensor], op: Attach) -> CResult<Tensor> {
-    match args {
-        [a] => a.apply_op1_arc(Arc::new(Box::new(op))),
-        [a, b] => a.apply_op2_arc(b, Arc::new(Box::new(op))),
-        [a, b, c] => a.apply_op3_arc(b, c, Arc::new(Box::new(op))),
+    match *args {
+        [a] => op.apply_to([a]),
+        [a, b] => op.apply_to([a, b]),
+        [a, b, c] => op.apply_to([a, b, c]),
         _ => Err(cerr(format!(
             "{name}: 1 to 3 graph inputs, got {}",
             args.len()

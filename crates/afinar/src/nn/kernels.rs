@@ -1,8 +1,9 @@
 //! The raw f32 pieces that every op's CPU kernel builds on: matmul through
 //! the `gemm` crate with arbitrary strides (so transposes cost nothing),
 //! column sums (the bias gradient), e^x without a libm call, sums and dot
-//! products over eight lanes, the rayon task sizes, and the pointer through
-//! which parallel tasks write disjoint parts of one buffer.
+//! products over eight lanes, the rayon task sizes, elementwise loops, and
+//! the pointer through which parallel tasks write disjoint parts of one
+//! buffer.
 //!
 //! Plain slices in, slices out; each op file (`linear.rs`, `norm.rs`,
 //! `attention/` ...) keeps its own kernels, built on these, in its `cpu`
@@ -196,6 +197,31 @@ pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + rest
+}
+
+/// `out[i] = f(x[i])`, in parallel chunks of [`ELEM_CHUNK`].
+pub(crate) fn map_elems(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
+    out.par_chunks_mut(ELEM_CHUNK)
+        .zip(x.par_chunks(ELEM_CHUNK))
+        .for_each(|(o, x)| {
+            for i in 0..o.len() {
+                o[i] = f(x[i]);
+            }
+        });
+}
+
+/// `dx[i] = dy[i] * df(x[i])`: the backward of an elementwise function
+/// whose derivative is `df`.
+pub(crate) fn map_grad(x: &[f32], dy: &[f32], dx: &mut [f32], df: impl Fn(f32) -> f32 + Sync) {
+    dx.par_chunks_mut(ELEM_CHUNK)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let b = c * ELEM_CHUNK;
+            let (x, dy) = (&x[b..b + o.len()], &dy[b..b + o.len()]);
+            for i in 0..o.len() {
+                o[i] = dy[i] * df(x[i]);
+            }
+        });
 }
 
 /// A raw pointer shared by parallel tasks that write disjoint parts of one

@@ -14,12 +14,15 @@
 //! LoRA-wrapped frozen linear as one graph node (Hu et al. 2021,
 //! <https://arxiv.org/abs/2106.09685>; PEFT's `lora.Linear.forward`).
 
-use super::custom_op::{cerr, f32s, needs_grad, tensor, with_f32, CResult};
+use super::custom_op::{
+    apply, cerr, first_only, last_dim, needs_grad, output, tensor, with_f32, with_f32s,
+    with_last_dim, CResult, Fwd, Grads, Input, Op,
+};
 use super::kernels::{self, Mat};
 use crate::hub::gguf::QTensor;
 use crate::nn::{self, DropoutRng, Weight};
 use crate::Result;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -184,154 +187,53 @@ pub fn maybe_dropout(x: Tensor, p: f32, rng: Option<&DropoutRng>) -> Result<Tens
 // ------------------------------------------------------------------ the linear op
 
 /// `x @ w^T + b`; the weight and bias gradients go to their grad buffers.
+/// Its inputs are x, w and, when there is a bias, b (two or three).
 struct LinearOp {
     w: Weight,
     b: Option<Weight>,
 }
 
-impl LinearOp {
-    fn fwd(
-        &self,
-        x: &[f32],
-        xs: &[usize],
-        w: &[f32],
-        ws: &[usize],
-        b: Option<&[f32]>,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let (out_f, in_f) = (ws[0], ws[1]);
-        let k = *xs.last().ok_or_else(|| cerr("linear: scalar input"))?;
+impl<const N: usize> Op<N> for LinearOp {
+    fn name(&self) -> &'static str {
+        "afinar-linear"
+    }
+    fn cpu_fwd(&self, xs: [Input; N]) -> Fwd {
+        let (x, w) = (xs[0], xs[1]);
+        let (out_f, in_f) = (w.dims()[0], w.dims()[1]);
+        let k = last_dim(x.dims(), "linear")?;
         if k != in_f {
             return Err(cerr(format!(
                 "linear: input width {k} but weight is [{out_f}, {in_f}]"
             )));
         }
-        let n = x.len() / in_f;
-        let mut y = vec![0f32; n * out_f];
-        if let Some(b) = b {
-            y.par_chunks_mut(out_f).for_each(|r| r.copy_from_slice(b));
-        }
-        kernels::matmul(
-            &mut y,
-            out_f,
-            Mat::rm(x, n, in_f),
-            Mat::rm(w, out_f, in_f).t(),
-            1.0,
-            b.is_some(),
-            kernels::parallelism(),
-        );
-        let mut shape = xs.to_vec();
-        *shape.last_mut().unwrap() = out_f;
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        let b = xs.get(2).map(|b| b.f32s("linear bias")).transpose()?;
+        let (x, w) = (x.f32s("linear input")?, w.f32s("linear weight")?);
+        let y = cpu::x_wt(x, w, out_f, in_f, b, kernels::parallelism());
+        output(y, with_last_dim(xs[0].dims(), out_f, "linear")?)
     }
-
     /// dx goes back to candle; dW and db accumulate in place.
-    fn backward(&self, x: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+    fn bwd(&self, xs: [&Tensor; N], _res: &Tensor, grad: &Tensor) -> Grads<N> {
+        let x = xs[0];
         let (out_f, in_f) = self.w.t.dims2()?;
-        with_f32(grad, "linear grad", |g| {
+        let par = kernels::parallelism();
+        let dx = with_f32(grad, "linear grad", |g| {
             let n = g.len() / out_f;
             // The point of owning this op: a frozen weight costs no gemm.
             if let Some(buf) = &self.w.grad {
                 with_f32(x, "linear input", |xv| {
-                    buf.accumulate(out_f * in_f, false, |dw, overwrite| {
-                        kernels::matmul(
-                            dw,
-                            in_f,
-                            Mat::rm(g, n, out_f).t(),
-                            Mat::rm(xv, n, in_f),
-                            1.0,
-                            !overwrite,
-                            kernels::parallelism(),
-                        );
-                    });
+                    buf.add_product(Mat::rm(g, n, out_f).t(), Mat::rm(xv, n, in_f), 1.0, par);
                     Ok(())
                 })?;
             }
-            if let Some(Weight {
-                grad: Some(buf), ..
-            }) = &self.b
-            {
-                buf.add(&kernels::col_sums(g, out_f));
-            }
+            cpu::add_bias_grad(self.b.as_ref(), g, out_f);
             if !needs_grad(x) {
                 return Ok(None);
             }
             with_f32(&self.w.t, "linear weight", |wv| {
-                let mut dx = vec![0f32; n * in_f];
-                kernels::matmul(
-                    &mut dx,
-                    in_f,
-                    Mat::rm(g, n, out_f),
-                    Mat::rm(wv, out_f, in_f),
-                    1.0,
-                    false,
-                    kernels::parallelism(),
-                );
-                Ok(Some(tensor(dx, x.shape())?))
+                Ok(Some(tensor(cpu::g_w(g, wv, out_f, in_f, par), x.shape())?))
             })
-        })
-    }
-}
-
-impl CustomOp2 for LinearOp {
-    fn name(&self) -> &'static str {
-        "afinar-linear"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        self.fwd(
-            f32s(s1, l1, "linear input")?,
-            l1.dims(),
-            f32s(s2, l2, "linear weight")?,
-            l2.dims(),
-            None,
-        )
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        Ok((self.backward(x, grad)?, None))
-    }
-}
-
-impl CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "afinar-linear"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        self.fwd(
-            f32s(s1, l1, "linear input")?,
-            l1.dims(),
-            f32s(s2, l2, "linear weight")?,
-            l2.dims(),
-            Some(f32s(s3, l3, "linear bias")?),
-        )
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((self.backward(x, grad)?, None, None))
+        })?;
+        Ok(first_only(dx))
     }
 }
 
@@ -343,18 +245,13 @@ pub fn linear(x: &Tensor, w: &Weight, b: Option<&Weight>) -> CResult<Tensor> {
     if x.device().is_cuda() {
         return cuda::linear(x, w, b);
     }
-    let x = x.contiguous()?;
     let op = LinearOp {
         w: w.clone(),
         b: b.cloned(),
     };
     match b {
-        Some(b) => x.apply_op3_arc(
-            &w.t.contiguous()?,
-            &b.t.contiguous()?,
-            Arc::new(Box::new(op)),
-        ),
-        None => x.apply_op2_arc(&w.t.contiguous()?, Arc::new(Box::new(op))),
+        Some(b) => apply(op, [x, &w.t, &b.t]),
+        None => apply(op, [x, &w.t]),
     }
 }
 
@@ -395,63 +292,32 @@ impl LoraLinearOp {
     }
 }
 
-impl CustomOp3 for LoraLinearOp {
+impl Op<3> for LoraLinearOp {
     fn name(&self) -> &'static str {
         "afinar-lora-linear"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, [xi, ai, bi]: [Input; 3]) -> Fwd {
         let (out_f, in_f, r) = self.dims()?;
-        let x = f32s(s1, l1, "lora input")?;
-        let a = f32s(s2, l2, "lora_A")?;
-        let bw = f32s(s3, l3, "lora_B")?;
-        if l1.dims().last() != Some(&in_f) || a.len() != r * in_f || bw.len() != out_f * r {
+        let (x, a) = (xi.f32s("lora input")?, ai.f32s("lora_A")?);
+        let bw = bi.f32s("lora_B")?;
+        if xi.dims().last() != Some(&in_f) || a.len() != r * in_f || bw.len() != out_f * r {
             return Err(cerr(format!(
                 "lora linear: input {:?}, weight [{out_f}, {in_f}], lora_A {:?}, lora_B {:?}",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
+                xi.dims(),
+                ai.dims(),
+                bi.dims()
             )));
         }
         let n = x.len() / in_f;
         let par = kernels::parallelism();
-        let mut y = vec![0f32; n * out_f];
-        if let Some(b) = &self.b {
-            with_f32(&b.t, "linear bias", |b| {
-                y.par_chunks_mut(out_f).for_each(|r| r.copy_from_slice(b));
-                Ok(())
-            })?;
-        }
-        with_f32(&self.w.t, "linear weight", |w| {
-            kernels::matmul(
-                &mut y,
-                out_f,
-                Mat::rm(x, n, in_f),
-                Mat::rm(w, out_f, in_f).t(),
-                1.0,
-                self.b.is_some(),
-                par,
-            );
-            Ok(())
+        let mut y = with_f32(&self.w.t, "linear weight", |w| match &self.b {
+            Some(b) => with_f32(&b.t, "linear bias", |b| {
+                Ok(cpu::x_wt(x, w, out_f, in_f, Some(b), par))
+            }),
+            None => Ok(cpu::x_wt(x, w, out_f, in_f, None, par)),
         })?;
         let xd = self.dropped(x);
-        let mut h = vec![0f32; n * r];
-        kernels::matmul(
-            &mut h,
-            r,
-            Mat::rm(xd.as_deref().unwrap_or(x), n, in_f),
-            Mat::rm(a, r, in_f).t(),
-            1.0,
-            false,
-            par,
-        );
+        let h = cpu::x_wt(xd.as_deref().unwrap_or(x), a, r, in_f, None, par);
         *self.xd.lock().unwrap() = xd;
         kernels::matmul(
             &mut y,
@@ -462,131 +328,69 @@ impl CustomOp3 for LoraLinearOp {
             true,
             par,
         );
-        let mut shape = l1.dims().to_vec();
-        *shape.last_mut().unwrap() = out_f;
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        output(y, with_last_dim(xi.dims(), out_f, "lora linear")?)
     }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        bw: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, a, bw]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Grads<3> {
         let (out_f, in_f, r) = self.dims()?;
         let par = kernels::parallelism();
-        let dx = with_f32(grad, "lora grad", |g| {
-            with_f32(x, "lora input", |xv| {
-                with_f32(a, "lora_A", |av| {
-                    with_f32(bw, "lora_B", |bv| {
-                        let n = g.len() / out_f;
-                        // drop(x) kept by the forward (regenerated if the op runs backward twice)
-                        let kept = self.xd.lock().unwrap().take();
-                        let xd = kept.or_else(|| self.dropped(xv));
-                        let xd = xd.as_deref().unwrap_or(xv);
-                        // h = drop(x) A^T, recomputed ([n, r]: cheap)
-                        let mut h = vec![0f32; n * r];
-                        kernels::matmul(
-                            &mut h,
-                            r,
-                            Mat::rm(xd, n, in_f),
-                            Mat::rm(av, r, in_f).t(),
-                            1.0,
-                            false,
-                            par,
-                        );
-                        // gh = s g B  [n, r]
-                        let mut gh = vec![0f32; n * r];
-                        kernels::matmul(
-                            &mut gh,
-                            r,
-                            Mat::rm(g, n, out_f),
-                            Mat::rm(bv, out_f, r),
-                            self.scale,
-                            false,
-                            par,
-                        );
-                        if let Some(buf) = &self.bw.grad {
-                            buf.accumulate(out_f * r, false, |d, overwrite| {
-                                kernels::matmul(
-                                    d,
-                                    r,
-                                    Mat::rm(g, n, out_f).t(),
-                                    Mat::rm(&h, n, r),
-                                    self.scale,
-                                    !overwrite,
-                                    par,
-                                )
-                            });
-                        }
-                        if let Some(buf) = &self.a.grad {
-                            buf.accumulate(r * in_f, false, |d, overwrite| {
-                                kernels::matmul(
-                                    d,
-                                    in_f,
-                                    Mat::rm(&gh, n, r).t(),
-                                    Mat::rm(xd, n, in_f),
-                                    1.0,
-                                    !overwrite,
-                                    par,
-                                )
-                            });
-                        }
-                        if !needs_grad(x) {
-                            return Ok(None);
-                        }
-                        let mut dx = vec![0f32; n * in_f];
-                        with_f32(&self.w.t, "linear weight", |w| {
-                            kernels::matmul(
-                                &mut dx,
-                                in_f,
-                                Mat::rm(g, n, out_f),
-                                Mat::rm(w, out_f, in_f),
-                                1.0,
-                                false,
-                                par,
-                            );
-                            Ok(())
-                        })?;
-                        match self.dropout {
-                            None => kernels::matmul(
-                                &mut dx,
-                                in_f,
-                                Mat::rm(&gh, n, r),
-                                Mat::rm(av, r, in_f),
-                                1.0,
-                                true,
-                                par,
-                            ),
-                            Some((p, seed)) => {
-                                let mut dl = vec![0f32; n * in_f];
-                                kernels::matmul(
-                                    &mut dl,
-                                    in_f,
-                                    Mat::rm(&gh, n, r),
-                                    Mat::rm(av, r, in_f),
-                                    1.0,
-                                    false,
-                                    par,
-                                );
-                                let mut dld = vec![0f32; n * in_f];
-                                super::dropout::cpu::apply_mask(&dl, p, seed, &mut dld);
-                                dx.par_chunks_mut(4096).zip(dld.par_chunks(4096)).for_each(
-                                    |(d, l)| {
-                                        for (d, l) in d.iter_mut().zip(l) {
-                                            *d += l;
-                                        }
-                                    },
-                                );
+        let names = ["lora grad", "lora input", "lora_A", "lora_B"];
+        let dx = with_f32s([grad, x, a, bw], names, |[g, xv, av, bv]| {
+            let n = g.len() / out_f;
+            // drop(x) kept by the forward (regenerated if the op runs backward twice)
+            let kept = self.xd.lock().unwrap().take();
+            let xd = kept.or_else(|| self.dropped(xv));
+            let xd = xd.as_deref().unwrap_or(xv);
+            // h = drop(x) A^T, recomputed ([n, r]: cheap)
+            let h = cpu::x_wt(xd, av, r, in_f, None, par);
+            // gh = s g B  [n, r]
+            let mut gh = vec![0f32; n * r];
+            kernels::matmul(
+                &mut gh,
+                r,
+                Mat::rm(g, n, out_f),
+                Mat::rm(bv, out_f, r),
+                self.scale,
+                false,
+                par,
+            );
+            if let Some(buf) = &self.bw.grad {
+                buf.add_product(Mat::rm(g, n, out_f).t(), Mat::rm(&h, n, r), self.scale, par);
+            }
+            if let Some(buf) = &self.a.grad {
+                buf.add_product(Mat::rm(&gh, n, r).t(), Mat::rm(xd, n, in_f), 1.0, par);
+            }
+            if !needs_grad(x) {
+                return Ok(None);
+            }
+            let mut dx = with_f32(&self.w.t, "linear weight", |w| {
+                Ok(cpu::g_w(g, w, out_f, in_f, par))
+            })?;
+            match self.dropout {
+                None => kernels::matmul(
+                    &mut dx,
+                    in_f,
+                    Mat::rm(&gh, n, r),
+                    Mat::rm(av, r, in_f),
+                    1.0,
+                    true,
+                    par,
+                ),
+                Some((p, seed)) => {
+                    let dl = cpu::g_w(&gh, av, r, in_f, par);
+                    let mut dld = vec![0f32; n * in_f];
+                    super::dropout::cpu::apply_mask(&dl, p, seed, &mut dld);
+                    dx.par_chunks_mut(4096)
+                        .zip(dld.par_chunks(4096))
+                        .for_each(|(d, l)| {
+                            for (d, l) in d.iter_mut().zip(l) {
+                                *d += l;
                             }
-                        }
-                        Ok(Some(tensor(dx, x.shape())?))
-                    })
-                })
-            })
+                        });
+                }
+            }
+            Ok(Some(tensor(dx, x.shape())?))
         })?;
-        Ok((dx, None, None))
+        Ok([dx, None, None])
     }
 }
 
@@ -615,11 +419,70 @@ pub fn lora_linear(
         dropout,
         xd: std::sync::Mutex::new(None),
     };
-    x.contiguous()?.apply_op3_arc(
-        &a.t.contiguous()?,
-        &bw.t.contiguous()?,
-        Arc::new(Box::new(op)),
-    )
+    apply(op, [x, &a.t, &bw.t])
+}
+
+/// The CPU kernels the linear ops (and `qlinear.rs`, `loss.rs`) share: the
+/// two products of a linear layer and its bias gradient.
+pub(super) mod cpu {
+    use crate::nn::kernels::{self, col_sums, Mat};
+    use crate::nn::Weight;
+    use gemm::Parallelism;
+    use rayon::prelude::*;
+
+    /// `x [n, in] @ w [out, in]^T (+ b)`: the bias is copied into every row
+    /// first and the gemm adds the product to it (beta = 1), so the bias
+    /// costs no pass of its own.
+    pub fn x_wt(
+        x: &[f32],
+        w: &[f32],
+        out_f: usize,
+        in_f: usize,
+        b: Option<&[f32]>,
+        par: Parallelism,
+    ) -> Vec<f32> {
+        let n = x.len() / in_f;
+        let mut y = vec![0f32; n * out_f];
+        if let Some(b) = b {
+            y.par_chunks_mut(out_f).for_each(|r| r.copy_from_slice(b));
+        }
+        kernels::matmul(
+            &mut y,
+            out_f,
+            Mat::rm(x, n, in_f),
+            Mat::rm(w, out_f, in_f).t(),
+            1.0,
+            b.is_some(),
+            par,
+        );
+        y
+    }
+
+    /// `g [n, out] @ w [out, in]`: the input gradient of `x_wt`.
+    pub fn g_w(g: &[f32], w: &[f32], out_f: usize, in_f: usize, par: Parallelism) -> Vec<f32> {
+        let n = g.len() / out_f;
+        let mut dx = vec![0f32; n * in_f];
+        kernels::matmul(
+            &mut dx,
+            in_f,
+            Mat::rm(g, n, out_f),
+            Mat::rm(w, out_f, in_f),
+            1.0,
+            false,
+            par,
+        );
+        dx
+    }
+
+    /// A trainable bias's gradient: the column sums of `g` (`[n, out]`).
+    pub fn add_bias_grad(b: Option<&Weight>, g: &[f32], out_f: usize) {
+        if let Some(Weight {
+            grad: Some(buf), ..
+        }) = b
+        {
+            buf.add(&col_sums(g, out_f));
+        }
+    }
 }
 
 /// The CUDA entries: cuBLAS through candle's matmul.
@@ -773,14 +636,7 @@ mod tests {
         let y = linear(x.as_tensor(), &w, None).unwrap();
         let _ = y.sum_all().unwrap().backward().unwrap();
         let twice = w.grad_tensor().unwrap().unwrap();
-        let diff = ((once * 2.0).unwrap() - twice)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_vec0::<f32>()
-            .unwrap();
+        let diff = crate::testutil::max_diff(&(once * 2.0).unwrap(), &twice);
         assert!(diff < 1e-5);
         w.grad.as_ref().unwrap().clear();
         assert!(w.grad_tensor().unwrap().is_none());

@@ -6,29 +6,27 @@
 //! are already aligned with their rows: the caller shifts labels by one).
 //! [`lm_logits`] gives the plain logits for generation and evaluation.
 
-use super::custom_op::{cerr, f32s, last_dim, tensor, u32s, with_f32, CResult};
+use super::custom_op::{
+    apply, cerr, first_only, last_dim, output, tensor, with_f32, with_f32s, with_last_dim, CResult,
+    Fwd, Grads, Input, Op,
+};
+use super::linear::cpu::x_wt;
 use super::Weight;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Tensor};
 use std::sync::Arc;
 
 // ------------------------------------------------------------------ cross-entropy
 
 struct CrossEntropyOp;
 
-impl CustomOp2 for CrossEntropyOp {
+impl Op<2> for CrossEntropyOp {
     fn name(&self) -> &'static str {
         "afinar-cross-entropy"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let logits = f32s(s1, l1, "logits")?;
-        let t = u32s(s2, l2, "cross_entropy targets")?;
-        let c = *l1.dims().last().unwrap();
+    fn cpu_fwd(&self, [li, ti]: [Input; 2]) -> Fwd {
+        let logits = li.f32s("logits")?;
+        let t = ti.u32s("cross_entropy targets")?;
+        let c = *li.dims().last().unwrap();
         let n = logits.len() / c;
         if t.len() != n {
             return Err(cerr(format!(
@@ -45,22 +43,13 @@ impl CustomOp2 for CrossEntropyOp {
             let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
             total += (lse - row[y as usize]) as f64;
         }
-        Ok((
-            CpuStorage::F32(vec![(total / n as f64) as f32]),
-            Shape::from(()),
-        ))
+        output(vec![(total / n as f64) as f32], ())
     }
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [logits, targets]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
         let g = grad.to_dtype(DType::F32)?.to_vec0::<f32>()?;
         let t = targets.to_vec1::<u32>()?;
         let c = logits.dim(logits.rank() - 1)?;
-        with_f32(logits, "logits", |lv| {
+        let d = with_f32(logits, "logits", |lv| {
             let n = lv.len() / c;
             let mut d = vec![0f32; lv.len()];
             for ((row, drow), &y) in lv.chunks(c).zip(d.chunks_mut(c)).zip(&t) {
@@ -71,8 +60,9 @@ impl CustomOp2 for CrossEntropyOp {
                 }
                 drow[y as usize] -= g / n as f32;
             }
-            Ok((Some(tensor(d, logits.shape())?), None))
-        })
+            tensor(d, logits.shape())
+        })?;
+        Ok([Some(d), None])
     }
 }
 
@@ -92,10 +82,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
         let picked = z.gather(&t, 1)?;
         return (lse - picked)?.mean_all();
     }
-    logits.contiguous()?.apply_op2_arc(
-        &targets.to_dtype(DType::U32)?.contiguous()?,
-        Arc::new(Box::new(CrossEntropyOp)),
-    )
+    apply(CrossEntropyOp, [logits, &targets.to_dtype(DType::U32)?])
 }
 
 // ------------------------------------------------------------------ LM head + cross-entropy
@@ -126,41 +113,50 @@ impl LmCrossEntropyOp {
         }
         Ok((*n, *c, *v))
     }
+
+    /// What the kernels read: hidden `[N, c]`, weight `[v, c]` and the
+    /// `valid` rows of this op's targets.
+    fn rows<'a>(
+        &'a self,
+        hidden: &'a [f32],
+        w: &'a [f32],
+        valid: &'a [usize],
+        c: usize,
+        v: usize,
+    ) -> cpu::LmRows<'a> {
+        cpu::LmRows {
+            hidden,
+            w,
+            targets: &self.targets,
+            valid,
+            c,
+            v,
+            chunk_rows: self.chunk_rows,
+        }
+    }
 }
 
-impl CustomOp2 for LmCrossEntropyOp {
+impl Op<2> for LmCrossEntropyOp {
     fn name(&self) -> &'static str {
         "afinar-lm-cross-entropy"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let (_, c, v) = self.dims(l1.dims(), l2.dims())?;
-        let h = f32s(s1, l1, "lm_cross_entropy hidden")?;
-        let w = f32s(s2, l2, "lm_cross_entropy weight")?;
+    fn cpu_fwd(&self, [hi, wi]: [Input; 2]) -> Fwd {
+        let (_, c, v) = self.dims(hi.dims(), wi.dims())?;
+        let h = hi.f32s("lm_cross_entropy hidden")?;
+        let w = wi.f32s("lm_cross_entropy weight")?;
         let valid = cpu::lm_valid_rows(&self.targets, v).map_err(cerr)?;
         let loss = if valid.is_empty() {
             0.0
         } else {
-            cpu::lm_ce_fwd(h, w, &self.targets, &valid, c, v, self.chunk_rows) / valid.len() as f64
+            self.rows(h, w, &valid, c, v).fwd() / valid.len() as f64
         };
-        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+        output(vec![loss as f32], ())
     }
-    fn bwd(
-        &self,
-        hidden: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [hidden, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
         let (_, c, v) = self.dims(hidden.dims(), w.dims())?;
         let want_h = hidden.track_op();
         if !want_h && self.w.grad.is_none() {
-            return Ok((None, None));
+            return Ok([None, None]);
         }
         let valid = cpu::lm_valid_rows(&self.targets, v).map_err(cerr)?;
         let g = grad.to_dtype(candle_core::DType::F32)?.to_vec0::<f32>()?;
@@ -169,43 +165,21 @@ impl CustomOp2 for LmCrossEntropyOp {
         } else {
             g / valid.len() as f32
         };
-        with_f32(hidden, "lm_cross_entropy hidden", |hv| {
-            with_f32(w, "lm_cross_entropy weight", |wv| {
-                let mut dh = want_h.then(|| vec![0f32; hv.len()]);
-                let targets = &self.targets[..];
-                match &self.w.grad {
-                    // zero_first: with no valid row nothing is written, and
-                    // the gradient is zero rather than stale.
-                    Some(buf) => buf.accumulate(v * c, valid.is_empty(), |dw, overwrite| {
-                        cpu::lm_ce_bwd(
-                            hv,
-                            wv,
-                            targets,
-                            &valid,
-                            c,
-                            v,
-                            self.chunk_rows,
-                            g,
-                            dh.as_deref_mut(),
-                            Some((dw, overwrite)),
-                        )
-                    }),
-                    None => cpu::lm_ce_bwd(
-                        hv,
-                        wv,
-                        targets,
-                        &valid,
-                        c,
-                        v,
-                        self.chunk_rows,
-                        g,
-                        dh.as_deref_mut(),
-                        None,
-                    ),
-                }
-                Ok((dh.map(|d| tensor(d, hidden.shape())).transpose()?, None))
-            })
-        })
+        let names = ["lm_cross_entropy hidden", "lm_cross_entropy weight"];
+        let dh = with_f32s([hidden, w], names, |[hv, wv]| {
+            let mut dh = want_h.then(|| vec![0f32; hv.len()]);
+            let rows = self.rows(hv, wv, &valid, c, v);
+            match &self.w.grad {
+                // zero_first: with no valid row nothing is written, and
+                // the gradient is zero rather than stale.
+                Some(buf) => buf.accumulate(v * c, valid.is_empty(), |dw, overwrite| {
+                    rows.bwd(g, dh.as_deref_mut(), Some((dw, overwrite)))
+                }),
+                None => rows.bwd(g, dh.as_deref_mut(), None),
+            }
+            dh.map(|d| tensor(d, hidden.shape())).transpose()
+        })?;
+        Ok(first_only(dh))
     }
 }
 
@@ -233,14 +207,12 @@ pub fn lm_cross_entropy(
         let valid = cpu::lm_valid_rows(&targets, v).map_err(cerr)?;
         return cuda::lm_cross_entropy(hidden, weight, &targets, &valid);
     }
-    hidden.contiguous()?.apply_op2_arc(
-        &weight.t.contiguous()?,
-        Arc::new(Box::new(LmCrossEntropyOp {
-            w: weight.clone(),
-            targets,
-            chunk_rows: chunk_rows.max(1),
-        })),
-    )
+    let op = LmCrossEntropyOp {
+        w: weight.clone(),
+        targets,
+        chunk_rows: chunk_rows.max(1),
+    };
+    apply(op, [hidden, &weight.t])
 }
 
 /// Plain logits `hidden @ weight^T`: hidden `[.., C]`, weight `[V, C]` ->
@@ -258,25 +230,11 @@ pub fn lm_logits(hidden: &Tensor, weight: &Tensor) -> CResult<Tensor> {
     if hidden.device().is_cuda() {
         return cuda::lm_logits(hidden, weight);
     }
-    let out = with_f32(hidden, "lm_logits hidden", |h| {
-        with_f32(weight, "lm_logits weight", |w| {
-            let n = h.len() / c;
-            let mut out = vec![0f32; n * v];
-            super::kernels::matmul(
-                &mut out,
-                v,
-                super::kernels::Mat::rm(h, n, c),
-                super::kernels::Mat::rm(w, v, c).t(),
-                1.0,
-                false,
-                super::kernels::parallelism(),
-            );
-            Ok(out)
-        })
+    let names = ["lm_logits hidden", "lm_logits weight"];
+    let out = with_f32s([hidden, weight], names, |[h, w]| {
+        Ok(x_wt(h, w, v, c, None, super::kernels::parallelism()))
     })?;
-    let mut shape = hidden.dims().to_vec();
-    *shape.last_mut().unwrap() = v;
-    tensor(out, shape)
+    tensor(out, with_last_dim(hidden.dims(), v, "lm_logits")?)
 }
 
 /// The CPU kernels of the fused LM loss: rows gathered a chunk at a time,
@@ -331,126 +289,126 @@ mod cpu {
         Ok(rows)
     }
 
-    /// Sum over the valid rows of (logsumexp(h W^T) - (h W^T)[target]), chunked
-    /// by `chunk_rows` valid rows (logits never exceed `chunk_rows x v`).
-    /// Returns the sum (not the mean) in f64.
-    pub fn lm_ce_fwd(
-        hidden: &[f32],
-        w: &[f32],
-        targets: &[i64],
-        valid: &[usize],
-        c: usize,
-        v: usize,
-        chunk_rows: usize,
-    ) -> f64 {
-        let cr = chunk_rows.max(1).min(valid.len().max(1));
-        let mut hc = vec![0f32; cr * c];
-        let mut logits = vec![0f32; cr * v];
-        let mut lse = vec![0f32; cr];
-        let mut total = 0f64;
-        for rows in valid.chunks(cr) {
-            let m = rows.len();
-            gather_rows(hidden, c, rows, &mut hc[..m * c]);
-            matmul(
-                &mut logits[..m * v],
-                v,
-                Mat::rm(&hc, m, c),
-                Mat::rm(w, v, c).t(),
-                1.0,
-                false,
-                parallelism(),
-            );
-            row_lse(&logits[..m * v], v, &mut lse[..m]);
-            for (i, &r) in rows.iter().enumerate() {
-                total += (lse[i] - logits[i * v + targets[r] as usize]) as f64;
-            }
-        }
-        total
+    /// The rows of one fused loss: hidden `[n, c]`, the head `w` `[v, c]`,
+    /// a target per row and the rows whose target counts (`valid`), taken
+    /// `chunk_rows` valid rows at a time (logits never exceed
+    /// `chunk_rows x v`).
+    pub struct LmRows<'a> {
+        pub hidden: &'a [f32],
+        pub w: &'a [f32],
+        pub targets: &'a [i64],
+        pub valid: &'a [usize],
+        pub c: usize,
+        pub v: usize,
+        pub chunk_rows: usize,
     }
 
-    /// Backward of the summed loss times `g` (`g` already includes 1/n_valid):
-    /// per chunk, dlogits = (softmax - onehot) g; dhidden rows (if asked, zero
-    /// for ignored rows, fully overwritten) = dlogits W; dW (if asked) +=
-    /// dlogits^T h_chunk, overwriting on the first chunk when `dw_overwrite`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn lm_ce_bwd(
-        hidden: &[f32],
-        w: &[f32],
-        targets: &[i64],
-        valid: &[usize],
-        c: usize,
-        v: usize,
-        chunk_rows: usize,
-        g: f32,
-        mut dhidden: Option<&mut [f32]>,
-        mut dw: Option<(&mut [f32], bool)>,
-    ) {
-        if let Some(dh) = dhidden.as_deref_mut() {
-            dh.fill(0.0);
-        }
-        if valid.is_empty() {
-            if let Some((dw, true)) = dw {
-                dw.fill(0.0);
-            }
-            return;
-        }
-        let cr = chunk_rows.max(1).min(valid.len());
-        let mut hc = vec![0f32; cr * c];
-        let mut logits = vec![0f32; cr * v];
-        let mut dhc = vec![0f32; if dhidden.is_some() { cr * c } else { 0 }];
-        for (ci, rows) in valid.chunks(cr).enumerate() {
-            let m = rows.len();
-            gather_rows(hidden, c, rows, &mut hc[..m * c]);
-            let lg = &mut logits[..m * v];
-            matmul(
-                lg,
-                v,
-                Mat::rm(&hc, m, c),
-                Mat::rm(w, v, c).t(),
-                1.0,
-                false,
-                parallelism(),
-            );
-            // dlogits = (softmax - onehot) * g, in place.
-            lg.par_chunks_mut(v)
-                .zip(rows.par_iter())
-                .for_each(|(row, &r)| {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    for x in row.iter_mut() {
-                        *x = fast_exp(*x - max);
-                    }
-                    let k = g / sum_lanes(row);
-                    for x in row.iter_mut() {
-                        *x *= k;
-                    }
-                    row[targets[r] as usize] -= g;
-                });
-            if let Some(dh) = dhidden.as_deref_mut() {
+    impl LmRows<'_> {
+        /// The chunks of valid rows, each with its rows gathered
+        /// contiguous into `hc` and its logits `hc W^T` in `logits`.
+        fn chunks(&self, cr: usize, mut f: impl FnMut(usize, &[usize], &[f32], &mut [f32])) {
+            let (c, v) = (self.c, self.v);
+            let mut hc = vec![0f32; cr * c];
+            let mut logits = vec![0f32; cr * v];
+            for (ci, rows) in self.valid.chunks(cr).enumerate() {
+                let m = rows.len();
+                gather_rows(self.hidden, c, rows, &mut hc[..m * c]);
                 matmul(
-                    &mut dhc[..m * c],
-                    c,
-                    Mat::rm(lg, m, v),
-                    Mat::rm(w, v, c),
+                    &mut logits[..m * v],
+                    v,
+                    Mat::rm(&hc, m, c),
+                    Mat::rm(self.w, v, c).t(),
                     1.0,
                     false,
                     parallelism(),
                 );
+                f(ci, rows, &hc[..m * c], &mut logits[..m * v]);
+            }
+        }
+
+        /// Sum over the valid rows of (logsumexp(h W^T) - (h W^T)[target]),
+        /// in f64 (the sum, not the mean).
+        pub fn fwd(&self) -> f64 {
+            let cr = self.chunk_rows.max(1).min(self.valid.len().max(1));
+            let v = self.v;
+            let mut lse = vec![0f32; cr];
+            let mut total = 0f64;
+            self.chunks(cr, |_, rows, _, logits| {
+                let m = rows.len();
+                row_lse(logits, v, &mut lse[..m]);
                 for (i, &r) in rows.iter().enumerate() {
-                    dh[r * c..(r + 1) * c].copy_from_slice(&dhc[i * c..(i + 1) * c]);
+                    total += (lse[i] - logits[i * v + self.targets[r] as usize]) as f64;
                 }
+            });
+            total
+        }
+
+        /// Backward of the summed loss times `g` (`g` already includes
+        /// 1/n_valid): per chunk, dlogits = (softmax - onehot) g; dhidden
+        /// rows (if asked, zero for ignored rows, fully overwritten) =
+        /// dlogits W; dW (if asked) += dlogits^T h_chunk, overwriting on
+        /// the first chunk when `dw_overwrite`.
+        pub fn bwd(
+            &self,
+            g: f32,
+            mut dhidden: Option<&mut [f32]>,
+            mut dw: Option<(&mut [f32], bool)>,
+        ) {
+            if let Some(dh) = dhidden.as_deref_mut() {
+                dh.fill(0.0);
             }
-            if let Some((dw, overwrite)) = dw.as_mut() {
-                let acc = !(*overwrite && ci == 0);
-                matmul(
-                    dw,
-                    c,
-                    Mat::rm(lg, m, v).t(),
-                    Mat::rm(&hc, m, c),
-                    1.0,
-                    acc,
-                    parallelism(),
-                );
+            if self.valid.is_empty() {
+                if let Some((dw, true)) = dw {
+                    dw.fill(0.0);
+                }
+                return;
             }
+            let (c, v, targets) = (self.c, self.v, self.targets);
+            let cr = self.chunk_rows.max(1).min(self.valid.len());
+            let mut dhc = vec![0f32; if dhidden.is_some() { cr * c } else { 0 }];
+            self.chunks(cr, |ci, rows, hc, lg| {
+                let m = rows.len();
+                // dlogits = (softmax - onehot) * g, in place.
+                lg.par_chunks_mut(v)
+                    .zip(rows.par_iter())
+                    .for_each(|(row, &r)| {
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        for x in row.iter_mut() {
+                            *x = fast_exp(*x - max);
+                        }
+                        let k = g / sum_lanes(row);
+                        for x in row.iter_mut() {
+                            *x *= k;
+                        }
+                        row[targets[r] as usize] -= g;
+                    });
+                if let Some(dh) = dhidden.as_deref_mut() {
+                    matmul(
+                        &mut dhc[..m * c],
+                        c,
+                        Mat::rm(lg, m, v),
+                        Mat::rm(self.w, v, c),
+                        1.0,
+                        false,
+                        parallelism(),
+                    );
+                    for (i, &r) in rows.iter().enumerate() {
+                        dh[r * c..(r + 1) * c].copy_from_slice(&dhc[i * c..(i + 1) * c]);
+                    }
+                }
+                if let Some((dw, overwrite)) = dw.as_mut() {
+                    let acc = !(*overwrite && ci == 0);
+                    matmul(
+                        dw,
+                        c,
+                        Mat::rm(lg, m, v).t(),
+                        Mat::rm(hc, m, c),
+                        1.0,
+                        acc,
+                        parallelism(),
+                    );
+                }
+            });
         }
     }
 }

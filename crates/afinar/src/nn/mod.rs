@@ -41,8 +41,7 @@ mod testing;
 
 pub use activation::{gelu, gelu_tanh, silu_mul};
 pub use attention::{
-    attention, attention_with_cache, attention_with_cache_masked, causal_attention,
-    causal_attention_dropout,
+    attention, attention_with_cache, attention_with_cache_masked, causal_attention, CacheShape,
 };
 pub use dropout::{dropout, DropoutRng};
 pub use embedding::embedding;
@@ -109,6 +108,22 @@ impl GradBuf {
         let overwrite = !s.written && !zero_first;
         f(&mut s.data, overwrite);
         s.written = true;
+    }
+
+    /// Add the product `alpha a @ b` (this buffer's `[a.rows, b.cols]`) into
+    /// the buffer: on the first write of a step the gemm writes it (beta =
+    /// 0), no zeroing pass first.
+    pub(crate) fn add_product(
+        &self,
+        a: kernels::Mat,
+        b: kernels::Mat,
+        alpha: f32,
+        par: gemm::Parallelism,
+    ) {
+        let (rows, cols) = (a.rows, b.cols);
+        self.accumulate(rows * cols, false, |d, overwrite| {
+            kernels::matmul(d, cols, a, b, alpha, !overwrite, par)
+        })
     }
 
     /// Add `src` (same length) into the buffer.

@@ -11,11 +11,13 @@
 //! trainable weight or bias accumulates its gradient, summed over rows,
 //! into its buffer; a frozen one costs nothing.
 
-use super::custom_op::{cerr, f32s, last_dim, needs_grad, tensor, with_f32, CResult};
+use super::custom_op::{
+    apply, cerr, first_only, last_dim, needs_grad, output, tensor, with_f32s, CResult, Fwd, Grads,
+    Input, Op,
+};
 use crate::nn::{self, Weight};
 use crate::Result;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
-use std::sync::Arc;
+use candle_core::Tensor;
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias`.
 #[derive(Clone)]
@@ -65,71 +67,43 @@ struct LayerNormOp {
     b: Weight,
 }
 
-impl CustomOp3 for LayerNormOp {
+impl Op<3> for LayerNormOp {
     fn name(&self) -> &'static str {
         "afinar-layer-norm"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let x = f32s(s1, l1, "layer_norm input")?;
-        let g = f32s(s2, l2, "layer_norm weight")?;
-        let b = f32s(s3, l3, "layer_norm bias")?;
+    fn cpu_fwd(&self, [xi, gi, bi]: [Input; 3]) -> Fwd {
+        let x = xi.f32s("layer_norm input")?;
+        let g = gi.f32s("layer_norm weight")?;
+        let b = bi.f32s("layer_norm bias")?;
         let d = g.len();
-        if l1.dims().last() != Some(&d) || b.len() != d {
+        if xi.dims().last() != Some(&d) || b.len() != d {
             return Err(cerr(format!(
                 "layer_norm: input {:?}, weight [{d}], bias [{}]",
-                l1.dims(),
+                xi.dims(),
                 b.len()
             )));
         }
         let mut y = vec![0f32; x.len()];
         cpu::layer_norm_fwd(x, g, b, self.eps, d, &mut y);
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        output(y, xi.shape())
     }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        g: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, g, _b]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Grads<3> {
         let d = g.elem_count();
         let want_params = self.w.grad.is_some() || self.b.grad.is_some();
-        with_f32(x, "layer_norm input", |xv| {
-            with_f32(g, "layer_norm weight", |gv| {
-                with_f32(grad, "layer_norm grad", |dy| {
-                    let mut dx = if needs_grad(x) {
-                        Some(vec![0f32; xv.len()])
-                    } else {
-                        None
-                    };
-                    let (dg, db) = cpu::layer_norm_bwd(
-                        xv,
-                        gv,
-                        dy,
-                        self.eps,
-                        d,
-                        dx.as_deref_mut(),
-                        want_params,
-                    );
-                    if let Some(buf) = &self.w.grad {
-                        buf.add(&dg);
-                    }
-                    if let Some(buf) = &self.b.grad {
-                        buf.add(&db);
-                    }
-                    Ok((dx.map(|v| tensor(v, x.shape())).transpose()?, None, None))
-                })
-            })
-        })
+        let names = ["layer_norm input", "layer_norm weight", "layer_norm grad"];
+        let dx = with_f32s([x, g, grad], names, |[xv, gv, dy]| {
+            let mut dx = needs_grad(x).then(|| vec![0f32; xv.len()]);
+            let (dg, db) =
+                cpu::layer_norm_bwd(xv, gv, dy, self.eps, d, dx.as_deref_mut(), want_params);
+            if let Some(buf) = &self.w.grad {
+                buf.add(&dg);
+            }
+            if let Some(buf) = &self.b.grad {
+                buf.add(&db);
+            }
+            dx.map(|v| tensor(v, x.shape())).transpose()
+        })?;
+        Ok(first_only(dx))
     }
 }
 
@@ -139,15 +113,12 @@ pub fn layer_norm(x: &Tensor, weight: &Weight, bias: &Weight, eps: f64) -> CResu
     if x.device().is_cuda() {
         return cuda::layer_norm(x, weight, bias, eps as f32);
     }
-    x.contiguous()?.apply_op3_arc(
-        &weight.t.contiguous()?,
-        &bias.t.contiguous()?,
-        Arc::new(Box::new(LayerNormOp {
-            eps: eps as f32,
-            w: weight.clone(),
-            b: bias.clone(),
-        })),
-    )
+    let op = LayerNormOp {
+        eps: eps as f32,
+        w: weight.clone(),
+        b: bias.clone(),
+    };
+    apply(op, [x, &weight.t, &bias.t])
 }
 
 // ------------------------------------------------------------------ the RMSNorm op
@@ -157,55 +128,41 @@ struct RmsNormOp {
     w: Weight,
 }
 
-impl CustomOp2 for RmsNormOp {
+impl Op<2> for RmsNormOp {
     fn name(&self) -> &'static str {
         "afinar-rms-norm"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let x = f32s(s1, l1, "rms_norm input")?;
-        let w = f32s(s2, l2, "rms_norm weight")?;
+    fn cpu_fwd(&self, [xi, wi]: [Input; 2]) -> Fwd {
+        let x = xi.f32s("rms_norm input")?;
+        let w = wi.f32s("rms_norm weight")?;
         let d = w.len();
-        if last_dim(l1.dims(), "rms_norm")? != d {
+        if last_dim(xi.dims(), "rms_norm")? != d {
             return Err(cerr(format!(
                 "rms_norm: input {:?} but weight [{d}]",
-                l1.dims()
+                xi.dims()
             )));
         }
         let mut y = vec![0f32; x.len()];
         cpu::rms_norm_fwd(x, w, self.eps, d, &mut y);
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        output(y, xi.shape())
     }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
         let d = w.elem_count();
-        let want_dx = x.track_op();
+        let want_dx = needs_grad(x);
         let want_w = self.w.grad.is_some();
         if !want_dx && !want_w {
-            return Ok((None, None));
+            return Ok([None, None]);
         }
-        with_f32(x, "rms_norm input", |xv| {
-            with_f32(w, "rms_norm weight", |wv| {
-                with_f32(grad, "rms_norm grad", |dy| {
-                    let mut dx = want_dx.then(|| vec![0f32; xv.len()]);
-                    let dw = cpu::rms_norm_bwd(xv, wv, dy, self.eps, d, dx.as_deref_mut(), want_w);
-                    if let Some(buf) = &self.w.grad {
-                        buf.add(&dw);
-                    }
-                    Ok((dx.map(|v| tensor(v, x.shape())).transpose()?, None))
-                })
-            })
-        })
+        let names = ["rms_norm input", "rms_norm weight", "rms_norm grad"];
+        let dx = with_f32s([x, w, grad], names, |[xv, wv, dy]| {
+            let mut dx = want_dx.then(|| vec![0f32; xv.len()]);
+            let dw = cpu::rms_norm_bwd(xv, wv, dy, self.eps, d, dx.as_deref_mut(), want_w);
+            if let Some(buf) = &self.w.grad {
+                buf.add(&dw);
+            }
+            dx.map(|v| tensor(v, x.shape())).transpose()
+        })?;
+        Ok(first_only(dx))
     }
 }
 
@@ -217,13 +174,11 @@ pub fn rms_norm(x: &Tensor, weight: &Weight, eps: f64) -> CResult<Tensor> {
     if x.device().is_cuda() {
         return cuda::rms_norm(x, weight, eps as f32);
     }
-    x.contiguous()?.apply_op2_arc(
-        &weight.t.contiguous()?,
-        Arc::new(Box::new(RmsNormOp {
-            eps: eps as f32,
-            w: weight.clone(),
-        })),
-    )
+    let op = RmsNormOp {
+        eps: eps as f32,
+        w: weight.clone(),
+    };
+    apply(op, [x, &weight.t])
 }
 
 /// The CPU kernels: one pass per row, rows in chunks of [`ROW_CHUNK`] per

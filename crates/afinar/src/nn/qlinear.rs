@@ -14,11 +14,15 @@
 //!
 //! Limits: CPU, f32 activations only.
 
-use super::custom_op::{cerr, f32s, with_f32, CResult};
+use super::custom_op::{
+    apply, cerr, first_only, last_dim, needs_grad, output, tensor, with_f32, with_last_dim,
+    CResult, Fwd, Grads, Input, Op,
+};
 use super::kernels::{self, Mat};
+use super::linear::cpu::add_bias_grad;
 use super::Weight;
 use crate::hub::gguf::QTensor;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Tensor};
+use candle_core::Tensor;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -133,20 +137,27 @@ fn qmatmul_bwd_input(dy: &[f32], n: usize, w: &QTensor) -> Vec<f32> {
     dx
 }
 
+/// `x @ W^T + b` with `W` quantised. Its inputs are x and, when there is a
+/// bias, b (one or two).
 struct QLinearOp {
     w: Arc<QTensor>,
     b: Option<Weight>,
 }
 
-impl QLinearOp {
-    fn fwd(&self, x: &[f32], xs: &[usize], b: Option<&[f32]>) -> CResult<(CpuStorage, Shape)> {
+impl<const N: usize> Op<N> for QLinearOp {
+    fn name(&self) -> &'static str {
+        "afinar-qlinear"
+    }
+    fn cpu_fwd(&self, xs: [Input; N]) -> Fwd {
         let (out_f, in_f) = (self.w.rows(), self.w.cols());
-        let k = *xs.last().ok_or_else(|| cerr("qlinear: scalar input"))?;
+        let k = last_dim(xs[0].dims(), "qlinear")?;
         if k != in_f {
             return Err(cerr(format!(
                 "qlinear: input width {k} but the weight is [{out_f}, {in_f}]"
             )));
         }
+        let x = xs[0].f32s("qlinear input")?;
+        let b = xs.get(1).map(|b| b.f32s("qlinear bias")).transpose()?;
         if let Some(b) = b {
             if b.len() != out_f {
                 return Err(cerr(format!(
@@ -156,66 +167,20 @@ impl QLinearOp {
             }
         }
         let y = qmatmul_fwd(x, x.len() / in_f.max(1), &self.w, b);
-        let mut shape = xs.to_vec();
-        *shape.last_mut().expect("checked") = out_f;
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        output(y, with_last_dim(xs[0].dims(), out_f, "qlinear")?)
     }
-
-    fn backward(&self, x: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+    fn bwd(&self, xs: [&Tensor; N], _res: &Tensor, grad: &Tensor) -> Grads<N> {
+        let x = xs[0];
         let out_f = self.w.rows();
-        with_f32(grad, "qlinear grad", |g| {
-            if let Some(Weight {
-                grad: Some(buf), ..
-            }) = &self.b
-            {
-                buf.add(&kernels::col_sums(g, out_f));
-            }
-            if !x.track_op() {
+        let dx = with_f32(grad, "qlinear grad", |g| {
+            add_bias_grad(self.b.as_ref(), g, out_f);
+            if !needs_grad(x) {
                 return Ok(None);
             }
             let dx = qmatmul_bwd_input(g, g.len() / out_f.max(1), &self.w);
-            Ok(Some(Tensor::from_vec(dx, x.shape(), &Device::Cpu)?))
-        })
-    }
-}
-
-impl CustomOp1 for QLinearOp {
-    fn name(&self) -> &'static str {
-        "afinar-qlinear"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        self.fwd(f32s(s, l, "qlinear input")?, l.dims(), None)
-    }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        self.backward(x, grad)
-    }
-}
-
-impl CustomOp2 for QLinearOp {
-    fn name(&self) -> &'static str {
-        "afinar-qlinear"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        self.fwd(
-            f32s(s1, l1, "qlinear input")?,
-            l1.dims(),
-            Some(f32s(s2, l2, "qlinear bias")?),
-        )
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        Ok((self.backward(x, grad)?, None))
+            Ok(Some(tensor(dx, x.shape())?))
+        })?;
+        Ok(first_only(dx))
     }
 }
 
@@ -223,14 +188,13 @@ impl CustomOp2 for QLinearOp {
 /// `W` (`[out, in]`) kept quantised. Backward gives `dx` only (W is frozen);
 /// a trainable bias accumulates into its gradient buffer.
 pub fn qlinear(x: &Tensor, w: &Arc<QTensor>, b: Option<&Weight>) -> CResult<Tensor> {
-    let x = x.contiguous()?;
     let op = QLinearOp {
         w: w.clone(),
         b: b.cloned(),
     };
     match b {
-        Some(b) => x.apply_op2_arc(&b.t.contiguous()?, Arc::new(Box::new(op))),
-        None => x.apply_op1_arc(Arc::new(Box::new(op))),
+        Some(b) => apply(op, [x, &b.t]),
+        None => apply(op, [x]),
     }
 }
 
@@ -248,26 +212,8 @@ pub fn dequantize(q: &QTensor) -> crate::Result<Tensor> {
 mod tests {
     use super::*;
     use crate::hub::gguf::GgmlType;
-    use candle_core::Var;
-    use rand::{Rng, SeedableRng};
-
-    fn randn(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testutil::{max_diff, uniform as randn};
+    use candle_core::{Device, Var};
 
     /// qlinear equals dequantise-then-linear, forward and dx, for every type
     /// and for shapes that leave partial tiles and strips.

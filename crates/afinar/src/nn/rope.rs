@@ -7,8 +7,8 @@
 //! `modeling_rope_utils.py` (`_compute_default_rope_parameters`,
 //! `_compute_llama3_parameters`).
 
-use super::custom_op::{cerr, f32s, tensor, with_f32, CResult};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use super::custom_op::{apply, cerr, output, tensor, with_f32, CResult, Fwd, Grads, Input, Op};
+use candle_core::Tensor;
 use std::sync::Arc;
 
 /// Rotary embedding tables: `cos[p * half + i]`, `sin[p * half + i]` for
@@ -163,23 +163,23 @@ impl RopeOp {
     }
 }
 
-impl CustomOp1 for RopeOp {
+impl Op<1> for RopeOp {
     fn name(&self) -> &'static str {
         "afinar-rope"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        self.check(l.dims())?;
-        let x = f32s(s, l, "rope input")?;
-        let mut y = vec![0f32; x.len()];
-        cpu::rope_apply(x, &self.table, &self.positions, self.heads, false, &mut y);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+    fn cpu_fwd(&self, [x]: [Input; 1]) -> Fwd {
+        self.check(x.dims())?;
+        let xv = x.f32s("rope input")?;
+        let mut y = vec![0f32; xv.len()];
+        cpu::rope_apply(xv, &self.table, &self.positions, self.heads, false, &mut y);
+        output(y, x.shape())
     }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+    fn bwd(&self, [x]: [&Tensor; 1], _res: &Tensor, grad: &Tensor) -> Grads<1> {
         // A rotation's transpose is its inverse: rotate the gradient back.
         with_f32(grad, "rope grad", |g| {
             let mut dx = vec![0f32; g.len()];
             cpu::rope_apply(g, &self.table, &self.positions, self.heads, true, &mut dx);
-            Ok(Some(tensor(dx, x.shape())?))
+            Ok([Some(tensor(dx, x.shape())?)])
         })
     }
 }
@@ -204,7 +204,7 @@ pub fn rope(
         op.check(x.dims())?;
         return cuda::rope(x, table, positions, heads);
     }
-    x.contiguous()?.apply_op1_arc(Arc::new(Box::new(op)))
+    apply(op, [x])
 }
 
 /// The CPU kernel.

@@ -4,9 +4,12 @@
 //! <https://arxiv.org/abs/2402.09353>). `v`'s gradient goes to its buffer;
 //! `div` is a constant. CPU only: on a GPU it is an error, said plainly.
 
-use super::custom_op::{cerr, f32s, needs_grad, tensor, with_f32, CResult};
+use super::custom_op::{
+    apply, cerr, first_only, last_dim, needs_grad, output, tensor, with_f32, with_f32s, CResult,
+    Fwd, Grads, Input, Op,
+};
 use super::Weight;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -27,84 +30,68 @@ impl ScaleLastOp {
     }
 }
 
-impl CustomOp2 for ScaleLastOp {
+impl Op<2> for ScaleLastOp {
     fn name(&self) -> &'static str {
         "afinar-scale-last"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let y = f32s(s1, l1, "scale input")?;
-        let v = f32s(s2, l2, "scale vector")?;
-        let d = *l1
-            .dims()
-            .last()
-            .ok_or_else(|| cerr("scale: scalar input"))?;
+    fn cpu_fwd(&self, [yi, vi]: [Input; 2]) -> Fwd {
+        let y = yi.f32s("scale input")?;
+        let v = vi.f32s("scale vector")?;
+        let d = last_dim(yi.dims(), "scale")?;
         if v.len() != d {
             return Err(cerr(format!(
                 "scale: vector of {} for rows of {d}",
                 v.len()
             )));
         }
-        let f = self.factors(v);
         let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(d)
-            .zip(y.par_chunks(d))
-            .for_each(|(o, r)| {
-                for j in 0..d {
-                    o[j] = r[j] * f[j];
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        scale_rows(y, &self.factors(v), &mut out);
+        output(out, yi.shape())
     }
-    fn bwd(
-        &self,
-        y: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [y, v]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
         let d = v.elem_count();
-        with_f32(v, "scale vector", |vv| {
-            let f = self.factors(vv);
-            with_f32(grad, "scale grad", |g| {
-                if let Some(buf) = &self.v.grad {
-                    with_f32(y, "scale input", |yv| {
-                        // d v_j = sum_rows(g * y)_j / div_j
-                        let mut dv = vec![0f32; d];
-                        for (gr, yr) in g.chunks(d).zip(yv.chunks(d)) {
-                            for j in 0..d {
-                                dv[j] += gr[j] * yr[j];
-                            }
-                        }
-                        if let Some(div) = &self.div {
-                            for (x, q) in dv.iter_mut().zip(div.iter()) {
-                                *x /= q;
-                            }
-                        }
-                        buf.add(&dv);
-                        Ok(())
-                    })?;
-                }
-                if !needs_grad(y) {
-                    return Ok((None, None));
-                }
-                let mut dy = vec![0f32; g.len()];
-                dy.par_chunks_mut(d)
-                    .zip(g.par_chunks(d))
-                    .for_each(|(o, r)| {
+        let names = ["scale vector", "scale grad"];
+        let dy = with_f32s([v, grad], names, |[vv, g]| {
+            if let Some(buf) = &self.v.grad {
+                with_f32(y, "scale input", |yv| {
+                    // d v_j = sum_rows(g * y)_j / div_j
+                    let mut dv = vec![0f32; d];
+                    for (gr, yr) in g.chunks(d).zip(yv.chunks(d)) {
                         for j in 0..d {
-                            o[j] = r[j] * f[j];
+                            dv[j] += gr[j] * yr[j];
                         }
-                    });
-                Ok((Some(tensor(dy, y.shape())?), None))
-            })
-        })
+                    }
+                    if let Some(div) = &self.div {
+                        for (x, q) in dv.iter_mut().zip(div.iter()) {
+                            *x /= q;
+                        }
+                    }
+                    buf.add(&dv);
+                    Ok(())
+                })?;
+            }
+            if !needs_grad(y) {
+                return Ok(None);
+            }
+            let mut dy = vec![0f32; g.len()];
+            scale_rows(g, &self.factors(vv), &mut dy);
+            Ok(Some(tensor(dy, y.shape())?))
+        })?;
+        Ok(first_only(dy))
     }
+}
+
+/// `out[r, j] = x[r, j] * f[j]` over rows of `f.len()`: the forward, and the
+/// input gradient by the same factors.
+fn scale_rows(x: &[f32], f: &[f32], out: &mut [f32]) {
+    let d = f.len();
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, r)| {
+            for j in 0..d {
+                o[j] = r[j] * f[j];
+            }
+        });
 }
 
 /// `y * (v / div)` over the last dimension; `v` (`[d]` elements, any shape)
@@ -116,8 +103,7 @@ pub fn scale_last(y: &Tensor, v: &Weight, div: Option<Arc<Vec<f32>>>) -> CResult
         ));
     }
     let op = ScaleLastOp { v: v.clone(), div };
-    y.contiguous()?
-        .apply_op2_arc(&v.t.contiguous()?, Arc::new(Box::new(op)))
+    apply(op, [y, &v.t])
 }
 
 #[cfg(test)]

@@ -3,8 +3,10 @@
 //! dropout on the probabilities. The backward recomputes the probabilities:
 //! nothing `T x T` is kept between forward and backward.
 
-use crate::nn::custom_op::{cerr, f32s, tensor, with_f32, CResult};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use crate::nn::custom_op::{
+    apply, cerr, output, tensor, with_f32s, CResult, Fwd, Grads, Input, Op,
+};
+use candle_core::Tensor;
 use cpu::AttnShape;
 use std::sync::Arc;
 
@@ -41,82 +43,54 @@ impl AttentionOp {
             d: c / self.heads,
         })
     }
-}
 
-impl CustomOp3 for AttentionOp {
-    fn name(&self) -> &'static str {
-        "afinar-attention"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let sh = self.shape(l1.dims())?;
-        if l2.dims() != l1.dims() || l3.dims() != l1.dims() {
-            return Err(cerr(format!(
-                "attention: q {:?}, k {:?}, v {:?} differ",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            )));
-        }
-        let (q, k, v) = (f32s(s1, l1, "q")?, f32s(s2, l2, "k")?, f32s(s3, l3, "v")?);
-        let mut out = vec![0f32; q.len()];
-        cpu::attention_fwd(
+    /// The CPU kernels' view of one call on `q, k, v`.
+    fn call<'a>(&'a self, sh: AttnShape, [q, k, v]: [&'a [f32]; 3]) -> cpu::Call<'a> {
+        cpu::Call {
             q,
             k,
             v,
-            &self.key_mask,
+            key_mask: &self.key_mask,
             sh,
-            self.scale,
-            self.dropout,
-            &mut out,
-        );
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+            scale: self.scale,
+            dropout: self.dropout,
+        }
     }
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+}
+
+impl Op<3> for AttentionOp {
+    fn name(&self) -> &'static str {
+        "afinar-attention"
+    }
+    fn cpu_fwd(&self, [qi, ki, vi]: [Input; 3]) -> Fwd {
+        let sh = self.shape(qi.dims())?;
+        if ki.dims() != qi.dims() || vi.dims() != qi.dims() {
+            return Err(cerr(format!(
+                "attention: q {:?}, k {:?}, v {:?} differ",
+                qi.dims(),
+                ki.dims(),
+                vi.dims()
+            )));
+        }
+        let (q, k, v) = (qi.f32s("q")?, ki.f32s("k")?, vi.f32s("v")?);
+        let mut out = vec![0f32; q.len()];
+        self.call(sh, [q, k, v]).forward(&mut out);
+        output(out, qi.shape())
+    }
+    fn bwd(&self, [q, k, v]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Grads<3> {
         let sh = self.shape(q.dims())?;
-        with_f32(q, "q", |qv| {
-            with_f32(k, "k", |kv| {
-                with_f32(v, "v", |vv| {
-                    with_f32(grad, "attention grad", |g| {
-                        let n = qv.len();
-                        let (mut dq, mut dk, mut dv) =
-                            (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-                        cpu::attention_bwd(
-                            qv,
-                            kv,
-                            vv,
-                            &self.key_mask,
-                            sh,
-                            self.scale,
-                            self.dropout,
-                            g,
-                            &mut dq,
-                            &mut dk,
-                            &mut dv,
-                        );
-                        let s = q.shape();
-                        Ok((
-                            Some(tensor(dq, s)?),
-                            Some(tensor(dk, s)?),
-                            Some(tensor(dv, s)?),
-                        ))
-                    })
-                })
-            })
+        let names = ["q", "k", "v", "attention grad"];
+        with_f32s([q, k, v, grad], names, |[qv, kv, vv, g]| {
+            let n = qv.len();
+            let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            self.call(sh, [qv, kv, vv])
+                .backward(g, &mut dq, &mut dk, &mut dv);
+            let s = q.shape();
+            Ok([
+                Some(tensor(dq, s)?),
+                Some(tensor(dk, s)?),
+                Some(tensor(dv, s)?),
+            ])
         })
     }
 }
@@ -160,23 +134,21 @@ pub fn attention(
         };
         return super::cuda::attention(q, k, v, args);
     }
-    q.contiguous()?.apply_op3_arc(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        Arc::new(Box::new(AttentionOp {
-            key_mask,
-            heads,
-            scale,
-            dropout,
-        })),
-    )
+    let op = AttentionOp {
+        key_mask,
+        heads,
+        scale,
+        dropout,
+    };
+    apply(op, [q, k, v])
 }
 
 /// The CPU kernels: one rayon task per (batch, head), each writing its own
 /// column block of the outputs.
 mod cpu {
-    use crate::nn::dropout::{reuse_dropout_mask, uniform};
-    use crate::nn::kernels::{fast_exp, matmul, sum_lanes, Mat, SyncPtr};
+    use super::super::cpu::{masked_softmax, Heads};
+    use crate::nn::dropout::{drop_in_place, reuse_dropout_mask};
+    use crate::nn::kernels::{matmul, Mat, SyncPtr};
     use gemm::Parallelism;
     use rayon::prelude::*;
 
@@ -192,187 +164,132 @@ mod cpu {
     }
 
     impl AttnShape {
-        pub fn c(&self) -> usize {
-            self.h * self.d
-        }
-    }
-
-    /// Softmax(q k^T * scale + mask) per row of `s` (t x t), in place; masked
-    /// keys get probability exactly 0 (a row with no visible key becomes 0).
-    /// `mask` is 1.0 / 0.0 per key: multiplying by it keeps the loop branch-free.
-    fn masked_softmax_rows(s: &mut [f32], t: usize, mask: &[f32]) {
-        for row in s.chunks_mut(t) {
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..t {
-                if mask[j] != 0.0 && row[j] > max {
-                    max = row[j];
-                }
-            }
-            if max == f32::NEG_INFINITY {
-                row.fill(0.0);
-                continue;
-            }
-            for (v, m) in row.iter_mut().zip(mask) {
-                *v = fast_exp(*v - max) * m;
-            }
-            let inv = 1.0 / sum_lanes(row);
-            for v in row.iter_mut() {
-                *v *= inv;
+        fn heads(&self) -> Heads {
+            Heads {
+                t: self.t,
+                nh: self.h,
+                d: self.d,
             }
         }
     }
 
-    fn head_view(x: &[f32], sh: AttnShape, bi: usize, hi: usize) -> Mat<'_> {
-        let c = sh.c();
-        let off = bi * sh.t * c + hi * sh.d;
-        Mat {
-            data: &x[off..],
-            rows: sh.t,
-            cols: sh.d,
-            rs: c as isize,
-            cs: 1,
+    /// The probabilities of one (batch, head) into `p` (`t x t`): softmax(q
+    /// k^T * scale) over the keys that are not padding (`mask`).
+    fn probs(p: &mut [f32], qm: Mat, km: Mat, mask: &[f32], scale: f32) {
+        let t = qm.rows;
+        matmul(p, t, qm, km.t(), scale, false, Parallelism::None);
+        for row in p.chunks_mut(t) {
+            masked_softmax(row, mask);
         }
     }
 
-    fn apply_dropout_rows(p_mat: &mut [f32], p: f32, seed: u64, base: u64) {
-        let scale = 1.0 / (1.0 - p);
-        for (j, v) in p_mat.iter_mut().enumerate() {
-            *v = if uniform(seed, base + j as u64) >= p {
-                *v * scale
-            } else {
-                0.0
-            };
-        }
+    /// One attention call: the activations, the key mask (`[b * t]`), the
+    /// shapes, the score scale and the dropout (`Some((p, seed))`).
+    pub struct Call<'a> {
+        pub q: &'a [f32],
+        pub k: &'a [f32],
+        pub v: &'a [f32],
+        pub key_mask: &'a [f32],
+        pub sh: AttnShape,
+        pub scale: f32,
+        pub dropout: Option<(f32, u64)>,
     }
 
-    /// Forward multi-head attention (BERT: bidirectional with key padding).
-    /// `dropout` = Some((p, seed)) drops attention probabilities.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_fwd(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        key_mask: &[f32],
-        sh: AttnShape,
-        scale: f32,
-        dropout: Option<(f32, u64)>,
-        out: &mut [f32],
-    ) {
-        let (t, c, d) = (sh.t, sh.c(), sh.d);
-        // Each (batch, head) task writes its own column block of `out`; the
-        // blocks are disjoint so the raw pointer is shared safely.
-        let out_ptr = SyncPtr::new(out);
-        (0..sh.b * sh.h).into_par_iter().for_each_init(
-            || vec![0f32; t * t],
-            |s, bh| {
-                let (bi, hi) = (bh / sh.h, bh % sh.h);
-                let qm = head_view(q, sh, bi, hi);
-                let km = head_view(k, sh, bi, hi);
-                let vm = head_view(v, sh, bi, hi);
-                matmul(s, t, qm, km.t(), scale, false, Parallelism::None);
-                masked_softmax_rows(s, t, &key_mask[bi * t..(bi + 1) * t]);
-                if let Some((p, seed)) = dropout {
-                    apply_dropout_rows(s, p, seed, (bh * t * t) as u64);
-                }
-                // SAFETY: see above; the view starts at this head's block.
-                let o = unsafe { out_ptr.slice() };
-                let off = bi * t * c + hi * d;
-                matmul(
-                    &mut o[off..],
-                    c,
-                    Mat::rm(s, t, t),
-                    vm,
-                    1.0,
-                    false,
-                    Parallelism::None,
-                );
-            },
-        );
-    }
-
-    /// Backward of `attention_fwd`, recomputing the probabilities (nothing
-    /// T x T is kept between forward and backward).
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_bwd(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        key_mask: &[f32],
-        sh: AttnShape,
-        scale: f32,
-        dropout: Option<(f32, u64)>,
-        dout: &[f32],
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-    ) {
-        let (t, c, d) = (sh.t, sh.c(), sh.d);
-        let ptrs = (SyncPtr::new(dq), SyncPtr::new(dk), SyncPtr::new(dv));
-        (0..sh.b * sh.h).into_par_iter().for_each_init(
-            || (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; t * t]),
-            |(p, pd, dp), bh| {
-                let (bi, hi) = (bh / sh.h, bh % sh.h);
-                let qm = head_view(q, sh, bi, hi);
-                let km = head_view(k, sh, bi, hi);
-                let vm = head_view(v, sh, bi, hi);
-                let dom = head_view(dout, sh, bi, hi);
-                let mask = &key_mask[bi * t..(bi + 1) * t];
-                matmul(p, t, qm, km.t(), scale, false, Parallelism::None);
-                masked_softmax_rows(p, t, mask);
-                // pd = dropped probabilities (what multiplied V in forward).
-                pd.copy_from_slice(p);
-                if let Some((pr, seed)) = dropout {
-                    apply_dropout_rows(pd, pr, seed, (bh * t * t) as u64);
-                }
-                let off = bi * t * c + hi * d;
-                // SAFETY: disjoint column blocks per (batch, head), as in forward.
-                let (dqs, dks, dvs) = unsafe { (ptrs.0.slice(), ptrs.1.slice(), ptrs.2.slice()) };
-                // dV = Pd^T dO
-                matmul(
-                    &mut dvs[off..],
-                    c,
-                    Mat::rm(pd, t, t).t(),
-                    dom,
-                    1.0,
-                    false,
-                    Parallelism::None,
-                );
-                // dPd = dO V^T
-                matmul(dp, t, dom, vm.t(), 1.0, false, Parallelism::None);
-                if let Some((pr, _)) = dropout {
-                    // d(P) = d(Pd) * mask / (1 - p)
-                    reuse_dropout_mask(dp, pd, pr);
-                }
-                // dS = P * (dP - rowsum(dP * P)), times the score scale.
-                for i in 0..t {
-                    let pr = &p[i * t..(i + 1) * t];
-                    let dr = &mut dp[i * t..(i + 1) * t];
-                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                    for j in 0..t {
-                        dr[j] = pr[j] * (dr[j] - dot) * scale;
+    impl Call<'_> {
+        /// Forward multi-head attention (BERT: bidirectional with key padding)
+        /// into `out`.
+        pub fn forward(&self, out: &mut [f32]) {
+            let (q, k, v, key_mask) = (self.q, self.k, self.v, self.key_mask);
+            let (sh, scale, dropout) = (self.sh, self.scale, self.dropout);
+            let (t, hs) = (sh.t, sh.heads());
+            // Each (batch, head) task writes its own column block of `out`; the
+            // blocks are disjoint so the raw pointer is shared safely.
+            let out_ptr = SyncPtr::new(out);
+            (0..sh.b * sh.h).into_par_iter().for_each_init(
+                || vec![0f32; t * t],
+                |s, bh| {
+                    let (bi, hi) = (bh / sh.h, bh % sh.h);
+                    let (qm, km) = (hs.rows(q, bi, hi, 0, t), hs.rows(k, bi, hi, 0, t));
+                    probs(s, qm, km, &key_mask[bi * t..(bi + 1) * t], scale);
+                    // Element (i, j) of head bh is element (bh * t + i) * t + j of
+                    // the dropout stream, as in the causal kernel.
+                    if let Some((p, seed)) = dropout {
+                        drop_in_place(s, p, seed, (bh * t * t) as u64);
                     }
-                }
-                // dQ = dS K ; dK = dS^T Q
-                matmul(
-                    &mut dqs[off..],
-                    c,
-                    Mat::rm(dp, t, t),
-                    km,
-                    1.0,
-                    false,
-                    Parallelism::None,
-                );
-                matmul(
-                    &mut dks[off..],
-                    c,
-                    Mat::rm(dp, t, t).t(),
-                    qm,
-                    1.0,
-                    false,
-                    Parallelism::None,
-                );
-            },
-        );
+                    // SAFETY: see above; the view starts at this head's block.
+                    let o = unsafe { &mut out_ptr.slice()[hs.offset(bi, hi, 0)..] };
+                    let vm = hs.rows(v, bi, hi, 0, t);
+                    matmul(
+                        o,
+                        hs.c(),
+                        Mat::rm(s, t, t),
+                        vm,
+                        1.0,
+                        false,
+                        Parallelism::None,
+                    );
+                },
+            );
+        }
+
+        /// Backward of [`Call::forward`] given `dout`, recomputing the
+        /// probabilities (nothing T x T is kept between forward and backward).
+        pub fn backward(&self, dout: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+            let (q, k, v, key_mask) = (self.q, self.k, self.v, self.key_mask);
+            let (sh, scale, dropout) = (self.sh, self.scale, self.dropout);
+            let (t, hs) = (sh.t, sh.heads());
+            let c = hs.c();
+            let ptrs = (SyncPtr::new(dq), SyncPtr::new(dk), SyncPtr::new(dv));
+            (0..sh.b * sh.h).into_par_iter().for_each_init(
+                || (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; t * t]),
+                |(p, pd, dp), bh| {
+                    let (bi, hi) = (bh / sh.h, bh % sh.h);
+                    let (qm, km) = (hs.rows(q, bi, hi, 0, t), hs.rows(k, bi, hi, 0, t));
+                    let (vm, dom) = (hs.rows(v, bi, hi, 0, t), hs.rows(dout, bi, hi, 0, t));
+                    let mask = &key_mask[bi * t..(bi + 1) * t];
+                    probs(p, qm, km, mask, scale);
+                    // pd = dropped probabilities (what multiplied V in forward).
+                    pd.copy_from_slice(p);
+                    if let Some((pr, seed)) = dropout {
+                        drop_in_place(pd, pr, seed, (bh * t * t) as u64);
+                    }
+                    let off = hs.offset(bi, hi, 0);
+                    // SAFETY: disjoint column blocks per (batch, head), as in forward.
+                    let (dqs, dks, dvs) =
+                        unsafe { (ptrs.0.slice(), ptrs.1.slice(), ptrs.2.slice()) };
+                    // dV = Pd^T dO
+                    let pdt = Mat::rm(pd, t, t).t();
+                    matmul(&mut dvs[off..], c, pdt, dom, 1.0, false, Parallelism::None);
+                    // dPd = dO V^T
+                    matmul(dp, t, dom, vm.t(), 1.0, false, Parallelism::None);
+                    if let Some((pr, _)) = dropout {
+                        // d(P) = d(Pd) * mask / (1 - p)
+                        reuse_dropout_mask(dp, pd, pr);
+                    }
+                    // dS = P * (dP - rowsum(dP * P)), times the score scale.
+                    for i in 0..t {
+                        let pr = &p[i * t..(i + 1) * t];
+                        let dr = &mut dp[i * t..(i + 1) * t];
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for j in 0..t {
+                            dr[j] = pr[j] * (dr[j] - dot) * scale;
+                        }
+                    }
+                    // dQ = dS K ; dK = dS^T Q
+                    let ds = Mat::rm(dp, t, t);
+                    matmul(&mut dqs[off..], c, ds, km, 1.0, false, Parallelism::None);
+                    matmul(
+                        &mut dks[off..],
+                        c,
+                        ds.t(),
+                        qm,
+                        1.0,
+                        false,
+                        Parallelism::None,
+                    );
+                },
+            );
+        }
     }
 }
 
@@ -446,14 +363,7 @@ mod tests {
             .unwrap()
             .reshape((b, t, c))
             .unwrap();
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_vec0::<f32>()
-            .unwrap();
+        let diff = crate::testutil::max_diff(&got, &want);
         assert!(diff < 1e-5, "diff {diff}");
     }
 }

@@ -4,10 +4,25 @@
 //! softmax, so a cached step gives the rows that full causal attention
 //! would (a test says so).
 
-use super::causal::cpu::{causal_softmax_block, head_rows, ATT_BLOCK};
+use super::causal::cpu::{blocks, causal_softmax_block, Visibility, ATT_BLOCK};
+use super::cpu::Heads;
 use crate::nn::kernels::{matmul, parallelism, Mat, SyncPtr};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+/// Shapes of one cached step: `t_new` new queries per batch row
+/// (`[b, t_new, heads * d]`, positions `t_total - t_new .. t_total`) against
+/// `t_total` cached keys and values (`[b, t_total, kv_heads * d]`, the new
+/// ones included).
+#[derive(Clone, Copy, Debug)]
+pub struct CacheShape {
+    pub b: usize,
+    pub t_new: usize,
+    pub t_total: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+}
 
 /// Causal attention of `t_new` new queries against a KV cache, for
 /// generation (no autograd): `q` is `[b, t_new, heads * d]` for positions
@@ -27,27 +42,35 @@ pub fn attention_with_cache(
     d: usize,
     out: &mut [f32],
 ) {
-    attention_with_cache_masked(
-        q, k_cache, v_cache, None, b, t_new, t_total, heads, kv_heads, d, out,
-    )
+    let sh = CacheShape {
+        b,
+        t_new,
+        t_total,
+        heads,
+        kv_heads,
+        d,
+    };
+    attention_with_cache_masked(q, k_cache, v_cache, None, sh, out)
 }
 
 /// [`attention_with_cache`] with a key mask `[b * t_total]` (0.0 = padding,
 /// e.g. left-padded prompts of a batch). A query with no visible key gets 0.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_with_cache_masked(
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
     key_mask: Option<&[f32]>,
-    b: usize,
-    t_new: usize,
-    t_total: usize,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
+    sh: CacheShape,
     out: &mut [f32],
 ) {
+    let CacheShape {
+        b,
+        t_new,
+        t_total,
+        heads,
+        kv_heads,
+        d,
+    } = sh;
     assert!(
         t_new <= t_total,
         "attention_with_cache: t_new {t_new} > t_total {t_total}"
@@ -72,9 +95,20 @@ pub fn attention_with_cache_masked(
         assert_eq!(m.len(), b * t_total, "attention_with_cache: key_mask");
     }
     let group = heads / kv_heads;
-    let c = heads * d;
     let scale = 1.0 / (d as f32).sqrt();
     let past = t_total - t_new;
+    let (qh, kvh) = (
+        Heads {
+            t: t_new,
+            nh: heads,
+            d,
+        },
+        Heads {
+            t: t_total,
+            nh: kv_heads,
+            d,
+        },
+    );
     let ones = vec![1f32; if key_mask.is_some() { 0 } else { t_total }];
     let optr = SyncPtr::new(out);
     // Few (b, head) tasks during decoding: let gemm split further when the
@@ -90,31 +124,26 @@ pub fn attention_with_cache_masked(
         |(s, m), bh| {
             let (bi, h) = (bh / heads, bh % heads);
             let kh = h / group;
-            let km = match key_mask {
+            let key_mask = match key_mask {
                 Some(mk) => &mk[bi * t_total..(bi + 1) * t_total],
                 None => &ones[..],
             };
+            let vis = Visibility {
+                key_mask,
+                segments: None,
+            };
             // SAFETY: this task writes only column block `h` of batch `bi`.
             let o = unsafe { optr.slice() };
-            for r0 in (0..t_new).step_by(ATT_BLOCK) {
-                let rows = ATT_BLOCK.min(t_new - r0);
-                let kn = past + r0 + rows;
+            for blk in blocks(t_new, past) {
+                let (rows, kn) = (blk.rows, blk.kn());
                 let s = &mut s[..rows * kn];
-                let qm = head_rows(q, t_new, heads, d, bi, h, r0, rows);
-                let kmat = head_rows(k_cache, t_total, kv_heads, d, bi, kh, 0, kn);
-                let vmat = head_rows(v_cache, t_total, kv_heads, d, bi, kh, 0, kn);
+                let qm = qh.rows(q, bi, h, blk.r0, rows);
+                let kmat = kvh.rows(k_cache, bi, kh, 0, kn);
                 matmul(s, kn, qm, kmat.t(), scale, false, par);
-                causal_softmax_block(s, kn, past + r0, km, None, m);
-                let off = bi * t_new * c + r0 * c + h * d;
-                matmul(
-                    &mut o[off..],
-                    c,
-                    Mat::rm(s, rows, kn),
-                    vmat,
-                    1.0,
-                    false,
-                    par,
-                );
+                causal_softmax_block(s, blk, vis, m);
+                let vmat = kvh.rows(v_cache, bi, kh, 0, kn);
+                let o = &mut o[qh.offset(bi, h, blk.r0)..];
+                matmul(o, qh.c(), Mat::rm(s, rows, kn), vmat, 1.0, false, par);
             }
         },
     );
@@ -139,25 +168,30 @@ mod tests {
         mask[t + 1] = 0.0;
         let (kf, vf) = (flat(&k), flat(&v));
         for (key_mask, masked) in [(vec![1f32; b * t], false), (mask, true)] {
-            let full =
-                causal_attention(&q, &k, &v, heads, kv, Arc::new(key_mask.clone()), None).unwrap();
+            let full = causal_attention(
+                &q,
+                &k,
+                &v,
+                heads,
+                kv,
+                Arc::new(key_mask.clone()),
+                None,
+                None,
+            )
+            .unwrap();
             for t_new in [1, 2, t] {
                 let qn = flat(&q.narrow(1, t - t_new, t_new).unwrap());
                 let mut out = vec![0f32; qn.len()];
                 if masked {
-                    attention_with_cache_masked(
-                        &qn,
-                        &kf,
-                        &vf,
-                        Some(&key_mask),
+                    let sh = CacheShape {
                         b,
                         t_new,
-                        t,
+                        t_total: t,
                         heads,
-                        kv,
+                        kv_heads: kv,
                         d,
-                        &mut out,
-                    );
+                    };
+                    attention_with_cache_masked(&qn, &kf, &vf, Some(&key_mask), sh, &mut out);
                 } else {
                     attention_with_cache(&qn, &kf, &vf, b, t_new, t, heads, kv, d, &mut out);
                 }

@@ -5,8 +5,10 @@
 //! grouped-query heads, <https://arxiv.org/abs/2305.13245>) and GPT-2's
 //! `attn_pdrop`. The backward recomputes the probabilities block by block.
 
-use crate::nn::custom_op::{cerr, f32s, tensor, with_f32, CResult};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use crate::nn::custom_op::{
+    apply, cerr, output, tensor, with_f32s, CResult, Fwd, Grads, Input, Op,
+};
+use candle_core::Tensor;
 use cpu::{CausalShape, Visibility};
 use std::sync::Arc;
 
@@ -71,77 +73,57 @@ impl CausalAttentionOp {
             segments: self.segments.as_ref().map(|s| s.as_slice()),
         }
     }
+
+    /// The CPU kernels' view of one call on `q, k, v` (scale 1/sqrt(D)).
+    fn call<'a>(&'a self, sh: CausalShape, [q, k, v]: [&'a [f32]; 3]) -> cpu::Call<'a> {
+        cpu::Call {
+            q,
+            k,
+            v,
+            vis: self.vis(),
+            sh,
+            scale: 1.0 / (sh.d as f32).sqrt(),
+            dropout: self.dropout,
+        }
+    }
 }
 
-impl CustomOp3 for CausalAttentionOp {
+impl Op<3> for CausalAttentionOp {
     fn name(&self) -> &'static str {
         "afinar-causal-attention"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let sh = self.shape(l1.dims(), l2.dims(), l3.dims())?;
-        let (q, k, v) = (f32s(s1, l1, "q")?, f32s(s2, l2, "k")?, f32s(s3, l3, "v")?);
+    fn cpu_fwd(&self, [qi, ki, vi]: [Input; 3]) -> Fwd {
+        let sh = self.shape(qi.dims(), ki.dims(), vi.dims())?;
+        let (q, k, v) = (qi.f32s("q")?, ki.f32s("k")?, vi.f32s("v")?);
         let mut out = vec![0f32; q.len()];
-        let scale = 1.0 / (sh.d as f32).sqrt();
-        cpu::causal_attention_fwd(q, k, v, self.vis(), sh, scale, self.dropout, &mut out);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        self.call(sh, [q, k, v]).forward(&mut out);
+        output(out, qi.shape())
     }
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [q, k, v]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Grads<3> {
         let sh = self.shape(q.dims(), k.dims(), v.dims())?;
-        let scale = 1.0 / (sh.d as f32).sqrt();
-        with_f32(q, "q", |qv| {
-            with_f32(k, "k", |kv| {
-                with_f32(v, "v", |vv| {
-                    with_f32(grad, "causal_attention grad", |g| {
-                        let n = qv.len();
-                        let mut dq = vec![0f32; n];
-                        // Per query head, summed into kv heads below.
-                        let mut dkh = vec![0f32; n];
-                        let mut dvh = vec![0f32; n];
-                        cpu::causal_attention_bwd(
-                            qv,
-                            kv,
-                            vv,
-                            self.vis(),
-                            sh,
-                            scale,
-                            self.dropout,
-                            g,
-                            &mut dq,
-                            &mut dkh,
-                            &mut dvh,
-                        );
-                        let (dk, dv) = if sh.kv_heads == sh.heads {
-                            (dkh, dvh)
-                        } else {
-                            let mut dk = vec![0f32; kv.len()];
-                            let mut dv = vec![0f32; kv.len()];
-                            cpu::reduce_kv_heads(&dkh, sh, &mut dk);
-                            cpu::reduce_kv_heads(&dvh, sh, &mut dv);
-                            (dk, dv)
-                        };
-                        Ok((
-                            Some(tensor(dq, q.shape())?),
-                            Some(tensor(dk, k.shape())?),
-                            Some(tensor(dv, v.shape())?),
-                        ))
-                    })
-                })
-            })
+        let names = ["q", "k", "v", "causal_attention grad"];
+        with_f32s([q, k, v, grad], names, |[qv, kv, vv, g]| {
+            let n = qv.len();
+            let mut dq = vec![0f32; n];
+            // Per query head, summed into kv heads below.
+            let mut dkh = vec![0f32; n];
+            let mut dvh = vec![0f32; n];
+            self.call(sh, [qv, kv, vv])
+                .backward(g, &mut dq, &mut dkh, &mut dvh);
+            let (dk, dv) = if sh.kv_heads == sh.heads {
+                (dkh, dvh)
+            } else {
+                let mut dk = vec![0f32; kv.len()];
+                let mut dv = vec![0f32; kv.len()];
+                cpu::reduce_kv_heads(&dkh, sh, &mut dk);
+                cpu::reduce_kv_heads(&dvh, sh, &mut dv);
+                (dk, dv)
+            };
+            Ok([
+                Some(tensor(dq, q.shape())?),
+                Some(tensor(dk, k.shape())?),
+                Some(tensor(dv, v.shape())?),
+            ])
         })
     }
 }
@@ -152,23 +134,12 @@ impl CustomOp3 for CausalAttentionOp {
 /// `key_mask[b * T + j] != 0` and, with `segments` (packed examples), the two
 /// tokens' segment ids are equal. A query with no visible key outputs 0.
 /// Returns `[B, T, heads * D]`; the backward recomputes the probabilities.
-pub fn causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    kv_heads: usize,
-    key_mask: Arc<Vec<f32>>,
-    segments: Option<Arc<Vec<u32>>>,
-) -> CResult<Tensor> {
-    causal_attention_dropout(q, k, v, heads, kv_heads, key_mask, segments, None)
-}
-
-/// [`causal_attention`] with dropout on the attention probabilities
-/// (`Some((p, seed))`, GPT-2's `attn_pdrop`; the mask is regenerated from
-/// the seed in backward, never stored). `None` or `p = 0` is no dropout.
+///
+/// `dropout`: `Some((p, seed))` drops attention probabilities (GPT-2's
+/// `attn_pdrop`; the mask is regenerated from the seed in backward, never
+/// stored). `None` or `p = 0` is no dropout.
 #[allow(clippy::too_many_arguments)]
-pub fn causal_attention_dropout(
+pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -209,16 +180,16 @@ pub fn causal_attention_dropout(
         };
         return super::cuda::attention(q, k, v, args);
     }
-    q.contiguous()?
-        .apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
+    apply(op, [q, k, v])
 }
 
 /// The CPU kernels: one rayon task per (batch, query head), over blocks of
-/// [`ATT_BLOCK`](cpu::ATT_BLOCK) query rows. `cache.rs` shares the block
-/// softmax and the head views.
+/// [`ATT_BLOCK`](cpu::ATT_BLOCK) query rows. `cache.rs` shares the blocks
+/// and their softmax.
 pub(super) mod cpu {
-    use crate::nn::dropout::{reuse_dropout_mask, uniform};
-    use crate::nn::kernels::{dot_lanes, fast_exp, matmul, sum_lanes, Mat, SyncPtr, ROW_CHUNK};
+    use super::super::cpu::{masked_softmax, Heads};
+    use crate::nn::dropout::{drop_in_place, reuse_dropout_mask};
+    use crate::nn::kernels::{dot_lanes, matmul, Mat, SyncPtr, ROW_CHUNK};
     use gemm::Parallelism;
     use rayon::prelude::*;
 
@@ -239,6 +210,22 @@ pub(super) mod cpu {
         fn kv_of(&self, h: usize) -> usize {
             h / (self.heads / self.kv_heads)
         }
+        /// The layouts of q (and the output) and of k and v.
+        fn layouts(&self) -> (Heads, Heads) {
+            let (t, d) = (self.t, self.d);
+            (
+                Heads {
+                    t,
+                    nh: self.heads,
+                    d,
+                },
+                Heads {
+                    t,
+                    nh: self.kv_heads,
+                    d,
+                },
+            )
+        }
     }
 
     /// Which keys each query may see, besides causality: `key_mask[b * t + j]`
@@ -250,280 +237,219 @@ pub(super) mod cpu {
         pub segments: Option<&'a [u32]>,
     }
 
+    impl<'a> Visibility<'a> {
+        /// The `t` keys of batch row `bi`.
+        fn batch(self, bi: usize, t: usize) -> Visibility<'a> {
+            let keys = bi * t..(bi + 1) * t;
+            Visibility {
+                key_mask: &self.key_mask[keys.clone()],
+                segments: self.segments.map(|s| &s[keys]),
+            }
+        }
+    }
+
     /// Query rows per block: the scores of a block cover only keys
     /// `0..block end`, so the causal upper triangle is (mostly) never computed
     /// and the scratch is `ATT_BLOCK x t`, not `t x t`.
     pub const ATT_BLOCK: usize = 64;
 
-    /// A `[rows, d]` view of head `h` (of `nh`) of batch `bi`, starting at row `r0`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn head_rows(
-        x: &[f32],
-        t: usize,
-        nh: usize,
-        d: usize,
-        bi: usize,
-        h: usize,
-        r0: usize,
-        rows: usize,
-    ) -> Mat<'_> {
-        let c = nh * d;
-        Mat {
-            data: &x[bi * t * c + r0 * c + h * d..],
-            rows,
-            cols: d,
-            rs: c as isize,
-            cs: 1,
+    /// A block of query rows: rows `r0..r0 + rows` of q, at positions
+    /// `pos..pos + rows` among the keys, so they see keys `0..kn()`.
+    #[derive(Clone, Copy)]
+    pub struct Block {
+        pub r0: usize,
+        pub rows: usize,
+        pub pos: usize,
+    }
+
+    impl Block {
+        pub fn kn(&self) -> usize {
+            self.pos + self.rows
         }
     }
 
-    /// Softmax of score rows `s` (`rows x kn`, row `i` is query `r0 + i` of
-    /// batch slice `vis`), in place: keys after the query, masked keys and keys
-    /// of another segment get probability exactly 0; a row with no visible key
-    /// becomes all 0. `m` is a scratch of `kn` floats.
-    pub fn causal_softmax_block(
-        s: &mut [f32],
-        kn: usize,
-        r0: usize,
-        key_mask: &[f32],
-        seg: Option<&[u32]>,
-        m: &mut [f32],
-    ) {
-        for (i, row) in s.chunks_mut(kn).enumerate() {
-            let qi = r0 + i;
+    /// The blocks of `t` query rows that follow `past` keys (a KV cache's).
+    pub fn blocks(t: usize, past: usize) -> impl Iterator<Item = Block> {
+        (0..t).step_by(ATT_BLOCK).map(move |r0| Block {
+            r0,
+            rows: ATT_BLOCK.min(t - r0),
+            pos: past + r0,
+        })
+    }
+
+    /// Softmax of a block's score rows `s` (`rows x kn`) in place: keys after
+    /// the query, masked keys and keys of another segment get probability
+    /// exactly 0; a row with no visible key becomes all 0. `m` is a scratch
+    /// of `kn` floats.
+    pub fn causal_softmax_block(s: &mut [f32], blk: Block, vis: Visibility, m: &mut [f32]) {
+        for (i, row) in s.chunks_mut(blk.kn()).enumerate() {
+            let qi = blk.pos + i;
             let n = qi + 1; // keys 0..=qi
-            match seg {
+            match vis.segments {
                 Some(seg) => {
                     let sq = seg[qi];
                     for j in 0..n {
-                        m[j] = if seg[j] == sq { key_mask[j] } else { 0.0 };
+                        m[j] = if seg[j] == sq { vis.key_mask[j] } else { 0.0 };
                     }
                 }
-                None => m[..n].copy_from_slice(&key_mask[..n]),
-            }
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..n {
-                if m[j] != 0.0 && row[j] > max {
-                    max = row[j];
-                }
+                None => m[..n].copy_from_slice(&vis.key_mask[..n]),
             }
             row[n..].fill(0.0);
-            if max == f32::NEG_INFINITY {
-                row[..n].fill(0.0);
-                continue;
-            }
-            for j in 0..n {
-                // Multiplying by the 0/1 mask keeps the loop branch-free.
-                row[j] = fast_exp(row[j] - max) * m[j];
-            }
-            let inv = 1.0 / sum_lanes(&row[..n]);
-            for v in row[..n].iter_mut() {
-                *v *= inv;
-            }
+            masked_softmax(&mut row[..n], &m[..n]);
         }
     }
 
     /// Attention-probability dropout on a block: element (i, j) of head `bh`
-    /// is kept with probability 1 - p, from a counter so backward replays it.
-    fn dropout_block(
-        p_mat: &mut [f32],
-        kn: usize,
-        t: usize,
-        r0: usize,
-        bh: usize,
-        p: f32,
-        seed: u64,
-    ) {
-        let scale = 1.0 / (1.0 - p);
-        for (i, row) in p_mat.chunks_mut(kn).enumerate() {
-            let base = ((bh * t + r0 + i) * t) as u64;
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = if uniform(seed, base + j as u64) >= p {
-                    *v * scale
-                } else {
-                    0.0
-                };
-            }
+    /// is element `(bh * t + i) * t + j` of the dropout stream, so backward
+    /// replays it.
+    fn dropout_block(p_mat: &mut [f32], blk: Block, t: usize, bh: usize, p: f32, seed: u64) {
+        for (i, row) in p_mat.chunks_mut(blk.kn()).enumerate() {
+            drop_in_place(row, p, seed, ((bh * t + blk.r0 + i) * t) as u64);
         }
     }
 
-    /// Forward causal GQA attention. `dropout = Some((p, seed))` drops
-    /// attention probabilities (GPT-2's `attn_pdrop`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn causal_attention_fwd(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        vis: Visibility,
-        sh: CausalShape,
-        scale: f32,
-        dropout: Option<(f32, u64)>,
-        out: &mut [f32],
-    ) {
-        let CausalShape {
-            b: _,
-            t,
-            heads,
-            kv_heads,
-            d,
-        } = sh;
-        let c = heads * d;
-        // Each (batch, head) task writes its own column block of `out`.
-        let optr = SyncPtr::new(out);
-        let bt = ATT_BLOCK.min(t);
-        (0..sh.b * heads).into_par_iter().for_each_init(
-            || (vec![0f32; bt * t], vec![0f32; t]),
-            |(s, m), bh| {
-                let (bi, h) = (bh / heads, bh % heads);
-                let kh = sh.kv_of(h);
-                let km = &vis.key_mask[bi * t..(bi + 1) * t];
-                let seg = vis.segments.map(|s| &s[bi * t..(bi + 1) * t]);
-                // SAFETY: this task writes only column block `h` of batch `bi`.
-                let o = unsafe { optr.slice() };
-                for r0 in (0..t).step_by(ATT_BLOCK) {
-                    let rows = ATT_BLOCK.min(t - r0);
-                    let kn = r0 + rows;
-                    let s = &mut s[..rows * kn];
-                    let qm = head_rows(q, t, heads, d, bi, h, r0, rows);
-                    let kmat = head_rows(k, t, kv_heads, d, bi, kh, 0, kn);
-                    let vmat = head_rows(v, t, kv_heads, d, bi, kh, 0, kn);
-                    matmul(s, kn, qm, kmat.t(), scale, false, Parallelism::None);
-                    causal_softmax_block(s, kn, r0, km, seg, m);
-                    if let Some((p, seed)) = dropout {
-                        dropout_block(s, kn, t, r0, bh, p, seed);
-                    }
-                    let off = bi * t * c + r0 * c + h * d;
-                    matmul(
-                        &mut o[off..],
-                        c,
-                        Mat::rm(s, rows, kn),
-                        vmat,
-                        1.0,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-            },
-        );
+    /// One causal attention call: the activations, which keys each query
+    /// sees, the shapes, the score scale and the dropout (`Some((p,
+    /// seed))`, GPT-2's `attn_pdrop`).
+    pub struct Call<'a> {
+        pub q: &'a [f32],
+        pub k: &'a [f32],
+        pub v: &'a [f32],
+        pub vis: Visibility<'a>,
+        pub sh: CausalShape,
+        pub scale: f32,
+        pub dropout: Option<(f32, u64)>,
     }
 
-    /// Backward of `causal_attention_fwd`, recomputing the probabilities block
-    /// by block. `dk`/`dv` are per *query* head (`[b, t, heads * d]`, zeroed by
-    /// the caller) so that tasks never share a buffer; `reduce_kv_heads` sums
-    /// them into the kv heads.
-    #[allow(clippy::too_many_arguments)]
-    pub fn causal_attention_bwd(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        vis: Visibility,
-        sh: CausalShape,
-        scale: f32,
-        dropout: Option<(f32, u64)>,
-        dout: &[f32],
-        dq: &mut [f32],
-        dk_per_head: &mut [f32],
-        dv_per_head: &mut [f32],
-    ) {
-        let CausalShape {
-            b: _,
-            t,
-            heads,
-            kv_heads,
-            d,
-        } = sh;
-        let c = heads * d;
-        let (dq_p, dk_p, dv_p) = (
-            SyncPtr::new(dq),
-            SyncPtr::new(dk_per_head),
-            SyncPtr::new(dv_per_head),
-        );
-        let bt = ATT_BLOCK.min(t);
-        (0..sh.b * heads).into_par_iter().for_each_init(
-            || {
-                (
-                    vec![0f32; bt * t],
-                    vec![0f32; bt * t],
-                    vec![0f32; bt * t],
-                    vec![0f32; t],
-                )
-            },
-            |(p, pd, dp, m), bh| {
-                let (bi, h) = (bh / heads, bh % heads);
-                let kh = sh.kv_of(h);
-                let km = &vis.key_mask[bi * t..(bi + 1) * t];
-                let seg = vis.segments.map(|s| &s[bi * t..(bi + 1) * t]);
-                // SAFETY: this task writes only column block `h` of batch `bi`
-                // of each of the three buffers (all laid out as q).
-                let (dqs, dks, dvs) = unsafe { (dq_p.slice(), dk_p.slice(), dv_p.slice()) };
-                let col = bi * t * c + h * d;
-                for r0 in (0..t).step_by(ATT_BLOCK) {
-                    let rows = ATT_BLOCK.min(t - r0);
-                    let kn = r0 + rows;
-                    let (p, pd, dp) = (
-                        &mut p[..rows * kn],
-                        &mut pd[..rows * kn],
-                        &mut dp[..rows * kn],
-                    );
-                    let qm = head_rows(q, t, heads, d, bi, h, r0, rows);
-                    let dom = head_rows(dout, t, heads, d, bi, h, r0, rows);
-                    let kmat = head_rows(k, t, kv_heads, d, bi, kh, 0, kn);
-                    let vmat = head_rows(v, t, kv_heads, d, bi, kh, 0, kn);
-                    matmul(p, kn, qm, kmat.t(), scale, false, Parallelism::None);
-                    causal_softmax_block(p, kn, r0, km, seg, m);
-                    // pd: the probabilities that multiplied V in forward.
-                    let pv: &[f32] = match dropout {
-                        Some((pr, seed)) => {
-                            pd.copy_from_slice(p);
-                            dropout_block(pd, kn, t, r0, bh, pr, seed);
-                            pd
+    impl Call<'_> {
+        /// Forward causal GQA attention into `out`.
+        pub fn forward(&self, out: &mut [f32]) {
+            let (q, k, v, vis) = (self.q, self.k, self.v, self.vis);
+            let (sh, scale, dropout) = (self.sh, self.scale, self.dropout);
+            let (t, heads) = (sh.t, sh.heads);
+            let (qh, kvh) = sh.layouts();
+            // Each (batch, head) task writes its own column block of `out`.
+            let optr = SyncPtr::new(out);
+            let bt = ATT_BLOCK.min(t);
+            (0..sh.b * heads).into_par_iter().for_each_init(
+                || (vec![0f32; bt * t], vec![0f32; t]),
+                |(s, m), bh| {
+                    let (bi, h) = (bh / heads, bh % heads);
+                    let kh = sh.kv_of(h);
+                    let vis = vis.batch(bi, t);
+                    // SAFETY: this task writes only column block `h` of batch `bi`.
+                    let o = unsafe { optr.slice() };
+                    for blk in blocks(t, 0) {
+                        let (rows, kn) = (blk.rows, blk.kn());
+                        let s = &mut s[..rows * kn];
+                        let qm = qh.rows(q, bi, h, blk.r0, rows);
+                        let kmat = kvh.rows(k, bi, kh, 0, kn);
+                        matmul(s, kn, qm, kmat.t(), scale, false, Parallelism::None);
+                        causal_softmax_block(s, blk, vis, m);
+                        if let Some((p, seed)) = dropout {
+                            dropout_block(s, blk, t, bh, p, seed);
                         }
-                        None => p,
-                    };
-                    // dV[0..kn] += Pd^T dO
-                    matmul(
-                        &mut dvs[col..],
-                        c,
-                        Mat::rm(pv, rows, kn).t(),
-                        dom,
-                        1.0,
-                        true,
-                        Parallelism::None,
-                    );
-                    // dPd = dO V^T
-                    matmul(dp, kn, dom, vmat.t(), 1.0, false, Parallelism::None);
-                    if let Some((pr, _)) = dropout {
-                        reuse_dropout_mask(dp, pv, pr);
+                        let vmat = kvh.rows(v, bi, kh, 0, kn);
+                        let o = &mut o[qh.offset(bi, h, blk.r0)..];
+                        matmul(
+                            o,
+                            qh.c(),
+                            Mat::rm(s, rows, kn),
+                            vmat,
+                            1.0,
+                            false,
+                            Parallelism::None,
+                        );
                     }
-                    // dS = P * (dP - rowsum(dP * P)) * scale
-                    for (pr, dr) in p.chunks(kn).zip(dp.chunks_mut(kn)) {
-                        let dot = dot_lanes(pr, dr);
-                        for j in 0..kn {
-                            dr[j] = pr[j] * (dr[j] - dot) * scale;
+                },
+            );
+        }
+
+        /// Backward of [`Call::forward`] given `dout`, recomputing the
+        /// probabilities block by block. `dk`/`dv` are per *query* head
+        /// (`[b, t, heads * d]`, zeroed by the caller) so that tasks never share a
+        /// buffer; `reduce_kv_heads` sums them into the kv heads.
+        pub fn backward(
+            &self,
+            dout: &[f32],
+            dq: &mut [f32],
+            dk_per_head: &mut [f32],
+            dv_per_head: &mut [f32],
+        ) {
+            let (q, k, v, vis) = (self.q, self.k, self.v, self.vis);
+            let (sh, scale, dropout) = (self.sh, self.scale, self.dropout);
+            let (t, heads) = (sh.t, sh.heads);
+            let (qh, kvh) = sh.layouts();
+            let c = qh.c();
+            let (dq_p, dk_p, dv_p) = (
+                SyncPtr::new(dq),
+                SyncPtr::new(dk_per_head),
+                SyncPtr::new(dv_per_head),
+            );
+            let bt = ATT_BLOCK.min(t);
+            (0..sh.b * heads).into_par_iter().for_each_init(
+                || {
+                    (
+                        vec![0f32; bt * t],
+                        vec![0f32; bt * t],
+                        vec![0f32; bt * t],
+                        vec![0f32; t],
+                    )
+                },
+                |(p, pd, dp, m), bh| {
+                    let (bi, h) = (bh / heads, bh % heads);
+                    let kh = sh.kv_of(h);
+                    let vis = vis.batch(bi, t);
+                    // SAFETY: this task writes only column block `h` of batch `bi`
+                    // of each of the three buffers (all laid out as q).
+                    let (dqs, dks, dvs) = unsafe { (dq_p.slice(), dk_p.slice(), dv_p.slice()) };
+                    let col = qh.offset(bi, h, 0);
+                    for blk in blocks(t, 0) {
+                        let (r0, rows, kn) = (blk.r0, blk.rows, blk.kn());
+                        let (p, pd, dp) = (
+                            &mut p[..rows * kn],
+                            &mut pd[..rows * kn],
+                            &mut dp[..rows * kn],
+                        );
+                        let qm = qh.rows(q, bi, h, r0, rows);
+                        let dom = qh.rows(dout, bi, h, r0, rows);
+                        let kmat = kvh.rows(k, bi, kh, 0, kn);
+                        let vmat = kvh.rows(v, bi, kh, 0, kn);
+                        matmul(p, kn, qm, kmat.t(), scale, false, Parallelism::None);
+                        causal_softmax_block(p, blk, vis, m);
+                        // pd: the probabilities that multiplied V in forward.
+                        let pv: &[f32] = match dropout {
+                            Some((pr, seed)) => {
+                                pd.copy_from_slice(p);
+                                dropout_block(pd, blk, t, bh, pr, seed);
+                                pd
+                            }
+                            None => p,
+                        };
+                        // dV[0..kn] += Pd^T dO
+                        let pvt = Mat::rm(pv, rows, kn).t();
+                        matmul(&mut dvs[col..], c, pvt, dom, 1.0, true, Parallelism::None);
+                        // dPd = dO V^T
+                        matmul(dp, kn, dom, vmat.t(), 1.0, false, Parallelism::None);
+                        if let Some((pr, _)) = dropout {
+                            reuse_dropout_mask(dp, pv, pr);
                         }
+                        // dS = P * (dP - rowsum(dP * P)) * scale
+                        for (pr, dr) in p.chunks(kn).zip(dp.chunks_mut(kn)) {
+                            let dot = dot_lanes(pr, dr);
+                            for j in 0..kn {
+                                dr[j] = pr[j] * (dr[j] - dot) * scale;
+                            }
+                        }
+                        // dQ[r0..] = dS K ; dK[0..kn] += dS^T Q
+                        let ds = Mat::rm(dp, rows, kn);
+                        let dqs = &mut dqs[col + r0 * c..];
+                        matmul(dqs, c, ds, kmat, 1.0, false, Parallelism::None);
+                        matmul(&mut dks[col..], c, ds.t(), qm, 1.0, true, Parallelism::None);
                     }
-                    // dQ[r0..] = dS K ; dK[0..kn] += dS^T Q
-                    matmul(
-                        &mut dqs[col + r0 * c..],
-                        c,
-                        Mat::rm(dp, rows, kn),
-                        kmat,
-                        1.0,
-                        false,
-                        Parallelism::None,
-                    );
-                    matmul(
-                        &mut dks[col..],
-                        c,
-                        Mat::rm(dp, rows, kn).t(),
-                        qm,
-                        1.0,
-                        true,
-                        Parallelism::None,
-                    );
-                }
-            },
-        );
+                },
+            );
+        }
     }
 
     /// Sum per-query-head gradients `[b, t, heads * d]` into the kv heads:
@@ -638,7 +564,7 @@ mod tests {
         check(
             &[q, k, v],
             &move |a| {
-                causal_attention_dropout(
+                causal_attention(
                     &a[0].t,
                     &a[1].t,
                     &a[2].t,
@@ -767,6 +693,7 @@ mod tests {
             kv,
             Arc::new(vec![1.0; t]),
             Some(segments),
+            None,
         )
         .unwrap();
         let mut start = 0;
@@ -781,6 +708,7 @@ mod tests {
                 kv,
                 Arc::new(vec![1.0; len]),
                 None,
+                None,
             )
             .unwrap();
             let diff = max_abs_diff(&flat(&part(&packed)), &flat(&alone));
@@ -794,22 +722,22 @@ mod tests {
         let q = randn(&[1, 3, 8], 1);
         let kv = randn(&[1, 3, 4], 2);
         let m = Arc::new(vec![1f32; 3]);
-        let e = causal_attention(&q, &kv, &kv, 3, 2, m.clone(), None)
+        let e = causal_attention(&q, &kv, &kv, 3, 2, m.clone(), None, None)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("3 query heads") && e.contains("2 kv heads"),
             "{e}"
         );
-        let e = causal_attention(&q, &kv, &kv, 4, 1, m.clone(), None)
+        let e = causal_attention(&q, &kv, &kv, 4, 1, m.clone(), None, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("[1, 3, 2]") && e.contains("[1, 3, 4]"), "{e}");
-        let e = causal_attention(&q, &kv, &kv, 4, 2, Arc::new(vec![1.0; 2]), None)
+        let e = causal_attention(&q, &kv, &kv, 4, 2, Arc::new(vec![1.0; 2]), None, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("key_mask has 2"), "{e}");
-        let e = causal_attention(&q, &kv, &kv, 4, 2, m, Some(Arc::new(vec![0; 4])))
+        let e = causal_attention(&q, &kv, &kv, 4, 2, m, Some(Arc::new(vec![0; 4])), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("segments has 4"), "{e}");

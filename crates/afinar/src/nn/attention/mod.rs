@@ -3,7 +3,7 @@
 //! per variant:
 //! - `bidirectional.rs`: [`attention`], BERT's: every query sees every key
 //!   that is not padding;
-//! - `causal.rs`: [`causal_attention`] / [`causal_attention_dropout`], the
+//! - `causal.rs`: [`causal_attention`], the
 //!   decoder's: causal, grouped-query heads, padding, packed-sequence
 //!   segments, GPT-2's attention dropout;
 //! - `cache.rs`: [`attention_with_cache`] / [`attention_with_cache_masked`],
@@ -22,8 +22,78 @@ mod cache;
 mod causal;
 
 pub use bidirectional::attention;
-pub use cache::{attention_with_cache, attention_with_cache_masked};
-pub use causal::{causal_attention, causal_attention_dropout};
+pub use cache::{attention_with_cache, attention_with_cache_masked, CacheShape};
+pub use causal::causal_attention;
+
+/// What the CPU kernels of the variants (and the cache's) share: views of
+/// one head of the activations, and the masked softmax of a row of scores.
+mod cpu {
+    use crate::nn::kernels::{fast_exp, sum_lanes, Mat};
+
+    /// The layout of q, k, v and the outputs: `[b, t, nh * d]` row-major,
+    /// the `nh` heads side by side (as the projections make them).
+    #[derive(Clone, Copy, Debug)]
+    pub struct Heads {
+        pub t: usize,
+        pub nh: usize,
+        pub d: usize,
+    }
+
+    impl Heads {
+        /// The width of a row (all heads).
+        pub fn c(&self) -> usize {
+            self.nh * self.d
+        }
+
+        /// Where row `r0` of head `h` of batch `bi` starts.
+        pub fn offset(&self, bi: usize, h: usize, r0: usize) -> usize {
+            let c = self.c();
+            bi * self.t * c + r0 * c + h * self.d
+        }
+
+        /// A `[rows, d]` view of head `h` of batch `bi`, from row `r0`.
+        pub fn rows<'a>(
+            &self,
+            x: &'a [f32],
+            bi: usize,
+            h: usize,
+            r0: usize,
+            rows: usize,
+        ) -> Mat<'a> {
+            Mat {
+                data: &x[self.offset(bi, h, r0)..],
+                rows,
+                cols: self.d,
+                rs: self.c() as isize,
+                cs: 1,
+            }
+        }
+    }
+
+    /// Softmax of one row of scores in place, over the keys whose `mask`
+    /// entry is 1.0 (0.0: not visible): a key not visible gets probability
+    /// exactly 0, and a row with no visible key becomes all 0. Multiplying
+    /// by the 0/1 mask keeps the loop branch-free.
+    pub fn masked_softmax(row: &mut [f32], mask: &[f32]) {
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..row.len() {
+            if mask[j] != 0.0 && row[j] > max {
+                max = row[j];
+            }
+        }
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        for (v, m) in row.iter_mut().zip(mask) {
+            *v = fast_exp(*v - max) * m;
+        }
+        let inv = 1.0 / sum_lanes(row);
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
 
 /// The CUDA entry of both trainable variants (kernels `attn_softmax_*`,
 /// `softmax_bwd_*` and `swap12_*` in `cuda_kernels.cu`).
