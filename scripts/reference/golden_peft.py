@@ -235,6 +235,43 @@ def dumps(obj):
 
 # --- independent re-implementation of the documented formulas ------------------------------------
 
+class PeftCase:
+    """What `peft_case` made: the PEFT model and what the fixture records about it."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def peft_case(base, cfg, inputs, out_dir):
+    """`base` wrapped by PEFT with `cfg`, its adapter weights perturbed (so that the adapter is not
+    the identity), saved with `save_pretrained` into `out_dir` (the model card removed): the
+    logits with the adapter on and off (off must equal `base`), the wrapped modules, the
+    modules_to_save wrappers and the trainable parameters."""
+    with torch.no_grad():
+        plain_logits = base(**inputs).logits
+    pm = get_peft_model(base, cfg)
+    perturbed = perturb(pm)
+    pm.eval()
+    wrapped = wrapped_modules(pm)
+    mts = sorted(n for n, m in pm.base_model.model.named_modules()
+                 if type(m).__name__ == "ModulesToSaveWrapper")
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        logits = pm(**inputs).logits
+        with pm.disable_adapter():
+            base_logits = pm(**inputs).logits
+    assert torch.equal(base_logits, plain_logits), "disable_adapter != base model"
+    assert (logits - base_logits).abs().max() > 1e-3, "adapter is (nearly) the identity"
+    pm.save_pretrained(out_dir)
+    card = out_dir / "README.md"
+    card_written = card.exists()
+    if card_written:
+        card.unlink()
+    return PeftCase(pm=pm, perturbed=perturbed, wrapped=wrapped, mts=mts, trainable=trainable,
+                    plain_logits=plain_logits, logits=logits, base_logits=base_logits,
+                    card_written=card_written)
+
+
 def pattern_value(pattern, key, default):
     """peft.utils.other.get_pattern_key: the first p (dict order) with re.match(rf"(.*\\.)?({p})$", key)."""
     for p, v in pattern.items():
@@ -314,29 +351,10 @@ def run_case(case, spec, minilm_dir):
         f.unlink()
 
     base = load_base(model_dir, head, name_or_path)
-    with torch.no_grad():
-        plain_logits = base(**inputs).logits
     cfg_cls = LoraConfig if spec["method"] == "lora" else IA3Config
-    cfg = cfg_cls(**spec["config"])
-    pm = get_peft_model(base, cfg)
-    perturbed = perturb(pm)
-    pm.eval()
-    wrapped = wrapped_modules(pm)
-    mts = sorted(n for n, m in pm.base_model.model.named_modules()
-                 if type(m).__name__ == "ModulesToSaveWrapper")
-    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
-    with torch.no_grad():
-        logits = pm(**inputs).logits
-        with pm.disable_adapter():
-            base_logits = pm(**inputs).logits
-    assert torch.equal(base_logits, plain_logits), "disable_adapter != base model"
-    assert (logits - base_logits).abs().max() > 1e-3, "adapter is (nearly) the identity"
-
-    pm.save_pretrained(out_dir)
-    card = out_dir / "README.md"
-    card_written = card.exists()
-    if card_written:
-        card.unlink()
+    c = peft_case(base, cfg_cls(**spec["config"]), inputs, out_dir)
+    pm, perturbed, wrapped, mts, trainable = c.pm, c.perturbed, c.wrapped, c.mts, c.trainable
+    logits, base_logits, card_written = c.logits, c.base_logits, c.card_written
     adapter_file = out_dir / "adapter_model.safetensors"
     header = safetensors_header(adapter_file)
     adapter_config_text = (out_dir / "adapter_config.json").read_text()

@@ -74,8 +74,8 @@ import tokenizers
 import torch
 import transformers
 from golden_decoders import perturb as perturb_base
-from golden_peft import dumps, perturb as perturb_adapter, safetensors_header, wrapped_modules
-from peft import LoraConfig, PeftModel, get_peft_model
+from golden_peft import dumps, peft_case, safetensors_header
+from peft import LoraConfig, PeftModel
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, GPT2Config,
                           GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification)
 
@@ -284,29 +284,11 @@ def run_peft():
 
     base = load_llama_base()
     base_score = base.score.weight.detach().clone()
-    with torch.no_grad():
-        plain_logits = base(**inputs).logits
-    assert torch.allclose(plain_logits, g["logits"], atol=1e-6)
     cfg = LoraConfig(**PEFT_ARGS)
-    pm = get_peft_model(base, cfg)
-    perturbed = perturb_adapter(pm)
-    pm.eval()
-    wrapped = wrapped_modules(pm)
-    mts = sorted(n for n, m in pm.base_model.model.named_modules()
-                 if type(m).__name__ == "ModulesToSaveWrapper")
-    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
-    with torch.no_grad():
-        logits = pm(**inputs).logits
-        with pm.disable_adapter():
-            base_logits = pm(**inputs).logits
-    assert torch.equal(base_logits, plain_logits), "disable_adapter != base model"
-    assert (logits - base_logits).abs().max() > 1e-3, "adapter is (nearly) the identity"
-
-    pm.save_pretrained(out_dir)
-    card = out_dir / "README.md"
-    card_written = card.exists()
-    if card_written:
-        card.unlink()
+    c = peft_case(base, cfg, inputs, out_dir)
+    assert torch.allclose(c.plain_logits, g["logits"], atol=1e-6)
+    pm, perturbed, wrapped, mts, trainable = c.pm, c.perturbed, c.wrapped, c.mts, c.trainable
+    logits, base_logits, card_written = c.logits, c.base_logits, c.card_written
     header = safetensors_header(out_dir / "adapter_model.safetensors")
     adapter_config = json.loads((out_dir / "adapter_config.json").read_text())
 

@@ -3,6 +3,9 @@
 //! export with the same outputs, export the PEFT folder, and bad adapter
 //! configs fail before any weight loads.
 
+mod common;
+
+use common::train_out;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -62,7 +65,7 @@ fn adapter_runs_predict_the_same_unmerged_and_merged() {
         let d = tempfile::tempdir().unwrap();
         let cfg = config(d.path(), adapter);
         let run = d.path().join("run");
-        let o = afinar(&["train".as_ref(), cfg.as_os_str(), "--out".as_ref(), run.as_os_str()]);
+        let o = train_out(&cfg, &run, &[]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{name}: {err}");
         assert!(err.contains("trainable%"), "{name}: no trainable line");
@@ -123,12 +126,7 @@ fn bad_adapter_configs_fail_naming_the_problem() {
         let d = tempfile::tempdir().unwrap();
         let cfg = config(d.path(), adapter);
         let run = d.path().join("run");
-        let o = afinar(&[
-            "train".as_ref(),
-            cfg.as_os_str(),
-            "--out".as_ref(),
-            run.as_os_str(),
-        ]);
+        let o = train_out(&cfg, &run, &[]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
             !o.status.success() && err.contains(want),

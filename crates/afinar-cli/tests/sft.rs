@@ -5,6 +5,9 @@
 //! CAUSAL_LM adapter) that `afinar generate` loads, and bad SFT configs fail
 //! before any weight loads.
 
+mod common;
+
+use common::train_out;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -154,12 +157,7 @@ fn prompt_tuning_trains_saves_and_generates() {
             ),
         );
         let run = d.path().join("run");
-        let o = afinar(&[
-            "train".as_ref(),
-            cfg.as_os_str(),
-            "--out".as_ref(),
-            run.as_os_str(),
-        ]);
+        let o = train_out(&cfg, &run, &[]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{init}: {err}");
         assert!(
@@ -207,14 +205,7 @@ fn bad_sft_configs_fail_naming_the_problem() {
         let d = tempfile::tempdir().unwrap();
         let cfg = config(d.path(), "llama-tiny", "");
         let run = d.path().join("run");
-        let o = afinar(&[
-            "train".as_ref(),
-            cfg.as_os_str(),
-            "--set".as_ref(),
-            set.as_ref(),
-            "--out".as_ref(),
-            run.as_os_str(),
-        ]);
+        let o = train_out(&cfg, &run, &[set]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want), "{set}: {err}");
         assert!(!run.join("model").exists());
@@ -229,14 +220,11 @@ fn bad_sft_configs_fail_naming_the_problem() {
     )
     .unwrap();
     let cfg = config(d.path(), "llama-tiny", "");
-    let o = afinar(&[
-        "train".as_ref(),
-        cfg.as_os_str(),
-        "--set".as_ref(),
-        format!("data.train={:?}", data.display().to_string()).as_ref(),
-        "--out".as_ref(),
-        d.path().join("run").as_os_str(),
-    ]);
+    let o = train_out(
+        &cfg,
+        &d.path().join("run"),
+        &[&format!("data.train={:?}", data.display().to_string())],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("robot") && err.contains(":2"),
@@ -344,14 +332,11 @@ fn bad_decoder_inputs_fail_clearly() {
     );
     std::fs::write(&cfg, text).unwrap();
     let run = d.path().join("run");
-    let o = afinar(&[
-        "train".as_ref(),
-        cfg.as_os_str(),
-        "--set".as_ref(),
-        format!("data.train={:?}", data.display().to_string()).as_ref(),
-        "--out".as_ref(),
-        run.as_os_str(),
-    ]);
+    let o = train_out(
+        &cfg,
+        &run,
+        &[&format!("data.train={:?}", data.display().to_string())],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         o.status.code() == Some(1) && err.contains("assistant") && err.contains("rows.jsonl"),
@@ -382,12 +367,7 @@ fn sft_test_rows_from_a_file() {
     );
     std::fs::write(&cfg, text).unwrap();
     let run = d.path().join("run");
-    let o = afinar(&[
-        "train".as_ref(),
-        cfg.as_os_str(),
-        "--out".as_ref(),
-        run.as_os_str(),
-    ]);
+    let o = train_out(&cfg, &run, &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(

@@ -5,44 +5,16 @@
 
 mod common;
 
+use common::{fixtures, rel_err};
+
 use afinar::heads::{head_patterns, HeadConfig, Pooling, SequenceModel, Targets, TaskKind};
 use afinar::hub::checkpoint::Checkpoint;
 use afinar::models::load::{load_params, read_config};
 use afinar::models::{check_unused, layout, other_heads, Body, Family, Inputs};
 use afinar::optim::{AdamW, AdamWConfig};
 use afinar::params::{FreezeRules, Preset, Selector};
-use candle_core::{DType, Tensor};
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// max |a - b| / max |b|, with an absolute floor of 1e-6 / tol so that
-/// tensors that are zero in exact arithmetic (a key bias's gradient: softmax
-/// ignores a per-row constant) compare by absolute error.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
-    let b = b.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
-    assert_eq!(a.dims(), b.dims());
-    let diff = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap()
-        .max(1e-3);
-    diff / scale
-}
+use candle_core::Tensor;
+use std::path::PathBuf;
 
 struct Golden(Checkpoint);
 
@@ -71,16 +43,7 @@ impl Golden {
 }
 
 fn inputs(g: &Golden) -> Inputs {
-    let ids = g.ids("input_ids");
-    let (b, t) = g.0.load("input_ids").unwrap().dims2().unwrap();
-    let mask: Vec<f32> = g
-        .ids("attention_mask")
-        .into_iter()
-        .map(|m| m as f32)
-        .collect();
-    Inputs::new(ids, mask, b, t)
-        .and_then(|x| x.with_type_ids(g.ids("token_type_ids")))
-        .unwrap()
+    common::golden_inputs(&g.0)
 }
 
 fn build(

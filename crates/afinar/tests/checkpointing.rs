@@ -4,6 +4,10 @@
 //! recomputation replays the same dropout masks). Full fine-tuning and LoRA,
 //! on the tiny BERT, Llama and GPT-2 fixtures.
 
+mod common;
+
+use common::{fixtures, rel_err_floor};
+
 use afinar::adapters::{linear_modules, AdapterConfig};
 use afinar::heads::{CausalLm, HeadConfig, Pooling, SequenceModel, TaskKind};
 use afinar::models::load::{load_params, read_config};
@@ -12,31 +16,6 @@ use afinar::nn::DropoutRng;
 use afinar::params::{ParamStore, Selector};
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap();
-    let s = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap()
-        .max(1e-6);
-    d / s
-}
 
 fn lora(store: &mut ParamStore, targets: &[&str], keep: &[&str]) {
     let mut cfg = AdapterConfig::lora(targets, 4, 8.0);
@@ -59,7 +38,7 @@ fn compare(what: &str, run: &dyn Fn(bool) -> (f32, Vec<(String, Tensor)>)) {
     assert_eq!(g0.len(), g1.len());
     assert!(!g0.is_empty());
     for ((n, a), (_, b)) in g0.iter().zip(&g1) {
-        let e = max_rel(b, a);
+        let e = rel_err_floor(b, a, 1e-6);
         assert!(
             e < 1e-5,
             "{what}: gradient of {n} differs with checkpointing (rel {e})"

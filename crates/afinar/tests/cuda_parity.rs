@@ -9,6 +9,10 @@
 //! - LoRA SFT on llama-tiny: the same loss curve on both devices.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::{fixtures, golden_grads, rel_err};
+
 use afinar::heads::CausalLm;
 use afinar::hub::checkpoint::Checkpoint;
 use afinar::models::gpt2::is_conv1d;
@@ -25,54 +29,12 @@ fn gpu() -> Device {
     Device::new_cuda(0).expect("cuda_parity needs a CUDA device")
 }
 
-/// The fixtures folder (AFINAR_FIXTURES where the test binary was carried to another machine).
-fn fixtures() -> PathBuf {
-    match std::env::var_os("AFINAR_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"),
-    }
-}
-
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n)
         .map(|i| (afinar::nn::dropout::uniform(seed, i as u64) - 0.5) * 2.0)
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-/// max |a - b| / max(max |b|, 1e-3), both brought to the CPU in f32.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let b = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let a = a.flatten_all().unwrap();
-    let b = b.flatten_all().unwrap();
-    assert_eq!(a.dims(), b.dims());
-    let diff = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap()
-        .max(1e-3);
-    diff / scale
 }
 
 /// cos(a, b) of two flattened tensors.
@@ -362,20 +324,7 @@ fn golden_on_gpu(case: &str, dtype: DType) {
     loss.backward().unwrap();
     let mut checked = 0;
     let mut worst = (1f32, String::new());
-    for name in g.names() {
-        let Some(p) = name.strip_prefix("grad.") else {
-            continue;
-        };
-        let want = g.load_f32(&name).unwrap();
-        let want = if is_conv1d(p) {
-            want.t().unwrap().contiguous().unwrap()
-        } else {
-            want
-        };
-        let got = store
-            .grad(p)
-            .unwrap()
-            .unwrap_or_else(|| panic!("{case} cuda: no gradient for {p}"));
+    for (p, got, want) in golden_grads(&g, &store, &format!("{case} cuda")) {
         if f32 {
             let e = rel_err(&got, &want);
             assert!(e < 1e-3, "{case} cuda: gradient of {p}: rel err {e}");

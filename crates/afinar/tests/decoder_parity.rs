@@ -4,51 +4,17 @@
 //! `scripts/reference/golden_decoders.py`. Logits within 1e-4, gradients
 //! within 1e-3 relative.
 
+mod common;
+
+use common::{fixtures, golden_grads, i64s, rel_err};
+
 use afinar::heads::CausalLm;
 use afinar::hub::checkpoint::Checkpoint;
-use afinar::models::gpt2::is_conv1d;
 use afinar::models::load::{load_params, read_config};
 use afinar::models::{check_unused, load_model, other_heads, Inputs, LoadOpts, ModelConfig};
 use afinar::params::Selector;
-use candle_core::{DType, Tensor};
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// max |a - b| / max(|b|, 1e-3).
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
-    let b = b.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
-    assert_eq!(a.dims(), b.dims());
-    let diff = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap()
-        .max(1e-3);
-    diff / scale
-}
-
-fn i64s(g: &Checkpoint, n: &str) -> Vec<i64> {
-    g.load(n)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-}
+use candle_core::Tensor;
+use std::path::PathBuf;
 
 fn check(case: &str) {
     let dir = fixtures().join(case);
@@ -85,31 +51,7 @@ fn check(case: &str) {
     assert!(n > 0);
 
     loss.backward().unwrap();
-    let mut checked = 0;
-    for name in g.names() {
-        let Some(p) = name.strip_prefix("grad.") else {
-            continue;
-        };
-        let want = g.load_f32(&name).unwrap();
-        // GPT-2's Conv1D weights are [in, out] in the checkpoint, [out, in] in afinar.
-        let want = if is_conv1d(p) {
-            want.t().unwrap().contiguous().unwrap()
-        } else {
-            want
-        };
-        let got = store
-            .grad(p)
-            .unwrap()
-            .unwrap_or_else(|| panic!("{case}: no gradient for {p}"));
-        let e = rel_err(&got, &want);
-        assert!(e < 1e-3, "{case}: gradient of {p}: rel err {e}");
-        checked += 1;
-    }
-    let trainable = store.trainable().len();
-    assert_eq!(
-        checked, trainable,
-        "{case}: every trainable tensor has a golden gradient"
-    );
+    assert_golden_grads(&g, &store, case, 1e-3);
 }
 
 #[test]

@@ -5,54 +5,16 @@
 
 mod common;
 
+use common::{fixtures, golden_inputs as inputs, max_abs as max_diff};
+
 use afinar::adapters::{merged_state, peft, AdapterConfig, Ia3Config, Targeting, Targets};
 use afinar::heads::{HeadConfig, Pooling, SequenceModel, TaskKind};
 use afinar::hub::checkpoint::Checkpoint;
 use afinar::models::load::{load_params, read_config};
-use afinar::models::Inputs;
 use afinar::params::{ParamStore, Selector};
-use candle_core::{DType, Tensor};
-use std::path::{Path, PathBuf};
+use candle_core::Tensor;
+use std::path::Path;
 use std::sync::atomic::Ordering;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap()
-}
-
-fn inputs(g: &Checkpoint) -> Inputs {
-    let ids = |n: &str| -> Vec<u32> {
-        g.load(n)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|v| v as u32)
-            .collect()
-    };
-    let (b, t) = g.load("input_ids").unwrap().dims2().unwrap();
-    let mask = ids("attention_mask")
-        .into_iter()
-        .map(|m| m as f32)
-        .collect();
-    Inputs::new(ids("input_ids"), mask, b, t)
-        .and_then(|x| x.with_type_ids(ids("token_type_ids")))
-        .unwrap()
-}
 
 /// The tiny base with the classifier of the bert-tiny golden file.
 fn base_store(model_dir: &Path, classifier: (Tensor, Tensor)) -> ParamStore {

@@ -10,73 +10,14 @@
 
 mod common;
 
+use common::{fixtures, golden_grads, golden_inputs as inputs, max_abs, rel_err};
+
 use afinar::heads::{HeadConfig, Pooling, SequenceModel, Targets, TaskKind};
 use afinar::hub::checkpoint::Checkpoint;
 use afinar::models::load::{load_params, read_config};
-use afinar::models::{check_unused, gpt2::is_conv1d, other_heads, Inputs};
+use afinar::models::{check_unused, other_heads};
 use afinar::params::Selector;
-use candle_core::{DType, Tensor};
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// max |a - b| / max(|b|, 1e-3).
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
-    let b = b.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
-    assert_eq!(a.dims(), b.dims());
-    let diff = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap()
-        .max(1e-3);
-    diff / scale
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_vec0::<f32>()
-        .unwrap()
-}
-
-/// The golden batch: ids, padding mask (as afinar's inputs).
-fn inputs(g: &Checkpoint) -> Inputs {
-    let (b, t) = g.load("input_ids").unwrap().dims2().unwrap();
-    let flat = |n: &str| -> Vec<i64> {
-        g.load(n)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<i64>()
-            .unwrap()
-    };
-    let ids = flat("input_ids").into_iter().map(|v| v as u32).collect();
-    let mask = flat("attention_mask")
-        .into_iter()
-        .map(|v| v as f32)
-        .collect();
-    Inputs::new(ids, mask, b, t).unwrap()
-}
+use candle_core::Tensor;
 
 /// Logits, loss and every gradient of a tiny decoder classifier / regressor
 /// trained fully (every parameter trainable, eval mode: no dropout).
@@ -121,31 +62,7 @@ fn check(case: &str, task: TaskKind) {
         "{case}: loss {got} vs {want}"
     );
     loss.backward().unwrap();
-    let mut checked = 0;
-    for name in g.names() {
-        let Some(p) = name.strip_prefix("grad.") else {
-            continue;
-        };
-        let want = g.load_f32(&name).unwrap();
-        // GPT-2's Conv1D weights are [in, out] in the checkpoint, [out, in] in afinar.
-        let want = if is_conv1d(p) {
-            want.t().unwrap().contiguous().unwrap()
-        } else {
-            want
-        };
-        let got = store
-            .grad(p)
-            .unwrap()
-            .unwrap_or_else(|| panic!("{case}: no gradient for {p}"));
-        let e = rel_err(&got, &want);
-        assert!(e < 1e-3, "{case}: gradient of {p}: rel err {e}");
-        checked += 1;
-    }
-    assert_eq!(
-        checked,
-        store.trainable().len(),
-        "{case}: every trainable tensor has a golden gradient"
-    );
+    assert_golden_grads(&g, &store, case, 1e-3);
 }
 
 #[test]

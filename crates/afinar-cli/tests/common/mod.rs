@@ -10,21 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The fetched asset `name` (real weights or data, `afinar fetch`). When it
-/// is not in the cache: `None` after a note on stderr (the test skips),
-/// except under CI (`CI` set, non-empty), where the test fails naming the
-/// asset and how to fetch it. The one place this crate's tests decide that.
-pub fn real_asset(name: &str) -> Option<PathBuf> {
-    let e = match afinar::hub::assets::resolve_asset_path(name) {
-        Ok(p) => return Some(p),
-        Err(e) => e,
-    };
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("{e}\n(CI is set: a missing real asset fails the test; `afinar fetch` fetches them all)");
-    }
-    eprintln!("skipped: {e}");
-    None
-}
+/// The fetched asset `name`, or a skip (a failure under CI): the rule in
+/// `afinar::hub::assets::testing`.
+#[allow(unused_imports)]
+pub use afinar::hub::assets::testing::real_asset;
 
 /// The tiny random BERT checkpoint (config, weights, tokenizer) and its data.
 pub fn fixture() -> PathBuf {
@@ -328,4 +317,15 @@ pub fn tensors(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, V
         .into_iter()
         .map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec())))
         .collect()
+}
+
+/// `afinar train CFG [--set S]... --out RUN`: its raw output, for the caller
+/// to read the status and stderr.
+pub fn train_out(cfg: &Path, run: &Path, sets: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_afinar"));
+    cmd.arg("train").arg(cfg);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd.arg("--out").arg(run).output().expect("spawn afinar")
 }

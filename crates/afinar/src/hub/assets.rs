@@ -585,13 +585,14 @@ fn pip_download_with(python: &str, a: &Asset, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The rule for unit tests that need a real asset, in one place (each
-/// integration test crate has its own in `tests/common`): an asset that is
-/// not fetched skips the test with a note, except under CI (`CI` set to
-/// anything non-empty), where it fails the test naming the asset and how to
-/// fetch it: a CI run must not pass without having run its real-asset tests.
-#[cfg(test)]
-pub(crate) mod testing {
+/// The rule for tests that need a real asset, in one place (the unit tests,
+/// and the integration tests of this crate and the CLI through
+/// `tests/common`): an asset that is not fetched skips the test with a note,
+/// except under CI (`CI` set to anything non-empty), where it fails the test
+/// naming the asset and how to fetch it: a CI run must not pass without
+/// having run its real-asset tests.
+#[doc(hidden)]
+pub mod testing {
     use super::*;
 
     /// `what` is missing: `None` after a note on stderr, or a panic under CI.
