@@ -1663,6 +1663,10 @@ fn config_keys_that_conflict() {
         ),
         (&["train.threads=0"], &["`train.threads`: must be > 0"]),
         (
+            &["adapter.type=\"lora\"", "adapter.target_modules=[\"query\"]", "adapter.num_virtual_tokens=4"],
+            &["tiny.toml", "`num_virtual_tokens` is not an option of a lora adapter"],
+        ),
+        (
             &["train.warmup_steps=5", "train.warmup_ratio=0.1"],
             &["`train.warmup_steps`: conflicts with `train.warmup_ratio` = 0.1: give one of them"],
         ),

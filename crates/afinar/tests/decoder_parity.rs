@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{fixtures, golden_grads, i64s, rel_err};
+use common::{assert_golden_grads, fixtures, i64s, rel_err};
 
 use afinar::heads::CausalLm;
 use afinar::hub::checkpoint::Checkpoint;

@@ -249,29 +249,54 @@ struct RawAdapter {
 }
 
 impl RawAdapter {
-    /// The keys given that `kind` does not take.
+    /// The keys given that `kind` does not take. A key of another method
+    /// holding the default that afinar before typed adapter configs wrote
+    /// for it (every key, every method: `r = 8`, `feedforward_modules = []`,
+    /// `num_virtual_tokens = 0`, ...) is not counted, so the `config.toml` of
+    /// an older run folder still loads; any other value is refused.
     fn foreign_keys(&self, kind: AdapterType) -> Vec<&'static str> {
+        fn set<T: PartialEq>(v: &Option<T>, old_default: T) -> bool {
+            v.as_ref().is_some_and(|v| *v != old_default)
+        }
+        fn listed<T>(v: &Option<Vec<T>>) -> bool {
+            v.as_ref().is_some_and(|v| !v.is_empty())
+        }
         let lora_only = [
-            ("r", self.r.is_some()),
-            ("lora_alpha", self.lora_alpha.is_some()),
-            ("lora_dropout", self.lora_dropout.is_some()),
-            ("rank_pattern", self.rank_pattern.is_some()),
-            ("alpha_pattern", self.alpha_pattern.is_some()),
-            ("use_rslora", self.use_rslora.is_some()),
-            ("use_dora", self.use_dora.is_some()),
-            ("init_lora_weights", self.init_lora_weights.is_some()),
+            ("r", set(&self.r, 8)),
+            ("lora_alpha", set(&self.lora_alpha, 8.0)),
+            ("lora_dropout", set(&self.lora_dropout, 0.0)),
+            (
+                "rank_pattern",
+                self.rank_pattern.as_ref().is_some_and(|p| !p.is_empty()),
+            ),
+            (
+                "alpha_pattern",
+                self.alpha_pattern.as_ref().is_some_and(|p| !p.is_empty()),
+            ),
+            ("use_rslora", set(&self.use_rslora, false)),
+            ("use_dora", set(&self.use_dora, false)),
+            (
+                "init_lora_weights",
+                set(&self.init_lora_weights, InitLoraWeights::default()),
+            ),
         ];
         let targeting = [
-            ("target_modules", self.target_modules.is_some()),
-            ("exclude_modules", self.exclude_modules.is_some()),
+            (
+                "target_modules",
+                set(&self.target_modules, Targets::List(vec![])),
+            ),
+            ("exclude_modules", listed(&self.exclude_modules)),
             ("layers_to_transform", self.layers_to_transform.is_some()),
-            ("modules_to_save", self.modules_to_save.is_some()),
-            ("allow_unmatched", self.allow_unmatched.is_some()),
+            ("modules_to_save", listed(&self.modules_to_save)),
+            ("allow_unmatched", set(&self.allow_unmatched, false)),
         ];
-        let ia3_only = [("feedforward_modules", self.feedforward_modules.is_some())];
+        let ia3_only = [("feedforward_modules", listed(&self.feedforward_modules))];
         let prompt_only = [
-            ("num_virtual_tokens", self.num_virtual_tokens.is_some()),
-            ("prompt_tuning_init", self.prompt_tuning_init.is_some()),
+            ("num_virtual_tokens", set(&self.num_virtual_tokens, 0)),
+            (
+                "prompt_tuning_init",
+                set(&self.prompt_tuning_init, PromptTuningInit::default()),
+            ),
             (
                 "prompt_tuning_init_text",
                 self.prompt_tuning_init_text.is_some(),

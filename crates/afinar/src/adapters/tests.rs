@@ -233,3 +233,86 @@ fn quantized_weights_count_list_and_save_as_f32() {
     sq.make_trainable("m.weight").unwrap();
     assert!(!sq.is_quantized("m.weight") && sq.trainable().iter().any(|(n, _)| n == "m.weight"));
 }
+
+/// The `[adapter]` of a run folder written before typed adapter configs:
+/// every key of every method, the others at their defaults (this is what
+/// `configs/smollm2-sarcasm-lora.toml` became in its run's `config.toml`).
+const OLD_RUN_ADAPTER: &str = r#"
+r = 8
+lora_alpha = 8.0
+lora_dropout = 0.0
+target_modules = []
+exclude_modules = []
+use_rslora = false
+use_dora = false
+init_lora_weights = "kaiming"
+modules_to_save = []
+feedforward_modules = []
+allow_unmatched = false
+num_virtual_tokens = 0
+prompt_tuning_init = "random"
+
+[rank_pattern]
+
+[alpha_pattern]
+"#;
+
+#[test]
+fn an_older_run_config_loads_and_foreign_values_are_refused() {
+    let adapter = |kind: &str, changes: &[(&str, &str)]| {
+        let mut text = format!("type = \"{kind}\"\n{OLD_RUN_ADAPTER}");
+        for (from, to) in changes {
+            assert!(text.contains(from), "{from}");
+            text = text.replacen(from, to, 1);
+        }
+        toml::from_str::<AdapterConfig>(&text).map_err(|e| e.to_string())
+    };
+    let lora = adapter(
+        "lora",
+        &[
+            ("lora_alpha = 8.0", "lora_alpha = 16.0"),
+            (
+                "target_modules = []",
+                "target_modules = [\"q_proj\", \"v_proj\"]",
+            ),
+        ],
+    );
+    assert!(
+        matches!(lora, Ok(AdapterConfig::Lora(ref l)) if l.lora_alpha == 16.0 && l.r == 8),
+        "{lora:?}"
+    );
+    assert!(matches!(adapter("ia3", &[]), Ok(AdapterConfig::Ia3(_))));
+    assert!(matches!(
+        adapter("prompt_tuning", &[]),
+        Ok(AdapterConfig::PromptTuning(_))
+    ));
+    // A value another method would use is still refused, naming the key.
+    for (kind, from, to, key) in [
+        (
+            "lora",
+            "num_virtual_tokens = 0",
+            "num_virtual_tokens = 4",
+            "num_virtual_tokens",
+        ),
+        (
+            "lora",
+            "feedforward_modules = []",
+            "feedforward_modules = [\"fc\"]",
+            "feedforward_modules",
+        ),
+        ("ia3", "r = 8", "r = 4", "r"),
+        ("ia3", "use_dora = false", "use_dora = true", "use_dora"),
+        (
+            "prompt_tuning",
+            "target_modules = []",
+            "target_modules = [\"q\"]",
+            "target_modules",
+        ),
+    ] {
+        let e = adapter(kind, &[(from, to)]).unwrap_err();
+        assert!(
+            e.contains(&format!("`{key}` is not an option of")),
+            "{kind}: {e}"
+        );
+    }
+}

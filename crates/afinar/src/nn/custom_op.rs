@@ -112,100 +112,44 @@ pub(crate) fn with_last_dim(dims: &[usize], n: usize, what: &str) -> CResult<Sha
 /// An [`Op`] as candle sees it.
 struct Node<T>(T);
 
-// The three impls below are the whole of candle's per-arity boilerplate:
-// each hands its arguments over to `Op` as arrays.
-
-impl<T: Op<1>> CustomOp1 for Node<T> {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Fwd {
-        self.0.cpu_fwd([Input { s, l }])
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        self.0.cuda_fwd([(s, l)])
-    }
-    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let [dx] = self.0.bwd([x], res, grad)?;
-        Ok(dx)
-    }
+/// candle's `CustomOp1/2/3` for [`Node`], one per arity: each hands its
+/// arguments over to [`Op`] as arrays (`$s`, `$l`: storage and layout of
+/// each input; `$x`: the input tensors, `$d` their gradients).
+macro_rules! node_impl {
+    ($trait:ident, $n:literal, $grads:ty, $($s:ident $l:ident $x:ident $d:ident),+) => {
+        impl<T: Op<$n>> $trait for Node<T> {
+            fn name(&self) -> &'static str {
+                self.0.name()
+            }
+            fn cpu_fwd(&self, $($s: &CpuStorage, $l: &Layout),+) -> Fwd {
+                self.0.cpu_fwd([$(Input { s: $s, l: $l }),+])
+            }
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                $($s: &candle_core::CudaStorage, $l: &Layout),+
+            ) -> CResult<(candle_core::CudaStorage, Shape)> {
+                self.0.cuda_fwd([$(($s, $l)),+])
+            }
+            #[allow(unused_parens)]
+            fn bwd(&self, $($x: &Tensor,)+ res: &Tensor, grad: &Tensor) -> CResult<$grads> {
+                let [$($d),+] = self.0.bwd([$($x),+], res, grad)?;
+                Ok(($($d),+))
+            }
+        }
+    };
 }
 
-impl<T: Op<2>> CustomOp2 for Node<T> {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Fwd {
-        self.0
-            .cpu_fwd([Input { s: s1, l: l1 }, Input { s: s2, l: l2 }])
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        self.0.cuda_fwd([(s1, l1), (s2, l2)])
-    }
-    fn bwd(
-        &self,
-        x1: &Tensor,
-        x2: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let [d1, d2] = self.0.bwd([x1, x2], res, grad)?;
-        Ok((d1, d2))
-    }
-}
-
-impl<T: Op<3>> CustomOp3 for Node<T> {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Fwd {
-        let xs = [(s1, l1), (s2, l2), (s3, l3)];
-        self.0.cpu_fwd(xs.map(|(s, l)| Input { s, l }))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
-        self.0.cuda_fwd([(s1, l1), (s2, l2), (s3, l3)])
-    }
-    fn bwd(
-        &self,
-        x1: &Tensor,
-        x2: &Tensor,
-        x3: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [d1, d2, d3] = self.0.bwd([x1, x2, x3], res, grad)?;
-        Ok((d1, d2, d3))
-    }
-}
+node_impl!(CustomOp1, 1, Option<Tensor>, s l x dx);
+node_impl!(CustomOp2, 2, (Option<Tensor>, Option<Tensor>), s1 l1 x1 d1, s2 l2 x2 d2);
+node_impl!(
+    CustomOp3,
+    3,
+    (Option<Tensor>, Option<Tensor>, Option<Tensor>),
+    s1 l1 x1 d1,
+    s2 l2 x2 d2,
+    s3 l3 x3 d3
+);
 
 /// An [`Op`] as one node of candle's graph over its inputs as they are
 /// (candle's `apply_op{1,2,3}_arc`, by the number of inputs).
