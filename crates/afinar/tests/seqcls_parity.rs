@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{assert_golden_grads, fixtures, golden_inputs as inputs, max_abs, rel_err};
+use common::{assert_golden_grads, fixtures, golden_inputs as inputs, max_abs};
 
 use afinar::heads::{HeadConfig, Pooling, SequenceModel, Targets, TaskKind};
 use afinar::hub::checkpoint::Checkpoint;
