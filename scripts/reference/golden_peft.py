@@ -241,6 +241,20 @@ class PeftCase:
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
+    def saved_meta(self, adapter_config, header):
+        """What PEFT saved and wrapped, as golden.json records it (its keys, in order)."""
+        return {
+            "adapter_config": adapter_config,
+            "adapter_config_json": "json.dumps(asdict(config), indent=2, sort_keys=True), no "
+                                   "trailing newline; sets written as lists in set-iteration order",
+            "adapter_model_safetensors": header,
+            "peft_also_writes": "README.md (model card), deleted here" if self.card_written else None,
+            "wrapped_modules": self.wrapped,
+            "modules_to_save_wrappers": self.mts,
+            "trainable_parameters": self.trainable,
+            "perturbed_parameters": self.perturbed,
+        }
+
 
 def peft_case(base, cfg, inputs, out_dir):
     """`base` wrapped by PEFT with `cfg`, its adapter weights perturbed (so that the adapter is not
@@ -410,15 +424,7 @@ def run_case(case, spec, minilm_dir):
         "base_classifier": "base.classifier.weight / base.classifier.bias in golden.safetensors",
         "eval": "eval mode, hidden/attention/classifier dropout 0.0, eager attention, f32",
         "peft_config_args": {"class": cfg_cls.__name__, **spec["config"]},
-        "adapter_config": adapter_config,
-        "adapter_config_json": "json.dumps(asdict(config), indent=2, sort_keys=True), no trailing "
-                               "newline; sets written as lists in set-iteration order",
-        "adapter_model_safetensors": header,
-        "peft_also_writes": "README.md (model card), deleted here" if card_written else None,
-        "wrapped_modules": wrapped,
-        "modules_to_save_wrappers": mts,
-        "trainable_parameters": trainable,
-        "perturbed_parameters": perturbed,
+        **c.saved_meta(adapter_config, header),
         "perturbation": f"torch.manual_seed({PERTURB_SEED}); in named_parameters order: lora_A/B = "
                         "0.1*randn_like; lora_magnitude_vector *= 1 + 0.1*randn_like; ia3_l = "
                         "1 + 0.1*randn_like; modules_to_save copy += 0.1*randn_like",

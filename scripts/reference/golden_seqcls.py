@@ -332,15 +332,7 @@ def run_peft():
                            "golden.safetensors",
         "eval": "eval mode, attention dropout 0.0, eager attention, f32",
         "peft_config_args": {"class": "LoraConfig", **PEFT_ARGS},
-        "adapter_config": adapter_config,
-        "adapter_config_json": "json.dumps(asdict(config), indent=2, sort_keys=True), no trailing "
-                               "newline; sets written as lists in set-iteration order",
-        "adapter_model_safetensors": header,
-        "peft_also_writes": "README.md (model card), deleted here" if card_written else None,
-        "wrapped_modules": wrapped,
-        "modules_to_save_wrappers": mts,
-        "trainable_parameters": trainable,
-        "perturbed_parameters": perturbed,
+        **c.saved_meta(adapter_config, header),
         "perturbation": "torch.manual_seed(0); in named_parameters order: lora_A/B = "
                         "0.1*randn_like; modules_to_save copy += 0.1*randn_like",
         "texts": f"the 3-row batch of {PEFT_BASE}/golden.safetensors",
