@@ -255,6 +255,16 @@ class PeftCase:
             "perturbed_parameters": self.perturbed,
         }
 
+    def merged(self, inputs):
+        """`merge_and_unload`: the merged model, its logits and their max abs difference to the
+        adapter's (at most 1e-5)."""
+        merged_model = self.pm.merge_and_unload().eval()
+        with torch.no_grad():
+            merged_logits = merged_model(**inputs).logits
+        merged_diff = (merged_logits - self.logits).abs().max().item()
+        assert merged_diff <= 1e-5, merged_diff
+        return merged_model, merged_logits, merged_diff
+
 
 def peft_case(base, cfg, inputs, out_dir):
     """`base` wrapped by PEFT with `cfg`, its adapter weights perturbed (so that the adapter is not
@@ -389,11 +399,7 @@ def run_case(case, spec, minilm_dir):
         if "scaling" in row:
             assert math.isclose(man_scalings[row["module"]], row["scaling"]), row
 
-    merged_model = pm.merge_and_unload().eval()
-    with torch.no_grad():
-        merged_logits = merged_model(**inputs).logits
-    merged_diff = (merged_logits - logits).abs().max().item()
-    assert merged_diff <= 1e-5, merged_diff
+    merged_model, merged_logits, merged_diff = c.merged(inputs)
 
     out = dict(inputs)
     out["base.classifier.weight"] = head["weight"]
