@@ -32,14 +32,26 @@ def run(cmd):
     return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
 
 
-def cpu_name():
+def cpu():
+    """The CPU's model name and the SIMD flags that decide speed (a ratio on one does not hold on
+    another)."""
+    name, flags = platform.processor(), set()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor()
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile") if f in flags]
+    return name, simd
+
+
+def cpu_name():
+    """The CPU as a table names it: model and SIMD flags."""
+    name, simd = cpu()
+    return f"{name} ({', '.join(simd) or 'no AVX'})"
 
 
 def main():

@@ -20,32 +20,13 @@ Needs only Python 3 (no PyTorch). Not a test: nothing here asserts a time.
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(cmd):
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
-
-
-def cpu():
-    name, flags = platform.processor(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile") if f in flags]
-    return name, simd
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from w1 import ROOT, cpu, cpu_name, run  # noqa: E402
 
 
 def main():
@@ -72,7 +53,7 @@ def main():
     name, simd = cpu()
     lines = [
         f"### W1 before / after, {datetime.date.today()}",
-        f"{name} ({', '.join(simd) or 'no AVX'}), {a.threads} threads, {a.rounds} interleaved rounds x {a.steps} steps;",
+        f"{cpu_name()}, {a.threads} threads, {a.rounds} interleaved rounds x {a.steps} steps;",
         f"before = `{a.before}`, after = `{a.after}`",
         "",
         "| mode | before step (s) | after step (s) | time after/before | step range before | step range after | before peak RSS (MB) | after peak RSS (MB) | RSS after/before |",

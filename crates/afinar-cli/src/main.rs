@@ -534,14 +534,10 @@ fn cmd_eval(run: &Path, load: &afinar::runs::LoadOptions, data: Option<&Path>) -
             )
         }
         None => {
-            let Some(plan) = rm.plan.as_ref() else {
-                // A run folder whose config does not load says why.
-                let config = run.join("config.toml");
-                if config.is_file() {
-                    Plan::load(&config, &[])?;
-                }
-                bail!("give --data FILE to evaluate a model folder");
-            };
+            let plan = rm
+                .plan
+                .as_ref()
+                .context("give --data FILE to evaluate a model folder")?;
             let s = classify::load_splits(plan)?;
             s.test
                 .context("the run's config has no test split: give --data FILE")?

@@ -72,8 +72,7 @@ pub fn load_run_with(path: &Path, opts: &LoadOptions) -> Result<RunModel> {
         None
     };
     if let Some(ad) = adapter_dir {
-        let plan = Plan::load(&path.join("config.toml"), &[]).ok();
-        return load_adapter_run(&ad, plan);
+        return load_adapter_run(&ad, run_plan(path)?);
     }
     load_merged(path)
 }
@@ -298,10 +297,19 @@ fn config_labels(raw: &serde_json::Value, file: &Path) -> Result<LabelMap> {
     LabelMap::from_config(pairs.into_iter().map(|p| p.1).collect())
 }
 
+/// The config a run folder saved (`None` for a folder without one); one
+/// that does not load is an error naming the file, key and line.
+fn run_plan(path: &Path) -> Result<Option<Plan>> {
+    let config = path.join("config.toml");
+    config
+        .is_file()
+        .then(|| Plan::load(&config, &[]))
+        .transpose()
+}
+
 fn load_merged(path: &Path) -> Result<RunModel> {
     let (dir, plan) = if path.join("model").join("config.json").is_file() {
-        let plan = Plan::load(&path.join("config.toml"), &[]).ok();
-        (path.join("model"), plan)
+        (path.join("model"), run_plan(path)?)
     } else {
         (path.to_path_buf(), None)
     };
