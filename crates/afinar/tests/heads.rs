@@ -5,15 +5,14 @@
 //! (offsets shared by every sequence get exactly zero: a difference of
 //! scores cancels them).
 
+mod common;
+
+use common::fixtures;
+
 use afinar::heads::{HeadConfig, Pooling, SequenceModel, Targets, TaskKind};
 use afinar::models::load::{load_params, read_config};
 use afinar::models::{check_unused, other_heads, Inputs};
 use afinar::params::Selector;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 #[test]
 fn a_scalar_head_scores_sequences_on_every_body() {

@@ -21,8 +21,8 @@ use candle_core::Tensor;
 /// own loops with `f` and `df` inlined.
 struct Elementwise<F, D> {
     name: &'static str,
-    /// The activation's name in errors.
-    what: &'static str,
+    /// Its input and gradient as errors name them.
+    names: [&'static str; 2],
     f: F,
     df: D,
 }
@@ -36,17 +36,13 @@ where
         self.name
     }
     fn cpu_fwd(&self, [x]: [Input; 1]) -> Fwd {
-        let xv = x.f32s(self.what)?;
+        let xv = x.f32s(self.names[0])?;
         let mut y = vec![0f32; xv.len()];
         map_elems(xv, &mut y, &self.f);
         output(y, x.shape())
     }
     fn bwd(&self, [x]: [&Tensor; 1], _res: &Tensor, grad: &Tensor) -> Grads<1> {
-        let (input, grad_of) = (
-            format!("{} input", self.what),
-            format!("{} grad", self.what),
-        );
-        let dx = with_f32s([x, grad], [input.as_str(), &grad_of], |[xv, g]| {
+        let dx = with_f32s([x, grad], self.names, |[xv, g]| {
             let mut dx = vec![0f32; xv.len()];
             map_grad(xv, g, &mut dx, &self.df);
             tensor(dx, x.shape())
@@ -63,7 +59,7 @@ pub fn gelu(x: &Tensor) -> CResult<Tensor> {
     }
     let op = Elementwise {
         name: "afinar-gelu",
-        what: "gelu",
+        names: ["gelu input", "gelu grad"],
         f: cpu::gelu,
         df: cpu::gelu_grad,
     };
@@ -79,7 +75,7 @@ pub fn gelu_tanh(x: &Tensor) -> CResult<Tensor> {
     }
     let op = Elementwise {
         name: "afinar-gelu-tanh",
-        what: "gelu_tanh",
+        names: ["gelu_tanh input", "gelu_tanh grad"],
         f: cpu::gelu_tanh,
         df: cpu::gelu_tanh_grad,
     };

@@ -133,6 +133,23 @@ mod tests {
     fn embedding_grads_match_finite_differences() {
         let x = randn(&[4, 6], 4);
         let ids = Tensor::new(&[1u32, 3, 0, 1], &Device::Cpu).unwrap();
-        check_grads(&[x], &|w| embedding(&w[0], &ids, Some(2)).unwrap(), 2e-2);
+        check_grads(&[x], &|w| embedding(&w[0], &ids, None).unwrap(), 2e-2);
+    }
+
+    /// The padding row is looked up (forward) but gets no gradient, as
+    /// torch's `padding_idx`; the other rows looked up get theirs.
+    #[test]
+    fn the_padding_row_gets_no_gradient() {
+        let w = crate::nn::Weight::trainable(&randn(&[4, 6], 4)).unwrap();
+        let ids = Tensor::new(&[1u32, 2, 0, 2], &Device::Cpu).unwrap();
+        let y = embedding(&w, &ids, Some(2)).unwrap();
+        let r = randn(y.dims(), 5);
+        let _ = (y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = w.grad_tensor().unwrap().unwrap().to_vec2::<f32>().unwrap();
+        assert!(g[2].iter().all(|v| *v == 0.0), "padding row: {:?}", g[2]);
+        for row in [0, 1] {
+            assert!(g[row].iter().any(|v| *v != 0.0), "row {row}: {:?}", g[row]);
+        }
+        assert!(g[3].iter().all(|v| *v == 0.0), "row 3 is not looked up");
     }
 }

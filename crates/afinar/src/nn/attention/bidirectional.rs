@@ -248,23 +248,27 @@ mod cpu {
                     let (vm, dom) = (hs.rows(v, bi, hi, 0, t), hs.rows(dout, bi, hi, 0, t));
                     let mask = &key_mask[bi * t..(bi + 1) * t];
                     probs(p, qm, km, mask, scale);
-                    // pd = dropped probabilities (what multiplied V in forward).
-                    pd.copy_from_slice(p);
-                    if let Some((pr, seed)) = dropout {
-                        drop_in_place(pd, pr, seed, (bh * t * t) as u64);
-                    }
+                    // pv: the probabilities that multiplied V in forward.
+                    let pv: &[f32] = match dropout {
+                        Some((pr, seed)) => {
+                            pd.copy_from_slice(p);
+                            drop_in_place(pd, pr, seed, (bh * t * t) as u64);
+                            pd
+                        }
+                        None => p,
+                    };
                     let off = hs.offset(bi, hi, 0);
                     // SAFETY: disjoint column blocks per (batch, head), as in forward.
                     let (dqs, dks, dvs) =
                         unsafe { (ptrs.0.slice(), ptrs.1.slice(), ptrs.2.slice()) };
-                    // dV = Pd^T dO
-                    let pdt = Mat::rm(pd, t, t).t();
-                    matmul(&mut dvs[off..], c, pdt, dom, 1.0, false, Parallelism::None);
-                    // dPd = dO V^T
+                    // dV = Pv^T dO
+                    let pvt = Mat::rm(pv, t, t).t();
+                    matmul(&mut dvs[off..], c, pvt, dom, 1.0, false, Parallelism::None);
+                    // dPv = dO V^T
                     matmul(dp, t, dom, vm.t(), 1.0, false, Parallelism::None);
                     if let Some((pr, _)) = dropout {
-                        // d(P) = d(Pd) * mask / (1 - p)
-                        reuse_dropout_mask(dp, pd, pr);
+                        // d(P) = d(Pv) * mask / (1 - p)
+                        reuse_dropout_mask(dp, pv, pr);
                     }
                     // dS = P * (dP - rowsum(dP * P)), times the score scale.
                     for i in 0..t {
