@@ -138,12 +138,23 @@ pub(crate) mod cpu {
 
     /// out[i] = keep(i) ? x[i] / (1 - p) : 0.
     pub fn apply_mask(x: &[f32], p: f32, seed: u64, out: &mut [f32]) {
+        masked(x, p, seed, out, |o, v| *o = v);
+    }
+
+    /// [`apply_mask`] added into `out` (a gradient that has other terms).
+    pub fn apply_mask_add(x: &[f32], p: f32, seed: u64, out: &mut [f32]) {
+        masked(x, p, seed, out, |o, v| *o += v);
+    }
+
+    /// Element i of `x` dropped as stream element i, given to `put` with
+    /// element i of `out`.
+    fn masked(x: &[f32], p: f32, seed: u64, out: &mut [f32], put: impl Fn(&mut f32, f32) + Sync) {
         let scale = 1.0 / (1.0 - p);
         out.par_chunks_mut(4096).enumerate().for_each(|(c, oc)| {
             let base = c * 4096;
             for (j, o) in oc.iter_mut().enumerate() {
                 let i = base + j;
-                *o = drop_one(x[i], p, scale, seed, i as u64);
+                put(o, drop_one(x[i], p, scale, seed, i as u64));
             }
         });
     }

@@ -23,7 +23,6 @@ use crate::hub::gguf::QTensor;
 use crate::nn::{self, DropoutRng, Weight};
 use crate::Result;
 use candle_core::Tensor;
-use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -377,15 +376,7 @@ impl Op<3> for LoraLinearOp {
                 ),
                 Some((p, seed)) => {
                     let dl = cpu::g_w(&gh, av, r, in_f, par);
-                    let mut dld = vec![0f32; n * in_f];
-                    super::dropout::cpu::apply_mask(&dl, p, seed, &mut dld);
-                    dx.par_chunks_mut(4096)
-                        .zip(dld.par_chunks(4096))
-                        .for_each(|(d, l)| {
-                            for (d, l) in d.iter_mut().zip(l) {
-                                *d += l;
-                            }
-                        });
+                    super::dropout::cpu::apply_mask_add(&dl, p, seed, &mut dx);
                 }
             }
             Ok(Some(tensor(dx, x.shape())?))
