@@ -83,7 +83,15 @@ pub fn cached_attention(
         vc.extend_from_slice(&cache.1[r]);
     }
     let mut out = vec![0f32; b * tn * heads * d];
-    nn::attention_with_cache(&qf, &kc, &vc, b, tn, t_total, heads, kv_heads, d, &mut out);
+    let sh = nn::CacheShape {
+        b,
+        t_new: tn,
+        t_total,
+        heads,
+        kv_heads,
+        d,
+    };
+    nn::attention_with_cache(&qf, &kc, &vc, None, sh, &mut out);
     let out = Tensor::from_vec(out, (b, tn, heads * d), &Device::Cpu)?;
     Ok(out.to_device(q.device())?.to_dtype(q.dtype())?)
 }

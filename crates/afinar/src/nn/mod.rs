@@ -40,9 +40,7 @@ pub mod scale;
 mod testing;
 
 pub use activation::{gelu, gelu_tanh, silu_mul};
-pub use attention::{
-    attention, attention_with_cache, attention_with_cache_masked, causal_attention, CacheShape,
-};
+pub use attention::{attention, attention_with_cache, causal_attention, CacheShape};
 pub use dropout::{dropout, DropoutRng};
 pub use embedding::embedding;
 pub use graph::{checkpoint, LayerFn};

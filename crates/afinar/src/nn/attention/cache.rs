@@ -27,35 +27,10 @@ pub struct CacheShape {
 /// Causal attention of `t_new` new queries against a KV cache, for
 /// generation (no autograd): `q` is `[b, t_new, heads * d]` for positions
 /// `t_total - t_new .. t_total`, the caches `[b, t_total, kv_heads * d]`,
-/// `out` as `q`. Scale 1/sqrt(d); no padding (see
-/// [`attention_with_cache_masked`]).
-#[allow(clippy::too_many_arguments)]
+/// `out` as `q`. Scale 1/sqrt(d). `key_mask` `[b * t_total]` (0.0 =
+/// padding, e.g. left-padded prompts of a batch), or None: every key
+/// visible. A query with no visible key gets 0.
 pub fn attention_with_cache(
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    b: usize,
-    t_new: usize,
-    t_total: usize,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
-    out: &mut [f32],
-) {
-    let sh = CacheShape {
-        b,
-        t_new,
-        t_total,
-        heads,
-        kv_heads,
-        d,
-    };
-    attention_with_cache_masked(q, k_cache, v_cache, None, sh, out)
-}
-
-/// [`attention_with_cache`] with a key mask `[b * t_total]` (0.0 = padding,
-/// e.g. left-padded prompts of a batch). A query with no visible key gets 0.
-pub fn attention_with_cache_masked(
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
@@ -182,19 +157,16 @@ mod tests {
             for t_new in [1, 2, t] {
                 let qn = flat(&q.narrow(1, t - t_new, t_new).unwrap());
                 let mut out = vec![0f32; qn.len()];
-                if masked {
-                    let sh = CacheShape {
-                        b,
-                        t_new,
-                        t_total: t,
-                        heads,
-                        kv_heads: kv,
-                        d,
-                    };
-                    attention_with_cache_masked(&qn, &kf, &vf, Some(&key_mask), sh, &mut out);
-                } else {
-                    attention_with_cache(&qn, &kf, &vf, b, t_new, t, heads, kv, d, &mut out);
-                }
+                let sh = CacheShape {
+                    b,
+                    t_new,
+                    t_total: t,
+                    heads,
+                    kv_heads: kv,
+                    d,
+                };
+                let m = masked.then_some(key_mask.as_slice());
+                attention_with_cache(&qn, &kf, &vf, m, sh, &mut out);
                 let want = flat(&full.narrow(1, t - t_new, t_new).unwrap());
                 let diff = max_abs_diff(&out, &want);
                 assert!(diff < 1e-6, "t_new {t_new}, masked {masked}: diff {diff}");

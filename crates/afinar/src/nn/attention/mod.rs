@@ -6,7 +6,7 @@
 //! - `causal.rs`: [`causal_attention`], the
 //!   decoder's: causal, grouped-query heads, padding, packed-sequence
 //!   segments, GPT-2's attention dropout;
-//! - `cache.rs`: [`attention_with_cache`] / [`attention_with_cache_masked`],
+//! - `cache.rs`: [`attention_with_cache`],
 //!   new queries against a KV cache, for generation (no autograd).
 //!
 //! On the CPU each variant has its own kernel (BERT's scores are `T x T` per
@@ -22,7 +22,7 @@ mod cache;
 mod causal;
 
 pub use bidirectional::attention;
-pub use cache::{attention_with_cache, attention_with_cache_masked, CacheShape};
+pub use cache::{attention_with_cache, CacheShape};
 pub use causal::causal_attention;
 
 /// What the CPU kernels of the variants (and the cache's) share: views of
