@@ -434,10 +434,8 @@ impl<'a> Trainer<'a> {
             metrics: m,
             best: improved,
         });
-        let stop = !improved
-            && t.early_stopping
-                .as_ref()
-                .is_some_and(|es| st.bad_evals >= es.patience);
+        let stop = self.early_stopped();
+        let st = &self.state;
         if stop {
             on(Event::Info(format!(
                 "early stopping at step {}: no improvement of {sel} in {} evaluations",
@@ -466,6 +464,16 @@ impl<'a> Trainer<'a> {
     /// Whether the current step's checkpoint is written already.
     pub fn saved_now(&self) -> bool {
         self.last_saved == Some(self.state.step)
+    }
+
+    /// Early stopping has ended the run: the last evaluation made
+    /// `patience` in a row without improvement. Part of the saved state, so
+    /// a run killed after that evaluation's checkpoint stops again on resume.
+    pub fn early_stopped(&self) -> bool {
+        let t = &self.plan.config.train;
+        t.early_stopping
+            .as_ref()
+            .is_some_and(|es| self.state.bad_evals >= es.patience)
     }
 
     /// Whether a checkpoint is due after this step: every `save_every`
@@ -685,8 +693,9 @@ pub fn run_loop(
         tr.record_validation(m, &save_best, on)
     };
 
-    let (mut interrupted, mut stopped_early) = (false, false);
-    'outer: while !tr.done() {
+    // A resumed run whose last evaluation stopped it goes straight to the end.
+    let (mut interrupted, mut stopped_early) = (false, tr.early_stopped());
+    'outer: while !stopped_early && !tr.done() {
         let order = EpochOrder::new(train_len, plan.config.seeds.data, tr.state.epoch as u64);
         let micro: Vec<&[usize]> = order.batches(t.batch_size)?.collect();
         let groups: Vec<&[&[usize]]> = micro.chunks(t.grad_accum).collect();

@@ -207,6 +207,21 @@ fn early_stopping_ends_a_run_that_stops_improving() {
         "best at the first evaluation, then 2 without"
     );
     assert_eq!(r.best_step, Some(8));
+    // Killed after the stopping evaluation's checkpoint, before its last
+    // write (results.json): the resumed run stops there again.
+    let log = log_without_times(d.path());
+    std::fs::remove_file(d.path().join("results.json")).unwrap();
+    let st = store();
+    let obj = Toy::new(&st);
+    let r = train(&p, &st, &obj, &opts(d.path(), true)).unwrap();
+    assert_eq!(r.resumed_from, Some(24), "{r:?}");
+    assert!(r.stopped_early && r.steps == 24, "{r:?}");
+    assert_eq!(r.best_step, Some(8));
+    assert_eq!(
+        log_without_times(d.path()),
+        log,
+        "metrics.jsonl after resume"
+    );
 }
 
 #[test]
