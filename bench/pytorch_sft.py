@@ -1,6 +1,8 @@
 """PyTorch + PEFT side of bench/sft.py: one LoRA SFT step of a decoder LM
 (LoRA r=8 on q_proj/v_proj, batch B x seq T, loss on every token, f32, SDPA
-attention), the same ids as crates/afinar/examples/sft_step.rs. Prints one JSON line.
+attention), the same ids as crates/afinar/examples/sft_step.rs; the step computes the global grad
+norm (as afinar's does) and runs AdamW(fused=True), PyTorch's fastest path. Prints one JSON line;
+base_rss_mb is the RSS once torch, transformers and PEFT are imported, before the model loads.
 
 On a GPU: --device cuda --dtype bf16 loads the model in bf16 (PEFT keeps the
 LoRA weights in f32) and runs the step under torch.autocast(bfloat16), which
@@ -18,6 +20,14 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 
+def rss_mb():
+    """The resident set now (VmRSS), MB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -29,13 +39,15 @@ def main():
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     ap.add_argument("--profile", action="store_true", help="print the GPU kernel times of one more step")
     a = ap.parse_args()
+    base_rss = rss_mb()
     torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa").to(a.device)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, fused=True)
     vocab = model.config.vocab_size
     x, ids = 12345, []
     for _ in range(a.batch * a.seq):
@@ -49,7 +61,7 @@ def main():
         with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1e9)
+        torch.nn.utils.get_total_norm([p.grad for p in trainable])
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
@@ -74,7 +86,7 @@ def main():
     med = sorted(times)[len(times) // 2]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"impl": "pytorch", "median_s": med, "steps": times,
-                      "tokens_per_s": a.batch * a.seq / med, "peak_rss_mb": rss,
+                      "tokens_per_s": a.batch * a.seq / med, "peak_rss_mb": rss, "base_rss_mb": base_rss,
                       "threads": a.threads, "batch": a.batch, "seq": a.seq, "device": a.device,
                       "dtype": a.dtype,
                       "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0,

@@ -22,9 +22,10 @@ use std::time::Instant;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
-use common::{arg, peak_rss_mb};
+use common::{arg, peak_rss_mb, rss_mb};
 
 fn main() -> afinar::Result<()> {
+    let base_rss = rss_mb();
     let args: Vec<String> = std::env::args().collect();
     let model_path = std::path::PathBuf::from(arg(&args, "--model", ""));
     let b: usize = arg(&args, "--batch", "2").parse().unwrap();
@@ -124,7 +125,7 @@ fn main() -> afinar::Result<()> {
     println!(
         "{}",
         serde_json::json!({"impl": "afinar", "median_s": median, "steps": times,
-            "tokens_per_s": (b * t) as f64 / median, "peak_rss_mb": peak_rss_mb(), "threads": threads,
+            "tokens_per_s": (b * t) as f64 / median, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss, "simd": afinar::nn::simd::level().name(), "threads": threads,
             "batch": b, "seq": t, "device": format!("{device:?}"), "dtype": format!("{dtype:?}"),
             "gpu_used_mb_at_end": gpu_used_mb()})
     );

@@ -18,9 +18,10 @@ use std::time::Instant;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
-use common::{arg, peak_rss_mb};
+use common::{arg, peak_rss_mb, rss_mb};
 
 fn main() -> afinar::Result<()> {
+    let base_rss = rss_mb();
     let args: Vec<String> = std::env::args().collect();
     let mode = arg(&args, "--mode", "full");
     // "full-ckpt", "lora-ckpt": the same with activation checkpointing per layer.
@@ -116,7 +117,7 @@ fn main() -> afinar::Result<()> {
     let median = sorted[sorted.len() / 2];
     println!(
         "{}",
-        serde_json::json!({"impl": "afinar", "mode": mode, "median_s": median, "steps": times, "peak_rss_mb": peak_rss_mb(), "threads": threads})
+        serde_json::json!({"impl": "afinar", "mode": mode, "median_s": median, "steps": times, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss, "threads": threads, "simd": afinar::nn::simd::level().name()})
     );
     Ok(())
 }

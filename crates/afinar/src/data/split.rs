@@ -15,6 +15,7 @@
 use crate::{Error, Result};
 
 /// One splitmix64 output step for state `x` (all arithmetic wrapping).
+#[inline(always)]
 pub fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -131,6 +131,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
 /// the GELUs are `kernels::map_elems` / `map_grad`), and SwiGLU's loops.
 mod cpu {
     use crate::nn::kernels::{fast_exp, ELEM_CHUNK};
+    use crate::nn::simd;
     use rayon::prelude::*;
 
     // ------------------------------------------------------------ GELU (erf)
@@ -138,7 +139,7 @@ mod cpu {
     /// erf(z) for z >= 0 and exp(-z^2), by Abramowitz & Stegun 7.1.26
     /// (|error| <= 1.5e-7): one exp shared with GELU's derivative, where libm's
     /// erff was a tenth of a training step.
-    #[inline]
+    #[inline(always)]
     fn erf_pos_and_gauss(z: f32) -> (f32, f32) {
         const P: f32 = 0.327_591_1;
         const A: [f32; 5] = [
@@ -155,7 +156,7 @@ mod cpu {
     }
 
     /// Φ(x) (the standard normal CDF) and φ(x) (its density).
-    #[inline]
+    #[inline(always)]
     fn normal_cdf_pdf(x: f32) -> (f32, f32) {
         let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
         let (e, g) = erf_pos_and_gauss(z);
@@ -164,12 +165,12 @@ mod cpu {
     }
 
     /// Exact GELU: x Φ(x) (`hidden_act = "gelu"`, not the tanh approximation).
-    #[inline]
+    #[inline(always)]
     pub fn gelu(x: f32) -> f32 {
         x * normal_cdf_pdf(x).0
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn gelu_grad(x: f32) -> f32 {
         // d/dx [x Φ(x)] = Φ(x) + x φ(x)
         let (cdf, pdf) = normal_cdf_pdf(x);
@@ -189,13 +190,13 @@ mod cpu {
     }
 
     /// GPT-2's `gelu_new`: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-    #[inline]
+    #[inline(always)]
     pub fn gelu_tanh(x: f32) -> f32 {
         let t = tanh_fast(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
         0.5 * x * (1.0 + t)
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn gelu_tanh_grad(x: f32) -> f32 {
         let x2 = x * x;
         let t = tanh_fast(SQRT_2_OVER_PI * x * (1.0 + GELU_C * x2));
@@ -214,9 +215,14 @@ mod cpu {
         out.par_chunks_mut(ELEM_CHUNK)
             .zip(g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK)))
             .for_each(|(o, (g, u))| {
-                for i in 0..o.len() {
-                    o[i] = g[i] * sigmoid(g[i]) * u[i];
-                }
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        for i in 0..o.len() {
+                            o[i] = g[i] * sigmoid(g[i]) * u[i];
+                        }
+                    },
+                )
             });
     }
 
@@ -234,10 +240,15 @@ mod cpu {
                 .for_each(|(c, o)| {
                     let b = c * ELEM_CHUNK;
                     let (g, u, dy) = (&g[b..b + o.len()], &u[b..b + o.len()], &dy[b..b + o.len()]);
-                    for i in 0..o.len() {
-                        let s = sigmoid(g[i]);
-                        o[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    }
+                    simd::run(
+                        #[inline(always)]
+                        || {
+                            for i in 0..o.len() {
+                                let s = sigmoid(g[i]);
+                                o[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                            }
+                        },
+                    )
                 });
         }
         if let Some(du) = du {
@@ -246,9 +257,14 @@ mod cpu {
                 .for_each(|(c, o)| {
                     let b = c * ELEM_CHUNK;
                     let (g, dy) = (&g[b..b + o.len()], &dy[b..b + o.len()]);
-                    for i in 0..o.len() {
-                        o[i] = dy[i] * g[i] * sigmoid(g[i]);
-                    }
+                    simd::run(
+                        #[inline(always)]
+                        || {
+                            for i in 0..o.len() {
+                                o[i] = dy[i] * g[i] * sigmoid(g[i]);
+                            }
+                        },
+                    )
                 });
         }
     }

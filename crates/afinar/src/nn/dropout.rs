@@ -12,6 +12,7 @@
 //! split).
 
 use super::custom_op::{apply, cerr, output, tensor, with_f32, CResult, Fwd, Grads, Input, Op};
+use super::simd;
 use crate::data::splitmix64;
 use candle_core::Tensor;
 use std::cell::Cell;
@@ -50,7 +51,7 @@ impl DropoutRng {
 
 /// A counter-based uniform in [0, 1): the mask of element `i` under `seed`
 /// is a pure function, so backward regenerates it instead of storing it.
-#[inline]
+#[inline(always)]
 pub fn uniform(seed: u64, i: u64) -> f32 {
     // Element i of the SplitMix64 stream seeded at `seed`: one mix per element.
     let z = splitmix64(seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
@@ -59,7 +60,7 @@ pub fn uniform(seed: u64, i: u64) -> f32 {
 
 /// `v` dropped as element `i` of the stream under `seed`: `v * scale` (=
 /// `v / (1 - p)`) if kept, else 0.
-#[inline]
+#[inline(always)]
 fn drop_one(v: f32, p: f32, scale: f32, seed: u64, i: u64) -> f32 {
     if uniform(seed, i) >= p {
         v * scale
@@ -72,9 +73,14 @@ fn drop_one(v: f32, p: f32, scale: f32, seed: u64, i: u64) -> f32 {
 /// stream (the attention kernels drop their probabilities by blocks).
 pub(crate) fn drop_in_place(xs: &mut [f32], p: f32, seed: u64, first: u64) {
     let scale = 1.0 / (1.0 - p);
-    for (j, v) in xs.iter_mut().enumerate() {
-        *v = drop_one(*v, p, scale, seed, first + j as u64);
-    }
+    simd::run(
+        #[inline(always)]
+        || {
+            for (j, v) in xs.iter_mut().enumerate() {
+                *v = drop_one(*v, p, scale, seed, first + j as u64);
+            }
+        },
+    )
 }
 
 /// The backward's second use of a dropout mask, without hashing again:
@@ -84,9 +90,14 @@ pub(crate) fn drop_in_place(xs: &mut [f32], p: f32, seed: u64, first: u64) {
 /// the element was kept.
 pub(crate) fn reuse_dropout_mask(dp: &mut [f32], pd: &[f32], p: f32) {
     let scale = 1.0 / (1.0 - p);
-    for (d, &k) in dp.iter_mut().zip(pd) {
-        *d = if k != 0.0 { *d * scale } else { 0.0 };
-    }
+    simd::run(
+        #[inline(always)]
+        || {
+            for (d, &k) in dp.iter_mut().zip(pd) {
+                *d = if k != 0.0 { *d * scale } else { 0.0 };
+            }
+        },
+    )
 }
 
 // ------------------------------------------------------------------ the op
@@ -134,6 +145,7 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> CResult<Tensor> {
 /// The CPU kernel.
 pub(crate) mod cpu {
     use super::drop_one;
+    use crate::nn::simd;
     use rayon::prelude::*;
 
     /// out[i] = keep(i) ? x[i] / (1 - p) : 0.
@@ -152,10 +164,15 @@ pub(crate) mod cpu {
         let scale = 1.0 / (1.0 - p);
         out.par_chunks_mut(4096).enumerate().for_each(|(c, oc)| {
             let base = c * 4096;
-            for (j, o) in oc.iter_mut().enumerate() {
-                let i = base + j;
-                put(o, drop_one(x[i], p, scale, seed, i as u64));
-            }
+            simd::run(
+                #[inline(always)]
+                || {
+                    for (j, o) in oc.iter_mut().enumerate() {
+                        let i = base + j;
+                        put(o, drop_one(x[i], p, scale, seed, i as u64));
+                    }
+                },
+            )
         });
     }
 }

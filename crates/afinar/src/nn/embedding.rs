@@ -6,6 +6,7 @@
 //! table's gradient in f32.
 
 use super::custom_op::{apply, cerr, output, with_f32, CResult, Fwd, Grads, Input, Op};
+use super::simd;
 use super::Weight;
 use candle_core::{DType, Tensor};
 
@@ -45,18 +46,23 @@ impl Op<2> for EmbeddingOp {
         let ids = ids.flatten_all()?.to_vec1::<u32>()?;
         with_f32(grad, "embedding grad", |g| {
             buf.accumulate(v * h, true, |dw, _| {
-                for (row, &id) in g.chunks(h).zip(&ids) {
-                    // As torch's `padding_idx`: the padding row never learns.
-                    if Some(id) == self.padding_idx {
-                        continue;
-                    }
-                    for (d, x) in dw[id as usize * h..(id as usize + 1) * h]
-                        .iter_mut()
-                        .zip(row)
-                    {
-                        *d += x;
-                    }
-                }
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        for (row, &id) in g.chunks(h).zip(&ids) {
+                            // As torch's `padding_idx`: the padding row never learns.
+                            if Some(id) == self.padding_idx {
+                                continue;
+                            }
+                            for (d, x) in dw[id as usize * h..(id as usize + 1) * h]
+                                .iter_mut()
+                                .zip(row)
+                            {
+                                *d += x;
+                            }
+                        }
+                    },
+                )
             });
             Ok([None, None])
         })

@@ -9,6 +9,7 @@
 //! `attention/` ...) keeps its own kernels, built on these, in its `cpu`
 //! module. f32 only, CPU only.
 
+use super::simd;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -120,11 +121,16 @@ pub fn col_sums(x: &[f32], cols: usize) -> Vec<f32> {
         .into_par_iter()
         .map(|c| {
             let mut acc = vec![0f32; cols];
-            for r in c * chunk..((c + 1) * chunk).min(rows) {
-                for (a, v) in acc.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
-                    *a += v;
-                }
-            }
+            simd::run(
+                #[inline(always)]
+                || {
+                    for r in c * chunk..((c + 1) * chunk).min(rows) {
+                        for (a, v) in acc.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
+                            *a += v;
+                        }
+                    }
+                },
+            );
             acc
         })
         .collect();
@@ -162,29 +168,68 @@ pub fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(((ni + 127) as u32) << 23)
 }
 
-/// Sum with 8 independent accumulators: the compiler may not reorder a float
-/// sum, so a plain loop runs one add at a time.
-#[inline]
+/// Independent accumulators of the lane sums below: one AVX-512 register,
+/// two AVX2 ones. The order of additions is the same at every SIMD level
+/// (`nn::simd`), so every level gives the same bits.
+pub(crate) const LANES: usize = 16;
+
+/// Sum with [`LANES`] independent accumulators: the compiler may not
+/// reorder a float sum, so a plain loop runs one add at a time.
+#[inline(always)]
 pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
     let rest: f32 = chunks.remainder().iter().sum();
     for c in chunks {
-        for i in 0..8 {
+        for i in 0..LANES {
             acc[i] += c[i];
         }
     }
-    acc.iter().sum::<f32>() + rest
+    reduce_lanes(acc) + rest
 }
 
-/// Dot product with 8 independent accumulators.
-#[inline]
+/// The sum of the lanes of an accumulator, in a fixed tree order.
+#[inline(always)]
+pub(crate) fn reduce_lanes(acc: [f32; LANES]) -> f32 {
+    let mut h = [0f32; LANES / 2];
+    for i in 0..LANES / 2 {
+        h[i] = acc[i] + acc[i + LANES / 2];
+    }
+    let mut q = [0f32; LANES / 4];
+    for i in 0..LANES / 4 {
+        q[i] = h[i] + h[i + LANES / 4];
+    }
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// The largest element (`-inf` for none), over [`LANES`] lanes: a plain
+/// `fold(f32::max)` runs one compare at a time. NaNs are skipped, as
+/// `f32::max` skips them.
+#[inline(always)]
+pub(crate) fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    acc.iter().copied().fold(rest, f32::max)
+}
+
+/// Dot product with [`LANES`] independent accumulators.
+#[inline(always)]
 pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
+    let mut acc = [0f32; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
     let rest: f32 = ca
         .remainder()
         .iter()
@@ -192,11 +237,11 @@ pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
+        for i in 0..LANES {
             acc[i] += x[i] * y[i];
         }
     }
-    acc.iter().sum::<f32>() + rest
+    reduce_lanes(acc) + rest
 }
 
 /// `out[i] = f(x[i])`, in parallel chunks of [`ELEM_CHUNK`].
@@ -204,9 +249,14 @@ pub(crate) fn map_elems(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Syn
     out.par_chunks_mut(ELEM_CHUNK)
         .zip(x.par_chunks(ELEM_CHUNK))
         .for_each(|(o, x)| {
-            for i in 0..o.len() {
-                o[i] = f(x[i]);
-            }
+            simd::run(
+                #[inline(always)]
+                || {
+                    for i in 0..o.len() {
+                        o[i] = f(x[i]);
+                    }
+                },
+            )
         });
 }
 
@@ -218,9 +268,14 @@ pub(crate) fn map_grad(x: &[f32], dy: &[f32], dx: &mut [f32], df: impl Fn(f32) -
         .for_each(|(c, o)| {
             let b = c * ELEM_CHUNK;
             let (x, dy) = (&x[b..b + o.len()], &dy[b..b + o.len()]);
-            for i in 0..o.len() {
-                o[i] = dy[i] * df(x[i]);
-            }
+            simd::run(
+                #[inline(always)]
+                || {
+                    for i in 0..o.len() {
+                        o[i] = dy[i] * df(x[i]);
+                    }
+                },
+            )
         });
 }
 

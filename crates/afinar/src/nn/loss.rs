@@ -241,7 +241,10 @@ pub fn lm_logits(hidden: &Tensor, weight: &Tensor) -> CResult<Tensor> {
 /// their logits by one gemm, log-sum-exp over eight lanes.
 mod cpu {
     use crate::data::sft::IGNORE_INDEX;
-    use crate::nn::kernels::{fast_exp, matmul, parallelism, sum_lanes, Mat};
+    use crate::nn::kernels::{
+        fast_exp, matmul, max_lanes, parallelism, reduce_lanes, sum_lanes, Mat, LANES,
+    };
+    use crate::nn::simd;
     use rayon::prelude::*;
 
     /// Rows of `hidden` (`[n, c]`) listed in `rows`, copied contiguous into `dst`.
@@ -258,16 +261,21 @@ mod cpu {
         out.par_iter_mut()
             .zip(logits.par_chunks(v))
             .for_each(|(o, row)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut acc = [0f32; 8];
-                let ch = row.chunks_exact(8);
-                let rest: f32 = ch.remainder().iter().map(|x| fast_exp(x - max)).sum();
-                for cch in ch {
-                    for i in 0..8 {
-                        acc[i] += fast_exp(cch[i] - max);
-                    }
-                }
-                *o = max + (acc.iter().sum::<f32>() + rest).ln();
+                *o = simd::run(
+                    #[inline(always)]
+                    || {
+                        let max = max_lanes(row);
+                        let mut acc = [0f32; LANES];
+                        let ch = row.chunks_exact(LANES);
+                        let rest: f32 = ch.remainder().iter().map(|x| fast_exp(x - max)).sum();
+                        for cch in ch {
+                            for i in 0..LANES {
+                                acc[i] += fast_exp(cch[i] - max);
+                            }
+                        }
+                        max + (reduce_lanes(acc) + rest).ln()
+                    },
+                )
             });
     }
 
@@ -372,14 +380,19 @@ mod cpu {
                 lg.par_chunks_mut(v)
                     .zip(rows.par_iter())
                     .for_each(|(row, &r)| {
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        for x in row.iter_mut() {
-                            *x = fast_exp(*x - max);
-                        }
-                        let k = g / sum_lanes(row);
-                        for x in row.iter_mut() {
-                            *x *= k;
-                        }
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                let max = max_lanes(row);
+                                for x in row.iter_mut() {
+                                    *x = fast_exp(*x - max);
+                                }
+                                let k = g / sum_lanes(row);
+                                for x in row.iter_mut() {
+                                    *x *= k;
+                                }
+                            },
+                        );
                         row[targets[r] as usize] -= g;
                     });
                 if let Some(dh) = dhidden.as_deref_mut() {

@@ -36,6 +36,7 @@ pub mod norm;
 pub mod qlinear;
 pub mod rope;
 pub mod scale;
+pub mod simd;
 #[cfg(test)]
 mod testing;
 

@@ -186,7 +186,8 @@ pub fn rms_norm(x: &Tensor, weight: &Weight, eps: f64) -> CResult<Tensor> {
 ///
 /// [`ROW_CHUNK`]: crate::nn::kernels::ROW_CHUNK
 mod cpu {
-    use crate::nn::kernels::{dot_lanes, sum_lanes, ROW_CHUNK};
+    use crate::nn::kernels::{dot_lanes, reduce_lanes, sum_lanes, LANES, ROW_CHUNK};
+    use crate::nn::simd;
     use rayon::prelude::*;
 
     // ------------------------------------------------------------ LayerNorm
@@ -203,32 +204,37 @@ mod cpu {
         y.par_chunks_mut(d * ROW_CHUNK)
             .zip(x.par_chunks(d * ROW_CHUNK))
             .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                    let (mean, rstd) = row_stats(xr, eps);
-                    for j in 0..d {
-                        yr[j] = (xr[j] - mean) * rstd * gamma[j] + beta[j];
-                    }
-                }
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                            let (mean, rstd) = row_stats(xr, eps);
+                            for j in 0..d {
+                                yr[j] = (xr[j] - mean) * rstd * gamma[j] + beta[j];
+                            }
+                        }
+                    },
+                )
             });
     }
 
-    #[inline]
+    #[inline(always)]
     fn row_stats(xr: &[f32], eps: f32) -> (f32, f32) {
         let d = xr.len() as f32;
         let mean = sum_lanes(xr) / d;
-        let mut acc = [0f32; 8];
-        let chunks = xr.chunks_exact(8);
+        let mut acc = [0f32; LANES];
+        let chunks = xr.chunks_exact(LANES);
         let mut var: f32 = chunks
             .remainder()
             .iter()
             .map(|v| (v - mean) * (v - mean))
             .sum();
         for c in chunks {
-            for i in 0..8 {
+            for i in 0..LANES {
                 acc[i] += (c[i] - mean) * (c[i] - mean);
             }
         }
-        var = (var + acc.iter().sum::<f32>()) / d;
+        var = (var + reduce_lanes(acc)) / d;
         (mean, 1.0 / (var + eps).sqrt())
     }
 
@@ -260,32 +266,52 @@ mod cpu {
             let r0 = c * ROW_CHUNK;
             let r1 = (r0 + ROW_CHUNK).min(rows);
             let mut dxc = dxc;
-            for r in r0..r1 {
-                let xr = &x[r * d..(r + 1) * d];
-                let dyr = &dy[r * d..(r + 1) * d];
-                let (mean, rstd) = row_stats(xr, eps);
-                let mut sum_g = 0f32;
-                let mut sum_gx = 0f32;
-                for j in 0..d {
-                    let xhat = (xr[j] - mean) * rstd;
-                    let g = dyr[j] * gamma[j];
-                    sum_g += g;
-                    sum_gx += g * xhat;
-                    if want_params {
-                        dg[j] += dyr[j] * xhat;
-                        db[j] += dyr[j];
+            let inv_d = 1.0 / d as f32;
+            simd::run(
+                #[inline(always)]
+                || {
+                    for r in r0..r1 {
+                        let xr = &x[r * d..(r + 1) * d];
+                        let dyr = &dy[r * d..(r + 1) * d];
+                        let (mean, rstd) = row_stats(xr, eps);
+                        if want_params {
+                            for j in 0..d {
+                                let xhat = (xr[j] - mean) * rstd;
+                                dg[j] += dyr[j] * xhat;
+                                db[j] += dyr[j];
+                            }
+                        }
+                        let Some(dxc) = dxc.as_deref_mut() else {
+                            continue;
+                        };
+                        // sum(g) and sum(g * xhat) with g = dy * gamma, in lanes.
+                        let (mut ag, mut agx) = ([0f32; LANES], [0f32; LANES]);
+                        let full = d - d % LANES;
+                        for j0 in (0..full).step_by(LANES) {
+                            for i in 0..LANES {
+                                let j = j0 + i;
+                                let g = dyr[j] * gamma[j];
+                                ag[i] += g;
+                                agx[i] += g * ((xr[j] - mean) * rstd);
+                            }
+                        }
+                        let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                        for j in full..d {
+                            let g = dyr[j] * gamma[j];
+                            sum_g += g;
+                            sum_gx += g * ((xr[j] - mean) * rstd);
+                        }
+                        let (sum_g, sum_gx) =
+                            (reduce_lanes(ag) + sum_g, reduce_lanes(agx) + sum_gx);
+                        let dxr = &mut dxc[(r - r0) * d..(r - r0 + 1) * d];
+                        for j in 0..d {
+                            let xhat = (xr[j] - mean) * rstd;
+                            let g = dyr[j] * gamma[j];
+                            dxr[j] = rstd * (g - inv_d * sum_g - xhat * inv_d * sum_gx);
+                        }
                     }
-                }
-                if let Some(dxc) = dxc.as_deref_mut() {
-                    let dxr = &mut dxc[(r - r0) * d..(r - r0 + 1) * d];
-                    let inv_d = 1.0 / d as f32;
-                    for j in 0..d {
-                        let xhat = (xr[j] - mean) * rstd;
-                        let g = dyr[j] * gamma[j];
-                        dxr[j] = rstd * (g - inv_d * sum_g - xhat * inv_d * sum_gx);
-                    }
-                }
-            }
+                },
+            );
             (dg, db)
         };
         let partials: Vec<(Vec<f32>, Vec<f32>)> = match dx.as_deref_mut() {
@@ -316,16 +342,21 @@ mod cpu {
         y.par_chunks_mut(d * ROW_CHUNK)
             .zip(x.par_chunks(d * ROW_CHUNK))
             .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                    let r = rms_rstd(xr, eps);
-                    for j in 0..d {
-                        yr[j] = xr[j] * r * w[j];
-                    }
-                }
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                            let r = rms_rstd(xr, eps);
+                            for j in 0..d {
+                                yr[j] = xr[j] * r * w[j];
+                            }
+                        }
+                    },
+                )
             });
     }
 
-    #[inline]
+    #[inline(always)]
     fn rms_rstd(xr: &[f32], eps: f32) -> f32 {
         1.0 / (dot_lanes(xr, xr) / xr.len() as f32 + eps).sqrt()
     }
@@ -349,36 +380,45 @@ mod cpu {
             let mut dw = if want_w { vec![0f32; d] } else { Vec::new() };
             let r0 = c * ROW_CHUNK;
             let r1 = (r0 + ROW_CHUNK).min(rows);
-            for row in r0..r1 {
-                let xr = &x[row * d..(row + 1) * d];
-                let dyr = &dy[row * d..(row + 1) * d];
-                let r = rms_rstd(xr, eps);
-                if want_w {
-                    for j in 0..d {
-                        dw[j] += dyr[j] * xr[j] * r;
-                    }
-                }
-                if let Some(dxc) = dxc.as_deref_mut() {
-                    // (dy * w) . x, eight lanes at a time.
-                    let mut acc = [0f32; 8];
-                    let (dc, wc, xc) = (dyr.chunks_exact(8), w.chunks_exact(8), xr.chunks_exact(8));
-                    let rest: f32 = (dc.remainder().iter().zip(wc.remainder()))
-                        .zip(xc.remainder())
-                        .map(|((a, b), c)| a * b * c)
-                        .sum();
-                    for ((a, b), c) in dc.zip(wc).zip(xc) {
-                        for i in 0..8 {
-                            acc[i] += a[i] * b[i] * c[i];
+            simd::run(
+                #[inline(always)]
+                || {
+                    for row in r0..r1 {
+                        let xr = &x[row * d..(row + 1) * d];
+                        let dyr = &dy[row * d..(row + 1) * d];
+                        let r = rms_rstd(xr, eps);
+                        if want_w {
+                            for j in 0..d {
+                                dw[j] += dyr[j] * xr[j] * r;
+                            }
+                        }
+                        if let Some(dxc) = dxc.as_deref_mut() {
+                            // (dy * w) . x, in lanes.
+                            let mut acc = [0f32; LANES];
+                            let (dc, wc, xc) = (
+                                dyr.chunks_exact(LANES),
+                                w.chunks_exact(LANES),
+                                xr.chunks_exact(LANES),
+                            );
+                            let rest: f32 = (dc.remainder().iter().zip(wc.remainder()))
+                                .zip(xc.remainder())
+                                .map(|((a, b), c)| a * b * c)
+                                .sum();
+                            for ((a, b), c) in dc.zip(wc).zip(xc) {
+                                for i in 0..LANES {
+                                    acc[i] += a[i] * b[i] * c[i];
+                                }
+                            }
+                            let gx = reduce_lanes(acc) + rest;
+                            let k = r * r * r * gx / d as f32;
+                            let dxr = &mut dxc[(row - r0) * d..(row - r0 + 1) * d];
+                            for j in 0..d {
+                                dxr[j] = r * dyr[j] * w[j] - k * xr[j];
+                            }
                         }
                     }
-                    let gx = acc.iter().sum::<f32>() + rest;
-                    let k = r * r * r * gx / d as f32;
-                    let dxr = &mut dxc[(row - r0) * d..(row - r0 + 1) * d];
-                    for j in 0..d {
-                        dxr[j] = r * dyr[j] * w[j] - k * xr[j];
-                    }
-                }
-            }
+                },
+            );
             dw
         };
         let partials: Vec<Vec<f32>> = match dx {

@@ -20,7 +20,7 @@ use super::custom_op::{
 };
 use super::kernels::{self, Mat};
 use super::linear::cpu::add_bias_grad;
-use super::Weight;
+use super::{simd, Weight};
 use crate::hub::gguf::QTensor;
 use candle_core::Tensor;
 use gemm::Parallelism;
@@ -94,9 +94,14 @@ fn qmatmul_fwd(x: &[f32], n: usize, w: &QTensor, bias: Option<&[f32]>) -> Vec<f3
     });
     let mut y = vec![0f32; n * out_f];
     y.par_chunks_mut(out_f).enumerate().for_each(|(i, row)| {
-        for (o, v) in row.iter_mut().enumerate() {
-            *v = yt[o * n + i] + bias.map_or(0.0, |b| b[o]);
-        }
+        simd::run(
+            #[inline(always)]
+            || {
+                for (o, v) in row.iter_mut().enumerate() {
+                    *v = yt[o * n + i] + bias.map_or(0.0, |b| b[o]);
+                }
+            },
+        )
     });
     y
 }
@@ -130,9 +135,14 @@ fn qmatmul_bwd_input(dy: &[f32], n: usize, w: &QTensor) -> Vec<f32> {
         });
     let mut dx = vec![0f32; n * in_f];
     dx.par_chunks_mut(in_f).enumerate().for_each(|(i, row)| {
-        for (c, v) in row.iter_mut().enumerate() {
-            *v = dxt[c * n + i];
-        }
+        simd::run(
+            #[inline(always)]
+            || {
+                for (c, v) in row.iter_mut().enumerate() {
+                    *v = dxt[c * n + i];
+                }
+            },
+        )
     });
     dx
 }

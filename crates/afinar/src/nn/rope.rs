@@ -211,6 +211,7 @@ pub fn rope(
 mod cpu {
     use super::RopeTable;
     use crate::nn::kernels::ROW_CHUNK;
+    use crate::nn::simd;
     use rayon::prelude::*;
 
     /// Rotate every head of every row of `x` (`[rows, heads * head_dim]`, row
@@ -234,18 +235,23 @@ mod cpu {
             .zip(x.par_chunks(c * ROW_CHUNK))
             .enumerate()
             .for_each(|(ci, (oc, xc))| {
-                for (r, (orow, xrow)) in oc.chunks_mut(c).zip(xc.chunks(c)).enumerate() {
-                    let (cos, sin) = table.row(positions[ci * ROW_CHUNK + r] as usize);
-                    for (oh, xh) in orow.chunks_mut(d).zip(xrow.chunks(d)) {
-                        let (o1, o2) = oh.split_at_mut(half);
-                        let (x1, x2) = xh.split_at(half);
-                        for i in 0..half {
-                            let s = sgn * sin[i];
-                            o1[i] = x1[i] * cos[i] - x2[i] * s;
-                            o2[i] = x2[i] * cos[i] + x1[i] * s;
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        for (r, (orow, xrow)) in oc.chunks_mut(c).zip(xc.chunks(c)).enumerate() {
+                            let (cos, sin) = table.row(positions[ci * ROW_CHUNK + r] as usize);
+                            for (oh, xh) in orow.chunks_mut(d).zip(xrow.chunks(d)) {
+                                let (o1, o2) = oh.split_at_mut(half);
+                                let (x1, x2) = xh.split_at(half);
+                                for i in 0..half {
+                                    let s = sgn * sin[i];
+                                    o1[i] = x1[i] * cos[i] - x2[i] * s;
+                                    o2[i] = x2[i] * cos[i] + x1[i] * s;
+                                }
+                            }
                         }
-                    }
-                }
+                    },
+                )
             });
     }
 }

@@ -8,7 +8,7 @@ use super::custom_op::{
     apply, cerr, first_only, last_dim, needs_grad, output, tensor, with_f32, with_f32s, CResult,
     Fwd, Grads, Input, Op,
 };
-use super::Weight;
+use super::{simd, Weight};
 use candle_core::Tensor;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -88,9 +88,14 @@ fn scale_rows(x: &[f32], f: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .for_each(|(o, r)| {
-            for j in 0..d {
-                o[j] = r[j] * f[j];
-            }
+            simd::run(
+                #[inline(always)]
+                || {
+                    for j in 0..d {
+                        o[j] = r[j] * f[j];
+                    }
+                },
+            )
         });
 }
 

@@ -227,14 +227,22 @@ impl std::fmt::Display for GgmlType {
 
 // ---------------------------------------------------------------- blocks
 
-#[inline]
+#[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
 /// Dequantise whole blocks: `bytes` holds exactly the blocks of `out.len()` values.
-/// `ty` must be supported.
+/// `ty` must be supported. Compiled for each SIMD level (`nn::simd`).
 fn dequantize_span(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    crate::nn::simd::run(
+        #[inline(always)]
+        || dequantize_span_at_level(ty, bytes, out),
+    )
+}
+
+#[inline(always)]
+fn dequantize_span_at_level(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     match ty {
         GgmlType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {

@@ -148,7 +148,8 @@ pub fn attention(
 mod cpu {
     use super::super::cpu::{masked_softmax, Heads};
     use crate::nn::dropout::{drop_in_place, reuse_dropout_mask};
-    use crate::nn::kernels::{matmul, Mat, SyncPtr};
+    use crate::nn::kernels::{dot_lanes, matmul, Mat, SyncPtr};
+    use crate::nn::simd;
     use gemm::Parallelism;
     use rayon::prelude::*;
 
@@ -175,6 +176,7 @@ mod cpu {
 
     /// The probabilities of one (batch, head) into `p` (`t x t`): softmax(q
     /// k^T * scale) over the keys that are not padding (`mask`).
+    #[inline(always)]
     fn probs(p: &mut [f32], qm: Mat, km: Mat, mask: &[f32], scale: f32) {
         let t = qm.rows;
         matmul(p, t, qm, km.t(), scale, false, Parallelism::None);
@@ -208,26 +210,31 @@ mod cpu {
             (0..sh.b * sh.h).into_par_iter().for_each_init(
                 || vec![0f32; t * t],
                 |s, bh| {
-                    let (bi, hi) = (bh / sh.h, bh % sh.h);
-                    let (qm, km) = (hs.rows(q, bi, hi, 0, t), hs.rows(k, bi, hi, 0, t));
-                    probs(s, qm, km, &key_mask[bi * t..(bi + 1) * t], scale);
-                    // Element (i, j) of head bh is element (bh * t + i) * t + j of
-                    // the dropout stream, as in the causal kernel.
-                    if let Some((p, seed)) = dropout {
-                        drop_in_place(s, p, seed, (bh * t * t) as u64);
-                    }
-                    // SAFETY: see above; the view starts at this head's block.
-                    let o = unsafe { &mut out_ptr.slice()[hs.offset(bi, hi, 0)..] };
-                    let vm = hs.rows(v, bi, hi, 0, t);
-                    matmul(
-                        o,
-                        hs.c(),
-                        Mat::rm(s, t, t),
-                        vm,
-                        1.0,
-                        false,
-                        Parallelism::None,
-                    );
+                    simd::run(
+                        #[inline(always)]
+                        || {
+                            let (bi, hi) = (bh / sh.h, bh % sh.h);
+                            let (qm, km) = (hs.rows(q, bi, hi, 0, t), hs.rows(k, bi, hi, 0, t));
+                            probs(s, qm, km, &key_mask[bi * t..(bi + 1) * t], scale);
+                            // Element (i, j) of head bh is element (bh * t + i) * t + j of
+                            // the dropout stream, as in the causal kernel.
+                            if let Some((p, seed)) = dropout {
+                                drop_in_place(s, p, seed, (bh * t * t) as u64);
+                            }
+                            // SAFETY: see above; the view starts at this head's block.
+                            let o = unsafe { &mut out_ptr.slice()[hs.offset(bi, hi, 0)..] };
+                            let vm = hs.rows(v, bi, hi, 0, t);
+                            matmul(
+                                o,
+                                hs.c(),
+                                Mat::rm(s, t, t),
+                                vm,
+                                1.0,
+                                false,
+                                Parallelism::None,
+                            );
+                        },
+                    )
                 },
             );
         }
@@ -243,54 +250,59 @@ mod cpu {
             (0..sh.b * sh.h).into_par_iter().for_each_init(
                 || (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; t * t]),
                 |(p, pd, dp), bh| {
-                    let (bi, hi) = (bh / sh.h, bh % sh.h);
-                    let (qm, km) = (hs.rows(q, bi, hi, 0, t), hs.rows(k, bi, hi, 0, t));
-                    let (vm, dom) = (hs.rows(v, bi, hi, 0, t), hs.rows(dout, bi, hi, 0, t));
-                    let mask = &key_mask[bi * t..(bi + 1) * t];
-                    probs(p, qm, km, mask, scale);
-                    // pv: the probabilities that multiplied V in forward.
-                    let pv: &[f32] = match dropout {
-                        Some((pr, seed)) => {
-                            pd.copy_from_slice(p);
-                            drop_in_place(pd, pr, seed, (bh * t * t) as u64);
-                            pd
-                        }
-                        None => p,
-                    };
-                    let off = hs.offset(bi, hi, 0);
-                    // SAFETY: disjoint column blocks per (batch, head), as in forward.
-                    let (dqs, dks, dvs) =
-                        unsafe { (ptrs.0.slice(), ptrs.1.slice(), ptrs.2.slice()) };
-                    // dV = Pv^T dO
-                    let pvt = Mat::rm(pv, t, t).t();
-                    matmul(&mut dvs[off..], c, pvt, dom, 1.0, false, Parallelism::None);
-                    // dPv = dO V^T
-                    matmul(dp, t, dom, vm.t(), 1.0, false, Parallelism::None);
-                    if let Some((pr, _)) = dropout {
-                        // d(P) = d(Pv) * mask / (1 - p)
-                        reuse_dropout_mask(dp, pv, pr);
-                    }
-                    // dS = P * (dP - rowsum(dP * P)), times the score scale.
-                    for i in 0..t {
-                        let pr = &p[i * t..(i + 1) * t];
-                        let dr = &mut dp[i * t..(i + 1) * t];
-                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                        for j in 0..t {
-                            dr[j] = pr[j] * (dr[j] - dot) * scale;
-                        }
-                    }
-                    // dQ = dS K ; dK = dS^T Q
-                    let ds = Mat::rm(dp, t, t);
-                    matmul(&mut dqs[off..], c, ds, km, 1.0, false, Parallelism::None);
-                    matmul(
-                        &mut dks[off..],
-                        c,
-                        ds.t(),
-                        qm,
-                        1.0,
-                        false,
-                        Parallelism::None,
-                    );
+                    simd::run(
+                        #[inline(always)]
+                        || {
+                            let (bi, hi) = (bh / sh.h, bh % sh.h);
+                            let (qm, km) = (hs.rows(q, bi, hi, 0, t), hs.rows(k, bi, hi, 0, t));
+                            let (vm, dom) = (hs.rows(v, bi, hi, 0, t), hs.rows(dout, bi, hi, 0, t));
+                            let mask = &key_mask[bi * t..(bi + 1) * t];
+                            probs(p, qm, km, mask, scale);
+                            // pv: the probabilities that multiplied V in forward.
+                            let pv: &[f32] = match dropout {
+                                Some((pr, seed)) => {
+                                    pd.copy_from_slice(p);
+                                    drop_in_place(pd, pr, seed, (bh * t * t) as u64);
+                                    pd
+                                }
+                                None => p,
+                            };
+                            let off = hs.offset(bi, hi, 0);
+                            // SAFETY: disjoint column blocks per (batch, head), as in forward.
+                            let (dqs, dks, dvs) =
+                                unsafe { (ptrs.0.slice(), ptrs.1.slice(), ptrs.2.slice()) };
+                            // dV = Pv^T dO
+                            let pvt = Mat::rm(pv, t, t).t();
+                            matmul(&mut dvs[off..], c, pvt, dom, 1.0, false, Parallelism::None);
+                            // dPv = dO V^T
+                            matmul(dp, t, dom, vm.t(), 1.0, false, Parallelism::None);
+                            if let Some((pr, _)) = dropout {
+                                // d(P) = d(Pv) * mask / (1 - p)
+                                reuse_dropout_mask(dp, pv, pr);
+                            }
+                            // dS = P * (dP - rowsum(dP * P)), times the score scale.
+                            for i in 0..t {
+                                let pr = &p[i * t..(i + 1) * t];
+                                let dr = &mut dp[i * t..(i + 1) * t];
+                                let dot = dot_lanes(pr, dr);
+                                for j in 0..t {
+                                    dr[j] = pr[j] * (dr[j] - dot) * scale;
+                                }
+                            }
+                            // dQ = dS K ; dK = dS^T Q
+                            let ds = Mat::rm(dp, t, t);
+                            matmul(&mut dqs[off..], c, ds, km, 1.0, false, Parallelism::None);
+                            matmul(
+                                &mut dks[off..],
+                                c,
+                                ds.t(),
+                                qm,
+                                1.0,
+                                false,
+                                Parallelism::None,
+                            );
+                        },
+                    )
                 },
             );
         }

@@ -7,6 +7,7 @@
 use super::causal::cpu::{blocks, causal_softmax_block, Visibility, ATT_BLOCK};
 use super::cpu::Heads;
 use crate::nn::kernels::{matmul, parallelism, Mat, SyncPtr};
+use crate::nn::simd;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -97,29 +98,34 @@ pub fn attention_with_cache(
     (0..b * heads).into_par_iter().for_each_init(
         || (vec![0f32; bt * t_total], vec![0f32; t_total]),
         |(s, m), bh| {
-            let (bi, h) = (bh / heads, bh % heads);
-            let kh = h / group;
-            let key_mask = match key_mask {
-                Some(mk) => &mk[bi * t_total..(bi + 1) * t_total],
-                None => &ones[..],
-            };
-            let vis = Visibility {
-                key_mask,
-                segments: None,
-            };
-            // SAFETY: this task writes only column block `h` of batch `bi`.
-            let o = unsafe { optr.slice() };
-            for blk in blocks(t_new, past) {
-                let (rows, kn) = (blk.rows, blk.kn());
-                let s = &mut s[..rows * kn];
-                let qm = qh.rows(q, bi, h, blk.r0, rows);
-                let kmat = kvh.rows(k_cache, bi, kh, 0, kn);
-                matmul(s, kn, qm, kmat.t(), scale, false, par);
-                causal_softmax_block(s, blk, vis, m);
-                let vmat = kvh.rows(v_cache, bi, kh, 0, kn);
-                let o = &mut o[qh.offset(bi, h, blk.r0)..];
-                matmul(o, qh.c(), Mat::rm(s, rows, kn), vmat, 1.0, false, par);
-            }
+            simd::run(
+                #[inline(always)]
+                || {
+                    let (bi, h) = (bh / heads, bh % heads);
+                    let kh = h / group;
+                    let key_mask = match key_mask {
+                        Some(mk) => &mk[bi * t_total..(bi + 1) * t_total],
+                        None => &ones[..],
+                    };
+                    let vis = Visibility {
+                        key_mask,
+                        segments: None,
+                    };
+                    // SAFETY: this task writes only column block `h` of batch `bi`.
+                    let o = unsafe { optr.slice() };
+                    for blk in blocks(t_new, past) {
+                        let (rows, kn) = (blk.rows, blk.kn());
+                        let s = &mut s[..rows * kn];
+                        let qm = qh.rows(q, bi, h, blk.r0, rows);
+                        let kmat = kvh.rows(k_cache, bi, kh, 0, kn);
+                        matmul(s, kn, qm, kmat.t(), scale, false, par);
+                        causal_softmax_block(s, blk, vis, m);
+                        let vmat = kvh.rows(v_cache, bi, kh, 0, kn);
+                        let o = &mut o[qh.offset(bi, h, blk.r0)..];
+                        matmul(o, qh.c(), Mat::rm(s, rows, kn), vmat, 1.0, false, par);
+                    }
+                },
+            )
         },
     );
 }

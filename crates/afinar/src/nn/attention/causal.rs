@@ -190,6 +190,7 @@ pub(super) mod cpu {
     use super::super::cpu::{masked_softmax, Heads};
     use crate::nn::dropout::{drop_in_place, reuse_dropout_mask};
     use crate::nn::kernels::{dot_lanes, matmul, Mat, SyncPtr, ROW_CHUNK};
+    use crate::nn::simd;
     use gemm::Parallelism;
     use rayon::prelude::*;
 
@@ -281,6 +282,7 @@ pub(super) mod cpu {
     /// the query, masked keys and keys of another segment get probability
     /// exactly 0; a row with no visible key becomes all 0. `m` is a scratch
     /// of `kn` floats.
+    #[inline(always)]
     pub fn causal_softmax_block(s: &mut [f32], blk: Block, vis: Visibility, m: &mut [f32]) {
         for (i, row) in s.chunks_mut(blk.kn()).enumerate() {
             let qi = blk.pos + i;
@@ -302,6 +304,7 @@ pub(super) mod cpu {
     /// Attention-probability dropout on a block: element (i, j) of head `bh`
     /// is element `(bh * t + i) * t + j` of the dropout stream, so backward
     /// replays it.
+    #[inline(always)]
     fn dropout_block(p_mat: &mut [f32], blk: Block, t: usize, bh: usize, p: f32, seed: u64) {
         for (i, row) in p_mat.chunks_mut(blk.kn()).enumerate() {
             drop_in_place(row, p, seed, ((bh * t + blk.r0 + i) * t) as u64);
@@ -334,33 +337,38 @@ pub(super) mod cpu {
             (0..sh.b * heads).into_par_iter().for_each_init(
                 || (vec![0f32; bt * t], vec![0f32; t]),
                 |(s, m), bh| {
-                    let (bi, h) = (bh / heads, bh % heads);
-                    let kh = sh.kv_of(h);
-                    let vis = vis.batch(bi, t);
-                    // SAFETY: this task writes only column block `h` of batch `bi`.
-                    let o = unsafe { optr.slice() };
-                    for blk in blocks(t, 0) {
-                        let (rows, kn) = (blk.rows, blk.kn());
-                        let s = &mut s[..rows * kn];
-                        let qm = qh.rows(q, bi, h, blk.r0, rows);
-                        let kmat = kvh.rows(k, bi, kh, 0, kn);
-                        matmul(s, kn, qm, kmat.t(), scale, false, Parallelism::None);
-                        causal_softmax_block(s, blk, vis, m);
-                        if let Some((p, seed)) = dropout {
-                            dropout_block(s, blk, t, bh, p, seed);
-                        }
-                        let vmat = kvh.rows(v, bi, kh, 0, kn);
-                        let o = &mut o[qh.offset(bi, h, blk.r0)..];
-                        matmul(
-                            o,
-                            qh.c(),
-                            Mat::rm(s, rows, kn),
-                            vmat,
-                            1.0,
-                            false,
-                            Parallelism::None,
-                        );
-                    }
+                    simd::run(
+                        #[inline(always)]
+                        || {
+                            let (bi, h) = (bh / heads, bh % heads);
+                            let kh = sh.kv_of(h);
+                            let vis = vis.batch(bi, t);
+                            // SAFETY: this task writes only column block `h` of batch `bi`.
+                            let o = unsafe { optr.slice() };
+                            for blk in blocks(t, 0) {
+                                let (rows, kn) = (blk.rows, blk.kn());
+                                let s = &mut s[..rows * kn];
+                                let qm = qh.rows(q, bi, h, blk.r0, rows);
+                                let kmat = kvh.rows(k, bi, kh, 0, kn);
+                                matmul(s, kn, qm, kmat.t(), scale, false, Parallelism::None);
+                                causal_softmax_block(s, blk, vis, m);
+                                if let Some((p, seed)) = dropout {
+                                    dropout_block(s, blk, t, bh, p, seed);
+                                }
+                                let vmat = kvh.rows(v, bi, kh, 0, kn);
+                                let o = &mut o[qh.offset(bi, h, blk.r0)..];
+                                matmul(
+                                    o,
+                                    qh.c(),
+                                    Mat::rm(s, rows, kn),
+                                    vmat,
+                                    1.0,
+                                    false,
+                                    Parallelism::None,
+                                );
+                            }
+                        },
+                    )
                 },
             );
         }
@@ -397,56 +405,70 @@ pub(super) mod cpu {
                     )
                 },
                 |(p, pd, dp, m), bh| {
-                    let (bi, h) = (bh / heads, bh % heads);
-                    let kh = sh.kv_of(h);
-                    let vis = vis.batch(bi, t);
-                    // SAFETY: this task writes only column block `h` of batch `bi`
-                    // of each of the three buffers (all laid out as q).
-                    let (dqs, dks, dvs) = unsafe { (dq_p.slice(), dk_p.slice(), dv_p.slice()) };
-                    let col = qh.offset(bi, h, 0);
-                    for blk in blocks(t, 0) {
-                        let (r0, rows, kn) = (blk.r0, blk.rows, blk.kn());
-                        let (p, pd, dp) = (
-                            &mut p[..rows * kn],
-                            &mut pd[..rows * kn],
-                            &mut dp[..rows * kn],
-                        );
-                        let qm = qh.rows(q, bi, h, r0, rows);
-                        let dom = qh.rows(dout, bi, h, r0, rows);
-                        let kmat = kvh.rows(k, bi, kh, 0, kn);
-                        let vmat = kvh.rows(v, bi, kh, 0, kn);
-                        matmul(p, kn, qm, kmat.t(), scale, false, Parallelism::None);
-                        causal_softmax_block(p, blk, vis, m);
-                        // pd: the probabilities that multiplied V in forward.
-                        let pv: &[f32] = match dropout {
-                            Some((pr, seed)) => {
-                                pd.copy_from_slice(p);
-                                dropout_block(pd, blk, t, bh, pr, seed);
-                                pd
+                    simd::run(
+                        #[inline(always)]
+                        || {
+                            let (bi, h) = (bh / heads, bh % heads);
+                            let kh = sh.kv_of(h);
+                            let vis = vis.batch(bi, t);
+                            // SAFETY: this task writes only column block `h` of batch `bi`
+                            // of each of the three buffers (all laid out as q).
+                            let (dqs, dks, dvs) =
+                                unsafe { (dq_p.slice(), dk_p.slice(), dv_p.slice()) };
+                            let col = qh.offset(bi, h, 0);
+                            for blk in blocks(t, 0) {
+                                let (r0, rows, kn) = (blk.r0, blk.rows, blk.kn());
+                                let (p, pd, dp) = (
+                                    &mut p[..rows * kn],
+                                    &mut pd[..rows * kn],
+                                    &mut dp[..rows * kn],
+                                );
+                                let qm = qh.rows(q, bi, h, r0, rows);
+                                let dom = qh.rows(dout, bi, h, r0, rows);
+                                let kmat = kvh.rows(k, bi, kh, 0, kn);
+                                let vmat = kvh.rows(v, bi, kh, 0, kn);
+                                matmul(p, kn, qm, kmat.t(), scale, false, Parallelism::None);
+                                causal_softmax_block(p, blk, vis, m);
+                                // pd: the probabilities that multiplied V in forward.
+                                let pv: &[f32] = match dropout {
+                                    Some((pr, seed)) => {
+                                        pd.copy_from_slice(p);
+                                        dropout_block(pd, blk, t, bh, pr, seed);
+                                        pd
+                                    }
+                                    None => p,
+                                };
+                                // dV[0..kn] += Pd^T dO
+                                let pvt = Mat::rm(pv, rows, kn).t();
+                                matmul(&mut dvs[col..], c, pvt, dom, 1.0, true, Parallelism::None);
+                                // dPd = dO V^T
+                                matmul(dp, kn, dom, vmat.t(), 1.0, false, Parallelism::None);
+                                if let Some((pr, _)) = dropout {
+                                    reuse_dropout_mask(dp, pv, pr);
+                                }
+                                // dS = P * (dP - rowsum(dP * P)) * scale
+                                for (pr, dr) in p.chunks(kn).zip(dp.chunks_mut(kn)) {
+                                    let dot = dot_lanes(pr, dr);
+                                    for j in 0..kn {
+                                        dr[j] = pr[j] * (dr[j] - dot) * scale;
+                                    }
+                                }
+                                // dQ[r0..] = dS K ; dK[0..kn] += dS^T Q
+                                let ds = Mat::rm(dp, rows, kn);
+                                let dqs = &mut dqs[col + r0 * c..];
+                                matmul(dqs, c, ds, kmat, 1.0, false, Parallelism::None);
+                                matmul(
+                                    &mut dks[col..],
+                                    c,
+                                    ds.t(),
+                                    qm,
+                                    1.0,
+                                    true,
+                                    Parallelism::None,
+                                );
                             }
-                            None => p,
-                        };
-                        // dV[0..kn] += Pd^T dO
-                        let pvt = Mat::rm(pv, rows, kn).t();
-                        matmul(&mut dvs[col..], c, pvt, dom, 1.0, true, Parallelism::None);
-                        // dPd = dO V^T
-                        matmul(dp, kn, dom, vmat.t(), 1.0, false, Parallelism::None);
-                        if let Some((pr, _)) = dropout {
-                            reuse_dropout_mask(dp, pv, pr);
-                        }
-                        // dS = P * (dP - rowsum(dP * P)) * scale
-                        for (pr, dr) in p.chunks(kn).zip(dp.chunks_mut(kn)) {
-                            let dot = dot_lanes(pr, dr);
-                            for j in 0..kn {
-                                dr[j] = pr[j] * (dr[j] - dot) * scale;
-                            }
-                        }
-                        // dQ[r0..] = dS K ; dK[0..kn] += dS^T Q
-                        let ds = Mat::rm(dp, rows, kn);
-                        let dqs = &mut dqs[col + r0 * c..];
-                        matmul(dqs, c, ds, kmat, 1.0, false, Parallelism::None);
-                        matmul(&mut dks[col..], c, ds.t(), qm, 1.0, true, Parallelism::None);
-                    }
+                        },
+                    )
                 },
             );
         }
@@ -463,18 +485,23 @@ pub(super) mod cpu {
         out.par_chunks_mut(ck * ROW_CHUNK)
             .zip(src.par_chunks(c * ROW_CHUNK))
             .for_each(|(oc, sc)| {
-                for (orow, srow) in oc.chunks_mut(ck).zip(sc.chunks(c)) {
-                    for kh in 0..kv_heads {
-                        let o = &mut orow[kh * d..(kh + 1) * d];
-                        o.copy_from_slice(&srow[kh * group * d..(kh * group + 1) * d]);
-                        for g in 1..group {
-                            let s = &srow[(kh * group + g) * d..(kh * group + g + 1) * d];
-                            for i in 0..d {
-                                o[i] += s[i];
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        for (orow, srow) in oc.chunks_mut(ck).zip(sc.chunks(c)) {
+                            for kh in 0..kv_heads {
+                                let o = &mut orow[kh * d..(kh + 1) * d];
+                                o.copy_from_slice(&srow[kh * group * d..(kh * group + 1) * d]);
+                                for g in 1..group {
+                                    let s = &srow[(kh * group + g) * d..(kh * group + g + 1) * d];
+                                    for i in 0..d {
+                                        o[i] += s[i];
+                                    }
+                                }
                             }
                         }
-                    }
-                }
+                    },
+                )
             });
     }
 }

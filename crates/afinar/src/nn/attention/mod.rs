@@ -28,7 +28,7 @@ pub use causal::causal_attention;
 /// What the CPU kernels of the variants (and the cache's) share: views of
 /// one head of the activations, and the masked softmax of a row of scores.
 mod cpu {
-    use crate::nn::kernels::{fast_exp, sum_lanes, Mat};
+    use crate::nn::kernels::{fast_exp, sum_lanes, Mat, LANES};
 
     /// The layout of q, k, v and the outputs: `[b, t, nh * d]` row-major,
     /// the `nh` heads side by side (as the projections make them).
@@ -74,12 +74,24 @@ mod cpu {
     /// entry is 1.0 (0.0: not visible): a key not visible gets probability
     /// exactly 0, and a row with no visible key becomes all 0. Multiplying
     /// by the 0/1 mask keeps the loop branch-free.
+    #[inline(always)]
     pub fn masked_softmax(row: &mut [f32], mask: &[f32]) {
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..row.len() {
-            if mask[j] != 0.0 && row[j] > max {
-                max = row[j];
+        // The largest visible score, over LANES lanes, branch-free.
+        let n = row.len().min(mask.len());
+        let (row_, mask) = (&row[..n], &mask[..n]);
+        let vis = |v: f32, m: f32| if m != 0.0 { v } else { f32::NEG_INFINITY };
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let full = n - n % LANES;
+        for j0 in (0..full).step_by(LANES) {
+            for i in 0..LANES {
+                let v = vis(row_[j0 + i], mask[j0 + i]);
+                acc[i] = if v > acc[i] { v } else { acc[i] };
             }
+        }
+        let mut max = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for j in full..n {
+            let v = vis(row_[j], mask[j]);
+            max = if v > max { v } else { max };
         }
         if max == f32::NEG_INFINITY {
             row.fill(0.0);
