@@ -5,10 +5,13 @@
 #      the gated real-weight tests run;
 #   3. run every test of the workspace (tests/fuzz_corpus.rs replays every
 #      committed fuzz input);
-#   4. a fuzz smoke run: each cargo fuzz target for AFINAR_FUZZ_SECS seconds
+#   4. on a CPU with AVX-512, the kernel and parity tests again with
+#      AFINAR_SIMD=avx2 (step 3 ran afinar's kernels at AVX-512; nn::simd's
+#      own test compares every level bit for bit in one process);
+#   5. a fuzz smoke run: each cargo fuzz target for AFINAR_FUZZ_SECS seconds
 #      (default 15; 0 skips), on stable Rust, new inputs to a scratch folder
 #      (docs/fuzzing.md). Skipped with a note when cargo-fuzz cannot be installed;
-#   5. one closing line with the totals of all test binaries.
+#   6. one closing line with the totals of all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --all-targets
@@ -19,6 +22,12 @@ export CI="${CI:-true}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release --workspace --all-targets 2>&1 | tee "$log"
+
+if grep -qw avx512f /proc/cpuinfo 2>/dev/null && grep -qw avx2 /proc/cpuinfo; then
+    echo "again with the AVX2 kernels (AFINAR_SIMD=avx2):"
+    AFINAR_SIMD=avx2 cargo test --release -p afinar --lib --test bert_parity --test decoder_parity \
+        --test seqcls_parity --test peft_interchange --test heads --test checkpointing 2>&1 | tee -a "$log"
+fi
 
 fuzz_secs=${AFINAR_FUZZ_SECS:-15}
 if [ "$fuzz_secs" -gt 0 ]; then

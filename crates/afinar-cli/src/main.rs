@@ -159,6 +159,13 @@ fn init_threads(n: Option<usize>) {
     afinar::init_threads(n);
 }
 
+/// `AFINAR_SIMD` (the vector level of afinar's CPU kernels, `nn::simd`)
+/// checked before any work: a bad value is an error, not a panic mid-run.
+fn check_simd() -> Result<()> {
+    afinar::nn::simd::check_env().map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
 fn utc_stamp() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -184,6 +191,7 @@ fn utc_stamp() -> String {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    check_simd()?;
     match cli.cmd {
         Cmd::Fetch { name } => {
             let cache = afinar::hub::assets::cache_dir()?;

@@ -1900,6 +1900,32 @@ fn command_line_usage_errors() {
 }
 
 #[test]
+fn simd_level_env_that_cannot_be() {
+    // AFINAR_SIMD forces the vector level of the CPU kernels (nn::simd):
+    // an unknown name is an error before any work, naming the variable.
+    let c = Case::new();
+    let out = |v: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_afinar"))
+            .args(["inspect", &s(&fixture())])
+            .current_dir(c.d())
+            .env("AFINAR_SIMD", v)
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (code, err) = out("avx1024");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("error: AFINAR_SIMD=\"avx1024\": expected one of avx512, avx2, baseline, auto"),
+        "{err}"
+    );
+    // Every level this CPU has runs (baseline always does).
+    let (code, err) = out("baseline");
+    assert_eq!(code, Some(0), "{err}");
+    c.only(&[]);
+}
+
+#[test]
 fn predict_with_neither_text_nor_file() {
     let c = Case::new();
     let out = c.cli(&["predict", &s(&fixture())]);

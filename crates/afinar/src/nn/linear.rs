@@ -419,7 +419,6 @@ pub(super) mod cpu {
     use crate::nn::kernels::{self, col_sums, Mat};
     use crate::nn::Weight;
     use gemm::Parallelism;
-    use rayon::prelude::*;
 
     /// `x [n, in] @ w [out, in]^T (+ b)`: the bias is copied into every row
     /// first and the gemm adds the product to it (beta = 1), so the bias
@@ -433,36 +432,19 @@ pub(super) mod cpu {
         par: Parallelism,
     ) -> Vec<f32> {
         let n = x.len() / in_f;
-        let mut y = vec![0f32; n * out_f];
-        if let Some(b) = b {
-            y.par_chunks_mut(out_f).for_each(|r| r.copy_from_slice(b));
-        }
-        kernels::matmul(
-            &mut y,
-            out_f,
+        kernels::matmul_new(
             Mat::rm(x, n, in_f),
             Mat::rm(w, out_f, in_f).t(),
             1.0,
-            b.is_some(),
+            b,
             par,
-        );
-        y
+        )
     }
 
     /// `g [n, out] @ w [out, in]`: the input gradient of `x_wt`.
     pub fn g_w(g: &[f32], w: &[f32], out_f: usize, in_f: usize, par: Parallelism) -> Vec<f32> {
         let n = g.len() / out_f;
-        let mut dx = vec![0f32; n * in_f];
-        kernels::matmul(
-            &mut dx,
-            in_f,
-            Mat::rm(g, n, out_f),
-            Mat::rm(w, out_f, in_f),
-            1.0,
-            false,
-            par,
-        );
-        dx
+        kernels::matmul_new(Mat::rm(g, n, out_f), Mat::rm(w, out_f, in_f), 1.0, None, par)
     }
 
     /// A trainable bias's gradient: the column sums of `g` (`[n, out]`).
