@@ -1911,12 +1911,17 @@ fn simd_level_env_that_cannot_be() {
             .env("AFINAR_SIMD", v)
             .output()
             .unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     let (code, err) = out("avx1024");
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains("error: AFINAR_SIMD=\"avx1024\": expected one of avx512, avx2, baseline, auto"),
+        err.contains(
+            "error: AFINAR_SIMD=\"avx1024\": expected one of avx512, avx2, baseline, auto"
+        ),
         "{err}"
     );
     // Every level this CPU has runs (baseline always does).

@@ -37,15 +37,11 @@ where
     }
     fn cpu_fwd(&self, [x]: [Input; 1]) -> Fwd {
         let xv = x.f32s(self.names[0])?;
-        let mut y = vec![0f32; xv.len()];
-        map_elems(xv, &mut y, &self.f);
-        output(y, x.shape())
+        output(map_elems(xv, &self.f), x.shape())
     }
     fn bwd(&self, [x]: [&Tensor; 1], _res: &Tensor, grad: &Tensor) -> Grads<1> {
         let dx = with_f32s([x, grad], self.names, |[xv, g]| {
-            let mut dx = vec![0f32; xv.len()];
-            map_grad(xv, g, &mut dx, &self.df);
-            tensor(dx, x.shape())
+            tensor(map_grad(xv, g, &self.df), x.shape())
         })?;
         Ok([Some(dx)])
     }
@@ -99,9 +95,7 @@ impl Op<2> for SiluMulOp {
             )));
         }
         let (g, u) = (gi.f32s("silu_mul gate")?, ui.f32s("silu_mul up")?);
-        let mut y = vec![0f32; g.len()];
-        cpu::silu_mul_fwd(g, u, &mut y);
-        output(y, gi.shape())
+        output(cpu::silu_mul_fwd(g, u), gi.shape())
     }
     fn bwd(&self, [gate, up]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
         let (want_g, want_u) = (gate.track_op(), up.track_op());
@@ -130,9 +124,10 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
 /// The CPU kernels: scalar functions and their derivatives (the loops of
 /// the GELUs are `kernels::map_elems` / `map_grad`), and SwiGLU's loops.
 mod cpu {
-    use crate::nn::kernels::{fast_exp, ELEM_CHUNK};
+    use crate::nn::kernels::{fast_exp, new_filled, ELEM_CHUNK};
     use crate::nn::simd;
     use rayon::prelude::*;
+    use std::mem::MaybeUninit;
 
     // ------------------------------------------------------------ GELU (erf)
 
@@ -211,19 +206,24 @@ mod cpu {
     }
 
     /// `LlamaMLP`'s `act_fn(gate_proj(x)) * up_proj(x)` with SiLU: out = silu(g) * u.
-    pub fn silu_mul_fwd(g: &[f32], u: &[f32], out: &mut [f32]) {
-        out.par_chunks_mut(ELEM_CHUNK)
-            .zip(g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK)))
-            .for_each(|(o, (g, u))| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        for i in 0..o.len() {
-                            o[i] = g[i] * sigmoid(g[i]) * u[i];
-                        }
-                    },
-                )
-            });
+    pub fn silu_mul_fwd(g: &[f32], u: &[f32]) -> Vec<f32> {
+        // SAFETY: the chunks of `out`, `g` and `u` pair up and cover `out`.
+        unsafe {
+            new_filled(g.len().min(u.len()), |out| {
+                out.par_chunks_mut(ELEM_CHUNK)
+                    .zip(g.par_chunks(ELEM_CHUNK).zip(u.par_chunks(ELEM_CHUNK)))
+                    .for_each(|(o, (g, u))| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                for i in 0..o.len() {
+                                    o[i] = MaybeUninit::new(g[i] * sigmoid(g[i]) * u[i]);
+                                }
+                            },
+                        )
+                    })
+            })
+        }
     }
 
     /// dg = dy u s (1 + g (1 - s)), du = dy g s with s = sigmoid(g).

@@ -12,6 +12,7 @@
 use super::simd;
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Rows per rayon task for the row-wise kernels.
 pub(crate) const ROW_CHUNK: usize = 64;
@@ -294,39 +295,62 @@ pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     reduce_lanes(acc) + rest
 }
 
-/// `out[i] = f(x[i])`, in parallel chunks of [`ELEM_CHUNK`].
-pub(crate) fn map_elems(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
-    out.par_chunks_mut(ELEM_CHUNK)
-        .zip(x.par_chunks(ELEM_CHUNK))
-        .for_each(|(o, x)| {
-            simd::run(
-                #[inline(always)]
-                || {
-                    for i in 0..o.len() {
-                        o[i] = f(x[i]);
-                    }
-                },
-            )
-        });
+/// A new vector of `n` floats written by `fill`, which gets them
+/// uninitialised: no zero fill first (calloc's memset of recycled memory
+/// was a fifteenth of an inference step).
+///
+/// # Safety
+/// `fill` must write every element.
+pub(crate) unsafe fn new_filled(n: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    fill(&mut out.spare_capacity_mut()[..n]);
+    // SAFETY: the caller's `fill` wrote all `n` elements.
+    out.set_len(n);
+    out
 }
 
-/// `dx[i] = dy[i] * df(x[i])`: the backward of an elementwise function
-/// whose derivative is `df`.
-pub(crate) fn map_grad(x: &[f32], dy: &[f32], dx: &mut [f32], df: impl Fn(f32) -> f32 + Sync) {
-    dx.par_chunks_mut(ELEM_CHUNK)
-        .enumerate()
-        .for_each(|(c, o)| {
-            let b = c * ELEM_CHUNK;
-            let (x, dy) = (&x[b..b + o.len()], &dy[b..b + o.len()]);
-            simd::run(
-                #[inline(always)]
-                || {
-                    for i in 0..o.len() {
-                        o[i] = dy[i] * df(x[i]);
-                    }
-                },
-            )
-        });
+/// `f(x[i])` for every element, in parallel chunks of [`ELEM_CHUNK`].
+pub(crate) fn map_elems(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    // SAFETY: the chunks of `out` and `x` pair up and cover all of `out`.
+    unsafe {
+        new_filled(x.len(), |out| {
+            out.par_chunks_mut(ELEM_CHUNK)
+                .zip(x.par_chunks(ELEM_CHUNK))
+                .for_each(|(o, x)| {
+                    simd::run(
+                        #[inline(always)]
+                        || {
+                            for i in 0..o.len() {
+                                o[i] = MaybeUninit::new(f(x[i]));
+                            }
+                        },
+                    )
+                })
+        })
+    }
+}
+
+/// `dy[i] * df(x[i])` for every element: the backward of an elementwise
+/// function whose derivative is `df`.
+pub(crate) fn map_grad(x: &[f32], dy: &[f32], df: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    assert_eq!(x.len(), dy.len(), "map_grad: x and dy differ");
+    // SAFETY: as in `map_elems`.
+    unsafe {
+        new_filled(x.len(), |out| {
+            out.par_chunks_mut(ELEM_CHUNK)
+                .zip(x.par_chunks(ELEM_CHUNK).zip(dy.par_chunks(ELEM_CHUNK)))
+                .for_each(|(o, (x, dy))| {
+                    simd::run(
+                        #[inline(always)]
+                        || {
+                            for i in 0..o.len() {
+                                o[i] = MaybeUninit::new(dy[i] * df(x[i]));
+                            }
+                        },
+                    )
+                })
+        })
+    }
 }
 
 /// A raw pointer shared by parallel tasks that write disjoint parts of one

@@ -444,7 +444,13 @@ pub(super) mod cpu {
     /// `g [n, out] @ w [out, in]`: the input gradient of `x_wt`.
     pub fn g_w(g: &[f32], w: &[f32], out_f: usize, in_f: usize, par: Parallelism) -> Vec<f32> {
         let n = g.len() / out_f;
-        kernels::matmul_new(Mat::rm(g, n, out_f), Mat::rm(w, out_f, in_f), 1.0, None, par)
+        kernels::matmul_new(
+            Mat::rm(g, n, out_f),
+            Mat::rm(w, out_f, in_f),
+            1.0,
+            None,
+            par,
+        )
     }
 
     /// A trainable bias's gradient: the column sums of `g` (`[n, out]`).

@@ -83,9 +83,7 @@ impl Op<3> for LayerNormOp {
                 b.len()
             )));
         }
-        let mut y = vec![0f32; x.len()];
-        cpu::layer_norm_fwd(x, g, b, self.eps, d, &mut y);
-        output(y, xi.shape())
+        output(cpu::layer_norm_fwd(x, g, b, self.eps, d), xi.shape())
     }
     fn bwd(&self, [x, g, _b]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Grads<3> {
         let d = g.elem_count();
@@ -142,9 +140,7 @@ impl Op<2> for RmsNormOp {
                 xi.dims()
             )));
         }
-        let mut y = vec![0f32; x.len()];
-        cpu::rms_norm_fwd(x, w, self.eps, d, &mut y);
-        output(y, xi.shape())
+        output(cpu::rms_norm_fwd(x, w, self.eps, d), xi.shape())
     }
     fn bwd(&self, [x, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
         let d = w.elem_count();
@@ -186,36 +182,37 @@ pub fn rms_norm(x: &Tensor, weight: &Weight, eps: f64) -> CResult<Tensor> {
 ///
 /// [`ROW_CHUNK`]: crate::nn::kernels::ROW_CHUNK
 mod cpu {
-    use crate::nn::kernels::{dot_lanes, reduce_lanes, sum_lanes, LANES, ROW_CHUNK};
+    use crate::nn::kernels::{dot_lanes, new_filled, reduce_lanes, sum_lanes, LANES, ROW_CHUNK};
     use crate::nn::simd;
     use rayon::prelude::*;
+    use std::mem::MaybeUninit;
 
     // ------------------------------------------------------------ LayerNorm
 
     /// y = (x - mean) / sqrt(var + eps) * gamma + beta, per row of width `d`.
-    pub fn layer_norm_fwd(
-        x: &[f32],
-        gamma: &[f32],
-        beta: &[f32],
-        eps: f32,
-        d: usize,
-        y: &mut [f32],
-    ) {
-        y.par_chunks_mut(d * ROW_CHUNK)
-            .zip(x.par_chunks(d * ROW_CHUNK))
-            .for_each(|(yc, xc)| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                            let (mean, rstd) = row_stats(xr, eps);
-                            for j in 0..d {
-                                yr[j] = (xr[j] - mean) * rstd * gamma[j] + beta[j];
-                            }
-                        }
-                    },
-                )
-            });
+    pub fn layer_norm_fwd(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, d: usize) -> Vec<f32> {
+        // SAFETY: the row chunks of `y` and `x` pair up; every row is written.
+        unsafe {
+            new_filled(x.len(), |y| {
+                y.par_chunks_mut(d * ROW_CHUNK)
+                    .zip(x.par_chunks(d * ROW_CHUNK))
+                    .for_each(|(yc, xc)| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                                    let (mean, rstd) = row_stats(xr, eps);
+                                    for j in 0..d {
+                                        yr[j] = MaybeUninit::new(
+                                            (xr[j] - mean) * rstd * gamma[j] + beta[j],
+                                        );
+                                    }
+                                }
+                            },
+                        )
+                    })
+            })
+        }
     }
 
     #[inline(always)]
@@ -338,22 +335,27 @@ mod cpu {
     // ------------------------------------------------------------ RMSNorm
 
     /// `LlamaRMSNorm`: y = x / sqrt(mean(x^2) + eps) * w, per row of width `d`.
-    pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, d: usize, y: &mut [f32]) {
-        y.par_chunks_mut(d * ROW_CHUNK)
-            .zip(x.par_chunks(d * ROW_CHUNK))
-            .for_each(|(yc, xc)| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                            let r = rms_rstd(xr, eps);
-                            for j in 0..d {
-                                yr[j] = xr[j] * r * w[j];
-                            }
-                        }
-                    },
-                )
-            });
+    pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, d: usize) -> Vec<f32> {
+        // SAFETY: the row chunks of `y` and `x` pair up; every row is written.
+        unsafe {
+            new_filled(x.len(), |y| {
+                y.par_chunks_mut(d * ROW_CHUNK)
+                    .zip(x.par_chunks(d * ROW_CHUNK))
+                    .for_each(|(yc, xc)| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                                    let r = rms_rstd(xr, eps);
+                                    for j in 0..d {
+                                        yr[j] = MaybeUninit::new(xr[j] * r * w[j]);
+                                    }
+                                }
+                            },
+                        )
+                    })
+            })
+        }
     }
 
     #[inline(always)]
