@@ -70,11 +70,12 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--raw", help="write every measurement here (JSON)")
     ap.add_argument("--append")
+    ap.add_argument("--afinar-sft", help="another build of examples/sft_step (default target/release/examples/sft_step)")
     a = ap.parse_args()
     model = a.model or f32_smollm2()
     common = ["--model", model, "--batch", str(a.batch), "--seq", str(a.seq),
               "--steps", str(a.steps), "--threads", str(a.threads)]
-    cmds = {"afinar": [afinar_bin("examples/sft_step")] + common,
+    cmds = {"afinar": [a.afinar_sft or afinar_bin("examples/sft_step")] + common,
             "pytorch": [sys.executable, str(ROOT / "bench/pytorch_sft.py")] + common}
     peak_before, peak = fma_peak(a.threads)
     res = {k: [] for k in cmds}

@@ -118,10 +118,11 @@ def main():
     ap.add_argument("--model", help="the all-minilm-l6-v2 folder (default: `afinar fetch all-minilm-l6-v2`)")
     ap.add_argument("--raw", help="write every measurement here (JSON)")
     ap.add_argument("--append", help="append the table to this markdown file")
+    ap.add_argument("--afinar-w1", help="another build of examples/w1 (default target/release/examples/w1)")
     a = ap.parse_args()
     modes = a.modes.split(",")
     model = a.model or fetched("all-minilm-l6-v2")
-    afinar = [afinar_bin("examples/w1"), "--model", model]
+    afinar = [a.afinar_w1 or afinar_bin("examples/w1"), "--model", model]
     torch = [sys.executable, str(ROOT / "bench/pytorch_w1.py"), "--attn", a.attn, "--model", model]
     peak_before, peak = fma_peak(a.threads)
     res = {(impl, m): [] for impl in ("afinar", "pytorch") for m in modes}
@@ -179,7 +180,7 @@ def main():
         raw = {"bench": "w1", "date": str(datetime.date.today()), "commit": commit, "cpu": cpu()[0], "simd_flags": cpu()[1],
                "threads": a.threads, "rounds": a.rounds, "steps": a.steps, "model": model, "attn": a.attn,
                "afinar_simd_env": os.environ.get("AFINAR_SIMD"), "fma_peak": [peak_before, peak_after],
-               "summary": summary, "runs": {f"{i}/{m}": v for (i, m), v in res.items()}}
+               "afinar_w1": afinar[0], "summary": summary, "runs": {f"{i}/{m}": v for (i, m), v in res.items()}}
         Path(a.raw).parent.mkdir(parents=True, exist_ok=True)
         Path(a.raw).write_text(json.dumps(raw, indent=1) + "\n")
     if a.append:
