@@ -80,8 +80,11 @@ def fetched(asset):
 
 
 def fma_peak(threads):
-    """This machine's FMA throughput (GFLOP/s) with `threads` threads, at the widest width it has."""
+    """This machine's FMA throughput (GFLOP/s) with `threads` threads, at the widest width it has
+    (AVX2's when AFINAR_SIMD=avx2 stands in for an AVX2-only machine)."""
     out = run([afinar_bin("examples/fma_peak"), "--threads", str(threads), "--secs", "2"])
+    if os.environ.get("AFINAR_SIMD", "").lower() == "avx2":
+        return out, out["avx2_gflops"]
     return out, out["avx512_gflops"] or out["avx2_gflops"]
 
 
@@ -142,7 +145,8 @@ def main():
     lines = [
         f"### W1, {datetime.date.today()}, commit {commit}",
         f"{cpu_name()}, {a.threads} threads, {a.rounds} interleaved rounds x {a.steps} steps, PyTorch attention {a.attn}, "
-        f"AdamW(fused=True), grad norm on both sides; afinar kernels at {simd}{' (AFINAR_SIMD=' + os.environ['AFINAR_SIMD'] + ')' if os.environ.get('AFINAR_SIMD') else ''}; "
+        f"AdamW(fused=True), grad norm on both sides; afinar kernels at {simd}{' (AFINAR_SIMD=' + os.environ['AFINAR_SIMD'] + ')' if os.environ.get('AFINAR_SIMD') else ''}"
+        f"{'; PyTorch ATEN_CPU_CAPABILITY=' + os.environ['ATEN_CPU_CAPABILITY'] + ', ONEDNN_MAX_CPU_ISA=' + os.environ.get('ONEDNN_MAX_CPU_ISA', '-') + ', MKL_ENABLE_INSTRUCTIONS=' + os.environ.get('MKL_ENABLE_INSTRUCTIONS', '-') if os.environ.get('ATEN_CPU_CAPABILITY') else ''}; "
         f"measured FMA peak {peak:.0f} GFLOP/s ({a.threads} threads)",
         "",
         "| mode | afinar step (s) | PyTorch step (s) | time ratio | ratio range (rounds) | GFLOP/step | afinar % of FMA peak | PyTorch % of FMA peak |",
@@ -179,7 +183,8 @@ def main():
     if a.raw:
         raw = {"bench": "w1", "date": str(datetime.date.today()), "commit": commit, "cpu": cpu()[0], "simd_flags": cpu()[1],
                "threads": a.threads, "rounds": a.rounds, "steps": a.steps, "model": model, "attn": a.attn,
-               "afinar_simd_env": os.environ.get("AFINAR_SIMD"), "fma_peak": [peak_before, peak_after],
+               "afinar_simd_env": os.environ.get("AFINAR_SIMD"),
+               "pytorch_isa_env": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}, "fma_peak": [peak_before, peak_after],
                "afinar_w1": afinar[0], "summary": summary, "runs": {f"{i}/{m}": v for (i, m), v in res.items()}}
         Path(a.raw).parent.mkdir(parents=True, exist_ok=True)
         Path(a.raw).write_text(json.dumps(raw, indent=1) + "\n")

@@ -99,3 +99,89 @@ fn a_scalar_head_scores_sequences_on_every_body() {
         assert!(e.contains("scalar head has no loss"), "{e}");
     }
 }
+
+/// A head that pools [CLS] reads the first position only, so BERT's last
+/// layer computes its query, attention output and feed-forward for that row
+/// alone (`Body::forward_first`): the same hidden state as the first row of
+/// the full forward, and the same gradient in every trainable tensor, with
+/// padding in the batch.
+#[test]
+fn bert_first_position_path_matches_the_full_forward() {
+    use afinar::models::Body;
+    use afinar::params::Path;
+    let dir = fixtures().join("bert-tiny");
+    let (mut cfg, _) = read_config(&dir).unwrap();
+    cfg.set_dropout(Some(0.0), Some(0.0));
+    let store = load_params(&dir, &cfg, Selector::all()).unwrap();
+    let body = Body::load(&Path::root(&store, ""), &cfg).unwrap();
+    let (b, t) = (3, 7);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| {
+            if i >= 2 * t + 5 {
+                0
+            } else {
+                (i * 11 % 90 + 1) as u32
+            }
+        })
+        .collect();
+    let mask = ids.iter().map(|&i| (i != 0) as u8 as f32).collect();
+    let x = Inputs::new(ids, mask, b, t).unwrap();
+    let r = candle_core::Tensor::from_vec(
+        (0..b * cfg.hidden_size())
+            .map(|i| ((i * 37 % 19) as f32 - 9.0) / 7.0)
+            .collect::<Vec<f32>>(),
+        (b, 1, cfg.hidden_size()),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut runs = Vec::new();
+    for first in [false, true] {
+        for (_, w) in store.trainable() {
+            w.grad.as_ref().expect("trains").clear();
+        }
+        let h = if first {
+            body.forward_first(&x, None)
+                .unwrap()
+                .expect("BERT on the CPU has the path")
+        } else {
+            body.forward(&x, None).unwrap().narrow(1, 0, 1).unwrap()
+        };
+        assert_eq!(h.dims(), &[b, 1, cfg.hidden_size()]);
+        let loss = (h.clone() * &r).unwrap().sum_all().unwrap();
+        let _ = loss.backward().unwrap();
+        let grads: Vec<(String, Vec<f32>)> = store
+            .trainable()
+            .into_iter()
+            // The body's tensors (the pooler belongs to the head).
+            .filter(|(n, _)| n.starts_with("bert.") && !n.starts_with("bert.pooler."))
+            .map(|(n, w)| {
+                let g = w
+                    .grad_tensor()
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{n}: no gradient"));
+                (n, g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            })
+            .collect();
+        runs.push((h.flatten_all().unwrap().to_vec1::<f32>().unwrap(), grads));
+    }
+    assert!(
+        runs[0].1.len() >= 20,
+        "{} body tensors compared",
+        runs[0].1.len()
+    );
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(diff(&runs[0].0, &runs[1].0) < 1e-5, "hidden states differ");
+    for ((n, a), (_, b)) in runs[0].1.iter().zip(&runs[1].1) {
+        let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+        assert!(
+            diff(a, b) <= 1e-5 * scale,
+            "{n}: gradients differ by {}",
+            diff(a, b)
+        );
+    }
+}

@@ -222,18 +222,24 @@ impl SequenceModel {
 
     /// The pooled sequence vector `[B, C]` (before head dropout).
     pub fn pooled(&self, x: &Inputs, dropout: Option<&DropoutRng>) -> Result<Tensor> {
-        let hidden = self.body.forward(x, dropout)?; // [B, T, C]
         match self.head.pooling {
             Pooling::Cls => {
                 let p = self
                     .pooler
                     .as_ref()
                     .ok_or_else(|| Error::msg("pooling \"cls\" without a pooler"))?;
+                // Only the first position is read: the body may skip the
+                // rest of its last layer ([`Body::forward_first`]).
+                let hidden = match self.body.forward_first(x, dropout)? {
+                    Some(h) => h,                           // [B, 1, C]
+                    None => self.body.forward(x, dropout)?, // [B, T, C]
+                };
                 let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?; // [B, C]
                 Ok(p.forward_t(&cls, dropout)?.tanh()?)
             }
-            Pooling::Mean => mean_pool(&hidden, &x.mask_tensor()?),
+            Pooling::Mean => mean_pool(&self.body.forward(x, dropout)?, &x.mask_tensor()?),
             Pooling::Last => {
+                let hidden = self.body.forward(x, dropout)?; // [B, T, C]
                 let rows = last_tokens(&x.ids, self.pad_id)?;
                 let (b, t, c) = hidden.dims3()?;
                 let flat: Vec<u32> = rows

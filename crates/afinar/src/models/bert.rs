@@ -220,21 +220,48 @@ impl BertLayer {
         mask: &Arc<Vec<f32>>,
         rng: Option<&DropoutRng>,
     ) -> Result<Tensor> {
-        // [B, T, H] -> q, k, v [B, T, H]
-        let q = self.query.forward_t(x, rng)?;
+        self.block(x, x, mask, rng)
+    }
+
+    /// [`Self::forward`] for the first position alone, `[B, 1, H]`: the keys
+    /// and values of every position, the query, attention output and
+    /// feed-forward of the first only (what a head that reads the first
+    /// token needs from the last layer). The same numbers as the first row
+    /// of `forward` (dropout masks in training are drawn over the rows
+    /// computed, so they differ from the full path's).
+    fn forward_first(
+        &self,
+        x: &Tensor,
+        mask: &Arc<Vec<f32>>,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
+        self.block(x, &x.narrow(1, 0, 1)?.contiguous()?, mask, rng)
+    }
+
+    /// The layer on `x` `[B, T, H]` for the query rows `xq` (`x` itself, or
+    /// its first positions): `[B, Tq, H]`.
+    fn block(
+        &self,
+        x: &Tensor,
+        xq: &Tensor,
+        mask: &Arc<Vec<f32>>,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
+        // [B, T, H] -> q [B, Tq, H], k, v [B, T, H]
+        let q = self.query.forward_t(xq, rng)?;
         let k = self.key.forward_t(x, rng)?;
         let v = self.value.forward_t(x, rng)?;
         let drop = rng
             .filter(|_| self.attn_dropout > 0.0)
             .map(|r| (self.attn_dropout, r.next()));
-        let ctx = nn::attention(&q, &k, &v, mask.clone(), self.heads, drop)?; // [B, T, H]
+        let ctx = nn::attention(&q, &k, &v, mask.clone(), self.heads, drop)?; // [B, Tq, H]
         let a = maybe_dropout(
             self.attn_out.forward_t(&ctx, rng)?,
             self.hidden_dropout,
             rng,
         )?;
-        let x = self.attn_ln.forward(&(a + x)?)?;
-        let f = self.intermediate.forward_t(&x, rng)?; // [B, T, F]
+        let x = self.attn_ln.forward(&(a + xq)?)?;
+        let f = self.intermediate.forward_t(&x, rng)?; // [B, Tq, F]
         let f = if self.gelu { nn::gelu(&f)? } else { f.relu()? };
         let o = maybe_dropout(self.output.forward_t(&f, rng)?, self.hidden_dropout, rng)?;
         self.out_ln.forward(&(o + x)?)
@@ -297,6 +324,35 @@ impl Bert {
             None => x.ids.zeros_like()?,
         };
         self.forward(&x.ids, &types, &x.key_mask, dropout)
+    }
+
+    /// The last hidden state of the first position alone, `[B, 1, H]`, on
+    /// the CPU (`None` on another device: use [`Self::forward`]): what a
+    /// head that pools the first token ([CLS]) reads. The last layer
+    /// computes its query, attention output and feed-forward for that row
+    /// only (a sixth of MiniLM-L6's matmul flops); every other layer, and
+    /// the keys and values of the last, see every position. The same
+    /// numbers as `forward(..).narrow(1, 0, 1)` in eval mode.
+    pub fn forward_first(
+        &self,
+        x: &Inputs,
+        dropout: Option<&DropoutRng>,
+    ) -> Result<Option<Tensor>> {
+        if !x.ids.device().is_cpu() {
+            return Ok(None);
+        }
+        let types = match &x.type_ids {
+            Some(t) => t.clone(),
+            None => x.ids.zeros_like()?,
+        };
+        let Some((last, rest)) = self.layers.split_last() else {
+            return Ok(None);
+        };
+        let mut h = self.embeddings.forward(&x.ids, &types, dropout)?;
+        for l in rest {
+            h = l.forward_ckpt(&h, &x.key_mask, dropout, self.gradient_checkpointing)?;
+        }
+        Ok(Some(last.forward_first(&h, &x.key_mask, dropout)?))
     }
 
     /// The last hidden state `[B, T, H]`: every position (habit 3).

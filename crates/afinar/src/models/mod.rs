@@ -430,6 +430,16 @@ impl Body {
         }
     }
 
+    /// The last hidden state of the first position alone, `[B, 1, C]`,
+    /// where the body computes it for less than [`Self::forward`] (BERT on
+    /// the CPU: [`Bert::forward_first`]); `None` elsewhere.
+    pub fn forward_first(&self, x: &Inputs, rng: Option<&DropoutRng>) -> Result<Option<Tensor>> {
+        match self {
+            Body::Bert(m) => m.forward_first(x, rng),
+            _ => Ok(None),
+        }
+    }
+
     fn decoder_only(&self, what: &str) -> Error {
         Error::msg(format!(
             "{what}: BERT is an encoder; this needs a decoder (Llama family, GPT-2)"

@@ -18,27 +18,35 @@ struct AttentionOp {
 }
 
 impl AttentionOp {
-    fn shape(&self, dims: &[usize]) -> CResult<AttnShape> {
-        let [b, t, c] = dims else {
+    /// The shapes of a call: q `[B, Tq, C]`, k and v `[B, Tk, C]` with
+    /// `Tq <= Tk` (the queries are the first `Tq` positions).
+    fn shape(&self, q: &[usize], k: &[usize], v: &[usize]) -> CResult<AttnShape> {
+        let ([b, tq, c], [kb, tk, kc]) = (q, k) else {
             return Err(cerr(format!(
-                "attention: q/k/v must be [B, T, C], found {dims:?}"
+                "attention: q/k/v must be [B, T, C], found q {q:?}, k {k:?}"
             )));
         };
+        if k != v || b != kb || c != kc || tq > tk {
+            return Err(cerr(format!(
+                "attention: q {q:?}, k {k:?}, v {v:?} do not fit (k and v alike; q the first positions of the same batch and width)"
+            )));
+        }
         if c % self.heads != 0 {
             return Err(cerr(format!(
                 "attention: width {c} is not divisible by {} heads",
                 self.heads
             )));
         }
-        if self.key_mask.len() != b * t {
+        if self.key_mask.len() != b * tk {
             return Err(cerr(format!(
-                "attention: mask has {} entries for [B={b}, T={t}]",
+                "attention: mask has {} entries for [B={b}, T={tk}]",
                 self.key_mask.len()
             )));
         }
         Ok(AttnShape {
             b: *b,
-            t: *t,
+            tq: *tq,
+            t: *tk,
             h: self.heads,
             d: c / self.heads,
         })
@@ -63,33 +71,27 @@ impl Op<3> for AttentionOp {
         "afinar-attention"
     }
     fn cpu_fwd(&self, [qi, ki, vi]: [Input; 3]) -> Fwd {
-        let sh = self.shape(qi.dims())?;
-        if ki.dims() != qi.dims() || vi.dims() != qi.dims() {
-            return Err(cerr(format!(
-                "attention: q {:?}, k {:?}, v {:?} differ",
-                qi.dims(),
-                ki.dims(),
-                vi.dims()
-            )));
-        }
+        let sh = self.shape(qi.dims(), ki.dims(), vi.dims())?;
         let (q, k, v) = (qi.f32s("q")?, ki.f32s("k")?, vi.f32s("v")?);
         let mut out = vec![0f32; q.len()];
         self.call(sh, [q, k, v]).forward(&mut out);
         output(out, qi.shape())
     }
     fn bwd(&self, [q, k, v]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Grads<3> {
-        let sh = self.shape(q.dims())?;
+        let sh = self.shape(q.dims(), k.dims(), v.dims())?;
         let names = ["q", "k", "v", "attention grad"];
         with_f32s([q, k, v, grad], names, |[qv, kv, vv, g]| {
-            let n = qv.len();
-            let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            let (mut dq, mut dk, mut dv) = (
+                vec![0f32; qv.len()],
+                vec![0f32; kv.len()],
+                vec![0f32; kv.len()],
+            );
             self.call(sh, [qv, kv, vv])
                 .backward(g, &mut dq, &mut dk, &mut dv);
-            let s = q.shape();
             Ok([
-                Some(tensor(dq, s)?),
-                Some(tensor(dk, s)?),
-                Some(tensor(dv, s)?),
+                Some(tensor(dq, q.shape())?),
+                Some(tensor(dk, k.shape())?),
+                Some(tensor(dv, v.shape())?),
             ])
         })
     }
@@ -98,6 +100,10 @@ impl Op<3> for AttentionOp {
 /// Multi-head scaled dot-product attention over `[B, T, C]` projections.
 /// `key_mask` is `[B * T]`, 1.0 for tokens to attend to, 0.0 for padding.
 /// `dropout = Some((p, seed))` drops attention probabilities (training).
+/// On the CPU `q` may hold only the first `Tq <= T` positions (`[B, Tq,
+/// C]`, a head that reads the first token): the result is those rows of
+/// the full attention, dropout included (element (i, j) of a head's
+/// probabilities is the same stream element either way).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -112,6 +118,7 @@ pub fn attention(
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
         let (b, t, _) = q.dims3()?;
+        // (The CUDA path takes full queries only: q, k, v alike.)
         if key_mask.len() != b * t || k.dims() != q.dims() || v.dims() != q.dims() {
             return Err(cerr(format!(
                 "attention: q {:?}, k {:?}, v {:?} with {} mask entries",
@@ -153,18 +160,21 @@ mod cpu {
     use gemm::Parallelism;
     use rayon::prelude::*;
 
-    /// Shapes of one multi-head attention call: q, k, v and the output are
-    /// `[b, t, h * d]` row-major (heads side by side, as a linear layer makes
-    /// them); `key_mask[b * t + j]` is 0.0 for a key to ignore.
+    /// Shapes of one multi-head attention call: k and v are `[b, t, h * d]`
+    /// row-major (heads side by side, as a linear layer makes them), q and
+    /// the output `[b, tq, h * d]`, the first `tq <= t` positions;
+    /// `key_mask[b * t + j]` is 0.0 for a key to ignore.
     #[derive(Clone, Copy, Debug)]
     pub struct AttnShape {
         pub b: usize,
+        pub tq: usize,
         pub t: usize,
         pub h: usize,
         pub d: usize,
     }
 
     impl AttnShape {
+        /// The layout of k and v.
         fn heads(&self) -> Heads {
             Heads {
                 t: self.t,
@@ -172,13 +182,20 @@ mod cpu {
                 d: self.d,
             }
         }
+        /// The layout of q, the output and their gradients.
+        fn q_heads(&self) -> Heads {
+            Heads {
+                t: self.tq,
+                ..self.heads()
+            }
+        }
     }
 
-    /// The probabilities of one (batch, head) into `p` (`t x t`): softmax(q
+    /// The probabilities of one (batch, head) into `p` (`tq x t`): softmax(q
     /// k^T * scale) over the keys that are not padding (`mask`).
     #[inline(always)]
     fn probs(p: &mut [f32], qm: Mat, km: Mat, mask: &[f32], scale: f32) {
-        let t = qm.rows;
+        let t = km.rows;
         matmul(p, t, qm, km.t(), scale, false, Parallelism::None);
         for row in p.chunks_mut(t) {
             masked_softmax(row, mask);
@@ -203,31 +220,32 @@ mod cpu {
         pub fn forward(&self, out: &mut [f32]) {
             let (q, k, v, key_mask) = (self.q, self.k, self.v, self.key_mask);
             let (sh, scale, dropout) = (self.sh, self.scale, self.dropout);
-            let (t, hs) = (sh.t, sh.heads());
+            let (t, tq, hs, qs) = (sh.t, sh.tq, sh.heads(), sh.q_heads());
             // Each (batch, head) task writes its own column block of `out`; the
             // blocks are disjoint so the raw pointer is shared safely.
             let out_ptr = SyncPtr::new(out);
             (0..sh.b * sh.h).into_par_iter().for_each_init(
-                || vec![0f32; t * t],
+                || vec![0f32; tq * t],
                 |s, bh| {
                     simd::run(
                         #[inline(always)]
                         || {
                             let (bi, hi) = (bh / sh.h, bh % sh.h);
-                            let (qm, km) = (hs.rows(q, bi, hi, 0, t), hs.rows(k, bi, hi, 0, t));
+                            let (qm, km) = (qs.rows(q, bi, hi, 0, tq), hs.rows(k, bi, hi, 0, t));
                             probs(s, qm, km, &key_mask[bi * t..(bi + 1) * t], scale);
                             // Element (i, j) of head bh is element (bh * t + i) * t + j of
-                            // the dropout stream, as in the causal kernel.
+                            // the dropout stream, as in the causal kernel; query row i is
+                            // position i, so the first tq rows are a prefix of it.
                             if let Some((p, seed)) = dropout {
                                 drop_in_place(s, p, seed, (bh * t * t) as u64);
                             }
                             // SAFETY: see above; the view starts at this head's block.
-                            let o = unsafe { &mut out_ptr.slice()[hs.offset(bi, hi, 0)..] };
+                            let o = unsafe { &mut out_ptr.slice()[qs.offset(bi, hi, 0)..] };
                             let vm = hs.rows(v, bi, hi, 0, t);
                             matmul(
                                 o,
-                                hs.c(),
-                                Mat::rm(s, t, t),
+                                qs.c(),
+                                Mat::rm(s, tq, t),
                                 vm,
                                 1.0,
                                 false,
@@ -244,18 +262,19 @@ mod cpu {
         pub fn backward(&self, dout: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
             let (q, k, v, key_mask) = (self.q, self.k, self.v, self.key_mask);
             let (sh, scale, dropout) = (self.sh, self.scale, self.dropout);
-            let (t, hs) = (sh.t, sh.heads());
+            let (t, tq, hs, qs) = (sh.t, sh.tq, sh.heads(), sh.q_heads());
             let c = hs.c();
             let ptrs = (SyncPtr::new(dq), SyncPtr::new(dk), SyncPtr::new(dv));
             (0..sh.b * sh.h).into_par_iter().for_each_init(
-                || (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; t * t]),
+                || (vec![0f32; tq * t], vec![0f32; tq * t], vec![0f32; tq * t]),
                 |(p, pd, dp), bh| {
                     simd::run(
                         #[inline(always)]
                         || {
                             let (bi, hi) = (bh / sh.h, bh % sh.h);
-                            let (qm, km) = (hs.rows(q, bi, hi, 0, t), hs.rows(k, bi, hi, 0, t));
-                            let (vm, dom) = (hs.rows(v, bi, hi, 0, t), hs.rows(dout, bi, hi, 0, t));
+                            let (qm, km) = (qs.rows(q, bi, hi, 0, tq), hs.rows(k, bi, hi, 0, t));
+                            let (vm, dom) =
+                                (hs.rows(v, bi, hi, 0, t), qs.rows(dout, bi, hi, 0, tq));
                             let mask = &key_mask[bi * t..(bi + 1) * t];
                             probs(p, qm, km, mask, scale);
                             // pv: the probabilities that multiplied V in forward.
@@ -267,13 +286,13 @@ mod cpu {
                                 }
                                 None => p,
                             };
-                            let off = hs.offset(bi, hi, 0);
+                            let (qoff, koff) = (qs.offset(bi, hi, 0), hs.offset(bi, hi, 0));
                             // SAFETY: disjoint column blocks per (batch, head), as in forward.
                             let (dqs, dks, dvs) =
                                 unsafe { (ptrs.0.slice(), ptrs.1.slice(), ptrs.2.slice()) };
                             // dV = Pv^T dO
-                            let pvt = Mat::rm(pv, t, t).t();
-                            matmul(&mut dvs[off..], c, pvt, dom, 1.0, false, Parallelism::None);
+                            let pvt = Mat::rm(pv, tq, t).t();
+                            matmul(&mut dvs[koff..], c, pvt, dom, 1.0, false, Parallelism::None);
                             // dPv = dO V^T
                             matmul(dp, t, dom, vm.t(), 1.0, false, Parallelism::None);
                             if let Some((pr, _)) = dropout {
@@ -281,7 +300,7 @@ mod cpu {
                                 reuse_dropout_mask(dp, pv, pr);
                             }
                             // dS = P * (dP - rowsum(dP * P)), times the score scale.
-                            for i in 0..t {
+                            for i in 0..tq {
                                 let pr = &p[i * t..(i + 1) * t];
                                 let dr = &mut dp[i * t..(i + 1) * t];
                                 let dot = dot_lanes(pr, dr);
@@ -290,10 +309,10 @@ mod cpu {
                                 }
                             }
                             // dQ = dS K ; dK = dS^T Q
-                            let ds = Mat::rm(dp, t, t);
-                            matmul(&mut dqs[off..], c, ds, km, 1.0, false, Parallelism::None);
+                            let ds = Mat::rm(dp, tq, t);
+                            matmul(&mut dqs[qoff..], c, ds, km, 1.0, false, Parallelism::None);
                             matmul(
-                                &mut dks[off..],
+                                &mut dks[koff..],
                                 c,
                                 ds.t(),
                                 qm,
@@ -312,7 +331,8 @@ mod cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::testing::{check_grads, randn};
+    use crate::nn::testing::{check_grads, flat, max_abs_diff, randn};
+    use crate::nn::Weight;
     use candle_core::Device;
 
     #[test]
@@ -335,6 +355,65 @@ mod tests {
                 2e-2,
             );
         }
+    }
+
+    /// Queries for the first positions only (a head that reads the first
+    /// token): the same rows, dropout included, and the same gradients as
+    /// the full attention with a gradient on those rows alone.
+    #[test]
+    fn attention_of_the_first_positions_is_a_prefix_of_the_full() {
+        let (b, t, tq, c, h) = (2, 9, 2, 8, 2);
+        let vals = [
+            randn(&[b, t, c], 1),
+            randn(&[b, t, c], 2),
+            randn(&[b, t, c], 3),
+        ];
+        let mut mask = vec![1f32; b * t];
+        mask[t + 7] = 0.0;
+        mask[t + 8] = 0.0;
+        let mask = Arc::new(mask);
+        let r = randn(&[b, tq, c], 4);
+        for dropout in [None, Some((0.3f32, 5u64))] {
+            let run = |prefix: bool| {
+                let ws: Vec<Weight> = vals.iter().map(|v| Weight::trainable(v).unwrap()).collect();
+                let q = if prefix {
+                    ws[0].t.narrow(1, 0, tq).unwrap().contiguous().unwrap()
+                } else {
+                    ws[0].t.clone()
+                };
+                let out = attention(&q, &ws[1].t, &ws[2].t, mask.clone(), h, dropout).unwrap();
+                let rows = out.narrow(1, 0, tq).unwrap();
+                let g = (rows.clone() * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let grads: Vec<Vec<f32>> = ws.iter().map(|w| flat(g.get(&w.t).unwrap())).collect();
+                (flat(&rows), grads)
+            };
+            let (full, gf) = run(false);
+            let (pre, gp) = run(true);
+            assert!(
+                max_abs_diff(&full, &pre) < 1e-6,
+                "rows differ ({dropout:?})"
+            );
+            for (i, (a, b)) in gf.iter().zip(&gp).enumerate() {
+                assert!(
+                    max_abs_diff(a, b) < 1e-6,
+                    "gradient of input {i} differs ({dropout:?})"
+                );
+            }
+        }
+        // And the shapes that cannot be: more queries than keys, another width.
+        let q = randn(&[b, t + 1, c], 5);
+        let err = attention(&q, &vals[1], &vals[2], mask.clone(), h, None).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+        let check_grads_prefix = |w: &[Weight]| {
+            let q = w[0].t.narrow(1, 0, tq).unwrap().contiguous().unwrap();
+            attention(&q, &w[1].t, &w[2].t, mask.clone(), h, Some((0.2, 6))).unwrap()
+        };
+        check_grads(&vals, &check_grads_prefix, 2e-2);
     }
 
     #[test]
