@@ -6,7 +6,7 @@
 #   3. run every test of the workspace (tests/fuzz_corpus.rs replays every
 #      committed fuzz input);
 #   4. on a CPU with AVX-512, the kernel and parity tests again with
-#      AFINAR_SIMD=avx2 (step 3 ran afinar's kernels at AVX-512; nn::simd's
+#      AFINAR_SIMD=avx2 (step 3 ran afinar's kernels at AVX-512; simd's
 #      own test compares every level bit for bit in one process);
 #   5. a fuzz smoke run: each cargo fuzz target for AFINAR_FUZZ_SECS seconds
 #      (default 15; 0 skips), on stable Rust, new inputs to a scratch folder

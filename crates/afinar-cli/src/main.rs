@@ -159,10 +159,10 @@ fn init_threads(n: Option<usize>) {
     afinar::init_threads(n);
 }
 
-/// `AFINAR_SIMD` (the vector level of afinar's CPU kernels, `nn::simd`)
+/// `AFINAR_SIMD` (the vector level of afinar's CPU kernels, `simd`)
 /// checked before any work: a bad value is an error, not a panic mid-run.
 fn check_simd() -> Result<()> {
-    afinar::nn::simd::check_env().map_err(anyhow::Error::msg)?;
+    afinar::simd::check_env().map_err(anyhow::Error::msg)?;
     Ok(())
 }
 

@@ -1901,7 +1901,7 @@ fn command_line_usage_errors() {
 
 #[test]
 fn simd_level_env_that_cannot_be() {
-    // AFINAR_SIMD forces the vector level of the CPU kernels (nn::simd):
+    // AFINAR_SIMD forces the vector level of the CPU kernels (simd):
     // an unknown name is an error before any work, naming the variable.
     let c = Case::new();
     let out = |v: &str| {

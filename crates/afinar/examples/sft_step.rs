@@ -125,7 +125,7 @@ fn main() -> afinar::Result<()> {
     println!(
         "{}",
         serde_json::json!({"impl": "afinar", "median_s": median, "steps": times,
-            "tokens_per_s": (b * t) as f64 / median, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss, "simd": afinar::nn::simd::level().name(), "threads": threads,
+            "tokens_per_s": (b * t) as f64 / median, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss, "simd": afinar::simd::level().name(), "threads": threads,
             "batch": b, "seq": t, "device": format!("{device:?}"), "dtype": format!("{dtype:?}"),
             "gpu_used_mb_at_end": gpu_used_mb()})
     );

@@ -117,7 +117,7 @@ fn main() -> afinar::Result<()> {
     let median = sorted[sorted.len() / 2];
     println!(
         "{}",
-        serde_json::json!({"impl": "afinar", "mode": mode, "median_s": median, "steps": times, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss, "threads": threads, "simd": afinar::nn::simd::level().name()})
+        serde_json::json!({"impl": "afinar", "mode": mode, "median_s": median, "steps": times, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss, "threads": threads, "simd": afinar::simd::level().name()})
     );
     Ok(())
 }

@@ -35,6 +35,7 @@ pub mod optim;
 pub mod params;
 pub mod plot;
 pub mod runs;
+pub mod simd;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod train;

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&str] = &[
     "testutil",     // unit-test helpers (cfg(test) only)
     "error",        // typed errors
+    "simd",         // the vector level of the CPU kernels, chosen at run time
     "event",        // what the library reports instead of printing
     "fsutil",       // atomic writes
     "mem_guard",    // the memory bound of untrusted renders

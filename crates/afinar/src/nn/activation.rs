@@ -125,7 +125,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
 /// the GELUs are `kernels::map_elems` / `map_grad`), and SwiGLU's loops.
 mod cpu {
     use crate::nn::kernels::{fast_exp, new_filled, ELEM_CHUNK};
-    use crate::nn::simd;
+    use crate::simd;
     use rayon::prelude::*;
     use std::mem::MaybeUninit;
 

@@ -12,8 +12,8 @@
 //! split).
 
 use super::custom_op::{apply, cerr, output, tensor, with_f32, CResult, Fwd, Grads, Input, Op};
-use super::simd;
 use crate::data::splitmix64;
+use crate::simd;
 use candle_core::Tensor;
 use std::cell::Cell;
 
@@ -145,7 +145,7 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> CResult<Tensor> {
 /// The CPU kernel.
 pub(crate) mod cpu {
     use super::drop_one;
-    use crate::nn::simd;
+    use crate::simd;
     use rayon::prelude::*;
 
     /// out[i] = keep(i) ? x[i] / (1 - p) : 0.

@@ -6,8 +6,8 @@
 //! table's gradient in f32.
 
 use super::custom_op::{apply, cerr, output, with_f32, CResult, Fwd, Grads, Input, Op};
-use super::simd;
 use super::Weight;
+use crate::simd;
 use candle_core::{DType, Tensor};
 
 struct EmbeddingOp {

@@ -9,7 +9,7 @@
 //! `attention/` ...) keeps its own kernels, built on these, in its `cpu`
 //! module. f32 only, CPU only.
 
-use super::simd;
+use crate::simd;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -221,7 +221,7 @@ pub fn fast_exp(x: f32) -> f32 {
 
 /// Independent accumulators of the lane sums below: one AVX-512 register,
 /// two AVX2 ones. The order of additions is the same at every SIMD level
-/// (`nn::simd`), so every level gives the same bits.
+/// (`simd`), so every level gives the same bits.
 pub(crate) const LANES: usize = 16;
 
 /// Sum with [`LANES`] independent accumulators: the compiler may not

@@ -244,7 +244,7 @@ mod cpu {
     use crate::nn::kernels::{
         fast_exp, matmul, max_lanes, parallelism, reduce_lanes, sum_lanes, Mat, LANES,
     };
-    use crate::nn::simd;
+    use crate::simd;
     use rayon::prelude::*;
 
     /// Rows of `hidden` (`[n, c]`) listed in `rows`, copied contiguous into `dst`.

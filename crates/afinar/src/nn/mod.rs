@@ -36,9 +36,8 @@ pub mod norm;
 pub mod qlinear;
 pub mod rope;
 pub mod scale;
-pub mod simd;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use activation::{gelu, gelu_tanh, silu_mul};
 pub use attention::{attention, attention_with_cache, causal_attention, CacheShape};

@@ -183,7 +183,7 @@ pub fn rms_norm(x: &Tensor, weight: &Weight, eps: f64) -> CResult<Tensor> {
 /// [`ROW_CHUNK`]: crate::nn::kernels::ROW_CHUNK
 mod cpu {
     use crate::nn::kernels::{dot_lanes, new_filled, reduce_lanes, sum_lanes, LANES, ROW_CHUNK};
-    use crate::nn::simd;
+    use crate::simd;
     use rayon::prelude::*;
     use std::mem::MaybeUninit;
 

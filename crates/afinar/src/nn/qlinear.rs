@@ -20,8 +20,9 @@ use super::custom_op::{
 };
 use super::kernels::{self, Mat};
 use super::linear::cpu::add_bias_grad;
-use super::{simd, Weight};
+use super::Weight;
 use crate::hub::gguf::QTensor;
+use crate::simd;
 use candle_core::Tensor;
 use gemm::Parallelism;
 use rayon::prelude::*;

@@ -211,7 +211,7 @@ pub fn rope(
 mod cpu {
     use super::RopeTable;
     use crate::nn::kernels::ROW_CHUNK;
-    use crate::nn::simd;
+    use crate::simd;
     use rayon::prelude::*;
 
     /// Rotate every head of every row of `x` (`[rows, heads * head_dim]`, row

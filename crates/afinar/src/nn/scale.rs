@@ -8,7 +8,8 @@ use super::custom_op::{
     apply, cerr, first_only, last_dim, needs_grad, output, tensor, with_f32, with_f32s, CResult,
     Fwd, Grads, Input, Op,
 };
-use super::{simd, Weight};
+use super::Weight;
+use crate::simd;
 use candle_core::Tensor;
 use rayon::prelude::*;
 use std::sync::Arc;

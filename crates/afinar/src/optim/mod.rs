@@ -3,7 +3,8 @@
 //! clipping. The update is one fused in-place pass per tensor; frozen
 //! parameters have no optimizer state at all.
 
-use crate::nn::{simd, Weight};
+use crate::nn::Weight;
+use crate::simd;
 use crate::{Error, Result};
 use candle_core::{CpuStorage, InplaceOp1, Layout};
 use rayon::prelude::*;

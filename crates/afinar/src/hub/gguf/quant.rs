@@ -233,9 +233,9 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// Dequantise whole blocks: `bytes` holds exactly the blocks of `out.len()` values.
-/// `ty` must be supported. Compiled for each SIMD level (`nn::simd`).
+/// `ty` must be supported. Compiled for each SIMD level (`simd`).
 fn dequantize_span(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
-    crate::nn::simd::run(
+    crate::simd::run(
         #[inline(always)]
         || dequantize_span_at_level(ty, bytes, out),
     )

@@ -156,7 +156,7 @@ mod cpu {
     use super::super::cpu::{masked_softmax, Heads};
     use crate::nn::dropout::{drop_in_place, reuse_dropout_mask};
     use crate::nn::kernels::{dot_lanes, matmul, Mat, SyncPtr};
-    use crate::nn::simd;
+    use crate::simd;
     use gemm::Parallelism;
     use rayon::prelude::*;
 

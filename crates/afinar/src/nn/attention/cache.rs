@@ -7,7 +7,7 @@
 use super::causal::cpu::{blocks, causal_softmax_block, Visibility, ATT_BLOCK};
 use super::cpu::Heads;
 use crate::nn::kernels::{matmul, parallelism, Mat, SyncPtr};
-use crate::nn::simd;
+use crate::simd;
 use gemm::Parallelism;
 use rayon::prelude::*;
 

@@ -190,7 +190,7 @@ pub(super) mod cpu {
     use super::super::cpu::{masked_softmax, Heads};
     use crate::nn::dropout::{drop_in_place, reuse_dropout_mask};
     use crate::nn::kernels::{dot_lanes, matmul, Mat, SyncPtr, ROW_CHUNK};
-    use crate::nn::simd;
+    use crate::simd;
     use gemm::Parallelism;
     use rayon::prelude::*;
 
