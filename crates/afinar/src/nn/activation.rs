@@ -10,8 +10,10 @@
 //!
 //! [`fast_exp`]: crate::nn::kernels::fast_exp
 
-use super::custom_op::{apply, cerr, output, tensor, with_f32s, CResult, Fwd, Grads, Input, Op};
-use super::kernels::{map_elems, map_grad};
+use super::custom_op::{
+    apply, cerr, output, tensor, with_f32, with_f32s, CResult, Fwd, Grads, Input, Op,
+};
+use super::kernels::{self, map_elems, map_grad, Mat};
 use candle_core::Tensor;
 
 // ------------------------------------------------------------------ GELU (erf, tanh)
@@ -119,6 +121,107 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
         return cuda::silu_mul(gate, up);
     }
     apply(SiluMulOp, [gate, up])
+}
+
+// ------------------------------------------------------------------ SwiGLU + frozen down projection + residual
+
+/// `r + (silu(gate) * up) @ w^T` with `w` `[out, F]` frozen, as one op: the
+/// `[.., F]` product and the projection are never tensors of the graph, so
+/// they are not kept from forward to backward (a layer of SmolLM2 at 1,024
+/// tokens keeps 8.7 MB less); backward recomputes nothing the frozen weight
+/// does not need (`dh = dy w`, then SiLU's backward).
+struct SwigluDownOp {
+    w: Tensor,
+}
+
+impl Op<3> for SwigluDownOp {
+    fn name(&self) -> &'static str {
+        "afinar-swiglu-down-residual"
+    }
+    fn cpu_fwd(&self, [gi, ui, ri]: [Input; 3]) -> Fwd {
+        let (out_f, in_f) = self.w.dims2()?;
+        let ok = gi.dims() == ui.dims()
+            && gi.dims().last() == Some(&in_f)
+            && ri.dims().last() == Some(&out_f)
+            && ri.dims()[..ri.dims().len() - 1] == gi.dims()[..gi.dims().len() - 1];
+        if !ok {
+            return Err(cerr(format!(
+                "swiglu_down: gate {:?}, up {:?}, residual {:?} do not fit down_proj [{out_f}, {in_f}]",
+                gi.dims(),
+                ui.dims(),
+                ri.dims()
+            )));
+        }
+        let (g, u, r) = (
+            gi.f32s("mlp gate")?,
+            ui.f32s("mlp up")?,
+            ri.f32s("mlp residual")?,
+        );
+        let h = cpu::silu_mul_fwd(g, u);
+        let mut y = r.to_vec();
+        let n = g.len() / in_f;
+        with_f32(&self.w, "down_proj weight", |w| {
+            kernels::matmul(
+                &mut y,
+                out_f,
+                Mat::rm(&h, n, in_f),
+                Mat::rm(w, out_f, in_f).t(),
+                1.0,
+                true,
+                kernels::parallelism(),
+            );
+            Ok(())
+        })?;
+        output(y, ri.shape())
+    }
+    fn bwd(&self, [gate, up, res]: [&Tensor; 3], _res: &Tensor, grad: &Tensor) -> Grads<3> {
+        let (out_f, in_f) = self.w.dims2()?;
+        let (want_g, want_u) = (gate.track_op(), up.track_op());
+        let names = ["mlp gate", "mlp up", "mlp grad", "down_proj weight"];
+        let (dg, du) = with_f32s([gate, up, grad, &self.w], names, |[gv, uv, dy, w]| {
+            if !want_g && !want_u {
+                return Ok((None, None));
+            }
+            let n = dy.len() / out_f;
+            // dh = dy w, then SiLU-gate's backward.
+            let dh = kernels::matmul_new(
+                Mat::rm(dy, n, out_f),
+                Mat::rm(w, out_f, in_f),
+                1.0,
+                None,
+                kernels::parallelism(),
+            );
+            let mut dg = want_g.then(|| vec![0f32; gv.len()]);
+            let mut du = want_u.then(|| vec![0f32; gv.len()]);
+            cpu::silu_mul_bwd(gv, uv, &dh, dg.as_deref_mut(), du.as_deref_mut());
+            Ok((
+                dg.map(|v| tensor(v, gate.shape())).transpose()?,
+                du.map(|v| tensor(v, up.shape())).transpose()?,
+            ))
+        })?;
+        // The residual's gradient is the output's.
+        let dr = res.track_op().then(|| grad.clone());
+        Ok([dg, du, dr])
+    }
+}
+
+/// `residual + (silu(gate) * up) @ w^T` for a frozen `w` `[out, F]` (Llama's
+/// MLP with its residual: `down_proj` frozen and without adapter, as in
+/// LoRA on the attention projections), on the CPU; the same as
+/// `residual + linear(silu_mul(gate, up), w)`, without keeping the `[.., F]`
+/// product or the projection for backward. Other devices compose the ops.
+pub fn swiglu_down_residual(
+    gate: &Tensor,
+    up: &Tensor,
+    w: &Tensor,
+    residual: &Tensor,
+) -> CResult<Tensor> {
+    if !gate.device().is_cpu() {
+        let h = silu_mul(gate, up)?;
+        let y = super::linear::linear(&h, &super::Weight::frozen(w.clone()), None)?;
+        return residual + y;
+    }
+    apply(SwigluDownOp { w: w.detach() }, [gate, up, residual])
 }
 
 /// The CPU kernels: scalar functions and their derivatives (the loops of
@@ -365,6 +468,63 @@ mod cuda {
             )?;
             Ok(vec![Some(dx)])
         })
+    }
+}
+
+#[cfg(test)]
+mod swiglu_down_tests {
+    use super::*;
+    use crate::nn::testing::{check_grads, flat, max_abs_diff, randn};
+    use crate::nn::Weight;
+
+    /// The fused op against the composed one: the same output and the same
+    /// gradients of gate, up and the residual; and finite differences.
+    #[test]
+    fn swiglu_down_residual_matches_the_composed_ops() {
+        let (b, t, f, c) = (2, 5, 24, 7);
+        let vals = [
+            randn(&[b, t, f], 1),
+            randn(&[b, t, f], 2),
+            randn(&[b, t, c], 3),
+        ];
+        let w = randn(&[c, f], 4);
+        let r = randn(&[b, t, c], 5);
+        let run = |fused: bool| {
+            let ws: Vec<Weight> = vals.iter().map(|v| Weight::trainable(v).unwrap()).collect();
+            let y = if fused {
+                swiglu_down_residual(&ws[0].t, &ws[1].t, &w, &ws[2].t).unwrap()
+            } else {
+                let h = silu_mul(&ws[0].t, &ws[1].t).unwrap();
+                let p = crate::nn::linear(&h, &Weight::frozen(w.clone()), None).unwrap();
+                (&ws[2].t + p).unwrap()
+            };
+            let g = (y.clone() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads: Vec<Vec<f32>> = ws.iter().map(|x| flat(g.get(&x.t).unwrap())).collect();
+            (flat(&y), grads)
+        };
+        let (want, gw) = run(false);
+        let (got, gg) = run(true);
+        assert!(max_abs_diff(&want, &got) < 1e-5);
+        for (i, (a, b)) in gw.iter().zip(&gg).enumerate() {
+            assert!(max_abs_diff(a, b) < 1e-5, "gradient of input {i}");
+        }
+        let wc = w.clone();
+        check_grads(
+            &vals,
+            &move |x| swiglu_down_residual(&x[0].t, &x[1].t, &wc, &x[2].t).unwrap(),
+            2e-2,
+        );
+        // Shapes that do not fit down_proj are an error naming them.
+        let bad = swiglu_down_residual(&vals[0], &vals[1], &randn(&[c, f + 1], 6), &vals[2]);
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("do not fit down_proj"));
     }
 }
 
