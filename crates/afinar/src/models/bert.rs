@@ -238,6 +238,25 @@ impl BertLayer {
         self.block(x, &x.narrow(1, 0, 1)?.contiguous()?, mask, rng)
     }
 
+    /// `output.dense`'s weight and bias when it is a plain frozen f32 layer
+    /// after GELU (no active adapter, nothing of it trains), on the CPU:
+    /// then the activation and the projection run as one op
+    /// ([`nn::gelu_dense`]).
+    fn frozen_plain_output(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let d = &self.output;
+        let adapter_active = d.adapter.is_some()
+            && d.adapters_enabled.load(Relaxed)
+            && !d.adapters_merged.load(Relaxed);
+        let nn::Base::F32(w) = &d.weight else {
+            return None;
+        };
+        let bias_frozen = d.bias.as_ref().is_none_or(|b| !b.is_trainable());
+        let plain = self.gelu && !w.is_trainable() && bias_frozen && !adapter_active;
+        let cpu_f32 = w.t.device().is_cpu() && w.t.dtype() == candle_core::DType::F32;
+        (plain && cpu_f32).then(|| (&w.t, d.bias.as_ref().map(|b| &b.t)))
+    }
+
     /// The layer on `x` `[B, T, H]` for the query rows `xq` (`x` itself, or
     /// its first positions): `[B, Tq, H]`.
     fn block(
@@ -262,8 +281,15 @@ impl BertLayer {
         )?;
         let x = self.attn_ln.forward(&(a + xq)?)?;
         let f = self.intermediate.forward_t(&x, rng)?; // [B, Tq, F]
-        let f = if self.gelu { nn::gelu(&f)? } else { f.relu()? };
-        let o = maybe_dropout(self.output.forward_t(&f, rng)?, self.hidden_dropout, rng)?;
+        let o = match self.frozen_plain_output() {
+            // One op: the [B, Tq, F] activation is not kept for backward.
+            Some((w, b)) => nn::gelu_dense(&f, w, b)?,
+            None => {
+                let f = if self.gelu { nn::gelu(&f)? } else { f.relu()? };
+                self.output.forward_t(&f, rng)?
+            }
+        };
+        let o = maybe_dropout(o, self.hidden_dropout, rng)?;
         self.out_ln.forward(&(o + x)?)
     }
 }

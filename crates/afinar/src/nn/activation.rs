@@ -11,7 +11,7 @@
 //! [`fast_exp`]: crate::nn::kernels::fast_exp
 
 use super::custom_op::{
-    apply, cerr, output, tensor, with_f32, with_f32s, CResult, Fwd, Grads, Input, Op,
+    apply, cerr, output, tensor, with_f32, with_f32s, with_last_dim, CResult, Fwd, Grads, Input, Op,
 };
 use super::kernels::{self, map_elems, map_grad, Mat};
 use candle_core::Tensor;
@@ -121,6 +121,81 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> CResult<Tensor> {
         return cuda::silu_mul(gate, up);
     }
     apply(SiluMulOp, [gate, up])
+}
+
+// ------------------------------------------------------------------ GELU + frozen dense
+
+/// `gelu(f) @ w^T + b` with `w` `[out, F]` and `b` frozen, as one op:
+/// the `[.., F]` activation is never a tensor of the graph (not kept for
+/// backward, no gradient of its own to accumulate); backward is
+/// `df = (dy w) * gelu'(f)`.
+struct GeluDenseOp {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Op<1> for GeluDenseOp {
+    fn name(&self) -> &'static str {
+        "afinar-gelu-dense"
+    }
+    fn cpu_fwd(&self, [fi]: [Input; 1]) -> Fwd {
+        let (out_f, in_f) = self.w.dims2()?;
+        if fi.dims().last() != Some(&in_f) {
+            return Err(cerr(format!(
+                "gelu_dense: input {:?} does not fit the dense weight [{out_f}, {in_f}]",
+                fi.dims()
+            )));
+        }
+        let f = fi.f32s("gelu_dense input")?;
+        let h = map_elems(f, cpu::gelu);
+        let y = with_f32(&self.w, "dense weight", |w| match &self.b {
+            Some(b) => with_f32(b, "dense bias", |b| {
+                Ok(super::linear::cpu::x_wt(
+                    &h,
+                    w,
+                    out_f,
+                    in_f,
+                    Some(b),
+                    kernels::parallelism(),
+                ))
+            }),
+            None => Ok(super::linear::cpu::x_wt(
+                &h,
+                w,
+                out_f,
+                in_f,
+                None,
+                kernels::parallelism(),
+            )),
+        })?;
+        output(y, with_last_dim(fi.dims(), out_f, "gelu_dense")?)
+    }
+    fn bwd(&self, [f]: [&Tensor; 1], _res: &Tensor, grad: &Tensor) -> Grads<1> {
+        let (out_f, in_f) = self.w.dims2()?;
+        let names = ["gelu_dense input", "gelu_dense grad", "dense weight"];
+        let df = with_f32s([f, grad, &self.w], names, |[fv, dy, w]| {
+            let dh = super::linear::cpu::g_w(dy, w, out_f, in_f, kernels::parallelism());
+            tensor(map_grad(fv, &dh, cpu::gelu_grad), f.shape())
+        })?;
+        Ok([Some(df)])
+    }
+}
+
+/// `linear(gelu(f), w, b)` for a frozen `w` `[out, F]` and frozen `b`
+/// (BERT's `output.dense` when it neither trains nor has an adapter), on
+/// the CPU, without keeping the `[.., F]` activation for backward. Other
+/// devices compose the ops.
+pub fn gelu_dense(f: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
+    if !f.device().is_cpu() {
+        let h = gelu(f)?;
+        let bw = b.map(|b| super::Weight::frozen(b.clone()));
+        return super::linear::linear(&h, &super::Weight::frozen(w.clone()), bw.as_ref());
+    }
+    let op = GeluDenseOp {
+        w: w.detach(),
+        b: b.map(|b| b.detach()),
+    };
+    apply(op, [f])
 }
 
 // ------------------------------------------------------------------ SwiGLU + frozen down projection + residual
@@ -468,6 +543,61 @@ mod cuda {
             )?;
             Ok(vec![Some(dx)])
         })
+    }
+}
+
+#[cfg(test)]
+mod gelu_dense_tests {
+    use super::*;
+    use crate::nn::testing::{check_grads, flat, max_abs_diff, randn};
+    use crate::nn::Weight;
+
+    /// The fused op against gelu then linear: the same output and input
+    /// gradient, with and without bias; and finite differences.
+    #[test]
+    fn gelu_dense_matches_the_composed_ops() {
+        let (b, t, f, c) = (2, 5, 24, 7);
+        let x = randn(&[b, t, f], 1);
+        let (w, bias) = (randn(&[c, f], 2), randn(&[c], 3));
+        let r = randn(&[b, t, c], 4);
+        for bias in [None, Some(&bias)] {
+            let run = |fused: bool| {
+                let xw = Weight::trainable(&x).unwrap();
+                let y = if fused {
+                    gelu_dense(&xw.t, &w, bias).unwrap()
+                } else {
+                    let bw = bias.map(|b| Weight::frozen(b.clone()));
+                    crate::nn::linear(
+                        &gelu(&xw.t).unwrap(),
+                        &Weight::frozen(w.clone()),
+                        bw.as_ref(),
+                    )
+                    .unwrap()
+                };
+                let g = (y.clone() * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (flat(&y), flat(g.get(&xw.t).unwrap()))
+            };
+            let (want, gw) = run(false);
+            let (got, gg) = run(true);
+            assert!(max_abs_diff(&want, &got) < 1e-5);
+            assert!(max_abs_diff(&gw, &gg) < 1e-5);
+        }
+        let (wc, bc) = (w.clone(), bias.clone());
+        check_grads(
+            &[x.clone()],
+            &move |v| gelu_dense(&v[0].t, &wc, Some(&bc)).unwrap(),
+            2e-2,
+        );
+        let bad = gelu_dense(&x, &randn(&[c, f + 1], 6), None);
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("does not fit the dense weight"));
     }
 }
 

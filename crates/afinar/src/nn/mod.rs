@@ -39,7 +39,7 @@ pub mod scale;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use activation::{gelu, gelu_tanh, silu_mul, swiglu_down_residual};
+pub use activation::{gelu, gelu_dense, gelu_tanh, silu_mul, swiglu_down_residual};
 pub use attention::{attention, attention_with_cache, causal_attention, CacheShape};
 pub use dropout::{dropout, DropoutRng};
 pub use embedding::embedding;
