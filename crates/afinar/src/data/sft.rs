@@ -186,7 +186,10 @@ fn parse_row(rec: &Record, format: &SftFormat) -> std::result::Result<SftExample
     Ok(example)
 }
 
-fn parse_messages(v: &Value, field: &FieldPath) -> std::result::Result<Vec<Message>, String> {
+pub(crate) fn parse_messages(
+    v: &Value,
+    field: &FieldPath,
+) -> std::result::Result<Vec<Message>, String> {
     let Value::Array(items) = v else {
         return Err(format!(
             "field `{field}` must be a list of messages, found {}",

@@ -4,11 +4,15 @@
 //!
 //! - `classify`: sequence classification and regression with a new head on
 //!   any body (BERT, Llama family, GPT-2);
-//! - `sft`: instruction SFT of a decoder LM on chat or prompt/completion rows.
+//! - `sft`: instruction SFT of a decoder LM on chat or prompt/completion rows;
+//! - `preference`: the losses reward models and DPO share (Bradley-Terry,
+//!   DPO's sigmoid / hinge / IPO) and TRL's pair metrics; their recipes
+//!   come next (issue 14).
 //!
 //! `adding-an-objective.md` in `docs/` is the checklist for the next ones.
 
 pub mod classify;
+pub mod preference;
 pub mod sft;
 
 use crate::adapters::{AdapterConfig, AdapterType, PeftTask};
