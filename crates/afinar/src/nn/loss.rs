@@ -173,6 +173,56 @@ impl Op<2> for LmCrossEntropyOp {
                 // zero_first: with no valid row nothing is written, and
                 // the gradient is zero rather than stale.
                 Some(buf) => buf.accumulate(v * c, valid.is_empty(), |dw, overwrite| {
+                    rows.bwd(
+                        cpu::RowGrad::All(g),
+                        dh.as_deref_mut(),
+                        Some((dw, overwrite)),
+                    )
+                }),
+                None => rows.bwd(cpu::RowGrad::All(g), dh.as_deref_mut(), None),
+            }
+            dh.map(|d| tensor(d, hidden.shape())).transpose()
+        })?;
+        Ok(first_only(dh))
+    }
+}
+
+// ------------------------------------------------------------------ LM head + per-token NLL
+
+/// [`lm_token_nll`]'s op: the LM head and the per-row negative
+/// log-likelihood of the target, fused like [`LmCrossEntropyOp`].
+struct LmTokenNllOp(LmCrossEntropyOp);
+
+impl Op<2> for LmTokenNllOp {
+    fn name(&self) -> &'static str {
+        "afinar-lm-token-nll"
+    }
+    fn cpu_fwd(&self, [hi, wi]: [Input; 2]) -> Fwd {
+        let (n, c, v) = self.0.dims(hi.dims(), wi.dims())?;
+        let h = hi.f32s("lm_token_nll hidden")?;
+        let w = wi.f32s("lm_token_nll weight")?;
+        let valid = cpu::lm_valid_rows(&self.0.targets, v).map_err(cerr)?;
+        let mut nll = vec![0f32; n];
+        if !valid.is_empty() {
+            self.0.rows(h, w, &valid, c, v).fwd_rows(&mut nll);
+        }
+        output(nll, n)
+    }
+    fn bwd(&self, [hidden, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
+        let (_, c, v) = self.0.dims(hidden.dims(), w.dims())?;
+        let want_h = hidden.track_op();
+        if !want_h && self.0.w.grad.is_none() {
+            return Ok([None, None]);
+        }
+        let valid = cpu::lm_valid_rows(&self.0.targets, v).map_err(cerr)?;
+        let g = grad.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        let names = ["lm_token_nll hidden", "lm_token_nll weight"];
+        let dh = with_f32s([hidden, w], names, |[hv, wv]| {
+            let mut dh = want_h.then(|| vec![0f32; hv.len()]);
+            let rows = self.0.rows(hv, wv, &valid, c, v);
+            let g = cpu::RowGrad::Rows(&g);
+            match &self.0.w.grad {
+                Some(buf) => buf.accumulate(v * c, valid.is_empty(), |dw, overwrite| {
                     rows.bwd(g, dh.as_deref_mut(), Some((dw, overwrite)))
                 }),
                 None => rows.bwd(g, dh.as_deref_mut(), None),
@@ -181,6 +231,29 @@ impl Op<2> for LmCrossEntropyOp {
         })?;
         Ok(first_only(dh))
     }
+}
+
+/// The LM head and the per-token loss fused: `[N]`, row `i` being
+/// `-log_softmax(hidden[i] @ weight^T)[targets[i]]` (0 where the target is
+/// `-100`), hidden `[N, C]`, weight `[V, C]`. What DPO sums over a
+/// completion's tokens (`-sum` = its log-probability); logits exist only
+/// `chunk_rows` rows at a time, as in [`lm_cross_entropy`]. CPU only for
+/// now: another device is an error.
+pub fn lm_token_nll(
+    hidden: &Tensor,
+    weight: &Weight,
+    targets: Arc<Vec<i64>>,
+    chunk_rows: usize,
+) -> CResult<Tensor> {
+    if !hidden.device().is_cpu() {
+        return Err(cerr("lm_token_nll: CPU only (no CUDA kernel yet)"));
+    }
+    let op = LmTokenNllOp(LmCrossEntropyOp {
+        w: weight.clone(),
+        targets,
+        chunk_rows: chunk_rows.max(1),
+    });
+    apply(op, [hidden, &weight.t])
 }
 
 /// The LM head and the loss fused: mean over rows with `targets[i] != -100`
@@ -297,6 +370,24 @@ mod cpu {
         Ok(rows)
     }
 
+    /// The gradient of each row's loss in a backward: one factor for all
+    /// (the mean loss), or one per row (per-token log-probabilities).
+    #[derive(Clone, Copy)]
+    pub enum RowGrad<'a> {
+        All(f32),
+        Rows(&'a [f32]),
+    }
+
+    impl RowGrad<'_> {
+        #[inline]
+        fn at(&self, r: usize) -> f32 {
+            match self {
+                RowGrad::All(g) => *g,
+                RowGrad::Rows(g) => g[r],
+            }
+        }
+    }
+
     /// The rows of one fused loss: hidden `[n, c]`, the head `w` `[v, c]`,
     /// a target per row and the rows whose target counts (`valid`), taken
     /// `chunk_rows` valid rows at a time (logits never exceed
@@ -337,18 +428,28 @@ mod cpu {
         /// Sum over the valid rows of (logsumexp(h W^T) - (h W^T)[target]),
         /// in f64 (the sum, not the mean).
         pub fn fwd(&self) -> f64 {
+            let mut total = 0f64;
+            self.each_nll(|_, nll| total += nll as f64);
+            total
+        }
+
+        /// `nll[r]` = logsumexp(h_r W^T) - (h_r W^T)[target_r] for each
+        /// valid row `r` (`nll` has a slot per row; others are left as they are).
+        pub fn fwd_rows(&self, nll: &mut [f32]) {
+            self.each_nll(|r, x| nll[r] = x);
+        }
+
+        fn each_nll(&self, mut put: impl FnMut(usize, f32)) {
             let cr = self.chunk_rows.max(1).min(self.valid.len().max(1));
             let v = self.v;
             let mut lse = vec![0f32; cr];
-            let mut total = 0f64;
             self.chunks(cr, |_, rows, _, logits| {
                 let m = rows.len();
                 row_lse(logits, v, &mut lse[..m]);
                 for (i, &r) in rows.iter().enumerate() {
-                    total += (lse[i] - logits[i * v + self.targets[r] as usize]) as f64;
+                    put(r, lse[i] - logits[i * v + self.targets[r] as usize]);
                 }
             });
-            total
         }
 
         /// Backward of the summed loss times `g` (`g` already includes
@@ -358,7 +459,7 @@ mod cpu {
         /// the first chunk when `dw_overwrite`.
         pub fn bwd(
             &self,
-            g: f32,
+            g: RowGrad,
             mut dhidden: Option<&mut [f32]>,
             mut dw: Option<(&mut [f32], bool)>,
         ) {
@@ -380,6 +481,7 @@ mod cpu {
                 lg.par_chunks_mut(v)
                     .zip(rows.par_iter())
                     .for_each(|(row, &r)| {
+                        let g = g.at(r);
                         simd::run(
                             #[inline(always)]
                             || {
@@ -542,6 +644,67 @@ mod tests {
     use super::*;
     use crate::nn::testing::{check, check_grads, flat, max_abs_diff, randn};
     use candle_core::{Device, Var};
+
+    /// Per-token NLL of the fused head against candle's composed ops
+    /// (logits, log-softmax, gather): values, and the gradients of hidden
+    /// and a trainable head under a per-row weighting, ignored rows 0; the
+    /// mean loss is the mean of the per-token ones.
+    #[test]
+    fn lm_token_nll_matches_composed_ops() {
+        let (n, c, v) = (7, 6, 11);
+        let hidden = randn(&[n, c], 21);
+        let w = randn(&[v, c], 22);
+        let targets: Vec<i64> = vec![3, -100, 0, 10, 5, -100, 7];
+        let r = randn(&[n], 23);
+        // Composed reference.
+        let hv = Var::from_tensor(&hidden).unwrap();
+        let wv = Var::from_tensor(&w).unwrap();
+        let logits = hv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
+        let max = logits.max_keepdim(1).unwrap().detach();
+        let z = logits.broadcast_sub(&max).unwrap();
+        let lse = z.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
+        let idx: Vec<u32> = targets.iter().map(|&t| t.max(0) as u32).collect();
+        let idx = Tensor::from_vec(idx, (n, 1), &Device::Cpu).unwrap();
+        let keep: Vec<f32> = targets.iter().map(|&t| (t >= 0) as u8 as f32).collect();
+        let keep = Tensor::from_vec(keep, n, &Device::Cpu).unwrap();
+        let want = ((lse - z.gather(&idx, 1).unwrap())
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            * &keep)
+            .unwrap();
+        let g = (want.clone() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (want_dh, want_dw) = (
+            flat(g.get(hv.as_tensor()).unwrap()),
+            flat(g.get(wv.as_tensor()).unwrap()),
+        );
+        // Fused.
+        let ww = Weight::trainable(&w).unwrap();
+        let hw = Weight::trainable(&hidden).unwrap();
+        let got = lm_token_nll(&hw.t, &ww, Arc::new(targets.clone()), 3).unwrap();
+        assert_eq!(got.dims(), &[n]);
+        assert!(max_abs_diff(&flat(&got), &flat(&want)) < 1e-5);
+        assert_eq!(flat(&got)[1], 0.0);
+        let g = (got.clone() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(max_abs_diff(&flat(g.get(&hw.t).unwrap()), &want_dh) < 1e-5);
+        assert!(max_abs_diff(&flat(&ww.grad_tensor().unwrap().unwrap()), &want_dw) < 1e-5);
+        // The mean of the per-token losses over counted rows is lm_cross_entropy.
+        let mean = lm_cross_entropy(&hidden, &Weight::frozen(w.clone()), Arc::new(targets), 3)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((flat(&got).iter().sum::<f32>() / 5.0 - mean).abs() < 1e-5);
+    }
 
     #[test]
     fn cross_entropy_value_and_grad() {

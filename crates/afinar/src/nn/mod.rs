@@ -45,7 +45,7 @@ pub use dropout::{dropout, DropoutRng};
 pub use embedding::embedding;
 pub use graph::{checkpoint, LayerFn};
 pub use linear::{linear, lora_linear, maybe_dropout, Base, Linear, LinearAdapter};
-pub use loss::{cross_entropy, lm_cross_entropy, lm_logits};
+pub use loss::{cross_entropy, lm_cross_entropy, lm_logits, lm_token_nll};
 pub use norm::{layer_norm, rms_norm, LayerNorm, RmsNorm};
 pub use rope::{rope, RopeTable};
 pub use scale::scale_last;
