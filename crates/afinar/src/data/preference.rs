@@ -11,7 +11,9 @@
 //! identical to the rejected one (nothing to prefer), kinds mixed in a row.
 
 use super::field::{kind, FieldPath};
-use super::sft::{parse_messages, Message, Role};
+use super::sft::{
+    assistant_spans, parse_messages, Message, Role, SftEncoder, SftExample, SftTokens, IGNORE_INDEX,
+};
 use super::source::{read_records, Format, Record, Records};
 use crate::{Error, Result};
 use serde_json::Value;
@@ -164,6 +166,80 @@ fn parse_pair(rec: &Record, f: &PreferenceFormat) -> std::result::Result<Prefere
     })
 }
 
+/// The two sequences of a pair, token ids and labels as in SFT
+/// (`data::sft`): the prompt's tokens carry no loss, the completion's do.
+#[derive(Debug, Clone)]
+pub struct PairTokens {
+    pub line: usize,
+    pub chosen: SftTokens,
+    pub rejected: SftTokens,
+}
+
+/// Token ids and labels of `prompt + chosen` and `prompt + rejected` at full
+/// length. Text pairs: the prompt's tokens, the completion's and eos (TRL's
+/// standard format; loss on the completion and eos). Chat pairs: the
+/// conversation rendered by the template, loss on the completion's turns
+/// only (located by template spans, as SFT; an assistant turn inside the
+/// prompt carries none).
+pub fn encode_pair(enc: &SftEncoder, pair: &PreferencePair) -> Result<PairTokens> {
+    let one = |completion: &Turns| -> Result<SftTokens> {
+        let mut t = match (&pair.prompt, completion) {
+            (Turns::Text(p), Turns::Text(c)) => enc.encode(&SftExample::PromptCompletion {
+                prompt: p.clone(),
+                completion: c.clone(),
+            })?,
+            (Turns::Chat(p), Turns::Chat(c)) => encode_chat(enc, p, c)?,
+            _ => return Err(Error::Data("a pair mixes text and chat turns".into())),
+        };
+        t.line = pair.line;
+        Ok(t)
+    };
+    Ok(PairTokens {
+        line: pair.line,
+        chosen: one(&pair.chosen)?,
+        rejected: one(&pair.rejected)?,
+    })
+}
+
+/// A chat prompt and its completion turns: loss on the completion's spans.
+fn encode_chat(enc: &SftEncoder, prompt: &[Message], completion: &[Message]) -> Result<SftTokens> {
+    let template = enc.template.ok_or_else(|| {
+        Error::Data(
+            "chat pairs need a chat template, and none was given (the tokenizer has none?)".into(),
+        )
+    })?;
+    let msgs: Vec<Message> = prompt.iter().chain(completion).cloned().collect();
+    let (text, spans) = assistant_spans(template, &msgs)?;
+    // The completion's turns are the last spans (it holds assistant turns only).
+    let spans = &spans[spans.len() - completion.len()..];
+    let tokens = enc
+        .tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| Error::Data(format!("tokenizer: {e}")))?;
+    let ids = tokens.get_ids().to_vec();
+    let labels: Vec<i64> = ids
+        .iter()
+        .zip(tokens.get_offsets())
+        .map(|(&id, &(start, _))| {
+            if spans.iter().any(|s| s.contains(&start)) {
+                i64::from(id)
+            } else {
+                IGNORE_INDEX
+            }
+        })
+        .collect();
+    if labels.iter().all(|&l| l == IGNORE_INDEX) {
+        return Err(Error::Data(
+            "the completion starts no token: the tokenizer merged it into the prompt".into(),
+        ));
+    }
+    Ok(SftTokens {
+        line: 0,
+        ids,
+        labels,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +248,47 @@ mod tests {
     fn read(jsonl: &str) -> Result<PreferenceRows> {
         let recs = records_from_reader(Path::new("pairs.jsonl"), Format::Jsonl, jsonl.as_bytes())?;
         pairs_from_records(&recs, &PreferenceFormat::default())
+    }
+
+    /// Loss on the completion only: with text (completion + eos) and with
+    /// chat (the completion's turn; the assistant turn inside the prompt
+    /// carries none).
+    #[test]
+    fn pairs_encode_with_loss_on_the_completion_only() {
+        use crate::data::sft::tests::{bpe_tokenizer, id, loss_runs, SMOLLM2};
+        use crate::data::sft::Overflow;
+        use crate::hub::chat_template::ChatTemplate;
+        let tok = bpe_tokenizer();
+        let t = ChatTemplate::new(SMOLLM2, "<|im_start|>", "<|im_end|>").unwrap();
+        let enc = SftEncoder {
+            tokenizer: &tok,
+            template: Some(&t),
+            eos_id: Some(id(&tok, "<|im_end|>")),
+            max_length: 4096,
+            overflow: Overflow::Error,
+        };
+        let rows = read(concat!(
+            r#"{"prompt": "Is the sky blue?", "chosen": " Yes", "rejected": " No"}"#,
+            "\n",
+            r#"{"prompt": [{"role": "user", "content": "Is the sky blue?"}, {"role": "assistant", "content": "Yes"}, {"role": "user", "content": "And the sea?"}], "chosen": [{"role": "assistant", "content": "also blue"}], "rejected": [{"role": "assistant", "content": "green"}]}"#,
+            "\n"
+        ))
+        .unwrap();
+        let text = encode_pair(&enc, &rows.rows[0]).unwrap();
+        assert_eq!(loss_runs(&tok, &text.chosen), [" Yes<|im_end|>"]);
+        assert_eq!(loss_runs(&tok, &text.rejected), [" No<|im_end|>"]);
+        let chat = encode_pair(&enc, &rows.rows[1]).unwrap();
+        assert_eq!(chat.line, 2);
+        assert_eq!(loss_runs(&tok, &chat.chosen), ["also blue<|im_end|>\n"]);
+        assert_eq!(loss_runs(&tok, &chat.rejected), ["green<|im_end|>\n"]);
+        // Both share the prompt's tokens.
+        let n = chat
+            .chosen
+            .labels
+            .iter()
+            .position(|&l| l != IGNORE_INDEX)
+            .unwrap();
+        assert_eq!(chat.chosen.ids[..n], chat.rejected.ids[..n]);
     }
 
     #[test]

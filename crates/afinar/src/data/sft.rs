@@ -745,15 +745,15 @@ pub fn perplexity(loss_sum: f64, tokens: usize) -> Option<f64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// SmolLM2-135M-Instruct's `chat_template`, verbatim.
-    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    pub(crate) const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     /// A byte-level BPE tokenizer as GPT-2 / SmolLM2 have (every byte is a token,
     /// a few merges, ChatML markers as special tokens), built as `tokenizer.json`.
-    fn bpe_tokenizer() -> Tokenizer {
+    pub(crate) fn bpe_tokenizer() -> Tokenizer {
         use tokenizers::pre_tokenizers::byte_level::ByteLevel;
         let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
         alphabet.sort();
@@ -802,12 +802,12 @@ mod tests {
         json.to_string().parse().unwrap()
     }
 
-    fn id(tok: &Tokenizer, s: &str) -> u32 {
+    pub(crate) fn id(tok: &Tokenizer, s: &str) -> u32 {
         tok.token_to_id(s).unwrap()
     }
 
     /// The text of the tokens that carry loss, one string per contiguous run.
-    fn loss_runs(tok: &Tokenizer, t: &SftTokens) -> Vec<String> {
+    pub(crate) fn loss_runs(tok: &Tokenizer, t: &SftTokens) -> Vec<String> {
         let mut runs = Vec::new();
         let mut cur: Vec<u32> = Vec::new();
         for (&i, &l) in t.ids.iter().zip(&t.labels) {
