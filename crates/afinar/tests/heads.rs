@@ -185,3 +185,48 @@ fn bert_first_position_path_matches_the_full_forward() {
         );
     }
 }
+
+/// A completion's log-probability (DPO's input) on a real decoder body:
+/// per row, minus the LM loss times its counted tokens (the same shift and
+/// mask), summed or averaged.
+#[test]
+fn completion_logps_match_the_lm_loss_per_row() {
+    use afinar::heads::CausalLm;
+    for case in ["llama-tiny", "gpt2-tiny"] {
+        let dir = fixtures().join(case);
+        let (mut cfg, _) = read_config(&dir).unwrap();
+        cfg.set_dropout(Some(0.0), Some(0.0));
+        let store = load_params(&dir, &cfg, Selector::all()).unwrap();
+        let lm = CausalLm::build(&store, &cfg).unwrap();
+        let (b, t) = (2, 6);
+        let ids: Vec<u32> = (0..b * t).map(|i| (i * 13 % 90 + 1) as u32).collect();
+        // Row 0: the last 3 tokens are the completion; row 1: the last 4.
+        let labels: Vec<i64> = (0..b * t)
+            .map(|i| {
+                if i % t >= t - 3 - i / t {
+                    ids[i] as i64
+                } else {
+                    -100
+                }
+            })
+            .collect();
+        let x = Inputs::new(ids.clone(), vec![1.0; b * t], b, t).unwrap();
+        let hidden = lm.forward(&x, None).unwrap();
+        let (sum, counted) = lm.completion_logps(&hidden, &labels, false).unwrap();
+        let (avg, _) = lm.completion_logps(&hidden, &labels, true).unwrap();
+        assert_eq!(counted, [3, 4], "{case}");
+        let (sum, avg) = (sum.to_vec1::<f32>().unwrap(), avg.to_vec1::<f32>().unwrap());
+        for r in 0..b {
+            let row = Inputs::new(ids[r * t..(r + 1) * t].to_vec(), vec![1.0; t], 1, t).unwrap();
+            let h = lm.forward(&row, None).unwrap();
+            let (loss, n) = lm.lm_loss(&h, &labels[r * t..(r + 1) * t]).unwrap();
+            let want = -loss.to_scalar::<f32>().unwrap() * n as f32;
+            assert!(
+                (sum[r] - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "{case} row {r}: {} vs {want}",
+                sum[r]
+            );
+            assert!((avg[r] - want / n as f32).abs() < 1e-4, "{case} row {r}");
+        }
+    }
+}

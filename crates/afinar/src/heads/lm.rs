@@ -12,6 +12,38 @@ use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
 
+/// The log-probability of each sequence's completion `[B]` from per-token
+/// negative log-likelihoods `[B * T]` ([`nn::lm_token_nll`], 0 on
+/// tokens outside the completion): minus their sum per row, or (IPO) minus
+/// their mean over the row's `counted` completion tokens. A row with no
+/// completion token is an error naming it (TRL would divide by zero).
+pub fn sequence_logps(
+    nll: &Tensor,
+    b: usize,
+    t: usize,
+    counted: &[usize],
+    average: bool,
+) -> Result<Tensor> {
+    if nll.elem_count() != b * t || counted.len() != b {
+        return Err(Error::msg(format!(
+            "sequence_logps: {} token losses and {} counts for [B={b}, T={t}]",
+            nll.elem_count(),
+            counted.len()
+        )));
+    }
+    if let Some(i) = counted.iter().position(|&n| n == 0) {
+        return Err(Error::msg(format!(
+            "sequence_logps: row {i} has no completion token (truncated away?)"
+        )));
+    }
+    let sum = nll.reshape((b, t))?.sum(1)?.neg()?;
+    if !average {
+        return Ok(sum);
+    }
+    let inv: Vec<f32> = counted.iter().map(|&n| 1.0 / n as f32).collect();
+    Ok((sum * Tensor::from_vec(inv, b, nll.device())?)?)
+}
+
 /// A decoder body with its LM head.
 pub struct CausalLm {
     pub body: Body,
@@ -109,5 +141,65 @@ impl CausalLm {
         let h = hidden.reshape((b * t, c))?;
         let loss = nn::lm_cross_entropy(&h, &self.lm_head, Arc::new(targets), 256)?;
         Ok((loss, n))
+    }
+
+    /// The log-probability of each row's labelled tokens `[B]` (a
+    /// completion's, for DPO): labels `[B * T]` as in [`Self::lm_loss`]
+    /// (shifted inside; -100 = not counted), summed per row, or averaged
+    /// over the row's counted tokens when `average` (IPO). Also returns the
+    /// counts.
+    pub fn completion_logps(
+        &self,
+        hidden: &Tensor,
+        labels: &[i64],
+        average: bool,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let (b, t, c) = hidden.dims3()?;
+        if labels.len() != b * t {
+            return Err(Error::msg(format!(
+                "completion_logps: {} labels for [B={b}, T={t}]",
+                labels.len()
+            )));
+        }
+        let targets: Vec<i64> = (0..b * t)
+            .map(|i| if i % t + 1 < t { labels[i + 1] } else { -100 })
+            .collect();
+        let counted: Vec<usize> = targets
+            .chunks(t)
+            .map(|r| r.iter().filter(|&&y| y >= 0).count())
+            .collect();
+        let h = hidden.reshape((b * t, c))?;
+        let nll = nn::lm_token_nll(&h, &self.lm_head, Arc::new(targets), 256)?;
+        Ok((sequence_logps(&nll, b, t, &counted, average)?, counted))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+    fn vals(x: &Tensor) -> Vec<f32> {
+        x.to_vec1::<f32>().unwrap()
+    }
+    fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol)
+    }
+
+    #[test]
+    fn sequence_log_probs_sum_or_average_the_completion() {
+        // Two rows of 4 tokens; completion tokens carry their nll, others 0.
+        let nll = t(&[0.0, 0.5, 1.5, 0.0, 0.0, 0.0, 2.0, 0.0]);
+        let s = sequence_logps(&nll, 2, 4, &[2, 1], false).unwrap();
+        assert!(close(&vals(&s), &[-2.0, -2.0], 1e-6));
+        let a = sequence_logps(&nll, 2, 4, &[2, 1], true).unwrap();
+        assert!(close(&vals(&a), &[-1.0, -2.0], 1e-6));
+        let err = sequence_logps(&nll, 2, 4, &[2, 0], false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("row 1 has no completion token"), "{err}");
+        assert!(sequence_logps(&nll, 2, 3, &[2, 1], false).is_err());
     }
 }

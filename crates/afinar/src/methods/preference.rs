@@ -26,38 +26,6 @@ pub fn neg_log_sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((x.neg()?.relu()? + tail)?)
 }
 
-/// The log-probability of each sequence's completion `[B]` from per-token
-/// negative log-likelihoods `[B * T]` ([`crate::nn::lm_token_nll`], 0 on
-/// tokens outside the completion): minus their sum per row, or (IPO) minus
-/// their mean over the row's `counted` completion tokens. A row with no
-/// completion token is an error naming it (TRL would divide by zero).
-pub fn sequence_logps(
-    nll: &Tensor,
-    b: usize,
-    t: usize,
-    counted: &[usize],
-    average: bool,
-) -> Result<Tensor> {
-    if nll.elem_count() != b * t || counted.len() != b {
-        return Err(Error::msg(format!(
-            "sequence_logps: {} token losses and {} counts for [B={b}, T={t}]",
-            nll.elem_count(),
-            counted.len()
-        )));
-    }
-    if let Some(i) = counted.iter().position(|&n| n == 0) {
-        return Err(Error::msg(format!(
-            "sequence_logps: row {i} has no completion token (truncated away?)"
-        )));
-    }
-    let sum = nll.reshape((b, t))?.sum(1)?.neg()?;
-    if !average {
-        return Ok(sum);
-    }
-    let inv: Vec<f32> = counted.iter().map(|&n| 1.0 / n as f32).collect();
-    Ok((sum * Tensor::from_vec(inv, b, nll.device())?)?)
-}
-
 /// TRL's DPO loss types (`DPOConfig.loss_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -333,21 +301,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn sequence_log_probs_sum_or_average_the_completion() {
-        // Two rows of 4 tokens; completion tokens carry their nll, others 0.
-        let nll = t(&[0.0, 0.5, 1.5, 0.0, 0.0, 0.0, 2.0, 0.0]);
-        let s = sequence_logps(&nll, 2, 4, &[2, 1], false).unwrap();
-        assert!(close(&vals(&s), &[-2.0, -2.0], 1e-6));
-        let a = sequence_logps(&nll, 2, 4, &[2, 1], true).unwrap();
-        assert!(close(&vals(&a), &[-1.0, -2.0], 1e-6));
-        let err = sequence_logps(&nll, 2, 4, &[2, 0], false)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("row 1 has no completion token"), "{err}");
-        assert!(sequence_logps(&nll, 2, 3, &[2, 1], false).is_err());
     }
 
     #[test]
