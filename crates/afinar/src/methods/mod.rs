@@ -12,6 +12,7 @@
 //! `adding-an-objective.md` in `docs/` is the checklist for the next ones.
 
 pub mod classify;
+pub mod dpo;
 pub mod preference;
 pub mod sft;
 

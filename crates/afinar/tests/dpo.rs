@@ -1,0 +1,142 @@
+//! DPO's batch loss on a real decoder body with a fresh LoRA adapter: at
+//! step 0 the policy is its reference (the adapters' B factors are zero),
+//! so TRL's losses take their closed-form start values (sigmoid ln 2, IPO
+//! 1/(4 beta^2), hinge 1) with no pair won; the gradient reaches the
+//! adapter; a precomputed reference gives the same numbers as switching the
+//! adapters off.
+
+mod common;
+
+use afinar::adapters::{linear_modules, AdapterConfig};
+use afinar::data::preference::PairTokens;
+use afinar::data::sft::SftTokens;
+use afinar::heads::CausalLm;
+use afinar::methods::dpo::{dpo_batch, pair_batch, reference_logps, Reference};
+use afinar::methods::preference::DpoLossType;
+use afinar::models::load::{load_params, read_config};
+use afinar::params::Selector;
+use common::fixtures;
+use rand::SeedableRng;
+
+fn seq(prompt: &[u32], completion: &[u32]) -> SftTokens {
+    let ids: Vec<u32> = prompt.iter().chain(completion).copied().collect();
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| if i < prompt.len() { -100 } else { id as i64 })
+        .collect();
+    SftTokens {
+        line: 0,
+        ids,
+        labels,
+    }
+}
+
+#[test]
+fn dpo_starts_at_the_closed_form_values_and_trains_the_adapter() {
+    for case in ["llama-tiny", "gpt2-tiny"] {
+        let dir = fixtures().join(case);
+        let (mut cfg, _) = read_config(&dir).unwrap();
+        cfg.set_dropout(Some(0.0), Some(0.0));
+        let mut store = load_params(&dir, &cfg, Selector::none()).unwrap();
+        let targets: &[&str] = if case == "gpt2-tiny" {
+            &["c_attn"]
+        } else {
+            &["q_proj", "v_proj"]
+        };
+        let lora = AdapterConfig::lora(targets, 4, 8.0);
+        let linears = linear_modules(&store);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        lora.apply(&mut store, &linears, &["lm_head"], &mut rng)
+            .unwrap();
+        let lm = CausalLm::build(&store, &cfg).unwrap();
+        let pairs = [
+            PairTokens {
+                line: 1,
+                chosen: seq(&[5, 6, 7], &[8, 9]),
+                rejected: seq(&[5, 6, 7], &[10, 11, 12]),
+            },
+            PairTokens {
+                line: 2,
+                chosen: seq(&[20, 21], &[22]),
+                rejected: seq(&[20, 21], &[23, 24]),
+            },
+        ];
+        let refs: Vec<&PairTokens> = pairs.iter().collect();
+        let beta = 0.1;
+        let reference = Reference::AdaptersDisabled(&store);
+        for (kind, want) in [
+            (DpoLossType::Sigmoid, std::f64::consts::LN_2),
+            (DpoLossType::Ipo, 1.0 / (4.0 * beta * beta)),
+            (DpoLossType::Hinge, 1.0),
+        ] {
+            let (loss, m) = dpo_batch(&lm, &reference, &refs, 0, kind, beta, 0.0, None).unwrap();
+            let get = |k: &str| m.iter().find(|(n, _)| *n == k).unwrap().1;
+            let l = loss.to_scalar::<f32>().unwrap() as f64;
+            assert!(
+                (l - want).abs() < 1e-4 * want.max(1.0),
+                "{case} {kind:?}: loss {l}"
+            );
+            assert_eq!(get("rewards/accuracies"), 0.0, "{case} {kind:?}");
+            assert!(get("rewards/margins").abs() < 1e-6, "{case} {kind:?}");
+            assert!(get("logps/chosen") < 0.0 && get("logps/rejected") < 0.0);
+            if kind == DpoLossType::Sigmoid {
+                let _ = loss.backward().unwrap();
+                let grads: Vec<(String, f32)> = store
+                    .trainable()
+                    .into_iter()
+                    .map(|(n, w)| {
+                        let g = w
+                            .grad_tensor()
+                            .unwrap()
+                            .unwrap_or_else(|| panic!("{n}: no gradient"));
+                        let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        assert!(g.iter().all(|v| v.is_finite()), "{n}");
+                        (n, g.iter().map(|v| v.abs()).fold(0f32, f32::max))
+                    })
+                    .collect();
+                // B starts at zero: its gradient is the one that moves first.
+                assert!(
+                    grads.iter().any(|(n, g)| n.contains("lora_B") && *g > 0.0),
+                    "{case}: {grads:?}"
+                );
+            }
+        }
+        // A precomputed reference gives the same loss as the adapters switched off.
+        let b = pair_batch(&refs, 0).unwrap();
+        let (rc, rr) = reference_logps(&lm, &reference, &b, DpoLossType::Sigmoid).unwrap();
+        let pre: Vec<(f32, f32)> = rc
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .zip(rr.to_vec1::<f32>().unwrap())
+            .collect();
+        let (a, _) = dpo_batch(
+            &lm,
+            &Reference::Precomputed(&pre),
+            &refs,
+            0,
+            DpoLossType::Sigmoid,
+            beta,
+            0.0,
+            None,
+        )
+        .unwrap();
+        assert!((a.to_scalar::<f32>().unwrap() - std::f32::consts::LN_2).abs() < 1e-4);
+        // The adapters are on again after the reference pass.
+        assert!(store
+            .adapters_enabled
+            .load(std::sync::atomic::Ordering::Relaxed));
+        assert!(dpo_batch(
+            &lm,
+            &Reference::Precomputed(&pre[..1]),
+            &refs,
+            0,
+            DpoLossType::Sigmoid,
+            beta,
+            0.0,
+            None
+        )
+        .is_err());
+    }
+}
