@@ -14,6 +14,7 @@
 pub mod classify;
 pub mod dpo;
 pub mod preference;
+pub mod reward;
 pub mod sft;
 
 use crate::adapters::{AdapterConfig, AdapterType, PeftTask};

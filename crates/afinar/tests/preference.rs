@@ -1,9 +1,13 @@
-//! DPO's batch loss on a real decoder body with a fresh LoRA adapter: at
+//! Preference losses on real decoder bodies.
+//!
+//! DPO's batch loss with a fresh LoRA adapter: at
 //! step 0 the policy is its reference (the adapters' B factors are zero),
 //! so TRL's losses take their closed-form start values (sigmoid ln 2, IPO
 //! 1/(4 beta^2), hinge 1) with no pair won; the gradient reaches the
 //! adapter; a precomputed reference gives the same numbers as switching the
-//! adapters off.
+//! adapters off. The reward model's batch loss (2B padded rows, scores
+//! at the last real token) equals Bradley-Terry on each sequence scored
+//! alone, and reaches the scalar head.
 
 mod common;
 
@@ -138,5 +142,84 @@ fn dpo_starts_at_the_closed_form_values_and_trains_the_adapter() {
             None
         )
         .is_err());
+    }
+}
+
+#[test]
+fn reward_batch_scores_each_sequence_at_its_last_token() {
+    use afinar::heads::{HeadConfig, Pooling, SequenceModel, TaskKind};
+    use afinar::methods::preference::reward_loss;
+    use afinar::methods::reward::reward_batch;
+    use afinar::models::Inputs;
+    for case in ["llama-tiny", "gpt2-tiny"] {
+        let dir = fixtures().join(case);
+        let (mut cfg, _) = read_config(&dir).unwrap();
+        cfg.set_dropout(Some(0.0), Some(0.0));
+        let mut store = load_params(&dir, &cfg, Selector::all()).unwrap();
+        let head = HeadConfig {
+            task: TaskKind::Scalar,
+            pooling: Pooling::Last,
+            num_labels: 1,
+            dropout: 0.0,
+        };
+        let model = SequenceModel::new(&mut store, &cfg, &head, 3, None, 0).unwrap();
+        let pairs = [
+            PairTokens {
+                line: 1,
+                chosen: seq(&[5, 6, 7], &[8, 9]),
+                rejected: seq(&[5, 6, 7], &[10, 11, 12]),
+            },
+            PairTokens {
+                line: 2,
+                chosen: seq(&[20, 21], &[22]),
+                rejected: seq(&[20, 21], &[23, 24]),
+            },
+        ];
+        let refs: Vec<&PairTokens> = pairs.iter().collect();
+        let (loss, m) =
+            reward_batch(&model, &refs, 0, Some(&[0.5, 0.0]), Some(0.01), None).unwrap();
+        // Each sequence scored alone, unpadded.
+        let score = |s: &SftTokens| {
+            let x = Inputs::new(s.ids.clone(), vec![1.0; s.ids.len()], 1, s.ids.len()).unwrap();
+            model.scores(&x, None).unwrap().to_vec1::<f32>().unwrap()[0]
+        };
+        let c: Vec<f32> = pairs.iter().map(|p| score(&p.chosen)).collect();
+        let r: Vec<f32> = pairs.iter().map(|p| score(&p.rejected)).collect();
+        let t = |v: &[f32]| candle_core::Tensor::new(v, &candle_core::Device::Cpu).unwrap();
+        let want = reward_loss(&t(&c), &t(&r), Some(&t(&[0.5, 0.0])), Some(0.01)).unwrap();
+        let (got, want) = (
+            loss.to_scalar::<f32>().unwrap(),
+            want.to_scalar::<f32>().unwrap(),
+        );
+        assert!((got - want).abs() < 1e-5, "{case}: {got} vs {want}");
+        let acc = c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64 / 2.0;
+        assert_eq!(
+            m.iter()
+                .find(|(n, _)| *n == "rewards/accuracies")
+                .unwrap()
+                .1,
+            acc
+        );
+        let _ = loss.backward().unwrap();
+        let head_grad = store
+            .trainable()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("score.") || n.starts_with("classifier."))
+            .map(|(_, w)| {
+                w.grad_tensor()
+                    .unwrap()
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .fold(0f32, f32::max);
+        assert!(
+            head_grad > 0.0 && head_grad.is_finite(),
+            "{case}: head gradient {head_grad}"
+        );
     }
 }
