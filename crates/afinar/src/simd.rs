@@ -121,11 +121,8 @@ static LEVEL: AtomicU8 = AtomicU8::new(0);
 /// [`level`] would choose). For tests and benchmarks that compare levels in
 /// one process: every thread switches at once.
 pub fn force(l: Option<Level>) {
-    let l = match l {
-        Some(l) => l.min(detected()),
-        None => requested().ok().flatten().unwrap_or_else(detected),
-    };
-    LEVEL.store(l as u8, Ordering::Relaxed);
+    // 0: undecided, so the next `level` chooses again.
+    LEVEL.store(l.map_or(0, |l| l.min(detected()) as u8), Ordering::Relaxed);
 }
 
 /// Check `AFINAR_SIMD` (see [`requested`]) and fix the level for the
@@ -171,20 +168,6 @@ mod x86 {
     #[inline]
     pub unsafe fn v3<R>(f: impl FnOnce() -> R) -> R {
         f()
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod testing {
-    //! Run a kernel at every level this CPU has and compare.
-    use super::*;
-
-    /// The levels this CPU executes, narrowest first.
-    pub fn levels() -> Vec<Level> {
-        [Level::Baseline, Level::Avx2, Level::Avx512]
-            .into_iter()
-            .filter(|l| *l <= detected())
-            .collect()
     }
 }
 
@@ -320,7 +303,10 @@ mod tests {
     /// AVX2-only machine this compares two levels, on an AVX-512 one three.
     #[test]
     fn every_level_gives_the_same_bits() {
-        let levels = testing::levels();
+        let levels: Vec<Level> = [Level::Baseline, Level::Avx2, Level::Avx512]
+            .into_iter()
+            .filter(|l| *l <= detected())
+            .collect();
         let mut runs = Vec::new();
         for &l in &levels {
             force(Some(l));

@@ -18,7 +18,8 @@ use afinar::heads::CausalLm;
 use afinar::methods::dpo::{dpo_batch, pair_batch, reference_logps, Reference};
 use afinar::methods::preference::DpoLossType;
 use afinar::models::load::{load_params, read_config};
-use afinar::params::Selector;
+use afinar::models::ModelConfig;
+use afinar::params::{ParamStore, Selector};
 use common::fixtures;
 use rand::SeedableRng;
 
@@ -36,13 +37,35 @@ fn seq(prompt: &[u32], completion: &[u32]) -> SftTokens {
     }
 }
 
+/// Two pairs sharing nothing, completions of different lengths.
+fn two_pairs() -> [PairTokens; 2] {
+    [
+        PairTokens {
+            line: 1,
+            chosen: seq(&[5, 6, 7], &[8, 9]),
+            rejected: seq(&[5, 6, 7], &[10, 11, 12]),
+        },
+        PairTokens {
+            line: 2,
+            chosen: seq(&[20, 21], &[22]),
+            rejected: seq(&[20, 21], &[23, 24]),
+        },
+    ]
+}
+
+/// A tiny fixture checkpoint, dropout off, `sel` training.
+fn tiny(case: &str, sel: Selector) -> (ModelConfig, ParamStore) {
+    let dir = fixtures().join(case);
+    let (mut cfg, _) = read_config(&dir).unwrap();
+    cfg.set_dropout(Some(0.0), Some(0.0));
+    let store = load_params(&dir, &cfg, sel).unwrap();
+    (cfg, store)
+}
+
 #[test]
 fn dpo_starts_at_the_closed_form_values_and_trains_the_adapter() {
     for case in ["llama-tiny", "gpt2-tiny"] {
-        let dir = fixtures().join(case);
-        let (mut cfg, _) = read_config(&dir).unwrap();
-        cfg.set_dropout(Some(0.0), Some(0.0));
-        let mut store = load_params(&dir, &cfg, Selector::none()).unwrap();
+        let (cfg, mut store) = tiny(case, Selector::none());
         let targets: &[&str] = if case == "gpt2-tiny" {
             &["c_attn"]
         } else {
@@ -54,18 +77,7 @@ fn dpo_starts_at_the_closed_form_values_and_trains_the_adapter() {
         lora.apply(&mut store, &linears, &["lm_head"], &mut rng)
             .unwrap();
         let lm = CausalLm::build(&store, &cfg).unwrap();
-        let pairs = [
-            PairTokens {
-                line: 1,
-                chosen: seq(&[5, 6, 7], &[8, 9]),
-                rejected: seq(&[5, 6, 7], &[10, 11, 12]),
-            },
-            PairTokens {
-                line: 2,
-                chosen: seq(&[20, 21], &[22]),
-                rejected: seq(&[20, 21], &[23, 24]),
-            },
-        ];
+        let pairs = two_pairs();
         let refs: Vec<&PairTokens> = pairs.iter().collect();
         let beta = 0.1;
         let reference = Reference::AdaptersDisabled(&store);
@@ -152,10 +164,7 @@ fn reward_batch_scores_each_sequence_at_its_last_token() {
     use afinar::methods::reward::reward_batch;
     use afinar::models::Inputs;
     for case in ["llama-tiny", "gpt2-tiny"] {
-        let dir = fixtures().join(case);
-        let (mut cfg, _) = read_config(&dir).unwrap();
-        cfg.set_dropout(Some(0.0), Some(0.0));
-        let mut store = load_params(&dir, &cfg, Selector::all()).unwrap();
+        let (cfg, mut store) = tiny(case, Selector::all());
         let head = HeadConfig {
             task: TaskKind::Scalar,
             pooling: Pooling::Last,
@@ -163,18 +172,7 @@ fn reward_batch_scores_each_sequence_at_its_last_token() {
             dropout: 0.0,
         };
         let model = SequenceModel::new(&mut store, &cfg, &head, 3, None, 0).unwrap();
-        let pairs = [
-            PairTokens {
-                line: 1,
-                chosen: seq(&[5, 6, 7], &[8, 9]),
-                rejected: seq(&[5, 6, 7], &[10, 11, 12]),
-            },
-            PairTokens {
-                line: 2,
-                chosen: seq(&[20, 21], &[22]),
-                rejected: seq(&[20, 21], &[23, 24]),
-            },
-        ];
+        let pairs = two_pairs();
         let refs: Vec<&PairTokens> = pairs.iter().collect();
         let (loss, m) =
             reward_batch(&model, &refs, 0, Some(&[0.5, 0.0]), Some(0.01), None).unwrap();

@@ -44,6 +44,20 @@ pub fn sequence_logps(
     Ok((sum * Tensor::from_vec(inv, b, nll.device())?)?)
 }
 
+/// The targets of `labels` `[B * T]` shifted left within each row: position
+/// t predicts label t + 1 (transformers' causal-LM shift), the last -100.
+fn shifted(labels: &[i64], b: usize, t: usize, what: &str) -> Result<Vec<i64>> {
+    if labels.len() != b * t {
+        return Err(Error::msg(format!(
+            "{what}: {} labels for [B={b}, T={t}]",
+            labels.len()
+        )));
+    }
+    Ok((0..b * t)
+        .map(|i| if i % t + 1 < t { labels[i + 1] } else { -100 })
+        .collect())
+}
+
 /// A decoder body with its LM head.
 pub struct CausalLm {
     pub body: Body,
@@ -128,15 +142,7 @@ impl CausalLm {
     /// loss and the number of predicted tokens.
     pub fn lm_loss(&self, hidden: &Tensor, labels: &[i64]) -> Result<(Tensor, usize)> {
         let (b, t, c) = hidden.dims3()?;
-        if labels.len() != b * t {
-            return Err(Error::msg(format!(
-                "lm_loss: {} labels for [B={b}, T={t}]",
-                labels.len()
-            )));
-        }
-        let targets: Vec<i64> = (0..b * t)
-            .map(|i| if i % t + 1 < t { labels[i + 1] } else { -100 })
-            .collect();
+        let targets = shifted(labels, b, t, "lm_loss")?;
         let n = targets.iter().filter(|&&y| y >= 0).count();
         let h = hidden.reshape((b * t, c))?;
         let loss = nn::lm_cross_entropy(&h, &self.lm_head, Arc::new(targets), 256)?;
@@ -155,15 +161,7 @@ impl CausalLm {
         average: bool,
     ) -> Result<(Tensor, Vec<usize>)> {
         let (b, t, c) = hidden.dims3()?;
-        if labels.len() != b * t {
-            return Err(Error::msg(format!(
-                "completion_logps: {} labels for [B={b}, T={t}]",
-                labels.len()
-            )));
-        }
-        let targets: Vec<i64> = (0..b * t)
-            .map(|i| if i % t + 1 < t { labels[i + 1] } else { -100 })
-            .collect();
+        let targets = shifted(labels, b, t, "completion_logps")?;
         let counted: Vec<usize> = targets
             .chunks(t)
             .map(|r| r.iter().filter(|&&y| y >= 0).count())
@@ -178,14 +176,10 @@ impl CausalLm {
 mod tests {
     use super::*;
 
+    use crate::nn::testing::{flat, max_abs_diff};
+
     fn t(v: &[f32]) -> Tensor {
         Tensor::new(v, &Device::Cpu).unwrap()
-    }
-    fn vals(x: &Tensor) -> Vec<f32> {
-        x.to_vec1::<f32>().unwrap()
-    }
-    fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol)
     }
 
     #[test]
@@ -193,9 +187,9 @@ mod tests {
         // Two rows of 4 tokens; completion tokens carry their nll, others 0.
         let nll = t(&[0.0, 0.5, 1.5, 0.0, 0.0, 0.0, 2.0, 0.0]);
         let s = sequence_logps(&nll, 2, 4, &[2, 1], false).unwrap();
-        assert!(close(&vals(&s), &[-2.0, -2.0], 1e-6));
+        assert!(max_abs_diff(&flat(&s), &[-2.0, -2.0]) < 1e-6);
         let a = sequence_logps(&nll, 2, 4, &[2, 1], true).unwrap();
-        assert!(close(&vals(&a), &[-1.0, -2.0], 1e-6));
+        assert!(max_abs_diff(&flat(&a), &[-1.0, -2.0]) < 1e-6);
         let err = sequence_logps(&nll, 2, 4, &[2, 0], false)
             .unwrap_err()
             .to_string();

@@ -39,22 +39,10 @@ pub fn pair_batch(pairs: &[&PairTokens], pad_id: u32) -> Result<SftBatch> {
     pad_batch(&rows, pad_id)
 }
 
-fn inputs(b: &SftBatch) -> Result<Inputs> {
-    let mask: Vec<f32> = b.attention_mask.iter().map(|&m| m as f32).collect();
-    Inputs::packed(
-        b.ids.clone(),
-        mask,
-        b.positions.clone(),
-        b.segments.clone(),
-        b.batch,
-        b.seq_len,
-    )
-}
-
 /// The completion log-probabilities `[2B]` of a pair batch (chosen rows
 /// first), summed or averaged (IPO).
 fn logps(lm: &CausalLm, b: &SftBatch, average: bool, rng: Option<&DropoutRng>) -> Result<Tensor> {
-    let hidden = lm.forward(&inputs(b)?, rng)?;
+    let hidden = lm.forward(&Inputs::from_sft_batch(b)?, rng)?;
     Ok(lm.completion_logps(&hidden, &b.labels, average)?.0)
 }
 

@@ -165,16 +165,11 @@ pub fn pair_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::testing::{flat, max_abs_diff};
     use candle_core::{Device, Var};
 
     fn t(v: &[f32]) -> Tensor {
         Tensor::new(v, &Device::Cpu).unwrap()
-    }
-    fn vals(x: &Tensor) -> Vec<f32> {
-        x.to_vec1::<f32>().unwrap()
-    }
-    fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol)
     }
 
     /// The closed-form case: beta * h = [0, 1, 2].
@@ -190,30 +185,26 @@ mod tests {
         };
         let s = dpo_loss(&lp, DpoLossType::Sigmoid, 0.1, 0.0).unwrap();
         assert!(
-            close(&vals(&s.losses), &[0.6931, 0.3133, 0.1269], 1e-4),
+            max_abs_diff(&flat(&s.losses), &[0.6931, 0.3133, 0.1269]) <= 1e-4,
             "{:?}",
-            vals(&s.losses)
+            flat(&s.losses)
         );
         let h = dpo_loss(&lp, DpoLossType::Hinge, 0.1, 0.0).unwrap();
         assert!(
-            close(&vals(&h.losses), &[1.0, 0.0, 0.0], 1e-5),
+            max_abs_diff(&flat(&h.losses), &[1.0, 0.0, 0.0]) <= 1e-5,
             "{:?}",
-            vals(&h.losses)
+            flat(&h.losses)
         );
         // IPO: (h - 1/(2 beta))^2 with h = [0, 10, 20] and 1/(2 beta) = 5.
         let i = dpo_loss(&lp, DpoLossType::Ipo, 0.1, 0.0).unwrap();
         assert!(
-            close(&vals(&i.losses), &[25.0, 25.0, 225.0], 1e-3),
+            max_abs_diff(&flat(&i.losses), &[25.0, 25.0, 225.0]) <= 1e-3,
             "{:?}",
-            vals(&i.losses)
+            flat(&i.losses)
         );
         // Implicit rewards beta (pi - ref): chosen [0, 0.01, -0.09], rejected [0, -0.99, -2.09].
-        assert!(close(&vals(&s.chosen_rewards), &[0.0, 0.01, -0.09], 1e-5));
-        assert!(close(
-            &vals(&s.rejected_rewards),
-            &[0.0, -0.99, -2.09],
-            1e-5
-        ));
+        assert!(max_abs_diff(&flat(&s.chosen_rewards), &[0.0, 0.01, -0.09]) <= 1e-5);
+        assert!(max_abs_diff(&flat(&s.rejected_rewards), &[0.0, -0.99, -2.09]) <= 1e-5);
         let m = pair_metrics(&s.chosen_rewards, &s.rejected_rewards, Some((&pc, &pr))).unwrap();
         let get = |k: &str| m.iter().find(|(n, _)| *n == k).unwrap().1;
         assert!((get("rewards/accuracies") - 2.0 / 3.0).abs() < 1e-9);
@@ -221,7 +212,7 @@ mod tests {
         assert!((get("logps/rejected") - (-51.1 / 3.0)).abs() < 1e-4);
         // Label smoothing 0.1 on row 0 (h = 0) is still ln 2.
         let ls = dpo_loss(&lp, DpoLossType::Sigmoid, 0.1, 0.1).unwrap();
-        assert!((vals(&ls.losses)[0] - std::f32::consts::LN_2).abs() < 1e-5);
+        assert!((flat(&ls.losses)[0] - std::f32::consts::LN_2).abs() < 1e-5);
     }
 
     /// At step 0 the policy is the reference: sigmoid ln 2, IPO 1/(4 beta^2),
@@ -244,9 +235,9 @@ mod tests {
         for (kind, w) in want {
             let o = dpo_loss(&lp, kind, beta, 0.0).unwrap();
             assert!(
-                close(&vals(&o.losses), &[w, w], 1e-4),
+                max_abs_diff(&flat(&o.losses), &[w, w]) <= 1e-4,
                 "{kind:?}: {:?}",
-                vals(&o.losses)
+                flat(&o.losses)
             );
             let m = pair_metrics(&o.chosen_rewards, &o.rejected_rewards, None).unwrap();
             assert_eq!(
@@ -286,7 +277,7 @@ mod tests {
             };
             let v = Var::new(&base[..], &Device::Cpu).unwrap();
             let g = f(v.as_tensor()).backward().unwrap();
-            let g = vals(g.get(v.as_tensor()).unwrap());
+            let g = flat(g.get(v.as_tensor()).unwrap());
             for i in 0..base.len() {
                 let at = |d: f32| {
                     let mut x = base;
@@ -327,6 +318,10 @@ mod tests {
         assert!((l - 1.41003).abs() < 1e-4, "{l}");
         // Stable far out: no inf / nan at |x| = 200.
         let big = neg_log_sigmoid(&t(&[200.0, -200.0])).unwrap();
-        assert!(close(&vals(&big), &[0.0, 200.0], 1e-3), "{:?}", vals(&big));
+        assert!(
+            max_abs_diff(&flat(&big), &[0.0, 200.0]) <= 1e-3,
+            "{:?}",
+            flat(&big)
+        );
     }
 }

@@ -108,18 +108,6 @@ struct Sft<'a> {
 }
 
 impl Sft<'_> {
-    fn batch_inputs(b: &SftBatch) -> Result<Inputs> {
-        let mask: Vec<f32> = b.attention_mask.iter().map(|&m| m as f32).collect();
-        Inputs::packed(
-            b.ids.clone(),
-            mask,
-            b.positions.clone(),
-            b.segments.clone(),
-            b.batch,
-            b.seq_len,
-        )
-    }
-
     /// Token-weighted mean loss over a set, and the token count.
     fn loss_on(&self, rows: &[SftTokens]) -> Result<(f64, usize)> {
         let mut order: Vec<usize> = (0..rows.len()).collect();
@@ -128,7 +116,7 @@ impl Sft<'_> {
         for chunk in order.chunks(self.eval_bs.max(1)) {
             let refs: Vec<&SftTokens> = chunk.iter().map(|&i| &rows[i]).collect();
             let b = pad_batch(&refs, self.tok.pad_id())?;
-            let inp = Self::batch_inputs(&b)?;
+            let inp = Inputs::from_sft_batch(&b)?;
             let hidden = self
                 .model
                 .forward_prompted(self.prompt.as_ref(), &inp, None)?;
@@ -214,7 +202,7 @@ impl Objective for Sft<'_> {
             )?,
         };
         let tokens = b.attention_mask.iter().filter(|&&m| m != 0).count();
-        let inp = Self::batch_inputs(&b)?;
+        let inp = Inputs::from_sft_batch(&b)?;
         let hidden = self
             .model
             .forward_prompted(self.prompt.as_ref(), &inp, Some(drop))?;

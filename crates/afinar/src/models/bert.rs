@@ -238,25 +238,6 @@ impl BertLayer {
         self.block(x, &x.narrow(1, 0, 1)?.contiguous()?, mask, rng)
     }
 
-    /// `output.dense`'s weight and bias when it is a plain frozen f32 layer
-    /// after GELU (no active adapter, nothing of it trains), on the CPU:
-    /// then the activation and the projection run as one op
-    /// ([`nn::gelu_dense`]).
-    fn frozen_plain_output(&self) -> Option<(&Tensor, Option<&Tensor>)> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let d = &self.output;
-        let adapter_active = d.adapter.is_some()
-            && d.adapters_enabled.load(Relaxed)
-            && !d.adapters_merged.load(Relaxed);
-        let nn::Base::F32(w) = &d.weight else {
-            return None;
-        };
-        let bias_frozen = d.bias.as_ref().is_none_or(|b| !b.is_trainable());
-        let plain = self.gelu && !w.is_trainable() && bias_frozen && !adapter_active;
-        let cpu_f32 = w.t.device().is_cpu() && w.t.dtype() == candle_core::DType::F32;
-        (plain && cpu_f32).then(|| (&w.t, d.bias.as_ref().map(|b| &b.t)))
-    }
-
     /// The layer on `x` `[B, T, H]` for the query rows `xq` (`x` itself, or
     /// its first positions): `[B, Tq, H]`.
     fn block(
@@ -281,7 +262,7 @@ impl BertLayer {
         )?;
         let x = self.attn_ln.forward(&(a + xq)?)?;
         let f = self.intermediate.forward_t(&x, rng)?; // [B, Tq, F]
-        let o = match self.frozen_plain_output() {
+        let o = match self.output.frozen_plain().filter(|_| self.gelu) {
             // One op: the [B, Tq, F] activation is not kept for backward.
             Some((w, b)) => nn::gelu_dense(&f, w, b)?,
             None => {
@@ -345,11 +326,15 @@ impl Bert {
 
     /// [`Self::forward`] of a batch of [`Inputs`] (type ids default to 0).
     pub fn forward_inputs(&self, x: &Inputs, dropout: Option<&DropoutRng>) -> Result<Tensor> {
-        let types = match &x.type_ids {
+        self.forward(&x.ids, &Self::type_ids(x)?, &x.key_mask, dropout)
+    }
+
+    /// A batch's token-type ids, 0 where it has none.
+    fn type_ids(x: &Inputs) -> Result<Tensor> {
+        Ok(match &x.type_ids {
             Some(t) => t.clone(),
             None => x.ids.zeros_like()?,
-        };
-        self.forward(&x.ids, &types, &x.key_mask, dropout)
+        })
     }
 
     /// The last hidden state of the first position alone, `[B, 1, H]`, on
@@ -367,10 +352,7 @@ impl Bert {
         if !x.ids.device().is_cpu() {
             return Ok(None);
         }
-        let types = match &x.type_ids {
-            Some(t) => t.clone(),
-            None => x.ids.zeros_like()?,
-        };
+        let types = Self::type_ids(x)?;
         let Some((last, rest)) = self.layers.split_last() else {
             return Ok(None);
         };

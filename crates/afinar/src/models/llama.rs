@@ -248,27 +248,10 @@ impl LlamaLayer {
         let hn = self.post_attention_layernorm.forward(&x)?;
         let g = self.gate_proj.forward_t(&hn, rng)?; // [B, T, F]
         let u = self.up_proj.forward_t(&hn, rng)?;
-        match self.frozen_plain_down() {
+        match self.down_proj.frozen_plain() {
             // One op: the [B, T, F] product is not kept for backward.
-            Some(w) => Ok(nn::swiglu_down_residual(&g, &u, w, &x)?),
-            None => Ok((&x + self.down_proj.forward_t(&nn::silu_mul(&g, &u)?, rng)?)?),
-        }
-    }
-
-    /// `down_proj`'s weight when the layer is a plain frozen f32 projection
-    /// (no bias, no active adapter, not trained), on the CPU: then the MLP
-    /// and its residual run as one op ([`nn::swiglu_down_residual`]).
-    fn frozen_plain_down(&self) -> Option<&Tensor> {
-        let d = &self.down_proj;
-        let adapter_active = d.adapter.is_some()
-            && d.adapters_enabled
-                .load(std::sync::atomic::Ordering::Relaxed)
-            && !d.adapters_merged.load(std::sync::atomic::Ordering::Relaxed);
-        match &d.weight {
-            nn::Base::F32(w) if !w.is_trainable() && d.bias.is_none() && !adapter_active => {
-                (w.t.device().is_cpu() && w.t.dtype() == candle_core::DType::F32).then_some(&w.t)
-            }
-            _ => None,
+            Some((w, None)) => Ok(nn::swiglu_down_residual(&g, &u, w, &x)?),
+            _ => Ok((&x + self.down_proj.forward_t(&nn::silu_mul(&g, &u)?, rng)?)?),
         }
     }
 

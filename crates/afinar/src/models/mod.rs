@@ -276,6 +276,20 @@ impl Inputs {
         Ok(self)
     }
 
+    /// The inputs of an SFT-shaped batch (padded or packed rows; also the
+    /// 2B rows of a batch of preference pairs).
+    pub fn from_sft_batch(b: &crate::data::sft::SftBatch) -> Result<Self> {
+        let mask: Vec<f32> = b.attention_mask.iter().map(|&m| m as f32).collect();
+        Self::packed(
+            b.ids.clone(),
+            mask,
+            b.positions.clone(),
+            b.segments.clone(),
+            b.batch,
+            b.seq_len,
+        )
+    }
+
     /// Packed rows: several examples per row, each with its own positions
     /// and segment id.
     pub fn packed(

@@ -148,25 +148,17 @@ impl Op<1> for GeluDenseOp {
         }
         let f = fi.f32s("gelu_dense input")?;
         let h = map_elems(f, cpu::gelu);
-        let y = with_f32(&self.w, "dense weight", |w| match &self.b {
-            Some(b) => with_f32(b, "dense bias", |b| {
-                Ok(super::linear::cpu::x_wt(
-                    &h,
-                    w,
-                    out_f,
-                    in_f,
-                    Some(b),
-                    kernels::parallelism(),
-                ))
-            }),
-            None => Ok(super::linear::cpu::x_wt(
+        let b = self.b.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+        let y = with_f32(&self.w, "dense weight", |w| {
+            let par = kernels::parallelism();
+            Ok(super::linear::cpu::x_wt(
                 &h,
                 w,
                 out_f,
                 in_f,
-                None,
-                kernels::parallelism(),
-            )),
+                b.as_deref(),
+                par,
+            ))
         })?;
         output(y, with_last_dim(fi.dims(), out_f, "gelu_dense")?)
     }

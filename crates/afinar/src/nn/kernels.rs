@@ -89,29 +89,45 @@ pub fn matmul(
     assert!(dst.len() >= (m - 1) * dst_rs + n);
     // SAFETY: the views' extents were checked by construction / the assert
     // above; gemm reads `a`, `b` and writes `dst` within those extents.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            acc,
-            a.data.as_ptr(),
-            a.cs,
-            a.rs,
-            b.data.as_ptr(),
-            b.cs,
-            b.rs,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    unsafe { gemm_into(dst.as_mut_ptr(), dst_rs, a, b, alpha, acc, par) }
+}
+
+/// The one gemm call: `dst[m x n]` (row stride `dst_rs`) = (`read_dst` ?
+/// dst : nothing read) + `alpha * a @ b`.
+///
+/// # Safety
+/// `dst` must be valid for writes (and for reads when `read_dst`) of the
+/// `m x n` block at row stride `dst_rs`; `k > 0`.
+unsafe fn gemm_into(
+    dst: *mut f32,
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    alpha: f32,
+    read_dst: bool,
+    par: Parallelism,
+) {
+    gemm::gemm(
+        a.rows,
+        b.cols,
+        a.cols,
+        dst,
+        1,
+        dst_rs as isize,
+        read_dst,
+        a.data.as_ptr(),
+        a.cs,
+        a.rs,
+        b.data.as_ptr(),
+        b.cs,
+        b.rs,
+        1.0,
+        alpha,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// `alpha * a[m x k] @ b[k x n]` into a new row-major `m x n` vector,
@@ -132,33 +148,12 @@ pub fn matmul_new(a: Mat, b: Mat, alpha: f32, init: Option<&[f32]>, par: Paralle
         out.resize(m * n, 0.0);
         return out;
     }
-    // SAFETY: the views' extents were checked by construction; the
-    // destination is the vector's m * n capacity (row stride n). With
-    // `read_dst = false` gemm writes every element and reads none, so the
-    // length may cover it once gemm returns; with `init` the elements were
-    // written above and gemm adds to them.
+    // SAFETY: the destination is the vector's m * n capacity (row stride
+    // n). With `read_dst = false` gemm writes every element and reads none,
+    // so the length may cover it once gemm returns; with `init` the elements
+    // were written above and gemm adds to them.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            init.is_some(),
-            a.data.as_ptr(),
-            a.cs,
-            a.rs,
-            b.data.as_ptr(),
-            b.cs,
-            b.rs,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            par,
-        );
+        gemm_into(out.as_mut_ptr(), n, a, b, alpha, init.is_some(), par);
         out.set_len(m * n);
     }
     out
@@ -307,6 +302,35 @@ pub(crate) unsafe fn new_filled(n: usize, fill: impl FnOnce(&mut [MaybeUninit<f3
     // SAFETY: the caller's `fill` wrote all `n` elements.
     out.set_len(n);
     out
+}
+
+/// A new vector shaped as `x` (rows of width `d`), row by row: `f(row of
+/// x, row of out)`, rows in parallel chunks of [`ROW_CHUNK`], each chunk's
+/// loop at the process's SIMD level (pass an `#[inline(always)]` closure).
+///
+/// # Safety
+/// `f` must write every element of the row it is given.
+pub(crate) unsafe fn map_rows(
+    x: &[f32],
+    d: usize,
+    f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    // SAFETY: the row chunks of `out` and `x` pair up and cover `out`; `f`
+    // writes every element of each row (the caller's promise).
+    new_filled(x.len(), |out| {
+        out.par_chunks_mut(d * ROW_CHUNK)
+            .zip(x.par_chunks(d * ROW_CHUNK))
+            .for_each(|(oc, xc)| {
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        for (orow, xrow) in oc.chunks_mut(d).zip(xc.chunks(d)) {
+                            f(xrow, orow);
+                        }
+                    },
+                )
+            })
+    })
 }
 
 /// `f(x[i])` for every element, in parallel chunks of [`ELEM_CHUNK`].

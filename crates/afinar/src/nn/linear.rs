@@ -149,14 +149,32 @@ impl Linear {
         self.forward_t(x, None)
     }
 
+    /// The adapter, when there is one and it is on (enabled, not merged).
+    fn active_adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {
+        let on = self.adapters_enabled.load(Ordering::Relaxed)
+            && !self.adapters_merged.load(Ordering::Relaxed);
+        self.adapter.as_ref().filter(|_| on)
+    }
+
     /// `rng` = Some in training (adapter dropout).
     pub fn forward_t(&self, x: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
-        let active = self.adapters_enabled.load(Ordering::Relaxed)
-            && !self.adapters_merged.load(Ordering::Relaxed);
-        match self.adapter.as_ref().filter(|_| active) {
+        match self.active_adapter() {
             Some(a) => a.forward(self, x, rng),
             None => self.base_forward(x),
         }
+    }
+
+    /// The weight and bias when the layer is a plain frozen f32 projection
+    /// on the CPU (no active adapter, nothing of it trains): what a fused
+    /// op may read directly ([`nn::gelu_dense`], [`nn::swiglu_down_residual`]).
+    pub fn frozen_plain(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        let Base::F32(w) = &self.weight else {
+            return None;
+        };
+        let frozen = !w.is_trainable() && self.bias.as_ref().is_none_or(|b| !b.is_trainable());
+        let cpu_f32 = w.t.device().is_cpu() && w.t.dtype() == candle_core::DType::F32;
+        (frozen && cpu_f32 && self.active_adapter().is_none())
+            .then(|| (&w.t, self.bias.as_ref().map(|b| &b.t)))
     }
 
     /// The weight and bias with the adapter folded in (f32; a quantised

@@ -153,19 +153,37 @@ impl Op<2> for LmCrossEntropyOp {
         output(vec![loss as f32], ())
     }
     fn bwd(&self, [hidden, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
+        let g = grad.to_dtype(candle_core::DType::F32)?.to_vec0::<f32>()?;
+        // The mean's gradient: g / n_valid on every counted row.
+        let names = ["lm_cross_entropy hidden", "lm_cross_entropy weight"];
+        self.backward(hidden, w, names, |valid| {
+            cpu::RowGrad::All(if valid.is_empty() {
+                0.0
+            } else {
+                g / valid.len() as f32
+            })
+        })
+    }
+}
+
+impl LmCrossEntropyOp {
+    /// The gradients of hidden (returned) and of a trainable head (into its
+    /// buffer) given each counted row's loss gradient (`row_grad` of the
+    /// valid rows). `names` name the inputs in errors.
+    fn backward<'g>(
+        &self,
+        hidden: &Tensor,
+        w: &Tensor,
+        names: [&str; 2],
+        row_grad: impl FnOnce(&[usize]) -> cpu::RowGrad<'g>,
+    ) -> Grads<2> {
         let (_, c, v) = self.dims(hidden.dims(), w.dims())?;
         let want_h = hidden.track_op();
         if !want_h && self.w.grad.is_none() {
             return Ok([None, None]);
         }
         let valid = cpu::lm_valid_rows(&self.targets, v).map_err(cerr)?;
-        let g = grad.to_dtype(candle_core::DType::F32)?.to_vec0::<f32>()?;
-        let g = if valid.is_empty() {
-            0.0
-        } else {
-            g / valid.len() as f32
-        };
-        let names = ["lm_cross_entropy hidden", "lm_cross_entropy weight"];
+        let g = row_grad(&valid);
         let dh = with_f32s([hidden, w], names, |[hv, wv]| {
             let mut dh = want_h.then(|| vec![0f32; hv.len()]);
             let rows = self.rows(hv, wv, &valid, c, v);
@@ -173,13 +191,9 @@ impl Op<2> for LmCrossEntropyOp {
                 // zero_first: with no valid row nothing is written, and
                 // the gradient is zero rather than stale.
                 Some(buf) => buf.accumulate(v * c, valid.is_empty(), |dw, overwrite| {
-                    rows.bwd(
-                        cpu::RowGrad::All(g),
-                        dh.as_deref_mut(),
-                        Some((dw, overwrite)),
-                    )
+                    rows.bwd(g, dh.as_deref_mut(), Some((dw, overwrite)))
                 }),
-                None => rows.bwd(cpu::RowGrad::All(g), dh.as_deref_mut(), None),
+                None => rows.bwd(g, dh.as_deref_mut(), None),
             }
             dh.map(|d| tensor(d, hidden.shape())).transpose()
         })?;
@@ -209,27 +223,10 @@ impl Op<2> for LmTokenNllOp {
         output(nll, n)
     }
     fn bwd(&self, [hidden, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
-        let (_, c, v) = self.0.dims(hidden.dims(), w.dims())?;
-        let want_h = hidden.track_op();
-        if !want_h && self.0.w.grad.is_none() {
-            return Ok([None, None]);
-        }
-        let valid = cpu::lm_valid_rows(&self.0.targets, v).map_err(cerr)?;
         let g = grad.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         let names = ["lm_token_nll hidden", "lm_token_nll weight"];
-        let dh = with_f32s([hidden, w], names, |[hv, wv]| {
-            let mut dh = want_h.then(|| vec![0f32; hv.len()]);
-            let rows = self.0.rows(hv, wv, &valid, c, v);
-            let g = cpu::RowGrad::Rows(&g);
-            match &self.0.w.grad {
-                Some(buf) => buf.accumulate(v * c, valid.is_empty(), |dw, overwrite| {
-                    rows.bwd(g, dh.as_deref_mut(), Some((dw, overwrite)))
-                }),
-                None => rows.bwd(g, dh.as_deref_mut(), None),
-            }
-            dh.map(|d| tensor(d, hidden.shape())).transpose()
-        })?;
-        Ok(first_only(dh))
+        self.0
+            .backward(hidden, w, names, |_| cpu::RowGrad::Rows(&g))
     }
 }
 

@@ -182,7 +182,7 @@ pub fn rms_norm(x: &Tensor, weight: &Weight, eps: f64) -> CResult<Tensor> {
 ///
 /// [`ROW_CHUNK`]: crate::nn::kernels::ROW_CHUNK
 mod cpu {
-    use crate::nn::kernels::{dot_lanes, new_filled, reduce_lanes, sum_lanes, LANES, ROW_CHUNK};
+    use crate::nn::kernels::{dot_lanes, map_rows, reduce_lanes, sum_lanes, LANES, ROW_CHUNK};
     use crate::simd;
     use rayon::prelude::*;
     use std::mem::MaybeUninit;
@@ -191,27 +191,19 @@ mod cpu {
 
     /// y = (x - mean) / sqrt(var + eps) * gamma + beta, per row of width `d`.
     pub fn layer_norm_fwd(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, d: usize) -> Vec<f32> {
-        // SAFETY: the row chunks of `y` and `x` pair up; every row is written.
+        // SAFETY: every element of each row is written.
         unsafe {
-            new_filled(x.len(), |y| {
-                y.par_chunks_mut(d * ROW_CHUNK)
-                    .zip(x.par_chunks(d * ROW_CHUNK))
-                    .for_each(|(yc, xc)| {
-                        simd::run(
-                            #[inline(always)]
-                            || {
-                                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                                    let (mean, rstd) = row_stats(xr, eps);
-                                    for j in 0..d {
-                                        yr[j] = MaybeUninit::new(
-                                            (xr[j] - mean) * rstd * gamma[j] + beta[j],
-                                        );
-                                    }
-                                }
-                            },
-                        )
-                    })
-            })
+            map_rows(
+                x,
+                d,
+                #[inline(always)]
+                |xr, yr| {
+                    let (mean, rstd) = row_stats(xr, eps);
+                    for j in 0..d {
+                        yr[j] = MaybeUninit::new((xr[j] - mean) * rstd * gamma[j] + beta[j]);
+                    }
+                },
+            )
         }
     }
 
@@ -336,25 +328,19 @@ mod cpu {
 
     /// `LlamaRMSNorm`: y = x / sqrt(mean(x^2) + eps) * w, per row of width `d`.
     pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, d: usize) -> Vec<f32> {
-        // SAFETY: the row chunks of `y` and `x` pair up; every row is written.
+        // SAFETY: every element of each row is written.
         unsafe {
-            new_filled(x.len(), |y| {
-                y.par_chunks_mut(d * ROW_CHUNK)
-                    .zip(x.par_chunks(d * ROW_CHUNK))
-                    .for_each(|(yc, xc)| {
-                        simd::run(
-                            #[inline(always)]
-                            || {
-                                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                                    let r = rms_rstd(xr, eps);
-                                    for j in 0..d {
-                                        yr[j] = MaybeUninit::new(xr[j] * r * w[j]);
-                                    }
-                                }
-                            },
-                        )
-                    })
-            })
+            map_rows(
+                x,
+                d,
+                #[inline(always)]
+                |xr, yr| {
+                    let r = rms_rstd(xr, eps);
+                    for j in 0..d {
+                        yr[j] = MaybeUninit::new(xr[j] * r * w[j]);
+                    }
+                },
+            )
         }
     }
 
