@@ -65,6 +65,25 @@ enum Cmd {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// Build preference pairs (JSONL rows of `prompt`, `chosen`, `rejected`,
+    /// TRL's format) for reward models and DPO (docs/preference-data.md).
+    Pairs {
+        #[command(subcommand)]
+        cmd: PairsCmd,
+    },
+    /// The reward of (prompt, completion) rows, with a reward model run.
+    Score {
+        run: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// JSONL rows with `prompt` and `completion` (strings, or chat
+        /// messages: the completion's are assistant turns).
+        #[arg(long)]
+        file: PathBuf,
+        /// Write the rows with their `reward` here instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Predict labels for texts.
     Predict {
         run: PathBuf,
@@ -124,6 +143,47 @@ enum Cmd {
         quantized: bool,
         #[command(flatten)]
         sample: lm::SampleArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PairsCmd {
+    /// On-policy pairs from SFT rows (OpenAI evals' `input` + `ideal`):
+    /// chosen = the ideal answer, rejected = MODEL's own greedy answer where
+    /// it is wrong. Resumable: rerun the same command after a stop.
+    Generate {
+        /// An asset name, an HF folder or a .gguf file (a decoder with a chat template).
+        model: String,
+        /// A file, a folder of task files, or `asset:NAME/SUB`.
+        #[arg(long)]
+        data: String,
+        /// A `.jsonl` file, or a folder for one file per task.
+        #[arg(long)]
+        out: PathBuf,
+        /// At most this many rows per task file (the seeded choice SFT's
+        /// `data.max_rows_per_file` makes with the same seed).
+        #[arg(long)]
+        max_rows_per_file: Option<usize>,
+        /// The seed of that choice (SFT's `data.split_seed`).
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value_t = 48)]
+        max_new_tokens: usize,
+        /// Keep a GGUF's linear weights quantised (dequantised per matmul).
+        #[arg(long)]
+        quantized: bool,
+    },
+    /// Pairs from multiple-choice items (a user turn listing `A. ...`
+    /// options, `ideal` the letter): chosen = the right option, rejected =
+    /// a seeded random wrong one, each with its text.
+    FromChoices {
+        /// A JSONL file or `asset:NAME` (default: the `logiqa` asset).
+        #[arg(long, default_value = "asset:logiqa")]
+        data: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
 }
 
@@ -272,6 +332,13 @@ fn run(cli: Cli) -> Result<i32> {
             (None, None) => bail!("give a run config, or --resume RUN"),
         },
         Cmd::Eval { run, load, data } => cmd_eval(&run, &load.options(), data.as_deref()),
+        Cmd::Pairs { cmd } => cmd_pairs(cmd),
+        Cmd::Score {
+            run,
+            load,
+            file,
+            output,
+        } => cmd_score(&run, &load.options(), &file, output.as_deref()),
         Cmd::Predict {
             run,
             load,
@@ -519,9 +586,119 @@ impl LoadArgs {
     }
 }
 
-fn cmd_eval(run: &Path, load: &afinar::runs::LoadOptions, data: Option<&Path>) -> Result<i32> {
+fn cmd_pairs(cmd: PairsCmd) -> Result<i32> {
+    match cmd {
+        PairsCmd::Generate {
+            model,
+            data,
+            out,
+            max_rows_per_file,
+            seed,
+            max_new_tokens,
+            quantized,
+        } => {
+            init_threads(None);
+            let files = afinar::data::resolve_files(&data)?;
+            let m = lm::load(&model, quantized)?;
+            let sp = m.src.tokenizer.specials.clone().unwrap_or_default();
+            let src = sp.chat_template.as_deref().with_context(|| {
+                format!("{model}: the tokenizer has no chat template (the prompts are chats)")
+            })?;
+            let template =
+                afinar::hub::chat_template::ChatTemplate::new(src, &sp.bos_token, &sp.eos_token)?;
+            let opts = afinar::methods::pairs::GenerateOptions {
+                files,
+                max_rows_per_file,
+                seed,
+                max_new_tokens,
+                out: out.clone(),
+            };
+            let r = afinar::methods::pairs::generate_pairs(
+                &m.model,
+                &m.src.tokenizer,
+                &template,
+                m.src.cfg.max_positions(),
+                &opts,
+                &mut print_event,
+            )?;
+            eprintln!(
+                "{} rows: {} pairs, {} answered right (no pair), {:.0} s",
+                r.rows, r.pairs, r.model_right, r.wall_s
+            );
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(0)
+        }
+        PairsCmd::FromChoices { data, out, seed } => {
+            let files = afinar::data::resolve_files(&data)?;
+            let [file] = files.as_slice() else {
+                bail!("--data {data}: one file, found {}", files.len());
+            };
+            let r = afinar::methods::pairs::pairs_from_choices(file, seed, &out)?;
+            eprintln!("{} items: {} pairs in {}", r.items, r.pairs, out.display());
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(0)
+        }
+    }
+}
+
+fn cmd_score(
+    run: &Path,
+    load: &afinar::runs::LoadOptions,
+    file: &Path,
+    output: Option<&Path>,
+) -> Result<i32> {
     init_threads(None);
     let rm = afinar::runs::load_run_with(run, load)?;
+    if rm.model.head.task != afinar::heads::TaskKind::Scalar {
+        bail!(
+            "{}: not a reward model (its head is {:?}; `afinar predict` scores classifiers)",
+            run.display(),
+            rm.model.head.task
+        );
+    }
+    let mode = rm
+        .plan
+        .as_ref()
+        .and_then(|p| p.config.data.truncation_mode)
+        .unwrap_or_default();
+    let scores = afinar::methods::reward::score_file(&rm, file, mode)?;
+    let mut text = String::new();
+    for (line, r) in &scores {
+        text.push_str(&serde_json::json!({"line": line, "reward": r}).to_string());
+        text.push('\n');
+    }
+    match output {
+        Some(o) => afinar::fsutil::write_atomic(o, text.as_bytes())?,
+        None => print!("{text}"),
+    }
+    Ok(0)
+}
+
+fn cmd_eval(run: &Path, load: &afinar::runs::LoadOptions, data: Option<&Path>) -> Result<i32> {
+    init_threads(None);
+    // Preference runs: their own metrics.
+    let plan = run
+        .join("config.toml")
+        .is_file()
+        .then(|| Plan::load(&run.join("config.toml"), &[]))
+        .transpose()?;
+    if let Some(plan) = plan.filter(|p| p.config.task.kind == afinar::config::TaskType::Dpo) {
+        let (n, m) = afinar::methods::dpo::eval_run(run, &plan, data, &mut print_event)?;
+        let v = serde_json::json!({ "data": data, "pairs": n, "metrics": m });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let rm = afinar::runs::load_run_with(run, load)?;
+    if let Some(plan) = rm
+        .plan
+        .as_ref()
+        .filter(|p| p.config.task.kind == afinar::config::TaskType::Reward)
+    {
+        let (n, m) = afinar::methods::reward::eval_run(&rm, plan, data)?;
+        let v = serde_json::json!({ "data": data, "pairs": n, "metrics": m });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
     let (examples, path) = match data {
         Some(p) => {
             let (spec, format) = match rm.plan.as_ref() {

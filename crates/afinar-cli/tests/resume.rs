@@ -319,3 +319,50 @@ fn killed_lora_run_with_early_stopping_resumes_to_the_same_end() {
     .unwrap();
     kill_resume_and_compare(&cfg, true);
 }
+
+/// GPT-2 DPO, full fine-tuning with the reference's log-probabilities
+/// precomputed (`ref_logps.json`, read back by every resume instead of a
+/// frozen copy), gradient accumulation.
+#[test]
+fn killed_dpo_run_resumes_to_the_same_curve() {
+    let f = fixtures();
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("dpo.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nmax_length = 64\n[task]\ntype = \"dpo\"\n\
+             [data]\ntrain = {:?}\nsplit = [0.7, 0.15, 0.15]\ngenerate_eval_rows = 2\n\
+             [train]\nepochs = {}\nbatch_size = 4\ngrad_accum = 2\nlr = 1e-3\neval_every = 5\nsave_every = 2\nlog_every = 1\nthreads = 2\n\
+             [dpo]\nbeta = 0.2\nprecompute_ref_log_probs = true\n",
+            f.join("gpt2-tiny"),
+            f.join("pairs-tiny/chat.jsonl"),
+            4 * kills()
+        ),
+    )
+    .unwrap();
+    kill_resume_and_compare(&cfg, false);
+}
+
+/// A Llama reward model with LoRA (dropout 0.1) and the scalar head.
+#[test]
+fn killed_reward_run_resumes_to_the_same_curve() {
+    let f = fixtures();
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("rm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nmax_length = 64\n[task]\ntype = \"reward\"\n\
+             [data]\ntrain = {:?}\nsplit = [0.7, 0.15, 0.15]\n\
+             [train]\nepochs = {}\nbatch_size = 4\nlr = 1e-2\neval_every = 5\nsave_every = 3\nlog_every = 2\nthreads = 2\n\
+             [reward]\ncenter_rewards_coefficient = 0.01\n\
+             [adapter]\ntype = \"lora\"\nr = 4\nlora_alpha = 8\nlora_dropout = 0.1\ntarget_modules = [\"q_proj\", \"v_proj\"]\n",
+            f.join("llama-tiny"),
+            f.join("pairs-tiny/text.jsonl"),
+            4 * kills()
+        ),
+    )
+    .unwrap();
+    kill_resume_and_compare(&cfg, true);
+}

@@ -161,7 +161,7 @@ fn dpo_starts_at_the_closed_form_values_and_trains_the_adapter() {
 fn reward_batch_scores_each_sequence_at_its_last_token() {
     use afinar::heads::{HeadConfig, Pooling, SequenceModel, TaskKind};
     use afinar::methods::preference::reward_loss;
-    use afinar::methods::reward::reward_batch;
+    use afinar::methods::reward::{reward_batch, RewardPair};
     use afinar::models::Inputs;
     for case in ["llama-tiny", "gpt2-tiny"] {
         let (cfg, mut store) = tiny(case, Selector::all());
@@ -173,7 +173,8 @@ fn reward_batch_scores_each_sequence_at_its_last_token() {
         };
         let model = SequenceModel::new(&mut store, &cfg, &head, 3, None, 0).unwrap();
         let pairs = two_pairs();
-        let refs: Vec<&PairTokens> = pairs.iter().collect();
+        let rp: Vec<RewardPair> = pairs.iter().map(RewardPair::from).collect();
+        let refs: Vec<&RewardPair> = rp.iter().collect();
         let (loss, m) =
             reward_batch(&model, &refs, 0, Some(&[0.5, 0.0]), Some(0.01), None).unwrap();
         // Each sequence scored alone, unpadded.

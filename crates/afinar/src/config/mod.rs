@@ -30,6 +30,69 @@ pub struct RunConfig {
     pub seeds: SeedSection,
     /// Train an adapter (LoRA / DoRA / IA3) instead of the base weights.
     pub adapter: Option<crate::adapters::AdapterConfig>,
+    /// `task.type = "dpo"`: TRL's `DPOConfig` options.
+    pub dpo: Option<DpoSection>,
+    /// `task.type = "reward"`: TRL's `RewardConfig` options.
+    pub reward: Option<RewardSection>,
+}
+
+/// TRL's DPO loss types (`DPOConfig.loss_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpoLossType {
+    #[default]
+    Sigmoid,
+    Hinge,
+    Ipo,
+}
+
+impl DpoLossType {
+    /// IPO compares log-probabilities averaged over the completion's tokens
+    /// (TRL), the others summed.
+    pub fn averages_log_probs(self) -> bool {
+        self == DpoLossType::Ipo
+    }
+}
+
+/// `[dpo]`: the names and defaults of TRL's `DPOConfig`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoSection {
+    #[serde(default = "d_beta")]
+    pub beta: f64,
+    #[serde(default, deserialize_with = "mode")]
+    pub loss_type: DpoLossType,
+    /// Sigmoid loss only (cDPO): the assumed share of flipped labels, in [0, 0.5].
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Compute the reference log-probabilities of the training pairs once,
+    /// before the first step (kept in the run folder, reused on resume);
+    /// no reference forward per step, and for full fine-tuning no copy of
+    /// the model is held.
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
+}
+fn d_beta() -> f64 {
+    0.1
+}
+impl Default for DpoSection {
+    fn default() -> Self {
+        DpoSection {
+            beta: d_beta(),
+            loss_type: DpoLossType::Sigmoid,
+            label_smoothing: 0.0,
+            precompute_ref_log_probs: false,
+        }
+    }
+}
+
+/// `[reward]`: TRL's `RewardConfig` options.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSection {
+    /// Adds `coefficient * mean((r_chosen + r_rejected)^2)` to the loss,
+    /// keeping rewards centred on 0 (Eisenstein et al. 2023).
+    pub center_rewards_coefficient: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +183,12 @@ pub enum TaskType {
     Regression,
     /// Instruction SFT of a decoder: loss on assistant / completion tokens.
     Sft,
+    /// A reward model: a scalar head trained on preference pairs
+    /// (Bradley-Terry), TRL's `RewardTrainer`.
+    Reward,
+    /// Direct preference optimisation of a decoder on preference pairs,
+    /// TRL's `DPOTrainer`.
+    Dpo,
 }
 
 impl TaskType {
@@ -128,7 +197,7 @@ impl TaskType {
         match self {
             TaskType::Classification => Some(TaskKind::Classification),
             TaskType::Regression => Some(TaskKind::Regression),
-            TaskType::Sft => None,
+            TaskType::Sft | TaskType::Reward | TaskType::Dpo => None,
         }
     }
 }
@@ -179,9 +248,21 @@ pub struct DataSection {
     /// SFT: field of the answer appended as the assistant turn (OpenAI
     /// evals' `ideal`; a list takes its first entry).
     pub response: Option<String>,
-    /// SFT without a chat template: prompt and completion fields.
+    /// SFT without a chat template: prompt and completion fields; reward
+    /// and DPO runs: the pair's prompt field (default `prompt`).
     pub prompt: Option<String>,
     pub completion: Option<String>,
+    /// Reward and DPO runs: the preferred and the rejected completion's
+    /// fields (default `chosen`, `rejected`).
+    pub chosen: Option<String>,
+    pub rejected: Option<String>,
+    /// Reward and DPO runs: a pair whose prompt + completion is longer than
+    /// `model.max_length`: "keep_start" (tokens cut from the end; DPO's
+    /// default, as TRL's DPOTrainer), "keep_end" (cut from the start), "skip"
+    /// (left out; a reward model's default, as TRL's RewardTrainer) or
+    /// "error"; the counts are logged.
+    #[serde(default, deserialize_with = "opt_mode")]
+    pub truncation_mode: Option<crate::data::preference::Truncation>,
     /// SFT: pack short examples into full `max_length` rows.
     #[serde(default)]
     pub packing: bool,
@@ -566,10 +647,16 @@ impl Plan {
                     "\"quantized\" needs a GGUF model (a `.gguf` path or a GGUF asset); safetensors load as \"f32\"".into(),
                 );
             }
-            if c.task.kind != TaskType::Sft {
+            if c.task.kind == TaskType::Dpo && c.adapter.is_none() {
                 return err(
                     "model.base_dtype",
-                    "\"quantized\" is for decoder runs (task.type = \"sft\")".into(),
+                    "DPO's reference cannot be built: full fine-tuning of a \"quantized\" base would train weights kept in GGUF blocks, and the frozen reference copy needs them as loaded. Use \"f32\" for full fine-tuning, or add an [adapter] (the reference is then the base with adapters off)".into(),
+                );
+            }
+            if !matches!(c.task.kind, TaskType::Sft | TaskType::Dpo) {
+                return err(
+                    "model.base_dtype",
+                    "\"quantized\" is for decoder LM runs (task.type = \"sft\" or \"dpo\")".into(),
                 );
             }
             if c.adapter.is_none() {
@@ -728,6 +815,12 @@ impl Plan {
                         "SFT needs `messages` (chat rows) or `prompt` + `completion`".into(),
                     );
                 }
+                if d.chosen.is_some() || d.rejected.is_some() || d.truncation_mode.is_some() {
+                    return err(
+                        "data",
+                        "`chosen`, `rejected` and `truncation_mode` are for preference pairs (task.type = \"reward\" or \"dpo\")".into(),
+                    );
+                }
                 if pc && (d.prompt.is_none() || d.completion.is_none()) {
                     return err("data", "give both `prompt` and `completion`".into());
                 }
@@ -744,11 +837,59 @@ impl Plan {
                     return err("freeze", "SFT trains the whole model or an [adapter]; partial freezing of decoders is not supported yet".into());
                 }
             }
+            TaskType::Reward | TaskType::Dpo => {
+                let d = &c.data;
+                let what = if c.task.kind == TaskType::Reward {
+                    "a reward model"
+                } else {
+                    "DPO"
+                };
+                for (key, given) in [
+                    ("data.label", !d.label.is_empty()),
+                    ("data.text", !d.text.is_empty()),
+                    ("data.text_pair", d.text_pair.is_some()),
+                    ("data.messages", d.messages.is_some()),
+                    ("data.response", d.response.is_some()),
+                    ("data.completion", d.completion.is_some()),
+                ] {
+                    if given {
+                        return err(
+                            key,
+                            format!("{what} learns from preference pairs (`prompt`, `chosen`, `rejected` fields), not labels or single answers: leave `{key}` out (set `data.prompt`, `data.chosen`, `data.rejected` where the fields have other names)"),
+                        );
+                    }
+                }
+                if d.packing {
+                    return err("data.packing", format!("{what} does not pack pairs"));
+                }
+                if d.format.is_some_and(|f| f != Format::Jsonl) {
+                    return err(
+                        "data.format",
+                        "preference pairs are JSONL rows (\"jsonl\")".into(),
+                    );
+                }
+                if c.task.kind == TaskType::Dpo
+                    && (c.freeze.preset != FreezePreset::Full
+                        || !c.freeze.frozen.is_empty()
+                        || !c.freeze.trainable.is_empty())
+                {
+                    return err("freeze", "DPO trains the whole model or an [adapter]; partial freezing of decoders is not supported yet".into());
+                }
+            }
             _ => {
                 for (key, v) in [("data.text", &c.data.text), ("data.label", &c.data.label)] {
                     if v.is_empty() {
                         return err(key, "is required for classification and regression".into());
                     }
+                }
+                if c.data.chosen.is_some()
+                    || c.data.rejected.is_some()
+                    || c.data.truncation_mode.is_some()
+                {
+                    return err(
+                        "data",
+                        "`chosen`, `rejected` and `truncation_mode` are for preference pairs (task.type = \"reward\" or \"dpo\")".into(),
+                    );
                 }
                 if c.data.packing || c.data.messages.is_some() || c.data.prompt.is_some() {
                     return err(
@@ -758,11 +899,52 @@ impl Plan {
                 }
             }
         }
+        match (c.task.kind, &c.dpo, &c.reward) {
+            (TaskType::Dpo, Some(dpo), _) => {
+                if !(dpo.beta > 0.0 && dpo.beta.is_finite()) {
+                    return err("dpo.beta", format!("{} must be > 0", dpo.beta));
+                }
+                if !(0.0..=0.5).contains(&dpo.label_smoothing) {
+                    return err(
+                        "dpo.label_smoothing",
+                        format!("{} is not in [0, 0.5]", dpo.label_smoothing),
+                    );
+                }
+                if dpo.label_smoothing > 0.0 && dpo.loss_type != DpoLossType::Sigmoid {
+                    return err(
+                        "dpo.label_smoothing",
+                        "is for loss_type = \"sigmoid\" (TRL's cDPO)".into(),
+                    );
+                }
+            }
+            (TaskType::Reward, _, Some(r)) => {
+                if let Some(x) = r.center_rewards_coefficient {
+                    if !(x >= 0.0 && x.is_finite()) {
+                        return err(
+                            "reward.center_rewards_coefficient",
+                            format!("{x} must be >= 0"),
+                        );
+                    }
+                }
+            }
+            (k, Some(_), _) if k != TaskType::Dpo => {
+                return err("dpo", "the [dpo] section is for task.type = \"dpo\"".into())
+            }
+            (k, _, Some(_)) if k != TaskType::Reward => {
+                return err(
+                    "reward",
+                    "the [reward] section is for task.type = \"reward\"".into(),
+                )
+            }
+            _ => {}
+        }
         if let Some(es) = &t.early_stopping {
             let ok: &[&str] = match c.task.kind {
                 TaskType::Classification => &["loss", "accuracy", "macro_f1"],
                 TaskType::Regression => &["loss", "mse", "pearson"],
                 TaskType::Sft => &["loss", "perplexity"],
+                TaskType::Reward => &["loss", "accuracy", "margin"],
+                TaskType::Dpo => &["loss", "rewards/accuracies", "rewards/margins"],
             };
             if !ok.contains(&es.metric.as_str()) {
                 return err(
@@ -812,7 +994,8 @@ impl Plan {
             Some(es) => es.metric.clone(),
             None => match self.config.task.kind {
                 TaskType::Classification => "accuracy".into(),
-                TaskType::Regression | TaskType::Sft => "loss".into(),
+                TaskType::Reward => "accuracy".into(),
+                TaskType::Regression | TaskType::Sft | TaskType::Dpo => "loss".into(),
             },
         }
     }

@@ -166,6 +166,109 @@ fn parse_pair(rec: &Record, f: &PreferenceFormat) -> std::result::Result<Prefere
     })
 }
 
+/// What to do with a pair whose prompt + completion is longer than
+/// `max_length` tokens (`data.truncation_mode`). TRL's two modes cut each
+/// sequence: `keep_start` keeps its first `max_length` tokens (TRL's
+/// default: the completion's end is lost), `keep_end` its last ones (the
+/// prompt's start is lost). afinar adds `skip` and `error`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    #[default]
+    KeepStart,
+    KeepEnd,
+    Skip,
+    Error,
+}
+
+/// Counts for the log: what encoding a file of pairs did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PairStats {
+    pub pairs: usize,
+    pub kept: usize,
+    /// Pairs with a sequence over `max_length`, cut (`keep_start` / `keep_end`).
+    pub truncated: usize,
+    /// Pairs left out: over `max_length` (`skip`), or cut to no completion token.
+    pub skipped: usize,
+}
+
+impl std::fmt::Display for PairStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} pairs, {} kept, {} truncated to max_length, {} skipped",
+            self.pairs, self.kept, self.truncated, self.skipped
+        )
+    }
+}
+
+/// Encode every pair of `rows` at most `enc.max_length` tokens per
+/// sequence, as `mode` says. A pair cut to no completion token in either
+/// sequence is left out (counted as skipped): it has nothing to compare.
+pub fn encode_pairs(
+    enc: &SftEncoder,
+    rows: &PreferenceRows,
+    mode: Truncation,
+) -> Result<(Vec<PairTokens>, PairStats)> {
+    let max = enc.max_length;
+    if max == 0 {
+        return Err(Error::Data("max_length must be at least 1".into()));
+    }
+    let mut stats = PairStats {
+        pairs: rows.rows.len(),
+        ..Default::default()
+    };
+    let mut out = Vec::with_capacity(rows.rows.len());
+    for pair in &rows.rows {
+        let mut t = encode_pair(enc, pair).map_err(|e| Error::Line {
+            path: rows.path.clone(),
+            line: pair.line,
+            msg: e.to_string(),
+        })?;
+        let longest = t.chosen.len().max(t.rejected.len());
+        if longest > max {
+            match mode {
+                Truncation::Error => {
+                    return Err(Error::Line {
+                        path: rows.path.clone(),
+                        line: pair.line,
+                        msg: format!(
+                            "prompt + completion is {longest} tokens, longer than max_length {max} \
+                             (data.truncation_mode = \"keep_start\" or \"keep_end\" cuts it, \"skip\" leaves it out)"
+                        ),
+                    })
+                }
+                Truncation::Skip => {
+                    stats.skipped += 1;
+                    continue;
+                }
+                Truncation::KeepStart | Truncation::KeepEnd => {
+                    for s in [&mut t.chosen, &mut t.rejected] {
+                        let n = s.ids.len();
+                        if n > max {
+                            let from = if mode == Truncation::KeepEnd { n - max } else { 0 };
+                            s.ids = s.ids[from..from + max].to_vec();
+                            s.labels = s.labels[from..from + max].to_vec();
+                        }
+                    }
+                    stats.truncated += 1;
+                    // A causal LM predicts token t from those before it: the first
+                    // token is never a target.
+                    let has_loss =
+                        |s: &SftTokens| s.labels.iter().skip(1).any(|&l| l != IGNORE_INDEX);
+                    if !has_loss(&t.chosen) || !has_loss(&t.rejected) {
+                        stats.skipped += 1;
+                        continue;
+                    }
+                }
+            }
+        }
+        out.push(t);
+    }
+    stats.kept = out.len();
+    Ok((out, stats))
+}
+
 /// The two sequences of a pair, token ids and labels as in SFT
 /// (`data::sft`): the prompt's tokens carry no loss, the completion's do.
 #[derive(Debug, Clone)]
@@ -183,14 +286,7 @@ pub struct PairTokens {
 /// prompt carries none).
 pub fn encode_pair(enc: &SftEncoder, pair: &PreferencePair) -> Result<PairTokens> {
     let one = |completion: &Turns| -> Result<SftTokens> {
-        let mut t = match (&pair.prompt, completion) {
-            (Turns::Text(p), Turns::Text(c)) => enc.encode(&SftExample::PromptCompletion {
-                prompt: p.clone(),
-                completion: c.clone(),
-            })?,
-            (Turns::Chat(p), Turns::Chat(c)) => encode_chat(enc, p, c)?,
-            _ => return Err(Error::Data("a pair mixes text and chat turns".into())),
-        };
+        let mut t = encode_completion(enc, &pair.prompt, completion)?;
         t.line = pair.line;
         Ok(t)
     };
@@ -199,6 +295,25 @@ pub fn encode_pair(enc: &SftEncoder, pair: &PreferencePair) -> Result<PairTokens
         chosen: one(&pair.chosen)?,
         rejected: one(&pair.rejected)?,
     })
+}
+
+/// Token ids and labels of one `prompt + completion` at full length, as
+/// [`encode_pair`] encodes each side of a pair.
+pub fn encode_completion(
+    enc: &SftEncoder,
+    prompt: &Turns,
+    completion: &Turns,
+) -> Result<SftTokens> {
+    match (prompt, completion) {
+        (Turns::Text(p), Turns::Text(c)) => enc.encode(&SftExample::PromptCompletion {
+            prompt: p.clone(),
+            completion: c.clone(),
+        }),
+        (Turns::Chat(p), Turns::Chat(c)) => encode_chat(enc, p, c),
+        _ => Err(Error::Data(
+            "prompt and completion mix text and chat turns".into(),
+        )),
+    }
 }
 
 /// A chat prompt and its completion turns: loss on the completion's spans.

@@ -77,6 +77,12 @@ pub fn seq_cls_config(
             c["label2id"] = Value::Object(label2id);
             c["problem_type"] = json!("single_label_classification");
         }
+        (TaskKind::Scalar, _) => {
+            // A reward model's score (TRL's RewardTrainer): one output, no
+            // problem type of its own.
+            c["id2label"] = json!({"0": "LABEL_0"});
+            c["label2id"] = json!({"LABEL_0": 0});
+        }
         _ => {
             c["id2label"] = json!({"0": "LABEL_0"});
             c["label2id"] = json!({"LABEL_0": 0});

@@ -186,6 +186,24 @@ pub static ASSETS: &[Asset] = &[
             },
         ],
     },
+    // OpenAI evals' `logiqa-logical-reasoning-plus` (LogiQA 2.0 items: a
+    // passage, a question, four options; `ideal` the letter): the source of
+    // `afinar pairs from-choices` (docs/preference-data.md).
+    Asset {
+        name: "logiqa",
+        kind: AssetKind::Data,
+        package: "evals",
+        version: "3.0.1.post1",
+        wheel_sha256: "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
+        path: "data/logiqa/logiqa-logical-reasoning-plus.jsonl",
+        hub_id: "",
+        files: &[AssetFile {
+            wheel_path:
+                "evals/registry/data/logiqa-logical-reasoning-plus/logiqa-logical-reasoning-plus.jsonl",
+            dest: "data/logiqa/logiqa-logical-reasoning-plus.jsonl",
+            sha256: "c9b355240cd6255ffdaa97e05cef7e157ab63d52e2cbaa286cdec95101022f3e",
+        }],
+    },
 ];
 
 /// Lowercase hex sha256 of `bytes`.

@@ -5,14 +5,17 @@
 //! - `classify`: sequence classification and regression with a new head on
 //!   any body (BERT, Llama family, GPT-2);
 //! - `sft`: instruction SFT of a decoder LM on chat or prompt/completion rows;
-//! - `preference`: the losses reward models and DPO share (Bradley-Terry,
-//!   DPO's sigmoid / hinge / IPO) and TRL's pair metrics; their recipes
-//!   come next (issue 14).
+//! - `preference`: what reward models and DPO share: the losses
+//!   (Bradley-Terry, DPO's sigmoid / hinge / IPO), TRL's pair metrics, a
+//!   plan's pairs;
+//! - `reward`: a reward model (scalar head, any body) on preference pairs;
+//! - `dpo`: DPO of a decoder LM on preference pairs.
 //!
 //! `adding-an-objective.md` in `docs/` is the checklist for the next ones.
 
 pub mod classify;
 pub mod dpo;
+pub mod pairs;
 pub mod preference;
 pub mod reward;
 pub mod sft;
@@ -30,6 +33,8 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     match plan.config.task.kind {
         TaskType::Classification | TaskType::Regression => classify::train(plan, opts, on),
         TaskType::Sft => sft::train(plan, opts, on),
+        TaskType::Reward => reward::train(plan, opts, on),
+        TaskType::Dpo => dpo::train(plan, opts, on),
     }
 }
 

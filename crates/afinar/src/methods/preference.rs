@@ -26,22 +26,7 @@ pub fn neg_log_sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((x.neg()?.relu()? + tail)?)
 }
 
-/// TRL's DPO loss types (`DPOConfig.loss_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DpoLossType {
-    Sigmoid,
-    Hinge,
-    Ipo,
-}
-
-impl DpoLossType {
-    /// IPO compares log-probabilities averaged over the completion's tokens
-    /// (TRL), the others summed.
-    pub fn averages_log_probs(self) -> bool {
-        self == DpoLossType::Ipo
-    }
-}
+pub use crate::config::DpoLossType;
 
 /// The log-probabilities of a batch of pairs: `[B]` each (summed over the
 /// completion's tokens, or averaged for IPO).
@@ -323,5 +308,130 @@ mod tests {
             "{:?}",
             flat(&big)
         );
+    }
+}
+
+// ---- the data of a preference run (reward model or DPO)
+
+use crate::config::Plan;
+use crate::data::preference::{read_pairs, PreferenceFormat, PreferencePair, PreferenceRows};
+use crate::data::{resolve_files, seeded_split, FieldPath};
+use std::path::PathBuf;
+
+/// Where a plan's pairs keep their three fields (`data.prompt`,
+/// `data.chosen`, `data.rejected`; TRL's names by default).
+pub fn pair_format(plan: &Plan) -> Result<PreferenceFormat> {
+    let d = &plan.config.data;
+    let fp = |key: &str, v: &Option<String>, default: &str| {
+        FieldPath::parse(v.as_deref().unwrap_or(default)).map_err(|e| Error::Config {
+            path: plan.config_path.clone(),
+            msg: format!("`data.{key}`: {e}"),
+        })
+    };
+    Ok(PreferenceFormat {
+        prompt: fp("prompt", &d.prompt, "prompt")?,
+        chosen: fp("chosen", &d.chosen, "chosen")?,
+        rejected: fp("rejected", &d.rejected, "rejected")?,
+    })
+}
+
+/// The pairs of a plan: train / validation / test (a seeded split of
+/// `data.train` by row, or files), and each held-out task file of
+/// `data.heldout_tasks` whole (named `heldout_<file stem>`).
+pub struct PairSplits {
+    pub train: PreferenceRows,
+    pub validation: PreferenceRows,
+    pub test: Option<PreferenceRows>,
+    pub heldout: Vec<(String, PreferenceRows)>,
+}
+
+fn read_all(spec: &str, format: &PreferenceFormat) -> Result<Vec<PreferenceRows>> {
+    let files = resolve_files(spec)?;
+    files
+        .iter()
+        .map(|f| read_pairs(f, format, Some(crate::data::Format::Jsonl)))
+        .collect()
+}
+
+/// One set of rows from every file of `spec` (each pair keeps its line).
+fn read_joined(spec: &str, format: &PreferenceFormat) -> Result<PreferenceRows> {
+    let parts = read_all(spec, format)?;
+    let path = match parts.as_slice() {
+        [one] => one.path.clone(),
+        _ => PathBuf::from(spec),
+    };
+    Ok(PreferenceRows {
+        path,
+        rows: parts.into_iter().flat_map(|p| p.rows).collect(),
+    })
+}
+
+pub fn load_pair_splits(plan: &Plan) -> Result<PairSplits> {
+    let d = &plan.config.data;
+    let format = pair_format(plan)?;
+    let all = read_joined(&d.train, &format)?;
+    if all.rows.is_empty() {
+        return Err(Error::Data(format!("{}: no preference pairs", d.train)));
+    }
+    let sp = seeded_split(
+        all.rows.len(),
+        d.split.unwrap_or([1.0, 0.0, 0.0]),
+        d.split_seed,
+    )?;
+    let pick = |idx: &[usize]| PreferenceRows {
+        path: all.path.clone(),
+        rows: idx
+            .iter()
+            .map(|&i| all.rows[i].clone())
+            .collect::<Vec<PreferencePair>>(),
+    };
+    let validation = match &d.validation {
+        Some(v) => read_joined(v, &format)?,
+        None => pick(&sp.validation),
+    };
+    if validation.rows.is_empty() {
+        return Err(Error::Data("the validation split holds no pairs".into()));
+    }
+    let test = match &d.test {
+        Some(t) => Some(read_joined(t, &format)?),
+        None if !sp.test.is_empty() => Some(pick(&sp.test)),
+        None => None,
+    };
+    let mut heldout = Vec::new();
+    if let Some(h) = &d.heldout_tasks {
+        for rows in read_all(h, &format)? {
+            let stem = rows
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            heldout.push((format!("heldout_{stem}"), rows));
+        }
+    }
+    Ok(PairSplits {
+        train: pick(&sp.train),
+        validation,
+        test,
+        heldout,
+    })
+}
+
+/// A set's scores or log-probabilities, `(chosen, rejected)` per pair, as
+/// the metrics of [`pair_metrics`] (means over the set).
+pub fn set_metrics(
+    rewards: &[(f32, f32)],
+    logps: Option<&[(f32, f32)]>,
+) -> Result<Vec<(&'static str, f64)>> {
+    let n = rewards.len();
+    let t = |v: Vec<f32>| Tensor::from_vec(v, n, &candle_core::Device::Cpu);
+    let c = t(rewards.iter().map(|p| p.0).collect())?;
+    let r = t(rewards.iter().map(|p| p.1).collect())?;
+    match logps {
+        Some(l) => {
+            let lc = t(l.iter().map(|p| p.0).collect())?;
+            let lr = t(l.iter().map(|p| p.1).collect())?;
+            pair_metrics(&c, &r, Some((&lc, &lr)))
+        }
+        None => pair_metrics(&c, &r, None),
     }
 }

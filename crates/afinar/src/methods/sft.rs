@@ -60,9 +60,9 @@ fn sft_format(plan: &Plan) -> Result<SftFormat> {
 /// One example kept for scoring by generation: the prompt turns and the
 /// expected answer.
 #[derive(Clone)]
-struct Scored {
-    prompt: SftExample,
-    answer: String,
+pub(crate) struct Scored {
+    pub prompt: SftExample,
+    pub answer: String,
 }
 
 fn scored(ex: &SftExample) -> Option<Scored> {
@@ -143,7 +143,7 @@ impl Sft<'_> {
     }
 }
 
-fn exact_match(
+pub(crate) fn exact_match(
     model: &CausalLm,
     prefix: Option<&candle_core::Tensor>,
     tok: &TextTokenizer,
@@ -284,24 +284,26 @@ impl Objective for Sft<'_> {
     }
 }
 
-/// Writes an SFT run's models.
-struct Saver<'a> {
-    dir: PathBuf,
+/// Writes an SFT (or DPO) run's models.
+pub(crate) struct Saver<'a> {
+    pub dir: PathBuf,
     /// The base model (folder or GGUF file), recorded beside an adapter.
-    base: PathBuf,
-    family: Family,
-    base_config: &'a serde_json::Value,
-    tok: &'a TextTokenizer,
-    adapter: Option<&'a AdapterConfig>,
+    pub base: PathBuf,
+    pub family: Family,
+    pub base_config: &'a serde_json::Value,
+    pub tok: &'a TextTokenizer,
+    pub adapter: Option<&'a AdapterConfig>,
+    /// The task recorded in the adapter's note ("sft", "dpo").
+    pub task: &'static str,
 }
 
 impl Saver<'_> {
     /// `<run>/model/` (adapters merged in) and for an adapter run
     /// `<run>/adapter/`; prompt tuning writes the adapter alone (a soft
     /// prompt does not merge into the weights).
-    fn save(&self, store: &ParamStore) -> Result<()> {
+    pub fn save(&self, store: &ParamStore) -> Result<()> {
         if let Some(ad) = self.adapter {
-            let note = serde_json::json!({ "base_model_path": self.base, "task": "sft" });
+            let note = serde_json::json!({ "base_model_path": self.base, "task": self.task });
             export::write_adapter_folder(
                 &self.dir.join("adapter"),
                 store,
@@ -611,6 +613,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             base_config: &raw_config,
             tok: &tok,
             adapter: adapter_cfg.as_ref(),
+            task: "sft",
         },
     };
     // Before training: the same test metrics (loss, perplexity, exact match

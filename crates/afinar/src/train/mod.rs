@@ -129,6 +129,12 @@ pub trait Objective {
     fn describe_rows(&self, idx: &[usize]) -> String {
         format!("training rows {idx:?}")
     }
+    /// Metrics of the training batches since the last call (means over the
+    /// step's micro-batches, asked after each step), logged on the steps
+    /// the loss is logged as split "train" (DPO's `rewards/*`); None: none.
+    fn train_metrics(&self) -> Option<BTreeMap<String, f64>> {
+        None
+    }
 }
 
 /// The steps of a run over `train_len` rows as `plan.config.train` says
@@ -728,6 +734,13 @@ pub fn run_loop(
                 on,
             )?;
             tr.state.batch_in_epoch += 1;
+            // Each step's own batches (a resumed run logs the same lines).
+            let step_metrics = obj.train_metrics();
+            if tr.state.step % t.log_every == 0 || tr.done() {
+                if let Some(m) = step_metrics {
+                    run.log_eval(tr.state.step, "train", &m)?;
+                }
+            }
             let mut evaluated = None;
             if t.eval_every.is_some_and(|e| tr.state.step % e == 0) {
                 evaluated = Some(validate(&mut tr, on)?);
