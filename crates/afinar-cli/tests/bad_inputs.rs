@@ -2073,3 +2073,220 @@ fn the_catalogue_lists_every_test() {
     );
     assert!(rows.len() >= 30, "{} cases", rows.len());
 }
+
+// ================================================================ preference pairs (issue 14)
+
+/// 20 good chat pairs, with `bad` as line 4.
+fn pair_rows(bad: Option<&str>) -> String {
+    let mut rows: Vec<String> = (0..20)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": [{"role": "user", "content": format!("q{i}")}],
+                "chosen": [{"role": "assistant", "content": format!("a{i}")}],
+                "rejected": [{"role": "assistant", "content": format!("b{i}")}],
+            })
+            .to_string()
+        })
+        .collect();
+    if let Some(b) = bad {
+        rows.insert(3, b.to_string());
+    }
+    rows.join("\n") + "\n"
+}
+
+/// A `task` run ("dpo" / "reward") on the tiny Llama reading `<tmp>/pairs.jsonl`.
+fn pair_config(c: &Case, task: &str, rows: &str, extra: &str) -> PathBuf {
+    let data = write(c.d(), "pairs.jsonl", rows);
+    write(
+        c.d(),
+        "pref.toml",
+        &format!(
+            "[model]\npath = {}\nmax_length = 64\n[task]\ntype = \"{task}\"\n\
+             [data]\ntrain = {}\nsplit = [0.7, 0.15, 0.15]\ngenerate_eval_rows = 0\n\
+             [train]\nepochs = 1\nbatch_size = 8\nlr = 1e-2\nthreads = 1\n{extra}",
+            q(&fixture().join("../llama-tiny")),
+            q(&data)
+        ),
+    )
+}
+
+#[test]
+fn pair_rows_that_cannot_be_compared() {
+    let c = Case::new();
+    for (row, needles) in [
+        (
+            r#"{"prompt": "p", "rejected": "r"}"#,
+            &["pairs.jsonl:4: chosen field `chosen`: key `chosen` not found in the record (keys: prompt, rejected)"][..],
+        ),
+        (
+            r#"{"prompt": "p", "chosen": "c"}"#,
+            &["pairs.jsonl:4: rejected field `rejected`: key `rejected` not found"],
+        ),
+        (
+            r#"{"prompt": "p", "chosen": " same", "rejected": " same"}"#,
+            &["pairs.jsonl:4: chosen and rejected are identical (`chosen`, `rejected`): nothing to prefer"],
+        ),
+        (
+            r#"{"prompt": "p", "chosen": "  ", "rejected": "r"}"#,
+            &["pairs.jsonl:4: empty chosen completion (`chosen`): nothing to score"],
+        ),
+        (
+            r#"{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]}"#,
+            &["pairs.jsonl:4: `chosen[0]` is a user turn: a chosen completion holds the assistant's turns only"],
+        ),
+        (
+            r#"{"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "r"}"#,
+            &["pairs.jsonl:4: prompt is a string, chosen messages, rejected a string: one row uses one kind"],
+        ),
+    ] {
+        for task in ["dpo", "reward"] {
+            let cfg = pair_config(&c, task, &pair_rows(Some(row)), "");
+            c.train(&cfg, &[]).fails_with(needles);
+            c.no_run_folder();
+        }
+    }
+}
+
+#[test]
+fn pairs_over_max_length() {
+    let c = Case::new();
+    let long = serde_json::json!({
+        "prompt": [{"role": "user", "content": "x".repeat(200)}],
+        "chosen": [{"role": "assistant", "content": "c"}],
+        "rejected": [{"role": "assistant", "content": "r"}],
+    })
+    .to_string();
+    let rows = pair_rows(Some(&long));
+    // "error": the line, its length and the way out.
+    let cfg = pair_config(&c, "dpo", &rows, "");
+    c.train(&cfg, &["data.truncation_mode=error"]).fails_with(&[
+        "pairs.jsonl:4: prompt + completion is",
+        "longer than max_length 64",
+        "data.truncation_mode = \"keep_start\" or \"keep_end\" cuts it, \"skip\" leaves it out",
+    ]);
+    c.no_run_folder();
+    c.train(&cfg, &["data.truncation_mode=keep_middle"])
+        .fails_with(&["`keep_middle`", "keep_start", "keep_end", "skip", "error"]);
+    c.no_run_folder();
+    // The modes that go on count what they did in the log. keep_start cuts
+    // the completion away (the prompt alone is 200 tokens): the pair goes.
+    for (task, mode, needle) in [
+        (
+            "dpo",
+            "keep_start",
+            "1 truncated to max_length, 1 skipped (KeepStart)",
+        ),
+        (
+            "dpo",
+            "keep_end",
+            "1 truncated to max_length, 0 skipped (KeepEnd)",
+        ),
+        ("dpo", "skip", "0 truncated to max_length, 1 skipped (Skip)"),
+        ("reward", "skip", "1 skipped"),
+        (
+            "reward",
+            "keep_end",
+            "at max_length 64 (cut by KeepEnd), 0 skipped",
+        ),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = pair_config(&c, task, &rows, "");
+        let out = afinar_p(
+            c.d(),
+            &[
+                "train".to_string(),
+                cfg.display().to_string(),
+                "--set".into(),
+                format!("data.truncation_mode={mode}"),
+                "--set".into(),
+                "train.max_steps=1".into(),
+                "--out".into(),
+                d.path().join("run").display().to_string(),
+            ],
+        );
+        assert_eq!(out.code, 0, "{task} {mode}: {}", out.stderr);
+        assert!(out.stderr.contains(needle), "{task} {mode}: {}", out.stderr);
+    }
+}
+
+#[test]
+fn preference_configs_that_do_not_fit() {
+    let c = Case::new();
+    let rows = pair_rows(None);
+    // A reward model learns from pairs, not labels.
+    let cfg = pair_config(&c, "reward", &rows, "");
+    c.train(&cfg, &["data.label=label"]).fails_with(&[
+        "pref.toml",
+        "`data.label`: a reward model learns from preference pairs (`prompt`, `chosen`, `rejected` fields), not labels",
+    ]);
+    c.train(&cfg, &["dpo.beta=0.2"])
+        .fails_with(&["`dpo`: the [dpo] section is for task.type = \"dpo\""]);
+    c.train(&cfg, &["reward.center_rewards_coefficient=-1"])
+        .fails_with(&["`reward.center_rewards_coefficient`: -1 must be >= 0"]);
+    let cfg = pair_config(&c, "dpo", &rows, "");
+    c.train(&cfg, &["dpo.beta=0"])
+        .fails_with(&["`dpo.beta`: 0 must be > 0"]);
+    c.train(&cfg, &["dpo.loss_type=hinge", "dpo.label_smoothing=0.1"])
+        .fails_with(&["`dpo.label_smoothing`: is for loss_type = \"sigmoid\""]);
+    c.train(&cfg, &["dpo.loss_type=kto"])
+        .fails_with(&["`kto`", "sigmoid", "hinge", "ipo"]);
+    // A quantized base trained whole leaves DPO no reference.
+    c.train(&cfg, &["model.base_dtype=quantized"]).fails_with(&[
+        "`model.base_dtype`: DPO's reference cannot be built",
+        "Use \"f32\" for full fine-tuning, or add an [adapter]",
+    ]);
+    // Pair fields on a classification run.
+    let tiny = tiny_config_file(c.d());
+    c.train(&tiny, &["data.chosen=c"]).fails_with(&[
+        "`data`: `chosen`, `rejected` and `truncation_mode` are for preference pairs",
+    ]);
+    // DPO trains a decoder.
+    let bert = write(
+        c.d(),
+        "bert.toml",
+        &std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("../llama-tiny", "."),
+    );
+    c.train(&bert, &[]).fails_with(&[
+        "`task.type` = \"dpo\" trains a decoder LM, but",
+        "is a BERT encoder",
+    ]);
+    c.no_run_folder();
+}
+
+#[test]
+fn pairs_and_score_arguments() {
+    let c = Case::new();
+    // An item whose ideal letter is not an option names its line.
+    let item = |ideal: &str| {
+        serde_json::json!({"input": [{"role": "user", "content": "Q?\nA. one\nB. two"}], "ideal": ideal})
+            .to_string()
+    };
+    write(
+        c.d(),
+        "mc.jsonl",
+        &format!("{}\n{}\n", item("A"), item("E")),
+    );
+    c.cli(&[
+        "pairs",
+        "from-choices",
+        "--data",
+        "mc.jsonl",
+        "--out",
+        "p.jsonl",
+    ])
+    .fails_with(&["mc.jsonl:2: `ideal` \"E\" is not one of the options \"AB\""]);
+    assert!(!c.d().join("p.jsonl").exists());
+    // `score` needs a reward model: a classifier run is refused.
+    let cfg = tiny_config_file(c.d());
+    let out = c.train(&cfg, &["train.max_steps=1"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    write(
+        c.d(),
+        "rows.jsonl",
+        "{\"prompt\": \"p\", \"completion\": \"c\"}\n",
+    );
+    c.cli(&["score", &s(&c.run()), "--file", "rows.jsonl"])
+        .fails_with(&["not a reward model (its head is Classification"]);
+}

@@ -641,16 +641,16 @@ impl Plan {
             );
         }
         if c.model.base_dtype == BaseDtype::Quantized {
-            if c.model.format() != SourceFormat::Gguf {
-                return err(
-                    "model.base_dtype",
-                    "\"quantized\" needs a GGUF model (a `.gguf` path or a GGUF asset); safetensors load as \"f32\"".into(),
-                );
-            }
             if c.task.kind == TaskType::Dpo && c.adapter.is_none() {
                 return err(
                     "model.base_dtype",
                     "DPO's reference cannot be built: full fine-tuning of a \"quantized\" base would train weights kept in GGUF blocks, and the frozen reference copy needs them as loaded. Use \"f32\" for full fine-tuning, or add an [adapter] (the reference is then the base with adapters off)".into(),
+                );
+            }
+            if c.model.format() != SourceFormat::Gguf {
+                return err(
+                    "model.base_dtype",
+                    "\"quantized\" needs a GGUF model (a `.gguf` path or a GGUF asset); safetensors load as \"f32\"".into(),
                 );
             }
             if !matches!(c.task.kind, TaskType::Sft | TaskType::Dpo) {
