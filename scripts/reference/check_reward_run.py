@@ -75,9 +75,10 @@ def main():
         from peft import PeftModel
         cfg = json.load(open(run / "adapter" / "adapter_config.json"))
         base_path = cfg["base_model_name_or_path"]
+        gguf = base_path.endswith(".gguf")
         base = AutoModelForSequenceClassification.from_pretrained(
-            base_path, num_labels=1, attn_implementation="eager",
-            **({"gguf_file": Path(base_path).name} if base_path.endswith(".gguf") else {}))
+            str(Path(base_path).parent) if gguf else base_path, num_labels=1, attn_implementation="eager",
+            **({"gguf_file": Path(base_path).name} if gguf else {}))
         if base.config.pad_token_id is None:
             base.config.pad_token_id = model.config.pad_token_id
         peft = PeftModel.from_pretrained(base, run / "adapter").eval()
