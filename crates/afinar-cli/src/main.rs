@@ -177,8 +177,13 @@ enum PairsCmd {
     /// options, `ideal` the letter): chosen = the right option, rejected =
     /// a seeded random wrong one, each with its text.
     FromChoices {
-        /// A JSONL file or `asset:NAME` (default: the `logiqa` asset).
-        #[arg(long, default_value = "asset:logiqa")]
+        /// A JSONL file or `asset:NAME/FILE` (default: the `logiqa` asset's
+        /// logiqa-logical-reasoning-plus.jsonl; its plain items:
+        /// `asset:logiqa/logiqa.jsonl`).
+        #[arg(
+            long,
+            default_value = "asset:logiqa/logiqa-logical-reasoning-plus.jsonl"
+        )]
         data: String,
         #[arg(long)]
         out: PathBuf,

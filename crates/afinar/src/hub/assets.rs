@@ -186,23 +186,33 @@ pub static ASSETS: &[Asset] = &[
             },
         ],
     },
-    // OpenAI evals' `logiqa-logical-reasoning-plus` (LogiQA 2.0 items: a
-    // passage, a question, four options; `ideal` the letter): the source of
-    // `afinar pairs from-choices` (docs/preference-data.md).
+    // OpenAI evals' LogiQA items (a passage, a question, four options;
+    // `ideal` the letter): `logiqa-logical-reasoning-plus` (651 items, the
+    // default of `afinar pairs from-choices`; in every item the right option
+    // is "None of the other options are correct.") and the plain `logiqa`
+    // (1,354 items). docs/preference-data.md.
     Asset {
         name: "logiqa",
         kind: AssetKind::Data,
         package: "evals",
         version: "3.0.1.post1",
         wheel_sha256: "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
-        path: "data/logiqa/logiqa-logical-reasoning-plus.jsonl",
+        path: "data/logiqa",
         hub_id: "",
-        files: &[AssetFile {
-            wheel_path:
-                "evals/registry/data/logiqa-logical-reasoning-plus/logiqa-logical-reasoning-plus.jsonl",
-            dest: "data/logiqa/logiqa-logical-reasoning-plus.jsonl",
-            sha256: "c9b355240cd6255ffdaa97e05cef7e157ab63d52e2cbaa286cdec95101022f3e",
-        }],
+        files: &[
+            AssetFile {
+                wheel_path:
+                    "evals/registry/data/logiqa-logical-reasoning-plus/logiqa-logical-reasoning-plus.jsonl",
+                dest: "data/logiqa/logiqa-logical-reasoning-plus.jsonl",
+                sha256: "c9b355240cd6255ffdaa97e05cef7e157ab63d52e2cbaa286cdec95101022f3e",
+            },
+            // The plain LogiQA items (1,354; the right option is a real one).
+            AssetFile {
+                wheel_path: "evals/registry/data/logiqa/logiqa.jsonl",
+                dest: "data/logiqa/logiqa.jsonl",
+                sha256: "0fcd58f776f5a49ccd4da8d21b4496873a6291e4d976be5d6bdd43df48cabd52",
+            },
+        ],
     },
 ];
 

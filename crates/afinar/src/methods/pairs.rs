@@ -293,6 +293,8 @@ fn options(text: &str) -> Vec<(char, String)> {
             let mut c = l.chars();
             let letter = c.next()?;
             let rest = c.as_str().strip_prefix(". ")?;
+            // Some sources repeat the label inside the text ("A. A.Zhao ...").
+            let rest = rest.strip_prefix(&format!("{letter}.")).unwrap_or(rest);
             letter
                 .is_ascii_uppercase()
                 .then(|| (letter, rest.trim().to_string()))
@@ -399,6 +401,11 @@ mod tests {
             assert_ne!(rej, r["chosen"][0]["content"].as_str().unwrap());
             assert!(["A. one", "B. two", "C. three", "D. four"].contains(&rej));
         }
+        // A label repeated inside the option's text is not kept twice.
+        assert_eq!(
+            options("Q?\nA. A.one\nB. B.two"),
+            [('A', "one".to_string()), ('B', "two".to_string())]
+        );
         // The same seed gives the same pairs.
         let again = dir.path().join("again.jsonl");
         pairs_from_choices(&src, 7, &again).unwrap();
