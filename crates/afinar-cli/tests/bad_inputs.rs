@@ -2186,7 +2186,7 @@ fn pairs_over_max_length() {
         (
             "reward",
             "keep_end",
-            "at max_length 64 (cut by KeepEnd), 0 skipped",
+            "1 cut to max_length 64 (truncation KeepEnd), 0 skipped",
         ),
     ] {
         let d = tempfile::tempdir().unwrap();

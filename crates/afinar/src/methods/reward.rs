@@ -216,8 +216,10 @@ impl PairEncoder<'_> {
     }
 
     /// The sequence of one (prompt, completion), cut to `max_length` as the
-    /// truncation mode says (None: left out, `skip`).
-    pub fn encode(&self, prompt: &Turns, completion: &Turns) -> Result<Option<Seq>> {
+    /// truncation mode says (None: left out, `skip`), and whether it was cut
+    /// (an encoder's text pair: whether it reached `max_length`, where the
+    /// tokenizer cuts).
+    pub fn encode(&self, prompt: &Turns, completion: &Turns) -> Result<Option<(Seq, bool)>> {
         if self.family.is_decoder() {
             let t = encode_completion(&self.sft(), prompt, completion)?;
             let mut ids = t.ids;
@@ -237,7 +239,7 @@ impl PairEncoder<'_> {
                 }
             }
             let types = vec![0; ids.len()];
-            Ok(Some(Seq { ids, types }))
+            Ok(Some((Seq { ids, types }, n > self.max_length)))
         } else {
             // The tokenizer cuts a text pair to max_length (longest first).
             let (p, c) = (flat(prompt), flat(completion));
@@ -245,7 +247,8 @@ impl PairEncoder<'_> {
                 .tok
                 .encode_batch(&[p.as_str()], Some(&[Some(c.as_str())]))?;
             let (ids, types) = e.remove(0);
-            Ok(Some(Seq { ids, types }))
+            let cut = ids.len() >= self.max_length;
+            Ok(Some((Seq { ids, types }, cut)))
         }
     }
 
@@ -260,13 +263,11 @@ impl PairEncoder<'_> {
             };
             let c = self.encode(&p.prompt, &p.chosen).map_err(at)?;
             let r = self.encode(&p.prompt, &p.rejected).map_err(at)?;
-            let (Some(c), Some(r)) = (c, r) else {
+            let (Some((c, cut_c)), Some((r, cut_r))) = (c, r) else {
                 skipped += 1;
                 continue;
             };
-            if c.ids.len() >= self.max_length || r.ids.len() >= self.max_length {
-                cut += 1;
-            }
+            cut += usize::from(cut_c || cut_r);
             out.push(RewardPair {
                 line: p.line,
                 chosen: c,
@@ -274,12 +275,12 @@ impl PairEncoder<'_> {
             });
         }
         let how = if self.family.is_decoder() {
-            format!("{:?}", self.truncation)
+            format!("truncation {:?}", self.truncation)
         } else {
-            "the tokenizer's longest_first".into()
+            "text pairs reaching it, cut by the tokenizer's longest_first".into()
         };
         let note = format!(
-            "{} pairs, {} kept, {cut} at max_length {} (cut by {how}), {skipped} skipped",
+            "{} pairs, {} kept, {cut} cut to max_length {} ({how}), {skipped} skipped",
             rows.rows.len(),
             out.len(),
             self.max_length
@@ -590,7 +591,7 @@ pub fn score_file(
             .encode(&p, &c)
             .map_err(|e| at(e.to_string()))?
             .ok_or_else(|| at("longer than max_length".into()))?;
-        seqs.push((rec.line, s));
+        seqs.push((rec.line, s.0));
     }
     let rows: Vec<&Seq> = seqs.iter().map(|(_, s)| s).collect();
     let scores = score_rows(&rm.model, &rows, rm.tok.pad_id(), 16)?;
