@@ -120,7 +120,7 @@ fn dpo_starts_at_the_closed_form_values_and_trains_the_adapter() {
         }
         // A precomputed reference gives the same loss as the adapters switched off.
         let b = pair_batch(&refs, 0).unwrap();
-        let (rc, rr) = reference_logps(&lm, &reference, &b, DpoLossType::Sigmoid).unwrap();
+        let (rc, rr) = reference_logps(&lm, &reference, &b).unwrap();
         let pre: Vec<(f32, f32)> = rc
             .to_vec1::<f32>()
             .unwrap()

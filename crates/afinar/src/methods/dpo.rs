@@ -92,10 +92,8 @@ pub fn reference_logps(
     lm: &CausalLm,
     reference: &Reference,
     b: &SftBatch,
-    kind: DpoLossType,
 ) -> Result<(Tensor, Tensor)> {
     let n = b.batch / 2;
-    let _ = kind;
     let all = match reference {
         Reference::AdaptersDisabled(store) => {
             /// Switches the adapters back on however the forward ends.
@@ -185,7 +183,7 @@ pub fn dpo_batch(
 ) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
     let b = pair_batch(pairs, pad_id)?;
     let n = pairs.len();
-    let (ref_c, ref_r) = reference_logps(policy, reference, &b, kind)?;
+    let (ref_c, ref_r) = reference_logps(policy, reference, &b)?;
     let (all, cnt) = logps(policy, &b, false, rng)?;
     let (pc, pr) = (all.narrow(0, 0, n)?, all.narrow(0, n, n)?);
     let out = loss_of(
@@ -228,7 +226,7 @@ fn set_logps(
         let b = pair_batch(&refs, pad_id)?;
         let n = chunk.len();
         let (c, r) = match reference {
-            Some(rf) => reference_logps(lm, rf, &b, DpoLossType::Sigmoid)?,
+            Some(rf) => reference_logps(lm, rf, &b)?,
             None => {
                 let all = logps(lm, &b, false, None)?.0.detach();
                 (all.narrow(0, 0, n)?, all.narrow(0, n, n)?)
@@ -733,16 +731,10 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         },
         seen: RefCell::new(Default::default()),
     };
+    // Before training: the same test metrics of the model as loaded (a
+    // resumed run has them).
     if n_gen > 0 && !opts.resume {
-        if let Some(m) = obj.evaluate(Split::Test)? {
-            run.log_eval(0, "test_before", &m)?;
-            on(Event::Eval {
-                step: 0,
-                split: "test_before".into(),
-                metrics: m,
-                best: false,
-            });
-        }
+        crate::train::test_before(&obj, &run, on)?;
     }
     run_loop(plan, opts, &store, &obj, &run, t0, on)
 }
@@ -759,16 +751,7 @@ pub fn eval_run(
 ) -> Result<(usize, BTreeMap<String, f64>)> {
     let c = &plan.config;
     let d = &c.data;
-    let rows = match data {
-        Some(p) => crate::data::preference::read_pairs(
-            p,
-            &super::preference::pair_format(plan)?,
-            Some(crate::data::Format::Jsonl),
-        )?,
-        None => load_pair_splits(plan)?.test.ok_or_else(|| {
-            Error::Data("the run's config has no test split: give --data FILE".into())
-        })?,
-    };
+    let rows = super::preference::pairs_to_evaluate(plan, data)?;
     let opts = LoadOpts {
         quantized: false,
         max_length: None,

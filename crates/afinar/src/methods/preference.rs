@@ -416,6 +416,17 @@ pub fn load_pair_splits(plan: &Plan) -> Result<PairSplits> {
     })
 }
 
+/// The pairs `afinar eval` reads for a run of `plan`: those of the file
+/// `data` (with the run's field names), or the run's test split.
+pub fn pairs_to_evaluate(plan: &Plan, data: Option<&std::path::Path>) -> Result<PreferenceRows> {
+    match data {
+        Some(p) => read_pairs(p, &pair_format(plan)?, Some(crate::data::Format::Jsonl)),
+        None => load_pair_splits(plan)?.test.ok_or_else(|| {
+            Error::Data("the run's config has no test split: give --data FILE".into())
+        }),
+    }
+}
+
 /// A set's scores or log-probabilities, `(chosen, rejected)` per pair, as
 /// the metrics of [`pair_metrics`] (means over the set).
 pub fn set_metrics(

@@ -503,20 +503,6 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     run_loop(plan, opts, &store, &obj, &run, t0, on)
 }
 
-/// The pairs of a file, or of the run's test split, as a reward run reads them.
-fn eval_pairs(plan: &Plan, data: Option<&std::path::Path>) -> Result<PreferenceRows> {
-    match data {
-        Some(p) => crate::data::preference::read_pairs(
-            p,
-            &super::preference::pair_format(plan)?,
-            Some(crate::data::Format::Jsonl),
-        ),
-        None => load_pair_splits(plan)?.test.ok_or_else(|| {
-            Error::Data("the run's config has no test split: give --data FILE".into())
-        }),
-    }
-}
-
 /// `afinar eval` of a reward run: its metrics on the pairs of `data` (or
 /// of its test split), with the weights in `<run>/model`.
 pub fn eval_run(
@@ -524,7 +510,7 @@ pub fn eval_run(
     plan: &Plan,
     data: Option<&std::path::Path>,
 ) -> Result<(usize, BTreeMap<String, f64>)> {
-    let rows = eval_pairs(plan, data)?;
+    let rows = super::preference::pairs_to_evaluate(plan, data)?;
     let template = template_of(&rm.tok)?;
     let enc = PairEncoder {
         family: rm.cfg.family(),

@@ -616,18 +616,10 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             task: "sft",
         },
     };
-    // Before training: the same test metrics (loss, perplexity, exact match
-    // of greedy answers) of the model as loaded (a resumed run has them).
+    // Before training: the same test metrics of the model as loaded (a
+    // resumed run has them).
     if n_gen > 0 && !opts.resume {
-        if let Some(m) = obj.evaluate(Split::Test)? {
-            run.log_eval(0, "test_before", &m)?;
-            on(Event::Eval {
-                step: 0,
-                split: "test_before".into(),
-                metrics: m,
-                best: false,
-            });
-        }
+        crate::train::test_before(&obj, &run, on)?;
     }
     run_loop(plan, opts, &store, &obj, &run, t0, on)
 }

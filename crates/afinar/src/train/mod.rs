@@ -658,6 +658,21 @@ impl<'a> Trainer<'a> {
 }
 
 /// The one training loop over a fixed dataset: batches in seeded order ->
+/// Log the test metrics of the model as loaded (`test_before`, step 0), for
+/// methods that report before / after (SFT, DPO).
+pub fn test_before(obj: &dyn Objective, run: &RunWriter, on: &mut dyn FnMut(Event)) -> Result<()> {
+    if let Some(m) = obj.evaluate(Split::Test)? {
+        run.log_eval(0, "test_before", &m)?;
+        on(Event::Eval {
+            step: 0,
+            split: "test_before".into(),
+            metrics: m,
+            best: false,
+        });
+    }
+    Ok(())
+}
+
 /// loss -> backward (with gradient accumulation) -> clip -> AdamW ->
 /// schedule; evaluation every N steps (or at each epoch end) with
 /// best-weights keeping and early stopping; resumable checkpoints; Ctrl-C
