@@ -210,6 +210,146 @@ pub fn generate(
     })
 }
 
+/// One row's continuation from [`generate_batch`]: the new ids, up to and
+/// including the first end-of-sequence id; each id's log-probability under
+/// the distribution it was drawn from before top-k / top-p (the logits
+/// divided by the temperature; greedy: by 1), and that distribution's
+/// entropy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Continuation {
+    pub ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub entropy: Vec<f32>,
+    /// Ended by an end-of-sequence id (the last of `ids`).
+    pub eos: bool,
+}
+
+/// `log_softmax(logits / t)` at `id`, and the entropy of that distribution.
+pub fn logprob_and_entropy(logits: &[f32], t: f32, id: usize) -> (f32, f32) {
+    let inv = if t > 0.0 { 1.0 / t } else { 1.0 };
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * inv;
+    let (mut z, mut ez) = (0f64, 0f64);
+    for &l in logits {
+        let x = (l * inv - max) as f64;
+        let e = x.exp();
+        z += e;
+        ez += e * x;
+    }
+    let lz = z.ln();
+    let lp = (logits[id] * inv - max) as f64 - lz;
+    (lp as f32, (lz - ez / z) as f32)
+}
+
+/// Sample from the full distribution `softmax(logits / t)` (no top-k /
+/// top-p): one pass, no sort.
+fn sample_full(logits: &[f32], t: f32, rng: &mut impl Rng) -> u32 {
+    let inv = 1.0 / t;
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let z: f64 = logits
+        .iter()
+        .map(|&l| (((l - max) * inv) as f64).exp())
+        .sum();
+    let u = rng.gen::<f64>() * z;
+    let mut acc = 0f64;
+    for (i, &l) in logits.iter().enumerate() {
+        acc += (((l - max) * inv) as f64).exp();
+        if u < acc {
+            return i as u32;
+        }
+    }
+    argmax(logits) as u32
+}
+
+/// Generate for a batch of prompts at once through one KV cache: prompts
+/// are left-padded (padding never attended to, positions counted from each
+/// row's first token), every step decodes one token for the rows not yet
+/// ended. Row `r` samples with `rngs[r]`, so its continuation does not
+/// depend on the other rows. Stops at `max_new_tokens`, an end-of-sequence
+/// id, or the context's end. Stop strings are not applied.
+pub fn generate_batch(
+    model: &CausalLm,
+    prompts: &[&[u32]],
+    max_positions: usize,
+    cfg: &GenerateConfig,
+    rngs: &mut [rand_chacha::ChaCha8Rng],
+) -> Result<Vec<Continuation>> {
+    cfg.validate()?;
+    let b = prompts.len();
+    if rngs.len() != b {
+        return Err(Error::msg(format!(
+            "generate_batch: {} random streams for {b} prompts",
+            rngs.len()
+        )));
+    }
+    if b == 0 {
+        return Ok(vec![]);
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(Error::msg(format!("generate_batch: prompt {i} is empty")));
+    }
+    let l = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    if l >= max_positions {
+        return Err(Error::msg(format!(
+            "generate: a prompt has {l} tokens, the model's context is {max_positions}"
+        )));
+    }
+    let pads: Vec<usize> = prompts.iter().map(|p| l - p.len()).collect();
+    let mut ids = Vec::with_capacity(b * l);
+    for (p, &pad) in prompts.iter().zip(&pads) {
+        ids.extend(std::iter::repeat_n(p[0], pad));
+        ids.extend_from_slice(p);
+    }
+    let mut cache = KvCache::with_left_padding(pads);
+    let mut hidden = model
+        .body
+        .forward_cached(&Tensor::from_vec(ids, (b, l), &Device::Cpu)?, &mut cache)?;
+    let mut out: Vec<Continuation> = (0..b)
+        .map(|_| Continuation {
+            ids: vec![],
+            logprobs: vec![],
+            entropy: vec![],
+            eos: false,
+        })
+        .collect();
+    let mut done = vec![false; b];
+    let full = cfg.top_k.is_none() && cfg.top_p.is_none_or(|p| p >= 1.0);
+    for _ in 0..cfg.max_new_tokens {
+        let t = hidden.dim(1)?;
+        let logits = model
+            .logits(&hidden.narrow(1, t - 1, 1)?)?
+            .to_vec2::<f32>()?;
+        let mut next = vec![0u32; b];
+        for r in 0..b {
+            if done[r] {
+                next[r] = *out[r].ids.last().unwrap_or(&prompts[r][0]);
+                continue;
+            }
+            let lg = &logits[r];
+            let id = if cfg.temperature > 0.0 && full {
+                sample_full(lg, cfg.temperature, &mut rngs[r])
+            } else {
+                sample(lg, cfg, &mut rngs[r])
+            };
+            let (lp, h) = logprob_and_entropy(lg, cfg.temperature, id as usize);
+            let o = &mut out[r];
+            o.ids.push(id);
+            o.logprobs.push(lp);
+            o.entropy.push(h);
+            if cfg.eos_ids.contains(&id) {
+                o.eos = true;
+                done[r] = true;
+            }
+            next[r] = id;
+        }
+        if done.iter().all(|&d| d) || cache.len + 1 >= max_positions {
+            break;
+        }
+        let step = Tensor::from_vec(next, (b, 1), &Device::Cpu)?;
+        hidden = model.body.forward_cached(&step, &mut cache)?;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

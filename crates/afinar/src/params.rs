@@ -380,6 +380,60 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Move every parameter of `other` in under `prefix.` (a second model
+    /// in the same store: PPO's value model), trainable as it was there.
+    pub fn absorb(&mut self, other: ParamStore, prefix: &str) -> Result<()> {
+        if let Some(name) = other.quantized.keys().next() {
+            return Err(Error::Tensor {
+                name: name.clone(),
+                msg: format!(
+                    "is kept quantised in {}: a model moved into another store must be f32",
+                    other.source
+                ),
+            });
+        }
+        if !other.adapters.is_empty() {
+            return Err(Error::msg(
+                "absorb: attach adapters after moving a model in",
+            ));
+        }
+        for (name, p) in other.params {
+            self.params.insert(format!("{prefix}.{name}"), p);
+        }
+        Ok(())
+    }
+
+    /// A store of the parameters (and adapters) whose names `keep` accepts,
+    /// sharing their tensors and the adapter switches: a part of the store
+    /// to save on its own (PPO's policy without its value model).
+    pub fn view(&self, keep: impl Fn(&str) -> bool) -> ParamStore {
+        ParamStore {
+            params: self
+                .params
+                .iter()
+                .filter(|(n, _)| keep(n))
+                .map(|(n, p)| (n.clone(), p.clone()))
+                .collect(),
+            quantized: self
+                .quantized
+                .iter()
+                .filter(|(n, _)| keep(n))
+                .map(|(n, q)| (n.clone(), q.clone()))
+                .collect(),
+            used: RefCell::new(BTreeSet::new()),
+            selector: self.selector.clone(),
+            source: self.source.clone(),
+            adapters: self
+                .adapters
+                .iter()
+                .filter(|(n, _)| keep(n))
+                .map(|(n, a)| (n.clone(), a.clone()))
+                .collect(),
+            adapters_enabled: self.adapters_enabled.clone(),
+            adapters_merged: self.adapters_merged.clone(),
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.params.contains_key(name)
     }

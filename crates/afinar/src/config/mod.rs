@@ -34,6 +34,139 @@ pub struct RunConfig {
     pub dpo: Option<DpoSection>,
     /// `task.type = "reward"`: TRL's `RewardConfig` options.
     pub reward: Option<RewardSection>,
+    /// `task.type = "ppo"`: TRL's `PPOConfig` options, and the reward.
+    pub ppo: Option<PpoSection>,
+}
+
+/// What pays a PPO rollout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PpoReward {
+    /// 1 when the response, trimmed, equals the row's answer (`ideal`), else 0.
+    #[default]
+    ExactMatch,
+    /// 1 when `reward_regex` matches the response, else 0.
+    Regex,
+    /// `-|tokens - target_length| / target_length` (0 at the target).
+    Length,
+    /// The score of a reward-model run (`reward_model`).
+    Model,
+}
+
+/// How the KL penalty estimates the KL divergence per token (Schulman's
+/// "Approximating KL divergence"): k1 = log p - log q, k3 = (r - 1) - log r
+/// with r = q / p.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlEstimator {
+    #[default]
+    K1,
+    K3,
+}
+
+/// Where the value model starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueInit {
+    /// The reward model's weights, score head included (TRL's recipe).
+    RewardModel,
+    /// The policy's base weights with a zero score head.
+    Zero,
+}
+
+/// `[ppo]`: TRL's `PPOConfig` names and defaults where they exist (the last
+/// TRL PPO trainer, `trl/experimental/ppo`), the adaptive KL controller of
+/// TRL's older PPO (`adap_kl_ctrl`, `target`, `horizon`), and the reward.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PpoSection {
+    #[serde(default, deserialize_with = "mode")]
+    pub reward: PpoReward,
+    /// A reward-model run folder (`reward = "model"`).
+    pub reward_model: Option<PathBuf>,
+    /// `reward = "regex"`: the pattern (Rust `regex` syntax).
+    pub reward_regex: Option<String>,
+    /// `reward = "length"`: the target response length in tokens.
+    pub target_length: Option<usize>,
+    /// Default: "reward_model" when the reward model is a decoder with the
+    /// policy's vocabulary, else "zero".
+    #[serde(default, deserialize_with = "opt_mode")]
+    pub value_init: Option<ValueInit>,
+    #[serde(default = "d_ppo_epochs")]
+    pub num_ppo_epochs: usize,
+    #[serde(default = "d_one_usize")]
+    pub num_mini_batches: usize,
+    /// Prompts in all (rollouts); default: `train.epochs` passes over them.
+    pub total_episodes: Option<usize>,
+    #[serde(default = "d_response_length")]
+    pub response_length: usize,
+    #[serde(default = "d_temperature")]
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    /// Subtracted from the score of a response without an end-of-sequence token.
+    pub missing_eos_penalty: Option<f64>,
+    #[serde(default = "d_kl_coef")]
+    pub kl_coef: f64,
+    #[serde(default, deserialize_with = "mode")]
+    pub kl_estimator: KlEstimator,
+    /// Adapt `kl_coef` towards a KL of `target` (Ziegler et al. 2019).
+    #[serde(default)]
+    pub adap_kl_ctrl: bool,
+    #[serde(default = "d_kl_target")]
+    pub target: f64,
+    #[serde(default = "d_kl_horizon")]
+    pub horizon: f64,
+    #[serde(default)]
+    pub whiten_rewards: bool,
+    #[serde(default = "d_cliprange")]
+    pub cliprange: f64,
+    #[serde(default = "d_cliprange")]
+    pub cliprange_value: f64,
+    #[serde(default = "d_vf_coef")]
+    pub vf_coef: f64,
+    #[serde(default = "d_gamma")]
+    pub gamma: f64,
+    #[serde(default = "d_lam")]
+    pub lam: f64,
+}
+fn d_ppo_epochs() -> usize {
+    4
+}
+fn d_one_usize() -> usize {
+    1
+}
+fn d_response_length() -> usize {
+    53
+}
+fn d_temperature() -> f32 {
+    0.7
+}
+fn d_kl_coef() -> f64 {
+    0.05
+}
+fn d_kl_target() -> f64 {
+    6.0
+}
+fn d_kl_horizon() -> f64 {
+    10000.0
+}
+fn d_cliprange() -> f64 {
+    0.2
+}
+fn d_vf_coef() -> f64 {
+    0.1
+}
+fn d_gamma() -> f64 {
+    1.0
+}
+fn d_lam() -> f64 {
+    0.95
+}
+impl Default for PpoSection {
+    fn default() -> Self {
+        toml::from_str("").expect("the [ppo] defaults")
+    }
 }
 
 /// TRL's DPO loss types (`DPOConfig.loss_type`).
@@ -189,6 +322,9 @@ pub enum TaskType {
     /// Direct preference optimisation of a decoder on preference pairs,
     /// TRL's `DPOTrainer`.
     Dpo,
+    /// RLHF with PPO: a decoder policy against a reward, with a KL penalty
+    /// to its reference and a value model (TRL's last `PPOTrainer`).
+    Ppo,
 }
 
 impl TaskType {
@@ -197,7 +333,7 @@ impl TaskType {
         match self {
             TaskType::Classification => Some(TaskKind::Classification),
             TaskType::Regression => Some(TaskKind::Regression),
-            TaskType::Sft | TaskType::Reward | TaskType::Dpo => None,
+            TaskType::Sft | TaskType::Reward | TaskType::Dpo | TaskType::Ppo => None,
         }
     }
 }
@@ -805,7 +941,7 @@ impl Plan {
             );
         }
         match c.task.kind {
-            TaskType::Sft => {
+            TaskType::Sft | TaskType::Ppo => {
                 let d = &c.data;
                 let chat = d.messages.is_some();
                 let pc = d.prompt.is_some() || d.completion.is_some();
@@ -938,6 +1074,26 @@ impl Plan {
             }
             _ => {}
         }
+        match (c.task.kind, &c.ppo) {
+            (TaskType::Ppo, ppo) => {
+                let d = PpoSection::default();
+                let ppo = ppo.as_ref().unwrap_or(&d);
+                ppo_checks(ppo).map_err(|(key, msg)| cfg_err(p, format!("`ppo.{key}`: {msg}")))?;
+                if t.max_steps.is_some() {
+                    return err(
+                        "train.max_steps",
+                        "PPO counts its work in rollouts: set `ppo.total_episodes` (prompts in all) or `train.epochs`".into(),
+                    );
+                }
+                if !c.train.device.is_cpu() {
+                    return err("train.device", "PPO runs on the CPU for now".into());
+                }
+            }
+            (_, Some(_)) => {
+                return err("ppo", "the [ppo] section is for task.type = \"ppo\"".into())
+            }
+            _ => {}
+        }
         if let Some(es) = &t.early_stopping {
             let ok: &[&str] = match c.task.kind {
                 TaskType::Classification => &["loss", "accuracy", "macro_f1"],
@@ -945,6 +1101,7 @@ impl Plan {
                 TaskType::Sft => &["loss", "perplexity"],
                 TaskType::Reward => &["loss", "accuracy", "margin"],
                 TaskType::Dpo => &["loss", "rewards/accuracies", "rewards/margins"],
+                TaskType::Ppo => &["reward", "exact_match"],
             };
             if !ok.contains(&es.metric.as_str()) {
                 return err(
@@ -996,9 +1153,112 @@ impl Plan {
                 TaskType::Classification => "accuracy".into(),
                 TaskType::Reward => "accuracy".into(),
                 TaskType::Regression | TaskType::Sft | TaskType::Dpo => "loss".into(),
+                TaskType::Ppo => "reward".into(),
             },
         }
     }
+}
+
+/// A setting's name as the config writes it ("exact_match").
+fn snake<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// The `[ppo]` values that cannot work: the key and why.
+fn ppo_checks(p: &PpoSection) -> std::result::Result<(), (&'static str, String)> {
+    let pos = |key: &'static str, v: f64| {
+        if v > 0.0 && v.is_finite() {
+            Ok(())
+        } else {
+            Err((key, format!("{v} must be > 0")))
+        }
+    };
+    match p.reward {
+        PpoReward::Model if p.reward_model.is_none() => {
+            return Err(("reward_model", "reward = \"model\" needs the folder of a reward-model run (`afinar train` with task.type = \"reward\")".into()))
+        }
+        PpoReward::Regex => match &p.reward_regex {
+            None => return Err(("reward_regex", "reward = \"regex\" needs the pattern".into())),
+            Some(r) => {
+                regex::Regex::new(r).map_err(|e| ("reward_regex", format!("{r:?} is not a regex: {e}")))?;
+            }
+        },
+        PpoReward::Length if p.target_length.unwrap_or(0) == 0 => {
+            return Err(("target_length", "reward = \"length\" needs target_length > 0 (tokens)".into()))
+        }
+        _ => {}
+    }
+    for (key, given, kind) in [
+        ("reward_model", p.reward_model.is_some(), PpoReward::Model),
+        ("reward_regex", p.reward_regex.is_some(), PpoReward::Regex),
+        (
+            "target_length",
+            p.target_length.is_some(),
+            PpoReward::Length,
+        ),
+    ] {
+        if given && p.reward != kind {
+            return Err((
+                key,
+                format!(
+                    "is for reward = \"{}\" (reward is \"{}\")",
+                    snake(&kind),
+                    snake(&p.reward)
+                ),
+            ));
+        }
+    }
+    if p.value_init == Some(ValueInit::RewardModel) && p.reward != PpoReward::Model {
+        return Err((
+            "value_init",
+            "\"reward_model\" needs reward = \"model\"".into(),
+        ));
+    }
+    for (key, v) in [
+        ("num_ppo_epochs", p.num_ppo_epochs),
+        ("num_mini_batches", p.num_mini_batches),
+        ("response_length", p.response_length),
+    ] {
+        if v == 0 {
+            return Err((key, "must be > 0".into()));
+        }
+    }
+    if p.total_episodes == Some(0) {
+        return Err(("total_episodes", "must be > 0".into()));
+    }
+    pos("temperature", p.temperature as f64)?;
+    if let Some(tp) = p.top_p {
+        if !(tp > 0.0 && tp <= 1.0) {
+            return Err(("top_p", format!("{tp} is not in (0, 1]")));
+        }
+    }
+    if p.top_k == Some(0) {
+        return Err(("top_k", "must be > 0".into()));
+    }
+    if !(p.kl_coef >= 0.0 && p.kl_coef.is_finite()) {
+        return Err(("kl_coef", format!("{} must be >= 0", p.kl_coef)));
+    }
+    pos("target", p.target)?;
+    pos("horizon", p.horizon)?;
+    pos("cliprange", p.cliprange)?;
+    pos("cliprange_value", p.cliprange_value)?;
+    if !(p.vf_coef >= 0.0 && p.vf_coef.is_finite()) {
+        return Err(("vf_coef", format!("{} must be >= 0", p.vf_coef)));
+    }
+    for (key, v) in [("gamma", p.gamma), ("lam", p.lam)] {
+        if !(0.0..=1.0).contains(&v) {
+            return Err((key, format!("{v} is not in [0, 1]")));
+        }
+    }
+    if let Some(m) = p.missing_eos_penalty {
+        if !m.is_finite() {
+            return Err(("missing_eos_penalty", format!("{m} is not finite")));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

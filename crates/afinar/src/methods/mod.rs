@@ -9,13 +9,16 @@
 //!   (Bradley-Terry, DPO's sigmoid / hinge / IPO), TRL's pair metrics, a
 //!   plan's pairs;
 //! - `reward`: a reward model (scalar head, any body) on preference pairs;
-//! - `dpo`: DPO of a decoder LM on preference pairs.
+//! - `dpo`: DPO of a decoder LM on preference pairs;
+//! - `ppo`: RLHF with PPO: a policy, its reference, a value model and a
+//!   reward (a reward-model run or a rule).
 //!
 //! `adding-an-objective.md` in `docs/` is the checklist for the next ones.
 
 pub mod classify;
 pub mod dpo;
 pub mod pairs;
+pub mod ppo;
 pub mod preference;
 pub mod reward;
 pub mod sft;
@@ -35,6 +38,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         TaskType::Sft => sft::train(plan, opts, on),
         TaskType::Reward => reward::train(plan, opts, on),
         TaskType::Dpo => dpo::train(plan, opts, on),
+        TaskType::Ppo => ppo::train(plan, opts, on),
     }
 }
 

@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-fn sft_format(plan: &Plan) -> Result<SftFormat> {
+pub(crate) fn sft_format(plan: &Plan) -> Result<SftFormat> {
     let d = &plan.config.data;
     let fp = |key: &str, v: &str| {
         FieldPath::parse(v).map_err(|e| Error::Config {
@@ -65,7 +65,7 @@ pub(crate) struct Scored {
     pub answer: String,
 }
 
-fn scored(ex: &SftExample) -> Option<Scored> {
+pub(crate) fn scored(ex: &SftExample) -> Option<Scored> {
     match ex {
         SftExample::Chat(m) => {
             let last = m.last()?;
@@ -346,7 +346,7 @@ pub fn save_lm(
 }
 
 /// Read the rows of `files`, at most `cap` per file (a seeded choice).
-fn read_rows(
+pub(crate) fn read_rows(
     files: &[PathBuf],
     format: &SftFormat,
     cap: Option<usize>,

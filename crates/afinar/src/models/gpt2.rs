@@ -201,13 +201,14 @@ impl Gpt2Block {
         &self,
         x: &Tensor,
         cache: &mut (Vec<Vec<f32>>, Vec<Vec<f32>>),
+        pads: &[usize],
         t_past: usize,
     ) -> Result<Tensor> {
         let (b, tn, _) = x.dims3()?;
         let (q, k, v) = self.split_qkv(&self.c_attn.forward(&self.ln_1.forward(x)?)?)?;
         let d = self.c / self.heads;
         let ctx = super::kv_cache::cached_attention(
-            &q, &k, &v, cache, b, tn, t_past, self.heads, self.heads, d,
+            &q, &k, &v, cache, pads, b, tn, t_past, self.heads, self.heads, d,
         )?;
         let x = x.add(&self.attn_proj.forward(&ctx)?)?;
         Ok((&x + self.mlp(&x, None)?)?)
@@ -276,8 +277,9 @@ impl Gpt2 {
     pub fn forward_cached_embeds(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (positions, t_past, tn) = cache.begin_step(self.blocks.len(), x)?;
         let mut x = self.add_positions(x, &positions)?;
+        let pads = &cache.pads;
         for (blk, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = blk.forward_cached(&x, c, t_past)?;
+            x = blk.forward_cached(&x, c, pads, t_past)?;
         }
         cache.end_step(tn);
         self.ln_f.forward(&x)

@@ -13,11 +13,23 @@ use std::sync::Arc;
 pub struct KvCache {
     pub layers: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)>,
     pub len: usize,
+    /// Per batch row, how many of its first positions are left padding
+    /// (batched generation from prompts of different lengths): they are
+    /// never attended to, and the row's positions count from after them.
+    pub pads: Vec<usize>,
 }
 
 impl KvCache {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// A cache for a batch whose row `r` starts with `pads[r]` positions of
+    /// left padding.
+    pub fn with_left_padding(pads: Vec<usize>) -> Self {
+        KvCache {
+            pads,
+            ..Self::default()
+        }
     }
     /// Ready the cache of an `n`-layer model for the new positions of input
     /// embeddings `x` `[B, Tn, C]`: their position ids `[B * Tn]`
@@ -27,8 +39,20 @@ impl KvCache {
         let (b, tn, _) = x.dims3()?;
         self.ensure_layers(n, b);
         let t_past = self.len;
-        let p = t_past as u32;
-        let positions = Arc::new((0..b).flat_map(|_| p..p + tn as u32).collect());
+        if !self.pads.is_empty() && self.pads.len() != b {
+            return Err(Error::msg(format!(
+                "KV cache: {} rows of left padding for a batch of {b}",
+                self.pads.len()
+            )));
+        }
+        // A left-padded row's first real token is its position 0 (padding
+        // positions get 0 too: nothing attends to them).
+        let pad = |r: usize| self.pads.get(r).copied().unwrap_or(0);
+        let positions = Arc::new(
+            (0..b)
+                .flat_map(|r| (t_past..t_past + tn).map(move |p| p.saturating_sub(pad(r)) as u32))
+                .collect(),
+        );
         Ok((positions, t_past, tn))
     }
 
@@ -47,13 +71,15 @@ impl KvCache {
 }
 
 /// Append the new keys/values to `cache` and attend the new queries to every
-/// cached position (causal). q [B, Tn, Hq*D], k/v [B, Tn, Hkv*D].
+/// cached position (causal) but a row's left padding (`pads`, empty: none).
+/// q [B, Tn, Hq*D], k/v [B, Tn, Hkv*D].
 #[allow(clippy::too_many_arguments)]
 pub fn cached_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     cache: &mut (Vec<Vec<f32>>, Vec<Vec<f32>>),
+    pads: &[usize],
     b: usize,
     tn: usize,
     t_past: usize,
@@ -91,7 +117,12 @@ pub fn cached_attention(
         kv_heads,
         d,
     };
-    nn::attention_with_cache(&qf, &kc, &vc, None, sh, &mut out);
+    let mask: Option<Vec<f32>> = (pads.iter().any(|&p| p > 0)).then(|| {
+        (0..b)
+            .flat_map(|r| (0..t_total).map(move |j| if j < pads[r] { 0.0 } else { 1.0 }))
+            .collect()
+    });
+    nn::attention_with_cache(&qf, &kc, &vc, mask.as_deref(), sh, &mut out);
     let out = Tensor::from_vec(out, (b, tn, heads * d), &Device::Cpu)?;
     Ok(out.to_device(q.device())?.to_dtype(q.dtype())?)
 }

@@ -262,6 +262,7 @@ impl LlamaLayer {
         positions: &Arc<Vec<u32>>,
         rope: &Arc<RopeTable>,
         cache: &mut (Vec<Vec<f32>>, Vec<Vec<f32>>),
+        pads: &[usize],
         t_past: usize,
     ) -> Result<Tensor> {
         let (b, tn, _) = x.dims3()?;
@@ -274,6 +275,7 @@ impl LlamaLayer {
             &k,
             &v,
             cache,
+            pads,
             b,
             tn,
             t_past,
@@ -344,8 +346,9 @@ impl Llama {
     pub fn forward_cached_embeds(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (positions, t_past, tn) = cache.begin_step(self.layers.len(), x)?;
         let mut x = x.clone();
+        let pads = &cache.pads;
         for (l, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = l.forward_cached(&x, &positions, &self.rope, c, t_past)?;
+            x = l.forward_cached(&x, &positions, &self.rope, c, pads, t_past)?;
         }
         cache.end_step(tn);
         self.norm.forward(&x)

@@ -88,6 +88,9 @@ pub struct TrainerState {
     /// sha256 of the tokenised training rows and targets: the data order
     /// and position mean nothing on other data.
     pub data_fingerprint: String,
+    /// A method's own loop state (PPO's adaptive KL coefficient).
+    #[serde(default)]
+    pub method: std::collections::BTreeMap<String, f64>,
 }
 
 /// The random streams and where they stand.
@@ -346,6 +349,7 @@ mod tests {
             threads: 1,
             train_rows: 4,
             data_fingerprint: "x".into(),
+            method: [("kl_coef".to_string(), 0.05)].into(),
         }
     }
 

@@ -235,6 +235,7 @@ impl<'a> Trainer<'a> {
             threads: rayon::current_num_threads(),
             train_rows,
             data_fingerprint,
+            method: BTreeMap::new(),
         };
         Ok(Trainer {
             plan,
