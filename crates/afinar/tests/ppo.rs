@@ -203,7 +203,11 @@ fn f32s(g: &Checkpoint, name: &str) -> Vec<f32> {
 
 /// Per-row values of a golden `[B, R]` tensor.
 fn rows_of(g: &Checkpoint, name: &str) -> Vec<Vec<f32>> {
-    let t = g.load(name).unwrap();
+    let t = g
+        .load(name)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
     let (b, r) = t.dims2().unwrap();
     let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     (0..b).map(|i| v[i * r..(i + 1) * r].to_vec()).collect()
