@@ -66,7 +66,7 @@ fn spawn(args: &[&std::ffi::OsStr], log: &Path) -> Child {
         .unwrap()
 }
 
-/// The metrics log without the wall-clock fields.
+/// The metrics log without the wall-clock fields (names ending in `_s`).
 fn curve(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -75,8 +75,8 @@ fn curve(run: &Path) -> Vec<serde_json::Value> {
             let mut v: serde_json::Value = serde_json::from_str(l)
                 .unwrap_or_else(|e| panic!("{}: torn line {l:?}: {e}", run.display()));
             let o = v.as_object_mut().unwrap();
-            o.remove("elapsed_s");
-            o.remove("tokens_per_s");
+            // Wall-clock fields: elapsed_s, tokens_per_s, PPO's rollout_s ...
+            o.retain(|k, _| !k.ends_with("_s"));
             v
         })
         .collect()
@@ -365,4 +365,54 @@ fn killed_reward_run_resumes_to_the_same_curve() {
     )
     .unwrap();
     kill_resume_and_compare(&cfg, true);
+}
+
+/// The config of a PPO run of llama-tiny on the tiny SFT rows (a regex
+/// reward; sampled rollouts), `extra` appended.
+fn ppo_config(d: &Path, batches: usize, extra: &str) -> PathBuf {
+    let f = fixtures();
+    let cfg = d.join("ppo.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nmax_length = 64\n[task]\ntype = \"ppo\"\n\
+             [data]\ntrain = {:?}\nmessages = \"input\"\nresponse = \"ideal\"\nsplit = [0.8, 0.1, 0.1]\ngenerate_eval_rows = 4\n\
+             [train]\nbatch_size = 4\ngrad_accum = 2\nlr = 1e-3\neval_every = 3\nsave_every = 1\nlog_every = 1\nthreads = 2\n\
+             [ppo]\nreward = \"regex\"\nreward_regex = \"[a-e]\"\nresponse_length = 6\ntemperature = 0.9\ntop_k = 50\n\
+             num_ppo_epochs = 2\nnum_mini_batches = 2\ntotal_episodes = {}\nmissing_eos_penalty = 0.5\n{extra}",
+            f.join("llama-tiny"),
+            f.join("sft-tiny/train.jsonl"),
+            16 * batches,
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// PPO with LoRA (reference: the adapter switched off) and the adaptive KL
+/// coefficient, whose value lives in the checkpoint: sampled rollouts, the
+/// minibatch order and the coefficient continue exactly.
+#[test]
+fn killed_lora_ppo_run_resumes_to_the_same_curve() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = ppo_config(
+        d.path(),
+        3 * kills(),
+        "adap_kl_ctrl = true\ntarget = 0.5\nhorizon = 50\n\
+         [adapter]\ntype = \"lora\"\nr = 4\nlora_alpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n",
+    );
+    kill_resume_and_compare(&cfg, true);
+}
+
+/// PPO of the whole model (reference: a frozen copy), k3 KL penalty and
+/// whitened rewards.
+#[test]
+fn killed_full_ppo_run_resumes_to_the_same_curve() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = ppo_config(
+        d.path(),
+        3 * kills(),
+        "kl_estimator = \"k3\"\nwhiten_rewards = true\n",
+    );
+    kill_resume_and_compare(&cfg, false);
 }

@@ -58,9 +58,10 @@ fn ensure_font() -> Result<()> {
 
 /// Keys of an evaluation line that are not curves worth drawing.
 fn is_bookkeeping(key: &str) -> bool {
-    const KEYS: [&str; 10] = [
+    const KEYS: [&str; 11] = [
         "step",
         "epoch",
+        "episodes",
         "lr",
         "learning_rate",
         "grad_norm",
