@@ -2255,6 +2255,99 @@ fn preference_configs_that_do_not_fit() {
     c.no_run_folder();
 }
 
+/// A PPO run on the tiny Llama reading the tiny SFT rows.
+fn ppo_config(c: &Case, extra: &str) -> PathBuf {
+    write(
+        c.d(),
+        "ppo.toml",
+        &format!(
+            "[model]\npath = {}\nmax_length = 64\n[task]\ntype = \"ppo\"\n\
+             [data]\ntrain = {}\nmessages = \"input\"\nresponse = \"ideal\"\nsplit = [0.8, 0.1, 0.1]\n\
+             [train]\nbatch_size = 4\nlr = 1e-3\nthreads = 1\n[ppo]\nresponse_length = 8\n{extra}",
+            q(&fixture().join("../llama-tiny")),
+            q(&fixture().join("../sft-tiny/train.jsonl"))
+        ),
+    )
+}
+
+#[test]
+fn ppo_configs_that_do_not_fit() {
+    let c = Case::new();
+    let cfg = ppo_config(&c, "");
+    for (sets, needles) in [
+        (
+            &["ppo.reward=model"][..],
+            &[
+                "ppo.toml",
+                "`ppo.reward_model`: reward = \"model\" needs the folder of a reward-model run",
+            ][..],
+        ),
+        (
+            &["ppo.reward=regex", "ppo.reward_regex=(unclosed"],
+            &["`ppo.reward_regex`: \"(unclosed\" is not a regex"],
+        ),
+        (
+            &["ppo.target_length=10"],
+            &["`ppo.target_length`: is for reward = \"length\" (reward is \"exact_match\")"],
+        ),
+        (
+            &["ppo.value_init=reward_model"],
+            &["`ppo.value_init`: \"reward_model\" needs reward = \"model\""],
+        ),
+        (&["ppo.cliprange=0"], &["`ppo.cliprange`: 0 must be > 0"]),
+        (&["ppo.lam=1.5"], &["`ppo.lam`: 1.5 is not in [0, 1]"]),
+        (
+            &["ppo.num_ppo_epochs=0"],
+            &["`ppo.num_ppo_epochs`: must be > 0"],
+        ),
+        (
+            &["ppo.kl_estimator=k2"],
+            &["unknown variant `k2`, expected `k1` or `k3`"],
+        ),
+        (
+            &["train.max_steps=10"],
+            &["`train.max_steps`: PPO counts its work in rollouts: set `ppo.total_episodes`"],
+        ),
+        (
+            &["ppo.response_length=64"],
+            &["`ppo.response_length` = 64 leaves no room for a prompt in model.max_length = 64"],
+        ),
+    ] {
+        c.train(&cfg, sets).fails_with(needles);
+        c.no_run_folder();
+    }
+    // The reward model must be a reward model: a missing folder, a classifier.
+    c.train(&cfg, &["ppo.reward=model", "ppo.reward_model=no-such-run"])
+        .fails_with(&["`ppo.reward_model` = \"no-such-run\":"]);
+    c.no_run_folder();
+    let seqcls = fixture().join("../llama-tiny-seqcls");
+    c.train(
+        &cfg,
+        &[
+            "ppo.reward=model",
+            &format!("ppo.reward_model={}", seqcls.display()),
+        ],
+    )
+    .fails_with(&["has 3 outputs: a reward model has one (a run with task.type = \"reward\")"]);
+    c.no_run_folder();
+    // [ppo] on another task; PPO on a BERT encoder.
+    let tiny = tiny_config_file(c.d());
+    c.train(&tiny, &["ppo.kl_coef=0.1"])
+        .fails_with(&["`ppo`: the [ppo] section is for task.type = \"ppo\""]);
+    let bert = write(
+        c.d(),
+        "bert.toml",
+        &std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("../llama-tiny", "."),
+    );
+    c.train(&bert, &[]).fails_with(&[
+        "`task.type` = \"ppo\" trains a decoder LM, but",
+        "is a BERT encoder",
+    ]);
+    c.no_run_folder();
+}
+
 #[test]
 fn pairs_and_score_arguments() {
     let c = Case::new();

@@ -154,3 +154,35 @@ fn broken_weights_are_never_written() {
         .collect();
     assert!(cks.is_empty(), "{cks:?}");
 }
+
+/// PPO whose learning rate blows the weights up after its first step: the
+/// next loss is not finite, and the run stops naming the step and the
+/// rollout batch's prompts; no model with NaN weights is written.
+#[test]
+fn ppo_stops_at_the_first_non_finite_loss_naming_the_rollouts() {
+    let d = tempfile::tempdir().unwrap();
+    let fx = fixture().join("..");
+    let cfg = d.path().join("ppo.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nmax_length = 64\n[task]\ntype = \"ppo\"\n\
+             [data]\ntrain = {:?}\nmessages = \"input\"\nresponse = \"ideal\"\nsplit = [0.8, 0.1, 0.1]\n\
+             [train]\nbatch_size = 4\nlr = 1e30\nmax_grad_norm = 0\nthreads = 1\n\
+             [ppo]\nreward = \"regex\"\nreward_regex = \"a\"\nresponse_length = 4\ntotal_episodes = 16\n",
+            fx.join("llama-tiny"),
+            fx.join("sft-tiny/train.jsonl"),
+        ),
+    )
+    .unwrap();
+    let run = d.path().join("run");
+    let o = train(&cfg, &run);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("at step 2"), "{err}");
+    assert!(
+        err.contains("rollout batch 0: prompts of training rows ["),
+        "{err}"
+    );
+    assert!(!run.join("model").exists(), "a model was written");
+}
