@@ -216,7 +216,7 @@ fn rows_of(g: &Checkpoint, name: &str) -> Vec<Vec<f32>> {
 #[test]
 fn a_ppo_step_matches_trl() {
     let dir = fixtures().join("ppo");
-    let g = Checkpoint::open(&dir.join("golden.safetensors")).unwrap();
+    let g = Checkpoint::open(dir.join("golden.safetensors")).unwrap();
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let (cfg, vcfg, store) = policy_and_value();

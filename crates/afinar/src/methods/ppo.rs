@@ -25,9 +25,10 @@
 //!    batch; returns = advantages + values.
 //! 5. **Update.** `num_ppo_epochs` passes over the rollouts in shuffled
 //!    minibatches (`num_mini_batches`; micro-batches of `train.batch_size`
-//!    accumulate): clipped ratio, clipped value loss, `loss = pg + vf_coef
-//!    * vf`, clipping and AdamW as every run. Dropout is off in every model
-//!    (TRL disables it: the ratio of the first minibatch is then 1).
+//!    accumulate): clipped ratio, clipped value loss,
+//!    `loss = pg + vf_coef * vf`, clipping and AdamW as every run. Dropout
+//!    is off in every model (TRL disables it: the first minibatch's ratio
+//!    is then 1).
 //!
 //! Where this differs from TRL: the score sits on the response's last
 //! token (TRL puts it one past the end-of-sequence token when the response
@@ -177,8 +178,8 @@ pub fn advantages(r: &Rollouts, p: &PpoParams) -> Result<Advantages> {
         math::whiten(&mut rewards, false)?;
     }
     let (mut adv, mut ret) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for i in 0..n {
-        let (a, g) = math::gae(&rewards[i], &r.values[i], p.gamma, p.lam);
+    for (rw, v) in rewards.iter().zip(&r.values) {
+        let (a, g) = math::gae(rw, v, p.gamma, p.lam);
         adv.push(a);
         ret.push(g);
     }
@@ -400,9 +401,10 @@ pub struct Prompt {
 /// What scores a response.
 pub enum Rewarder {
     ExactMatch,
-    Regex(regex::Regex),
+    Regex(Box<regex::Regex>),
     Length(usize),
-    Model(Box<RunModel>, Option<ChatTemplate>),
+    /// A reward-model run and its chat template.
+    Model(Box<(RunModel, Option<ChatTemplate>)>),
 }
 
 impl Rewarder {
@@ -411,7 +413,7 @@ impl Rewarder {
             Rewarder::ExactMatch => "exact match with the answer",
             Rewarder::Regex(_) => "regex",
             Rewarder::Length(_) => "length target",
-            Rewarder::Model(..) => "reward model",
+            Rewarder::Model(_) => "reward model",
         }
     }
 
@@ -430,7 +432,8 @@ impl Rewarder {
                 .iter()
                 .map(|(_, _, n)| -((*n as f32 - *target as f32).abs() / *target as f32))
                 .collect(),
-            Rewarder::Model(rm, template) => {
+            Rewarder::Model(m) => {
+                let (rm, template) = &**m;
                 let enc = super::reward::PairEncoder {
                     family: rm.cfg.family(),
                     tok: &rm.tok,
@@ -756,10 +759,10 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     // ---- the reward
     let rewarder = match ppo.reward {
         PpoReward::ExactMatch => Rewarder::ExactMatch,
-        PpoReward::Regex => Rewarder::Regex(
+        PpoReward::Regex => Rewarder::Regex(Box::new(
             regex::Regex::new(ppo.reward_regex.as_deref().unwrap_or_default())
                 .map_err(|e| Error::msg(e.to_string()))?,
-        ),
+        )),
         PpoReward::Length => Rewarder::Length(ppo.target_length.unwrap_or(1)),
         PpoReward::Model => {
             let p = ppo.reward_model.clone().unwrap_or_default();
@@ -778,7 +781,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
                 });
             }
             let tmpl = super::reward::template_of(&rm.tok)?;
-            Rewarder::Model(Box::new(rm), tmpl)
+            Rewarder::Model(Box::new((rm, tmpl)))
         }
     };
     on(Event::Info(format!("reward: {}", rewarder.name())));
@@ -854,15 +857,16 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
 
     // ---- value model, in the store under `value_model.`
     let value_init = ppo.value_init.unwrap_or(match &rewarder {
-        Rewarder::Model(rm, _)
-            if rm.cfg.family() == family && rm.cfg.vocab_size() == cfg.vocab_size() =>
+        Rewarder::Model(m)
+            if m.0.cfg.family() == family && m.0.cfg.vocab_size() == cfg.vocab_size() =>
         {
             ValueInit::RewardModel
         }
         _ => ValueInit::Zero,
     });
     let (value_src, why) = match (&rewarder, value_init) {
-        (Rewarder::Model(rm, _), ValueInit::RewardModel) => {
+        (Rewarder::Model(m), ValueInit::RewardModel) => {
+            let rm = &m.0;
             if rm.cfg.family() != family || rm.cfg.vocab_size() != cfg.vocab_size() {
                 return Err(Error::Config {
                     path: plan.config_path.clone(),
@@ -1143,7 +1147,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             kl_coef = math::adapt_kl_coef(kl_coef, kl1, ppo.target, ppo.horizon, per_batch);
         }
         tr.state.method.insert("kl_coef".into(), kl_coef);
-        if batch % t.log_every == 0 || batch == batches || batch == 1 {
+        if batch.is_multiple_of(t.log_every) || batch == batches || batch == 1 {
             run.log_eval(tr.state.step, "train", &m)?;
         }
         on(Event::Info(format!(
@@ -1155,7 +1159,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         let epoch_end =
             (batch * per_batch) / train_p.len() != ((batch - 1) * per_batch) / train_p.len();
         let eval_due = match t.eval_every {
-            Some(k) => batch % k == 0,
+            Some(k) => batch.is_multiple_of(k),
             None => epoch_end,
         } || batch == batches;
         let mut evaluated = None;
@@ -1165,7 +1169,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         }
         let outcome = evaluated.unwrap_or_default();
         let save_due = match t.save_every {
-            Some(k) => batch % k == 0,
+            Some(k) => batch.is_multiple_of(k),
             None => evaluated.is_some(),
         };
         if outcome.improved || save_due {
