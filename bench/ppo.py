@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sft import f32_smollm2  # noqa: E402
-from w1 import ROOT, afinar_bin, cpu, cpu_name, fetched, ratio_range, run  # noqa: E402
+from w1 import ROOT, afinar_bin, cpu, cpu_name, fetched, ratio_range, run, write_out  # noqa: E402
 
 
 def main():
@@ -99,14 +99,9 @@ def main():
         *rows,
     ]) + "\n"
     print(table)
-    if a.raw:
-        raw = {"bench": "ppo", "date": str(datetime.date.today()), "commit": commit, "cpu": cpu()[0],
-               "simd_flags": cpu()[1], "threads": a.threads, "model": model, "summary": summary, "runs": res}
-        Path(a.raw).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.raw).write_text(json.dumps(raw, indent=1) + "\n")
-    if a.append:
-        with open(ROOT / a.append, "a") as f:
-            f.write("\n" + table)
+    raw = {"bench": "ppo", "date": str(datetime.date.today()), "commit": commit, "cpu": cpu()[0],
+           "simd_flags": cpu()[1], "threads": a.threads, "model": model, "summary": summary, "runs": res}
+    write_out(a.raw, raw, a.append, table)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,16 @@ def w1_flops(mode, model_dir, batch, seq):
     return {"infer": f, "full": 3 * f, "lora": 2 * f, "last2": f + 4 * layer}[mode]
 
 
+def write_out(raw_path, raw, append, table):
+    """The raw measurements to --raw (JSON), the table appended to --append."""
+    if raw_path:
+        Path(raw_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(raw_path).write_text(json.dumps(raw, indent=1) + "\n")
+    if append:
+        with open(ROOT / append, "a") as f:
+            f.write("\n" + table)
+
+
 def ratio_range(a_runs, p_runs):
     """min and max over rounds of (afinar round median / PyTorch round median)."""
     rs = [statistics.median(a["steps"]) / statistics.median(p["steps"]) for a, p in zip(a_runs, p_runs)]

@@ -380,6 +380,23 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Run `f` with every adapter switched off (the base model: a DPO or
+    /// PPO reference), switched back on however `f` ends.
+    pub fn with_adapters_off<T>(&self, f: impl FnOnce() -> T) -> T {
+        struct On<'s>(&'s ParamStore);
+        impl Drop for On<'_> {
+            fn drop(&mut self) {
+                self.0
+                    .adapters_enabled
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.adapters_enabled
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let _on = On(self);
+        f()
+    }
+
     /// Move every parameter of `other` in under `prefix.` (a second model
     /// in the same store: PPO's value model), trainable as it was there.
     pub fn absorb(&mut self, other: ParamStore, prefix: &str) -> Result<()> {

@@ -42,7 +42,6 @@ use rand::SeedableRng;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// Where the reference log-probabilities come from.
@@ -95,18 +94,10 @@ pub fn reference_logps(
 ) -> Result<(Tensor, Tensor)> {
     let n = b.batch / 2;
     let all = match reference {
-        Reference::AdaptersDisabled(store) => {
-            /// Switches the adapters back on however the forward ends.
-            struct On<'s>(&'s ParamStore);
-            impl Drop for On<'_> {
-                fn drop(&mut self) {
-                    self.0.adapters_enabled.store(true, Ordering::Relaxed);
-                }
-            }
-            store.adapters_enabled.store(false, Ordering::Relaxed);
-            let _on = On(store);
-            logps(lm, b, false, None)?.0.detach()
-        }
+        Reference::AdaptersDisabled(store) => store
+            .with_adapters_off(|| logps(lm, b, false, None))?
+            .0
+            .detach(),
         Reference::Model(r) => logps(r, b, false, None)?.0.detach(),
         Reference::Precomputed(v) => {
             if v.len() != n {
@@ -569,15 +560,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         Selector::none()
     })?;
     let family = cfg.family();
-    if !family.is_decoder() {
-        return Err(Error::Config {
-            path: plan.config_path.clone(),
-            msg: format!(
-                "`task.type` = \"dpo\" trains a decoder LM, but {} is a BERT encoder",
-                model_path.display()
-            ),
-        });
-    }
+    super::require_decoder(plan, family, &model_path, "dpo")?;
     // TRL's `disable_dropout`: off unless the config sets it.
     cfg.set_dropout(
         c.model.hidden_dropout_prob.or(Some(0.0)),

@@ -97,6 +97,25 @@ pub fn attach_adapter(
     Ok(Some(ad))
 }
 
+/// A decoder LM method (`task`: "sft", "dpo", "ppo") refuses a BERT encoder.
+pub fn require_decoder(
+    plan: &Plan,
+    family: Family,
+    model: &std::path::Path,
+    task: &str,
+) -> Result<()> {
+    if family.is_decoder() {
+        return Ok(());
+    }
+    Err(Error::Config {
+        path: plan.config_path.clone(),
+        msg: format!(
+            "`task.type` = \"{task}\" trains a decoder LM, but {} is a BERT encoder",
+            model.display()
+        ),
+    })
+}
+
 /// The canonical path of the base model (recorded beside an adapter).
 pub fn canonical(p: &std::path::Path) -> std::path::PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())

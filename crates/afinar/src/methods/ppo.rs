@@ -357,18 +357,7 @@ pub fn reference_logps(
 ) -> Result<Vec<Vec<f32>>> {
     let flat = match reference {
         Some(m) => response_logps(m, r, rows, pad, temperature)?,
-        None => {
-            /// Switches the adapters back on however the forward ends.
-            struct On<'s>(&'s ParamStore);
-            impl Drop for On<'_> {
-                fn drop(&mut self) {
-                    self.0.adapters_enabled.store(true, Ordering::Relaxed);
-                }
-            }
-            store.adapters_enabled.store(false, Ordering::Relaxed);
-            let _on = On(store);
-            response_logps(policy, r, rows, pad, temperature)?
-        }
+        None => store.with_adapters_off(|| response_logps(policy, r, rows, pad, temperature))?,
     };
     split_rows(&flat.detach().to_vec1::<f32>()?, r, rows)
 }
@@ -733,15 +722,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         ..
     } = load(&model_path, sel())?;
     let family = cfg.family();
-    if !family.is_decoder() {
-        return Err(Error::Config {
-            path: plan.config_path.clone(),
-            msg: format!(
-                "`task.type` = \"ppo\" trains a decoder LM, but {} is a BERT encoder",
-                model_path.display()
-            ),
-        });
-    }
+    super::require_decoder(plan, family, &model_path, "ppo")?;
     // TRL disables dropout in every PPO model.
     cfg.set_dropout(Some(0.0), Some(0.0));
     let max_len = c.model.max_length.min(cfg.max_positions());
@@ -1178,14 +1159,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         stopped = outcome.stop;
     }
     if interrupted {
-        if !tr.saved_now() {
-            tr.save_checkpoint()?;
-        }
-        on(Event::Info(format!(
-            "interrupted at step {}: checkpoint saved; continue with `afinar train --resume {}`",
-            tr.state.step,
-            run.dir().display()
-        )));
+        tr.save_interrupted(on)?;
     }
     let mut test = None;
     if !interrupted && !tests.is_empty() {

@@ -392,15 +392,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         ..
     } = models::load_model(&model_path, selector, load_opts)?;
     let family = cfg.family();
-    if !family.is_decoder() {
-        return Err(Error::Config {
-            path: plan.config_path.clone(),
-            msg: format!(
-                "`task.type` = \"sft\" trains a decoder LM, but {} is a BERT encoder",
-                model_path.display()
-            ),
-        });
-    }
+    super::require_decoder(plan, family, &model_path, "sft")?;
     cfg.set_dropout(
         c.model.hidden_dropout_prob,
         c.model.attention_probs_dropout_prob,

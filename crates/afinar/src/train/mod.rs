@@ -468,6 +468,22 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// Stopped by Ctrl-C: the current step's checkpoint (unless written),
+    /// and how to continue.
+    pub fn save_interrupted(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
+        if !self.saved_now() {
+            self.save_checkpoint()?;
+        }
+        let dir = self.run.dir();
+        on(Event::Info(format!(
+            "interrupted at step {}: checkpoint saved to {}; continue with `afinar train --resume {}`",
+            self.state.step,
+            checkpoint::path(dir, self.state.step).display(),
+            dir.display()
+        )));
+        Ok(())
+    }
+
     /// Whether the current step's checkpoint is written already.
     pub fn saved_now(&self) -> bool {
         self.last_saved == Some(self.state.step)
@@ -784,15 +800,7 @@ pub fn run_loop(
         }
     }
     if interrupted {
-        if !tr.saved_now() {
-            tr.save_checkpoint()?;
-        }
-        on(Event::Info(format!(
-            "interrupted at step {}: checkpoint saved to {}; continue with `afinar train --resume {}`",
-            tr.state.step,
-            checkpoint::path(run.dir(), tr.state.step).display(),
-            run.dir().display()
-        )));
+        tr.save_interrupted(on)?;
     } else if !stopped_early && tr.state.last_eval_step != Some(tr.state.step) {
         // The steps after the last evaluation count too.
         let _ = validate(&mut tr, on)?;
