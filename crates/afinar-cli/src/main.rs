@@ -687,6 +687,20 @@ fn cmd_eval(run: &Path, load: &afinar::runs::LoadOptions, data: Option<&Path>) -
         .is_file()
         .then(|| Plan::load(&run.join("config.toml"), &[]))
         .transpose()?;
+    use afinar::config::TaskType;
+    if let Some(k @ (TaskType::Sft | TaskType::Ppo)) = plan.as_ref().map(|p| p.config.task.kind) {
+        let name = if k == TaskType::Sft {
+            "an SFT"
+        } else {
+            "a PPO"
+        };
+        anyhow::bail!(
+            "{}: {name} run is a language model: `afinar eval` reads classifier, reward-model and DPO runs. Its test metrics (before and after) are in {}; `afinar generate {}` answers prompts",
+            run.display(),
+            run.join("results.json").display(),
+            run.join("model").display()
+        );
+    }
     if let Some(plan) = plan.filter(|p| p.config.task.kind == afinar::config::TaskType::Dpo) {
         let (n, m) = afinar::methods::dpo::eval_run(run, &plan, data, &mut print_event)?;
         let v = serde_json::json!({ "data": data, "pairs": n, "metrics": m });

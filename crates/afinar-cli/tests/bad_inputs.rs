@@ -2349,6 +2349,20 @@ fn ppo_configs_that_do_not_fit() {
 }
 
 #[test]
+fn eval_a_language_model_run() {
+    let c = Case::new();
+    // A PPO run folder: its config.toml says what it is.
+    let run = c.d().join("ppo-run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::copy(ppo_config(&c, ""), run.join("config.toml")).unwrap();
+    afinar_p(c.d(), &[Path::new("eval"), &run]).fails_with(&[
+        "ppo-run: a PPO run is a language model: `afinar eval` reads classifier, reward-model and DPO runs",
+        "ppo-run/results.json",
+        "`afinar generate",
+    ]);
+}
+
+#[test]
 fn pairs_and_score_arguments() {
     let c = Case::new();
     // An item whose ideal letter is not an option names its line.
