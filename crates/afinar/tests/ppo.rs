@@ -321,6 +321,19 @@ fn a_ppo_step_matches_trl() {
 /// folder; `extra` is appended to the config. Returns the train lines
 /// and the test metrics.
 fn run_ppo(extra: &str, lr: f64) -> (Vec<BTreeMap<String, f64>>, BTreeMap<String, f64>) {
+    let (lines, test, _) = run_ppo_logged(extra, lr);
+    (lines, test)
+}
+
+/// [`run_ppo`], with the run's log lines.
+fn run_ppo_logged(
+    extra: &str,
+    lr: f64,
+) -> (
+    Vec<BTreeMap<String, f64>>,
+    BTreeMap<String, f64>,
+    Vec<String>,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = format!(
         r#"
@@ -365,7 +378,13 @@ dropout = 3
         stop: Default::default(),
         resume: false,
     };
-    let rep = afinar::methods::train(&plan, &opts, &mut |_| {}).unwrap();
+    let mut log = Vec::new();
+    let rep = afinar::methods::train(&plan, &opts, &mut |e| {
+        if let afinar::train::Event::Info(m) = e {
+            log.push(m)
+        }
+    })
+    .unwrap();
     let lines: Vec<BTreeMap<String, f64>> =
         std::fs::read_to_string(opts.run_dir.join("metrics.jsonl"))
             .unwrap()
@@ -380,7 +399,7 @@ dropout = 3
                     .collect()
             })
             .collect();
-    (lines, rep.test.unwrap_or_default())
+    (lines, rep.test.unwrap_or_default(), log)
 }
 
 #[test]
@@ -413,4 +432,46 @@ fn a_rule_reward_for_one_token_is_learned_and_a_large_kl_coef_holds_the_policy()
     let (score, kl) = (mean(&lines[35..], "score"), mean(&lines[35..], "kl"));
     assert!(score < 0.2, "score {score}");
     assert!(kl < 0.1 * free_kl, "kl {kl} vs {free_kl} without penalty");
+}
+
+#[test]
+fn a_reward_model_run_scores_and_starts_the_value_model() {
+    // llama-tiny-seqreg: a LlamaForSequenceClassification with one output,
+    // as a reward-model run's model/ is; the value model starts from it.
+    let rm = fixtures().join("llama-tiny-seqreg");
+    let extra = format!(
+        "\n[ppo]\nreward = \"model\"\nreward_model = {:?}\nresponse_length = 4\ntotal_episodes = 32\n",
+        rm.display().to_string()
+    );
+    let (lines, test, log) = run_ppo_logged(&extra, 1e-3);
+    assert_eq!(lines.len(), 4);
+    let v = log.iter().find(|l| l.starts_with("value model:")).unwrap();
+    assert!(
+        v.contains("llama-tiny-seqreg") && v.contains("the reward model's weights"),
+        "{v}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|m| m["score"].is_finite() && m["score"] != 0.0),
+        "{lines:?}"
+    );
+    assert!(test["reward"].is_finite(), "{test:?}");
+    // Its scores, directly: an empty response (an immediate end-of-sequence
+    // token) is scored too.
+    let run = afinar::runs::load_run(&rm).unwrap();
+    let tmpl = afinar::methods::reward::template_of(&run.tok).unwrap();
+    let rewarder = afinar::methods::ppo::Rewarder::Model(Box::new((run, tmpl)));
+    let p = afinar::methods::ppo::Prompt {
+        ids: vec![5, 6],
+        turns: afinar::data::sft::SftExample::Chat(vec![afinar::hub::chat_template::Message::new(
+            afinar::hub::chat_template::Role::User,
+            "abc",
+        )]),
+        answer: String::new(),
+    };
+    let s = rewarder
+        .score(&[(&p, "cba".into(), 3), (&p, String::new(), 1)])
+        .unwrap();
+    assert!(s.iter().all(|x| x.is_finite()) && s[0] != s[1], "{s:?}");
 }

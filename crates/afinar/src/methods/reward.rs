@@ -403,7 +403,7 @@ pub(crate) fn describe(path: &std::path::Path, lines: impl Iterator<Item = usize
 }
 
 /// The chat template a tokenizer carries, if any.
-pub(crate) fn template_of(tok: &TextTokenizer) -> Result<Option<ChatTemplate>> {
+pub fn template_of(tok: &TextTokenizer) -> Result<Option<ChatTemplate>> {
     let specials = tok.specials.clone().unwrap_or_default();
     specials
         .chat_template
