@@ -5,6 +5,9 @@
 //! `ab_glyph` backend has no access to system fonts, which keeps the plot
 //! identical on every machine (and working on a bare CI box).
 //!
+//! A PPO run (its `"train"` lines hold `rlhf_reward`) gets a grid of small
+//! panels instead, one per metric of its rollout batches.
+//!
 //! Which lines are what: a line with `"split"` (or any `eval_*` key) is an
 //! evaluation; other lines with `"loss"` are training steps. Every numeric
 //! field of an evaluation is drawn except bookkeeping (`step`, `epoch`, `lr`,
@@ -160,6 +163,9 @@ fn y_range<'a>(values: impl Iterator<Item = &'a f64>) -> std::ops::Range<f64> {
 /// The file is PNG whatever its extension.
 pub fn plot_run(records: &[Value], out_png: &Path) -> Result<()> {
     ensure_font()?;
+    if let Some(panels) = panels_of(records) {
+        return write_png(out_png, |tmp| draw_grid(&panels, tmp, out_png));
+    }
     let curves = collect(records);
     if curves.train.is_empty() && curves.eval.is_empty() {
         return Err(Error::file(
@@ -167,6 +173,12 @@ pub fn plot_run(records: &[Value], out_png: &Path) -> Result<()> {
             "nothing to plot: no training `loss` or evaluation lines with a `step`",
         ));
     }
+    write_png(out_png, |tmp| draw(&curves, tmp, out_png))
+}
+
+/// Draw with `draw` into a temporary `.png` beside `out_png`, then rename
+/// it into place.
+fn write_png(out_png: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if let Some(dir) = out_png.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
@@ -177,7 +189,7 @@ pub fn plot_run(records: &[Value], out_png: &Path) -> Result<()> {
         .and_then(|s| s.to_str())
         .unwrap_or("plot");
     let tmp: PathBuf = out_png.with_file_name(format!(".{stem}.tmp.{}.png", std::process::id()));
-    let drawn = draw(&curves, &tmp, out_png);
+    let drawn = draw(&tmp);
     let res = drawn.and_then(|()| {
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
@@ -188,6 +200,100 @@ pub fn plot_run(records: &[Value], out_png: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+/// The metrics of a PPO run, one small panel each: its `"train"` lines
+/// (one per rollout batch) and the validation reward.
+const PPO_PANELS: [(&str, &str); 12] = [
+    ("train", "score"),
+    ("validation", "reward"),
+    ("train", "kl"),
+    ("train", "kl_k3"),
+    ("train", "entropy"),
+    ("train", "approx_kl"),
+    ("train", "clipfrac"),
+    ("train", "value_clipfrac"),
+    ("train", "policy_loss"),
+    ("train", "value_loss"),
+    ("train", "response_length"),
+    ("train", "eos_share"),
+];
+
+/// A run whose `"train"` lines are PPO's (they hold `rlhf_reward`): the
+/// series of its panels, else None.
+#[allow(clippy::type_complexity)]
+fn panels_of(records: &[Value]) -> Option<Vec<(String, Vec<(f64, f64)>)>> {
+    let split = |r: &Value| r.get("split").and_then(Value::as_str).map(str::to_string);
+    if !records
+        .iter()
+        .any(|r| split(r).as_deref() == Some("train") && r.get("rlhf_reward").is_some())
+    {
+        return None;
+    }
+    Some(
+        PPO_PANELS
+            .iter()
+            .map(|(sp, key)| {
+                let pts = records
+                    .iter()
+                    .filter(|r| split(r).as_deref() == Some(*sp))
+                    .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(*key)?.as_f64()?)))
+                    .filter(|(_, y)| y.is_finite())
+                    .collect();
+                let name = if *sp == "train" {
+                    key.to_string()
+                } else {
+                    format!("{sp} {key}")
+                };
+                (name, pts)
+            })
+            .collect(),
+    )
+}
+
+/// A grid of small panels, one series each, against the optimizer step.
+fn draw_grid(panels: &[(String, Vec<(f64, f64)>)], tmp: &Path, out_png: &Path) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| Error::file(out_png, format!("plot: {e}"));
+    let root = BitMapBackend::new(tmp, (1200, 780)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let max_x = panels
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.0))
+        .fold(1.0f64, f64::max);
+    for (i, (area, (name, pts))) in root.split_evenly((3, 4)).iter().zip(panels).enumerate() {
+        draw_panel(area, name, pts, 0.0..max_x, COLORS[i % COLORS.len()]).map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+fn draw_panel(
+    area: &Area,
+    name: &str,
+    pts: &[(f64, f64)],
+    x: Steps,
+    color: RGBColor,
+) -> DrawResult {
+    if pts.is_empty() {
+        return empty_panel(area, name, "not logged");
+    }
+    let mut chart = ChartBuilder::on(area)
+        .caption(name, (FONT, 15).into_font().style(FontStyle::Bold))
+        .margin(6)
+        .x_label_area_size(22)
+        .y_label_area_size(48)
+        .build_cartesian_2d(x.clone(), y_range(pts.iter().map(|p| &p.1)))?;
+    chart
+        .configure_mesh()
+        .x_label_formatter(&step_label)
+        .x_labels(x_ticks(&x).min(5))
+        .y_labels(5)
+        .label_style((FONT, 11))
+        .light_line_style(RGBColor(238, 238, 238))
+        .draw()?;
+    chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
+    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 2, color.filled())))?;
+    Ok(())
 }
 
 fn draw(curves: &Curves, tmp: &Path, out_png: &Path) -> Result<()> {
@@ -515,6 +621,46 @@ mod tests {
         assert_eq!(std::fs::read_dir(out.parent().unwrap()).unwrap().count(), 1);
         // `AFINAR_KEEP_PLOT=/tmp/p.png cargo test ... plot::` keeps the image to look at.
         if let Ok(keep) = std::env::var("AFINAR_KEEP_PLOT") {
+            std::fs::copy(&out, keep).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_ppo_run_gets_one_panel_per_metric() {
+        let mut records = Vec::new();
+        for b in 1..=12u64 {
+            let step = 4 * b;
+            records.push(json!({"step": step, "loss": 0.1, "lr": 1e-4}));
+            records.push(json!({
+                "step": step, "split": "train", "score": 0.1 * b as f64, "rlhf_reward": 0.1,
+                "kl": 0.05 * b as f64, "kl_k3": 0.04, "entropy": 1.5, "approx_kl": 0.01, "clipfrac": 0.1,
+                "value_clipfrac": 0.2, "policy_loss": -0.01, "value_loss": 0.3, "response_length": 20.0,
+                "eos_share": 0.9, "episodes": 32 * b, "rollout_s": 30.0
+            }));
+            if b % 4 == 0 {
+                records.push(json!({"step": step, "split": "validation", "reward": 0.2}));
+            }
+        }
+        let panels = panels_of(&records).unwrap();
+        assert_eq!(panels.len(), 12);
+        assert_eq!(panels[0].0, "score");
+        assert_eq!(panels[0].1.len(), 12);
+        assert_eq!(
+            panels[1],
+            (
+                "validation reward".into(),
+                vec![(16.0, 0.2), (32.0, 0.2), (48.0, 0.2)]
+            )
+        );
+        assert!(
+            panels_of(&synthetic_run()).is_none(),
+            "other runs keep the two-panel figure"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("metrics.png");
+        plot_run(&records, &out).unwrap();
+        assert_eq!(png_size(&out), (1200, 780));
+        if let Ok(keep) = std::env::var("AFINAR_KEEP_PPO_PLOT") {
             std::fs::copy(&out, keep).unwrap();
         }
     }
