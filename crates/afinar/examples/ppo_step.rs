@@ -10,6 +10,7 @@
 //!   (temperature 0.7, no end-of-sequence id: every response has the full
 //!   length), the reference's log-probabilities (adapters off) and the
 //!   values (a length rule scores, at no cost);
+//! - `--phase generate`: the sampling alone;
 //! - `--phase update`: one optimizer step on `--micro` rollouts: PPO's
 //!   loss (`methods::ppo::ppo_loss`), backward, grad norm, AdamW.
 //!
@@ -106,7 +107,33 @@ fn main() -> afinar::Result<()> {
     };
     let mut times = Vec::new();
     let mut tokens = 0;
-    if phase == "rollout" {
+    if phase == "generate" {
+        // The sampling alone (no reference, no values): where a rollout's time goes.
+        let ids: Vec<&[u32]> = queries.iter().map(|q| q.as_slice()).collect();
+        let g = GenerateConfig {
+            max_new_tokens: resp_len,
+            temperature: 0.7,
+            ..Default::default()
+        };
+        for s in 0..steps + 1 {
+            let mut rngs: Vec<_> = (0..n)
+                .map(|i| afinar::methods::ppo::row_rng(1, s as u64, i as u64))
+                .collect();
+            let t0 = Instant::now();
+            let c = afinar::generate::generate_batch(
+                &policy,
+                &ids,
+                src.cfg.max_positions(),
+                &g,
+                &mut rngs,
+            )?;
+            let dt = t0.elapsed().as_secs_f64();
+            tokens = c.iter().map(|x| x.ids.len()).sum();
+            if s > 0 {
+                times.push(dt);
+            }
+        }
+    } else if phase == "rollout" {
         let prompts: Vec<Prompt> = queries
             .iter()
             .map(|q| Prompt {
