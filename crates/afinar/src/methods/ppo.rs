@@ -1128,9 +1128,9 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             kl_coef = math::adapt_kl_coef(kl_coef, kl1, ppo.target, ppo.horizon, per_batch);
         }
         tr.state.method.insert("kl_coef".into(), kl_coef);
-        if batch.is_multiple_of(t.log_every) || batch == batches || batch == 1 {
-            run.log_eval(tr.state.step, "train", &m)?;
-        }
+        // One line per rollout batch (they are few; `train.log_every` counts
+        // optimizer steps).
+        run.log_eval(tr.state.step, "train", &m)?;
         on(Event::Info(format!(
             "rollout batch {batch}/{batches}: score {score:.3}, kl {kl1:.3}, response {:.1} tokens, eos {:.2}, rollout {rollout_s:.1} s, update {update_s:.1} s",
             new_tokens as f64 / n,
