@@ -2241,15 +2241,21 @@ fn preference_configs_that_do_not_fit() {
         "`data`: `chosen`, `rejected` and `truncation_mode` are for preference pairs",
     ]);
     // DPO trains a decoder.
+    decoder_task_on_bert(&c, &cfg, "dpo");
+}
+
+/// `cfg` (a run on the tiny Llama) pointed at the tiny BERT: a decoder
+/// task (`task`) refuses it.
+fn decoder_task_on_bert(c: &Case, cfg: &Path, task: &str) {
     let bert = write(
         c.d(),
         "bert.toml",
-        &std::fs::read_to_string(&cfg)
+        &std::fs::read_to_string(cfg)
             .unwrap()
             .replace("../llama-tiny", "."),
     );
     c.train(&bert, &[]).fails_with(&[
-        "`task.type` = \"dpo\" trains a decoder LM, but",
+        &format!("`task.type` = \"{task}\" trains a decoder LM, but"),
         "is a BERT encoder",
     ]);
     c.no_run_folder();
@@ -2334,18 +2340,7 @@ fn ppo_configs_that_do_not_fit() {
     let tiny = tiny_config_file(c.d());
     c.train(&tiny, &["ppo.kl_coef=0.1"])
         .fails_with(&["`ppo`: the [ppo] section is for task.type = \"ppo\""]);
-    let bert = write(
-        c.d(),
-        "bert.toml",
-        &std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("../llama-tiny", "."),
-    );
-    c.train(&bert, &[]).fails_with(&[
-        "`task.type` = \"ppo\" trains a decoder LM, but",
-        "is a BERT encoder",
-    ]);
-    c.no_run_folder();
+    decoder_task_on_bert(&c, &cfg, "ppo");
 }
 
 #[test]

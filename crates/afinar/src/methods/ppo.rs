@@ -823,17 +823,10 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     if !tp.is_empty() {
         tests.push(("test".into(), tp));
     }
-    if let Some(h) = &d.heldout_tasks {
-        for (task, ex) in read_rows(
-            &crate::data::resolve_files(h)?,
-            &format,
-            d.max_rows_per_file,
-            d.split_seed,
-        )? {
-            let mut p = make(&ex, &format!("held-out task {task}"))?;
-            p.truncate(n_gen);
-            tests.push((format!("heldout_{task}"), p));
-        }
+    for (task, ex) in super::sft::heldout_rows(plan, &format)? {
+        let mut p = make(&ex, &format!("held-out task {task}"))?;
+        p.truncate(n_gen);
+        tests.push((format!("heldout_{task}"), p));
     }
 
     // ---- value model, in the store under `value_model.`

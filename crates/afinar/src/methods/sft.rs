@@ -345,6 +345,24 @@ pub fn save_lm(
     )
 }
 
+/// The rows of each held-out task (`data.heldout_tasks`: one file a task,
+/// capped by `data.max_rows_per_file`), by task name; none without it.
+pub(crate) fn heldout_rows(
+    plan: &Plan,
+    format: &SftFormat,
+) -> Result<Vec<(String, Vec<SftExample>)>> {
+    let d = &plan.config.data;
+    match &d.heldout_tasks {
+        Some(h) => read_rows(
+            &crate::data::resolve_files(h)?,
+            format,
+            d.max_rows_per_file,
+            d.split_seed,
+        ),
+        None => Ok(vec![]),
+    }
+}
+
 /// Read the rows of `files`, at most `cap` per file (a seeded choice).
 pub(crate) fn read_rows(
     files: &[PathBuf],
@@ -495,12 +513,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     };
     let mut tests = vec![test];
     if let Some(h) = &d.heldout_tasks {
-        for (task, ex) in read_rows(
-            &crate::data::resolve_files(h)?,
-            &format,
-            d.max_rows_per_file,
-            d.split_seed,
-        )? {
+        for (task, ex) in heldout_rows(plan, &format)? {
             let (tokens, stats) = enc.encode_rows(&crate::data::sft::SftRows {
                 path: PathBuf::from(h),
                 rows: ex
