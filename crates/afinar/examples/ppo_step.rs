@@ -178,7 +178,6 @@ fn main() -> afinar::Result<()> {
         let adv = Advantages {
             advantages: rows(&v, "advantages", micro, resp_len),
             returns: rows(&v, "returns", micro, resp_len),
-            kl: vec![],
             kl_k1: vec![],
             kl_k3: vec![],
             non_score: vec![],

@@ -150,8 +150,6 @@ impl PpoParams {
 pub struct Advantages {
     pub advantages: Vec<Vec<f32>>,
     pub returns: Vec<Vec<f32>>,
-    /// The estimator's per-token KL (what the penalty used).
-    pub kl: Vec<Vec<f32>>,
     /// Per row: sum of k1, sum of k3, sum of the KL penalty.
     pub kl_k1: Vec<f64>,
     pub kl_k3: Vec<f64>,
@@ -162,17 +160,24 @@ pub struct Advantages {
 /// and advantages whitened over the batch.
 pub fn advantages(r: &Rollouts, p: &PpoParams) -> Result<Advantages> {
     let n = r.responses.len();
-    let (mut rewards, mut kls) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut rewards = Vec::with_capacity(n);
     let (mut k1, mut k3, mut ns) = (vec![], vec![], vec![]);
     for i in 0..n {
         let (lp, rp) = (&r.logprobs[i], &r.ref_logprobs[i]);
-        let kl = math::kl(lp, rp, p.kl_estimator);
-        let sum = |v: Vec<f32>| v.iter().map(|&x| x as f64).sum::<f64>();
-        k1.push(sum(math::kl(lp, rp, KlEstimator::K1)));
-        k3.push(sum(math::kl(lp, rp, KlEstimator::K3)));
-        ns.push(-p.kl_coef * kl.iter().map(|&x| x as f64).sum::<f64>());
+        let sum = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>();
+        let (e1, e3) = (
+            math::kl(lp, rp, KlEstimator::K1),
+            math::kl(lp, rp, KlEstimator::K3),
+        );
+        let (s1, s3) = (sum(&e1), sum(&e3));
+        let (kl, s) = match p.kl_estimator {
+            KlEstimator::K1 => (e1, s1),
+            KlEstimator::K3 => (e3, s3),
+        };
+        k1.push(s1);
+        k3.push(s3);
+        ns.push(-p.kl_coef * s);
         rewards.push(math::token_rewards(&kl, p.kl_coef, r.scores[i]));
-        kls.push(kl);
     }
     if p.whiten_rewards {
         math::whiten(&mut rewards, false)?;
@@ -187,7 +192,6 @@ pub fn advantages(r: &Rollouts, p: &PpoParams) -> Result<Advantages> {
     Ok(Advantages {
         advantages: adv,
         returns: ret,
-        kl: kls,
         kl_k1: k1,
         kl_k3: k3,
         non_score: ns,
@@ -877,9 +881,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             Tensor::zeros((1, h), candle_core::DType::F32, &Device::Cpu)?,
         )?;
     }
-    for name in models::other_heads(family, false) {
-        vstore.remove(name);
-    }
+    // The value model reads hidden states: no LM head.
     vstore.remove("lm_head.weight");
     store.absorb(vstore, VALUE_PREFIX)?;
     on(Event::Info(format!(
@@ -993,14 +995,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         Ok(m)
     };
     if !opts.resume && !tests.is_empty() {
-        let m = test_all(false)?;
-        run.log_eval(0, "test_before", &m)?;
-        on(Event::Eval {
-            step: 0,
-            split: "test_before".into(),
-            metrics: m,
-            best: false,
-        });
+        crate::train::log_test_before(&run, test_all(false)?, on)?;
     }
     on(Event::Start {
         total_steps: total,

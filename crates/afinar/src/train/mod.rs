@@ -674,22 +674,32 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// The one training loop over a fixed dataset: batches in seeded order ->
 /// Log the test metrics of the model as loaded (`test_before`, step 0), for
 /// methods that report before / after (SFT, DPO).
 pub fn test_before(obj: &dyn Objective, run: &RunWriter, on: &mut dyn FnMut(Event)) -> Result<()> {
     if let Some(m) = obj.evaluate(Split::Test)? {
-        run.log_eval(0, "test_before", &m)?;
-        on(Event::Eval {
-            step: 0,
-            split: "test_before".into(),
-            metrics: m,
-            best: false,
-        });
+        log_test_before(run, m, on)?;
     }
     Ok(())
 }
 
+/// Log `m` as the test metrics before training (split `test_before`, step 0).
+pub fn log_test_before(
+    run: &RunWriter,
+    m: BTreeMap<String, f64>,
+    on: &mut dyn FnMut(Event),
+) -> Result<()> {
+    run.log_eval(0, "test_before", &m)?;
+    on(Event::Eval {
+        step: 0,
+        split: "test_before".into(),
+        metrics: m,
+        best: false,
+    });
+    Ok(())
+}
+
+/// The one training loop over a fixed dataset: batches in seeded order ->
 /// loss -> backward (with gradient accumulation) -> clip -> AdamW ->
 /// schedule; evaluation every N steps (or at each epoch end) with
 /// best-weights keeping and early stopping; resumable checkpoints; Ctrl-C
