@@ -39,6 +39,7 @@ pub mod simd;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod train;
+pub mod weak;
 
 /// Training allocates the same large activation buffers every step. mimalloc
 /// (the allocator of afinar's binaries) by default gives freed memory back

@@ -23,6 +23,7 @@ const LAYERS: &[&str] = &[
     "plot",         // metrics.png
     "hub",  // files and sources: safetensors, GGUF, tokenizers, chat templates, assets, the hub
     "data", // rows, fields, labels, splits, batches, SFT rendering
+    "weak", // labelling rules (keywords, regexes, lexicons, SpamAssassin's), mails, the label model
     "nn",   // ops with backward, layers (Linear + LinearAdapter, norms)
     "params", // the parameter store, the selector, loading layers by path
     "optim", // AdamW, schedules
