@@ -71,6 +71,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PairsCmd,
     },
+    /// Weak supervision: labelling rules and their analysis
+    /// (docs/weak-supervision.md).
+    Weak {
+        #[command(subcommand)]
+        cmd: WeakCmd,
+    },
     /// The reward of (prompt, completion) rows, with a reward model run.
     Score {
         run: PathBuf,
@@ -143,6 +149,26 @@ enum Cmd {
         quantized: bool,
         #[command(flatten)]
         sample: lm::SampleArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum WeakCmd {
+    /// Apply a run config's `[weak]` rules to its data and print Snorkel's
+    /// analysis (coverage, overlaps, conflicts, accuracy on the labelled
+    /// validation split) and the label model's numbers; no training.
+    Analyse {
+        config: PathBuf,
+        /// Override config values, as `afinar train --set`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Folder for analysis.json and analysis.txt (default
+        /// runs/<config stem>-weak-analysis).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Rules listed in the printed table (all are saved).
+        #[arg(long, default_value_t = 40)]
+        top: usize,
     },
 }
 
@@ -338,6 +364,30 @@ fn run(cli: Cli) -> Result<i32> {
         },
         Cmd::Eval { run, load, data } => cmd_eval(&run, &load.options(), data.as_deref()),
         Cmd::Pairs { cmd } => cmd_pairs(cmd),
+        Cmd::Weak {
+            cmd:
+                WeakCmd::Analyse {
+                    config,
+                    set,
+                    out,
+                    top,
+                },
+        } => {
+            let plan = Plan::load(&config, &set)?;
+            if plan.config.weak.is_none() {
+                bail!("{}: no [weak] section: nothing to analyse", config.display());
+            }
+            let data = afinar::methods::cosine::prepare(&plan, &mut print_event)?;
+            let stem = config
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "run".into());
+            let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{stem}-weak-analysis")));
+            data.save(&plan, &dir)?;
+            print!("{}", afinar::weak::render(&data.analysis, &data.rules, top));
+            println!("saved {}", dir.join("analysis.json").display());
+            Ok(0)
+        }
         Cmd::Score {
             run,
             load,
@@ -416,7 +466,9 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>, resume: bool) 
     let requested = resume;
     let resume = resume && {
         let run = out.as_deref().unwrap_or(Path::new("."));
-        let has = !train::checkpoint::list(run)?.is_empty();
+        // A weak-supervision run's first stage checkpoints in `stage1/`.
+        let has = !train::checkpoint::list(run)?.is_empty()
+            || !train::checkpoint::list(&run.join("stage1"))?.is_empty();
         if !has {
             eprintln!(
                 "{}: no checkpoint yet: starting the run again from step 0",
@@ -441,6 +493,7 @@ fn cmd_train(config: &Path, set: &[String], out: Option<PathBuf>, resume: bool) 
             );
         }
         let unfinished = run_dir.join("model").exists()
+            || run_dir.join("stage1").exists()
             || train::checkpoint::list(&run_dir).is_ok_and(|l| !l.is_empty());
         if unfinished {
             bail!(

@@ -36,6 +36,88 @@ pub struct RunConfig {
     pub reward: Option<RewardSection>,
     /// `task.type = "ppo"`: TRL's `PPOConfig` options, and the reward.
     pub ppo: Option<PpoSection>,
+    /// Weak supervision (`task.weak`): the labelling rules, the label model
+    /// and COSINE's self-training settings.
+    pub weak: Option<WeakSection>,
+}
+
+/// `task.weak`: how a classification run gets its training labels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeakMode {
+    /// The data's own labels (ordinary supervised training).
+    #[default]
+    Off,
+    /// COSINE's stage 1: train on the rows the rules cover, labelled by the
+    /// label model, early-stopped on the labelled validation split.
+    Stage1,
+    /// Stage 1, then COSINE's contrastive self-training over every training
+    /// row (Yu et al. 2021).
+    Cosine,
+}
+
+/// `[weak]`: rules, label model, COSINE.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeakSection {
+    /// Rule files (TOML, `[[rule]]` tables), relative to the config.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Rules written in the run config itself.
+    #[serde(default)]
+    pub rule: Vec<crate::weak::RuleSpec>,
+    /// SpamAssassin's rules over a field holding whole mails.
+    pub spamassassin: Option<crate::weak::SpamAssassinSpec>,
+    /// "weighted" (default: the rules' weights) | "majority".
+    #[serde(default, deserialize_with = "mode")]
+    pub label_model: crate::weak::LabelModel,
+    /// `label_model = "score"`: the label positive weights vote (default:
+    /// `[weak.spamassassin]`'s spam label).
+    pub score_label: Option<String>,
+    /// `label_model = "score"`: from this total a row gets `score_label`
+    /// (default: SpamAssassin's `required_score`, 5).
+    pub score_at_least: Option<f64>,
+    /// `label_model = "score"`: up to this total a row gets the other label
+    /// (default 0: no rule fired); in between, the label model abstains.
+    pub score_at_most: Option<f64>,
+    /// The label an abstain counts as when the vote is scored on every
+    /// row; default: the most common label of the validation split.
+    pub fallback: Option<String>,
+    /// COSINE stage 2: optimizer steps of self-training.
+    #[serde(default = "d_weak_steps")]
+    pub steps: usize,
+    /// Stage 2's learning rate (default `train.lr`).
+    pub lr: Option<f64>,
+    /// T3: the student becomes the teacher every this many steps.
+    #[serde(default = "d_teacher_update")]
+    pub teacher_update: usize,
+    /// xi: rows whose confidence weight `1 - H(p)/log C` is not above this are left out.
+    #[serde(default = "d_weak_threshold")]
+    pub threshold: f64,
+    /// gamma: the contrastive regulariser's margin.
+    #[serde(default = "d_one_f")]
+    pub margin: f64,
+    /// lambda: weight of the confidence regulariser `KL(uniform || p)`.
+    #[serde(default = "d_weak_lambda")]
+    pub lambda: f64,
+    /// mu: weight of the contrastive regulariser.
+    #[serde(default = "d_one_f")]
+    pub mu: f64,
+}
+fn d_weak_steps() -> usize {
+    300
+}
+fn d_teacher_update() -> usize {
+    50
+}
+fn d_weak_threshold() -> f64 {
+    0.7
+}
+fn d_weak_lambda() -> f64 {
+    0.1
+}
+fn d_one_f() -> f64 {
+    1.0
 }
 
 /// What pays a PPO rollout.
@@ -349,6 +431,10 @@ pub struct TaskSection {
     pub pooling: Option<Pooling>,
     /// Dropout before the classifier; default: the model's hidden dropout.
     pub dropout: Option<f32>,
+    /// Classification: labels from rules (`[weak]`): "stage1" | "cosine";
+    /// "off" (default): the data's labels.
+    #[serde(default, deserialize_with = "mode")]
+    pub weak: WeakMode,
 }
 fn d_task() -> TaskType {
     TaskType::Classification
@@ -359,6 +445,7 @@ impl Default for TaskSection {
             kind: d_task(),
             pooling: None,
             dropout: None,
+            weak: WeakMode::Off,
         }
     }
 }
@@ -405,6 +492,14 @@ pub struct DataSection {
     /// SFT: rows longer than max_length: "truncate" (default) | "error" | "skip".
     #[serde(default, deserialize_with = "opt_mode")]
     pub overflow: Option<Overflow>,
+    /// A seeded sample (`split_seed`) of at most this many rows of the
+    /// `train` file, taken before `split` (a smaller experiment on a large set).
+    pub max_rows: Option<usize>,
+    /// The text field holds whole mails (RFC 5322, as the SpamAssassin
+    /// corpus): the model reads the subject and the decoded body text, not
+    /// the headers; rules still read the whole mail.
+    #[serde(default)]
+    pub mail: bool,
     /// At most this many rows from each training file (a folder's tasks mixed evenly).
     pub max_rows_per_file: Option<usize>,
     /// SFT: whole tasks held out from training (a file or folder), scored
@@ -1094,6 +1189,27 @@ impl Plan {
             }
             _ => {}
         }
+        match (c.task.weak, &c.weak) {
+            (WeakMode::Off, _) => {}
+            (_, None) => {
+                return err(
+                    "task.weak",
+                    "needs a [weak] section with the rules (`rules`, `rule` or `spamassassin`)".into(),
+                )
+            }
+            (_, Some(_)) if c.task.kind != TaskType::Classification => {
+                return err(
+                    "task.weak",
+                    "weak supervision trains a classifier: task.type = \"classification\"".into(),
+                )
+            }
+            (_, Some(w)) => {
+                weak_checks(w).map_err(|(key, msg)| cfg_err(p, format!("`weak.{key}`: {msg}")))?
+            }
+        }
+        if c.weak.is_some() && c.task.kind != TaskType::Classification {
+            return err("weak", "the [weak] section is for task.type = \"classification\"".into());
+        }
         if let Some(es) = &t.early_stopping {
             let ok: &[&str] = match c.task.kind {
                 TaskType::Classification => &["loss", "accuracy", "macro_f1"],
@@ -1165,6 +1281,30 @@ fn snake<T: Serialize>(v: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(String::from))
         .unwrap_or_default()
+}
+
+/// The `[weak]` values that cannot work: the key and why.
+fn weak_checks(w: &WeakSection) -> std::result::Result<(), (&'static str, String)> {
+    if w.rules.is_empty() && w.rule.is_empty() && w.spamassassin.is_none() {
+        return Err(("rules", "no rule: give rule files, `[[weak.rule]]` tables or `[weak.spamassassin]`".into()));
+    }
+    if w.teacher_update == 0 {
+        return Err(("teacher_update", "must be at least 1".into()));
+    }
+    if !(0.0..1.0).contains(&w.threshold) {
+        return Err(("threshold", format!("{} is not in [0, 1)", w.threshold)));
+    }
+    for (key, v) in [("margin", w.margin), ("lambda", w.lambda), ("mu", w.mu)] {
+        if !(v >= 0.0 && v.is_finite()) {
+            return Err((key, format!("{v} must be >= 0")));
+        }
+    }
+    if let Some(lr) = w.lr {
+        if !(lr > 0.0 && lr.is_finite()) {
+            return Err(("lr", format!("{lr} must be > 0")));
+        }
+    }
+    Ok(())
 }
 
 /// The `[ppo]` values that cannot work: the key and why.

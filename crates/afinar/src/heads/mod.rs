@@ -255,14 +255,25 @@ impl SequenceModel {
 
     /// Logits `[B, num_labels]` (regression: `[B, 1]`).
     pub fn forward(&self, x: &Inputs, dropout: Option<&DropoutRng>) -> Result<Tensor> {
+        Ok(self.forward_features(x, dropout)?.1)
+    }
+
+    /// The pooled features `[B, H]` (before the head's dropout) and the
+    /// head's outputs `[B, num_labels]`: what COSINE's contrastive term reads.
+    pub fn forward_features(
+        &self,
+        x: &Inputs,
+        dropout: Option<&DropoutRng>,
+    ) -> Result<(Tensor, Tensor)> {
         let pooled = self.pooled(x, dropout)?;
-        let pooled = match dropout {
+        let dropped = match dropout {
             Some(r) if self.head.dropout > 0.0 => {
                 nn::dropout(&pooled, self.head.dropout, r.next())?
             }
-            _ => pooled,
+            _ => pooled.clone(),
         };
-        self.out.forward_t(&pooled, dropout)
+        let out = self.out.forward_t(&dropped, dropout)?;
+        Ok((pooled, out))
     }
 
     /// One score per sequence `[B]` (a scalar head; any head's first output).

@@ -144,55 +144,110 @@ pub fn data_spec(plan: &Plan) -> Result<(DataSpec, Option<data::Format>)> {
     Ok((spec, d.format))
 }
 
-/// Read the data files and apply the seeded split.
-pub fn load_splits(plan: &Plan) -> Result<Splits> {
+/// The rows of a data file that make one split.
+#[derive(Clone)]
+pub struct SplitRows {
+    pub records: std::sync::Arc<data::Records>,
+    /// Row indices into `records.rows`, in order.
+    pub idx: Vec<usize>,
+}
+
+/// The rows of the three splits, before they become examples (weak
+/// supervision's rules read other fields of them).
+pub struct SplitSources {
+    pub train: SplitRows,
+    pub validation: SplitRows,
+    pub test: Option<SplitRows>,
+}
+
+/// Read the data files and apply the seeded split, keeping the rows.
+pub fn load_sources(plan: &Plan) -> Result<SplitSources> {
     let d = &plan.config.data;
-    let (spec, format) = data_spec(plan)?;
-    let read = |s: &str| -> Result<(Vec<RawExample>, PathBuf)> {
+    let read = |s: &str| -> Result<std::sync::Arc<data::Records>> {
         let p = data::resolve_file(s)?;
-        Ok((data::read_examples(&p, &spec, format)?, p))
+        Ok(std::sync::Arc::new(data::read_records(&p, d.format)?))
     };
-    let (all, train_path) = read(&d.train)?;
+    let all = read(&d.train)?;
+    let whole = |r: &std::sync::Arc<data::Records>| SplitRows {
+        records: r.clone(),
+        idx: (0..r.rows.len()).collect(),
+    };
+    // `data.max_rows`: a seeded sample of the file's rows, in file order.
+    let base: Vec<usize> = match d.max_rows {
+        Some(m) if m < all.rows.len() => {
+            let key = |i: usize| data::splitmix64(d.split_seed ^ 0x6d61_785f_726f_7773 ^ data::splitmix64(i as u64));
+            let mut order: Vec<usize> = (0..all.rows.len()).collect();
+            order.sort_by_key(|&i| key(i));
+            order.truncate(m);
+            order.sort_unstable();
+            order
+        }
+        _ => (0..all.rows.len()).collect(),
+    };
     let (train, mut validation, mut test) = match d.split {
         Some(ratios) => {
-            let s = data::seeded_split(all.len(), ratios, d.split_seed)?;
-            let pick = |ix: &[usize]| ix.iter().map(|&i| all[i].clone()).collect::<Vec<_>>();
-            (
-                pick(&s.train),
-                Some(pick(&s.validation)),
-                Some(pick(&s.test)),
-            )
+            let s = data::seeded_split(base.len(), ratios, d.split_seed)?;
+            let part = |ix: Vec<usize>| SplitRows {
+                records: all.clone(),
+                idx: ix.into_iter().map(|i| base[i]).collect(),
+            };
+            (part(s.train), Some(part(s.validation)), Some(part(s.test)))
         }
-        None => (all, None, None),
+        None => (
+            SplitRows {
+                records: all.clone(),
+                idx: base,
+            },
+            None,
+            None,
+        ),
     };
-    let mut val_path = train_path.clone();
     if let Some(v) = &d.validation {
-        let (ex, p) = read(v)?;
-        validation = Some(ex);
-        val_path = p;
+        validation = Some(whole(&read(v)?));
     }
-    let mut test_path = train_path.clone();
     if let Some(t) = &d.test {
-        let (ex, p) = read(t)?;
-        test = Some(ex);
-        test_path = p;
+        test = Some(whole(&read(t)?));
     }
-    if train.is_empty() {
+    if train.idx.is_empty() {
         return Err(Error::Data(format!(
             "{}: the training split is empty",
-            train_path.display()
+            all.path.display()
         )));
     }
-    let validation = validation.filter(|v| !v.is_empty()).ok_or_else(|| {
+    let validation = validation.filter(|v| !v.idx.is_empty()).ok_or_else(|| {
         Error::Data(format!(
             "{}: the validation split is empty",
-            val_path.display()
+            d.validation.as_deref().map_or(all.path.clone(), PathBuf::from).display()
         ))
     })?;
+    Ok(SplitSources {
+        train,
+        validation,
+        test: test.filter(|t| !t.idx.is_empty()),
+    })
+}
+
+/// The examples of a split's rows; with `data.mail` the text is the mail's
+/// subject and body text.
+pub fn examples_of(plan: &Plan, rows: &SplitRows) -> Result<(Vec<RawExample>, PathBuf)> {
+    let (spec, _) = data_spec(plan)?;
+    let all = data::examples_from_records(&rows.records, &spec)?;
+    let mut ex: Vec<RawExample> = rows.idx.iter().map(|&i| all[i].clone()).collect();
+    if plan.config.data.mail {
+        for e in &mut ex {
+            e.text = crate::weak::mail::Mail::parse(&e.text).model_text();
+        }
+    }
+    Ok((ex, rows.records.path.clone()))
+}
+
+/// Read the data files and apply the seeded split.
+pub fn load_splits(plan: &Plan) -> Result<Splits> {
+    let s = load_sources(plan)?;
     Ok(Splits {
-        train: (train, train_path),
-        validation: (validation, val_path),
-        test: test.filter(|t| !t.is_empty()).map(|t| (t, test_path)),
+        train: examples_of(plan, &s.train)?,
+        validation: examples_of(plan, &s.validation)?,
+        test: s.test.as_ref().map(|t| examples_of(plan, t)).transpose()?,
     })
 }
 
@@ -326,17 +381,17 @@ impl Saver {
 }
 
 /// Sequence classification / regression as an [`Objective`].
-struct Classify<'a> {
-    model: &'a SequenceModel,
-    train: &'a Encoded,
+pub(crate) struct Classify<'a> {
+    pub(crate) model: &'a SequenceModel,
+    pub(crate) train: &'a Encoded,
     /// File line of each training row (for error messages).
-    train_lines: Vec<usize>,
-    train_path: PathBuf,
-    validation: &'a Encoded,
-    test: Option<&'a Encoded>,
-    pad_id: u32,
-    eval_bs: usize,
-    saver: Saver,
+    pub(crate) train_lines: Vec<usize>,
+    pub(crate) train_path: PathBuf,
+    pub(crate) validation: &'a Encoded,
+    pub(crate) test: Option<&'a Encoded>,
+    pub(crate) pad_id: u32,
+    pub(crate) eval_bs: usize,
+    pub(crate) saver: Saver,
 }
 
 impl Objective for Classify<'_> {
@@ -391,9 +446,27 @@ impl Objective for Classify<'_> {
     }
 }
 
-/// Train a sequence classifier / regressor as `plan` says.
-pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Result<TrainReport> {
-    let t0 = Instant::now();
+/// A loaded body with its new head (and adapter), ready to build a
+/// [`SequenceModel`] over `store`.
+pub(crate) struct Classifier {
+    pub model_path: PathBuf,
+    pub cfg: ModelConfig,
+    pub family: Family,
+    pub raw_cfg: serde_json::Value,
+    pub tok: TextTokenizer,
+    pub store: ParamStore,
+    pub head: HeadConfig,
+    pub adapter: Option<AdapterConfig>,
+}
+
+/// Load the plan's model and put a new head of `num_labels` outputs on it
+/// (`seeds.init`), with the plan's freezing and adapter.
+pub(crate) fn load_classifier(
+    plan: &Plan,
+    task: TaskKind,
+    num_labels: usize,
+    on: &mut dyn FnMut(Event),
+) -> Result<Classifier> {
     let c = &plan.config;
     let model_path = c.model.source().resolve(on)?;
     let (mut cfg, _) = models::load::peek_config(&model_path)?;
@@ -413,7 +486,42 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         },
     )?;
     let (raw_cfg, tok, mut store) = (loaded.raw_config, loaded.tokenizer, loaded.store);
+    let unmatched = sel.unmatched_user_patterns(
+        store.names().chain(head_pats.iter().copied()),
+        &[c.freeze.frozen.clone(), c.freeze.trainable.clone()].concat(),
+    );
+    if !unmatched.is_empty() {
+        return Err(Error::Config {
+            path: plan.config_path.clone(),
+            msg: format!("`freeze` patterns match no parameter: {unmatched:?}"),
+        });
+    }
+    let head = head_config(plan, &cfg, task, num_labels)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seeds.init);
+    SequenceModel::init_head(&mut store, &cfg, &head, &mut rng)?;
+    let adapter = super::attach_adapter(plan, &mut store, family, PeftTask::SeqCls, &mut rng, on)?;
+    models::check_unused(&mut store, models::other_heads(family, false), &mut |w| {
+        on(Event::Warning(w))
+    })?;
+    Ok(Classifier {
+        model_path,
+        cfg,
+        family,
+        raw_cfg,
+        tok,
+        store,
+        head,
+        adapter,
+    })
+}
 
+/// Train a sequence classifier / regressor as `plan` says.
+pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Result<TrainReport> {
+    let t0 = Instant::now();
+    let c = &plan.config;
+    if c.task.weak != crate::config::WeakMode::Off {
+        return super::cosine::train(plan, opts, on);
+    }
     // ---- data
     let splits = load_splits(plan)?;
     let task = c
@@ -427,6 +535,17 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         }
         TaskKind::Regression | TaskKind::Scalar => None,
     };
+    // ---- model: body + new head (+ adapter)
+    let Classifier {
+        model_path,
+        cfg,
+        family,
+        raw_cfg,
+        tok,
+        store,
+        head,
+        adapter,
+    } = load_classifier(plan, task, labels.as_ref().map_or(1, |l| l.len()), on)?;
     let enc = |(ex, p): &(Vec<RawExample>, PathBuf)| encode(&tok, ex, task, labels.as_ref(), p);
     let train_set = enc(&splits.train)?;
     let val_set = enc(&splits.validation)?;
@@ -441,27 +560,8 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             .map(|l| format!(", labels {:?}", l.id2label()))
             .unwrap_or_default()
     )));
-
-    // ---- model: body + new head (+ adapter)
-    let unmatched = sel.unmatched_user_patterns(
-        store.names().chain(head_pats.iter().copied()),
-        &[c.freeze.frozen.clone(), c.freeze.trainable.clone()].concat(),
-    );
-    if !unmatched.is_empty() {
-        return Err(Error::Config {
-            path: plan.config_path.clone(),
-            msg: format!("`freeze` patterns match no parameter: {unmatched:?}"),
-        });
-    }
-    let head = head_config(plan, &cfg, task, labels.as_ref().map_or(1, |l| l.len()))?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seeds.init);
-    SequenceModel::init_head(&mut store, &cfg, &head, &mut rng)?;
-    let adapter = super::attach_adapter(plan, &mut store, family, PeftTask::SeqCls, &mut rng, on)?;
     let mut model = SequenceModel::build(&store, &cfg, &head, tok.pad_id())?;
     model.set_gradient_checkpointing(c.train.gradient_checkpointing);
-    models::check_unused(&mut store, models::other_heads(family, false), &mut |w| {
-        on(Event::Warning(w))
-    })?;
     on(Event::Info(store.summary()));
 
     // ---- run folder

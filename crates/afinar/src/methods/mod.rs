@@ -16,6 +16,7 @@
 //! `adding-an-objective.md` in `docs/` is the checklist for the next ones.
 
 pub mod classify;
+pub mod cosine;
 pub mod dpo;
 pub mod pairs;
 pub mod ppo;

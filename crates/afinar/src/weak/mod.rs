@@ -97,6 +97,34 @@ pub enum LabelModel {
     /// The label with the largest sum of rule weights.
     #[default]
     Weighted,
+    /// SpamAssassin's decision, for two labels: the votes' weights summed
+    /// with a sign (+ for `score_label`, - for the other); at least
+    /// `at_least` votes `score_label`, at most `at_most` the other label
+    /// (a row no rule fires on scores 0), in between abstains.
+    Score,
+}
+
+/// The thresholds of [`LabelModel::Score`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreRule {
+    /// The label positive totals vote.
+    pub label: usize,
+    pub at_least: f64,
+    pub at_most: f64,
+}
+
+/// A label model with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Aggregator {
+    pub model: LabelModel,
+    /// Set for [`LabelModel::Score`].
+    pub score: Option<ScoreRule>,
+}
+
+impl From<LabelModel> for Aggregator {
+    fn from(model: LabelModel) -> Self {
+        Aggregator { model, score: None }
+    }
 }
 
 enum Matcher {
@@ -126,6 +154,8 @@ pub struct RuleSet {
     pub skipped: Vec<spamassassin::SkippedRule>,
     /// `.cf` files read (SpamAssassin).
     pub cf_files: Vec<PathBuf>,
+    /// SpamAssassin's `required_score` in those files.
+    pub required_score: Option<f64>,
 }
 
 /// Each row's votes: `(rule, label)` pairs.
@@ -231,6 +261,7 @@ impl RuleSet {
         }
         let mut skipped = Vec::new();
         let mut cf_files = Vec::new();
+        let mut required_score = None;
         if let Some((sa, config)) = sa {
             let base = config.parent().unwrap_or(Path::new("."));
             let path = resolve(&sa.rules, base)?;
@@ -258,6 +289,7 @@ impl RuleSet {
             }
             skipped = imp.skipped;
             cf_files = imp.files;
+            required_score = imp.required_score;
         }
         if rules.is_empty() {
             return Err(Error::msg("`[weak]` defines no rule (rule files, `[[weak.rule]]` or `[weak.spamassassin]`)"));
@@ -267,6 +299,7 @@ impl RuleSet {
             labels: labels.to_vec(),
             skipped,
             cf_files,
+            required_score,
         })
     }
 
@@ -424,18 +457,38 @@ pub fn read_rule_file(path: &Path) -> Result<Vec<RuleSpec>> {
 }
 
 /// The label model's label for each row (None: abstain).
-pub fn aggregate(votes: &Votes, rules: &[Rule], n_labels: usize, model: LabelModel) -> Vec<Option<usize>> {
+pub fn aggregate(votes: &Votes, rules: &[Rule], n_labels: usize, agg: Aggregator) -> Vec<Option<usize>> {
     votes
         .iter()
         .map(|row| {
+            if let (LabelModel::Score, Some(sr)) = (agg.model, agg.score) {
+                let total: f64 = row
+                    .iter()
+                    .map(|&(r, l)| {
+                        let w = rules[r as usize].weight;
+                        if l as usize == sr.label {
+                            w
+                        } else {
+                            -w
+                        }
+                    })
+                    .sum();
+                return if total >= sr.at_least {
+                    Some(sr.label)
+                } else if total <= sr.at_most {
+                    Some(1 - sr.label)
+                } else {
+                    None
+                };
+            }
             if row.is_empty() {
                 return None;
             }
             let mut tally = vec![0f64; n_labels];
             for &(r, l) in row {
-                tally[l as usize] += match model {
+                tally[l as usize] += match agg.model {
                     LabelModel::Majority => 1.0,
-                    LabelModel::Weighted => rules[r as usize].weight,
+                    LabelModel::Weighted | LabelModel::Score => rules[r as usize].weight,
                 };
             }
             let best = tally.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -499,7 +552,7 @@ pub fn analyse(
     set: &RuleSet,
     votes: &Votes,
     gold: Option<&[usize]>,
-    model: LabelModel,
+    model: Aggregator,
     fallback: Option<usize>,
 ) -> Result<SplitAnalysis> {
     let n = votes.len();
@@ -718,13 +771,13 @@ mod tests {
         assert_eq!(v[1], [(1, 0)]);
         assert_eq!(v[2], [(0, 1), (1, 0)]);
         assert!(v[3].is_empty());
-        let maj = aggregate(&v, &set.rules, 2, LabelModel::Majority);
+        let maj = aggregate(&v, &set.rules, 2, LabelModel::Majority.into());
         assert_eq!(maj, [Some(1), Some(0), None, None, Some(1)]); // a 1-1 tie abstains
-        let wt = aggregate(&v, &set.rules, 2, LabelModel::Weighted);
+        let wt = aggregate(&v, &set.rules, 2, LabelModel::Weighted.into());
         assert_eq!(wt, [Some(1), Some(0), Some(0), None, Some(0)]);
 
         let gold = [1, 0, 0, 0, 1];
-        let a = analyse("validation", &set, &v, Some(&gold), LabelModel::Majority, Some(0)).unwrap();
+        let a = analyse("validation", &set, &v, Some(&gold), LabelModel::Majority.into(), Some(0)).unwrap();
         let free = &a.rules[0];
         assert_eq!((free.votes, free.correct), (3, Some(2)));
         assert!((free.coverage - 0.6).abs() < 1e-12);
@@ -800,6 +853,6 @@ mod tests {
         assert_eq!(names(&v[0]), ["CHEAP", "SUBJ_NOW", "NO_UA", "CHEAP_URI", "FROM_ADDR"]);
         assert_eq!(names(&v[1]), ["LIST_ID"]);
         // Weighted: 2 + 0.5 + 0.1 + 1 spam vs 0.2 ham; the list mail is ham.
-        assert_eq!(aggregate(&v, &set.rules, 2, LabelModel::Weighted), [Some(1), Some(0)]);
+        assert_eq!(aggregate(&v, &set.rules, 2, LabelModel::Weighted.into()), [Some(1), Some(0)]);
     }
 }

@@ -83,6 +83,8 @@ pub struct Import {
     pub skipped: Vec<SkippedRule>,
     /// The `.cf` files read, in order.
     pub files: Vec<PathBuf>,
+    /// `required_score`: from this total a mail is spam (5 in 4.0.1).
+    pub required_score: Option<f64>,
 }
 
 impl Import {
@@ -140,6 +142,7 @@ pub fn import_texts(texts: &[(String, String)]) -> Import {
     let mut defs: BTreeMap<String, Def> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     let mut scores: HashMap<String, f64> = HashMap::new();
+    let mut required_score = None;
     for (file, text) in texts {
         // Each open block: is it taken?
         let mut stack: Vec<bool> = Vec::new();
@@ -194,6 +197,9 @@ pub fn import_texts(texts: &[(String, String)]) -> Import {
                         },
                     );
                 }
+                "required_score" | "required_hits" => {
+                    required_score = rest.trim().parse::<f64>().ok().or(required_score);
+                }
                 "score" => {
                     let (name, vals) = split_word(rest.trim());
                     let first = vals.split_whitespace().next().unwrap_or("");
@@ -206,7 +212,10 @@ pub fn import_texts(texts: &[(String, String)]) -> Import {
             }
         }
     }
-    let mut imp = Import::default();
+    let mut imp = Import {
+        required_score,
+        ..Default::default()
+    };
     for name in order {
         let d = &defs[&name];
         let skip = |reason: String| SkippedRule {
@@ -560,6 +569,7 @@ mod tests {
     fn a_sample_of_real_cf_lines() {
         let i = imp(r#"
 # comment
+required_score 5
 body     GTUBE		/XJS\*C4JDBQADN1\.NSBN3\*2IDNEN\*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL\*C\.34X/
 describe GTUBE		Generic Test for Unsolicited Bulk Email
 score GTUBE 1000
@@ -612,6 +622,7 @@ header   FROM_NAME      From:name =~ /^bob$/i [if-unset: bob]
         assert!(re("HTML_TAG_X").is_match("<BLINK>").unwrap());
         assert!(re("FROM_UNBAL2").is_match(" bob > x").unwrap());
         assert_eq!(i.skipped_by_reason()["eval"], 1);
+        assert_eq!(i.required_score, Some(5.0));
     }
 
     #[test]
