@@ -344,6 +344,43 @@ fn killed_dpo_run_resumes_to_the_same_curve() {
     kill_resume_and_compare(&cfg, false);
 }
 
+/// COSINE weak supervision (issue 16): stage 1 in its own run folder, then
+/// self-training whose teacher of each period is saved; killed anywhere
+/// (in either stage, between them, at a teacher refresh) it ends with the
+/// same curves, results and weights in both folders.
+#[test]
+fn killed_cosine_run_resumes_to_the_same_curve() {
+    let f = fixtures().join("bert-tiny");
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("rules.toml"),
+        "[[rule]]\nname = \"praise\"\nkind = \"keywords\"\nwords = [\"good\", \"great\"]\nlabel = \"pos\"\n\
+         [[rule]]\nname = \"blame\"\nkind = \"keywords\"\nwords = [\"bad\", \"awful\", \"never\"]\nlabel = \"neg\"\n",
+    )
+    .unwrap();
+    let cfg = d.path().join("w.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nmax_length = 32\n[task]\nweak = \"cosine\"\n\
+             [data]\ntrain = {:?}\ntext = \"text\"\nlabel = \"label\"\nsplit = [0.6, 0.2, 0.2]\n\
+             [weak]\nrules = [\"rules.toml\"]\nsteps = {}\nteacher_update = 7\nthreshold = 0.0\n\
+             [train]\nepochs = {}\nbatch_size = 4\nlr = 1e-3\nwarmup_ratio = 0.1\neval_every = 5\nsave_every = 3\nlog_every = 1\nthreads = 2\n",
+            f,
+            f.join("train.jsonl"),
+            12 * kills(),
+            kills()
+        ),
+    )
+    .unwrap();
+    kill_resume_and_compare(&cfg, false);
+    compare(&d.path().join("ref/stage1"), &d.path().join("run/stage1"));
+    for k in 0..(12 * kills()).div_ceil(7) {
+        let t = |p: &str| std::fs::read(d.path().join(p).join(format!("teacher/period-{k}.json"))).unwrap();
+        assert!(t("ref") == t("run"), "teacher of period {k} differs");
+    }
+}
+
 /// A Llama reward model with LoRA (dropout 0.1) and the scalar head.
 #[test]
 fn killed_reward_run_resumes_to_the_same_curve() {

@@ -60,7 +60,7 @@ pub enum WeakMode {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeakSection {
-    /// Rule files (TOML, `[[rule]]` tables), relative to the config.
+    /// Rule files (TOML, `[[rule]]` tables), relative to the config file.
     #[serde(default)]
     pub rules: Vec<String>,
     /// Rules written in the run config itself.
@@ -796,9 +796,23 @@ impl Plan {
                 .try_into()
                 .map_err(|e: toml::de::Error| cfg_err(path, format!("--set `{o}`: {e}")))?;
         }
-        let config: RunConfig = toml::Value::Table(table)
+        let mut config: RunConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| cfg_err(path, e.to_string()))?;
+        // Rule files are relative to the config file; the run folder's
+        // config.toml records where they are, so a resumed run finds them.
+        if let Some(w) = &mut config.weak {
+            let base = path.parent().unwrap_or(Path::new("."));
+            let anchor = |p: &mut String| {
+                if !p.starts_with("asset:") && Path::new(p.as_str()).is_relative() {
+                    *p = base.join(&*p).display().to_string();
+                }
+            };
+            w.rules.iter_mut().for_each(anchor);
+            if let Some(sa) = &mut w.spamassassin {
+                anchor(&mut sa.rules);
+            }
+        }
         let plan = Plan {
             config,
             config_path: path.to_path_buf(),

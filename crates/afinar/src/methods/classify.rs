@@ -447,7 +447,8 @@ impl Objective for Classify<'_> {
 }
 
 /// A loaded body with its new head (and adapter), ready to build a
-/// [`SequenceModel`] over `store`.
+/// [`SequenceModel`] over `store` (then [`check_unused`] says what the
+/// model did not read).
 pub(crate) struct Classifier {
     pub model_path: PathBuf,
     pub cfg: ModelConfig,
@@ -500,9 +501,6 @@ pub(crate) fn load_classifier(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seeds.init);
     SequenceModel::init_head(&mut store, &cfg, &head, &mut rng)?;
     let adapter = super::attach_adapter(plan, &mut store, family, PeftTask::SeqCls, &mut rng, on)?;
-    models::check_unused(&mut store, models::other_heads(family, false), &mut |w| {
-        on(Event::Warning(w))
-    })?;
     Ok(Classifier {
         model_path,
         cfg,
@@ -512,6 +510,14 @@ pub(crate) fn load_classifier(
         store,
         head,
         adapter,
+    })
+}
+
+/// After the model is built from `c.store`: the checkpoint's tensors it did
+/// not read are an error (another family's head is a warning).
+pub(crate) fn check_unused(c: &mut Classifier, on: &mut dyn FnMut(Event)) -> Result<()> {
+    models::check_unused(&mut c.store, models::other_heads(c.family, false), &mut |w| {
+        on(Event::Warning(w))
     })
 }
 
@@ -536,16 +542,19 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         TaskKind::Regression | TaskKind::Scalar => None,
     };
     // ---- model: body + new head (+ adapter)
+    let mut cl = load_classifier(plan, task, labels.as_ref().map_or(1, |l| l.len()), on)?;
+    let mut model = SequenceModel::build(&cl.store, &cl.cfg, &cl.head, cl.tok.pad_id())?;
+    check_unused(&mut cl, on)?;
     let Classifier {
         model_path,
-        cfg,
         family,
         raw_cfg,
         tok,
         store,
         head,
         adapter,
-    } = load_classifier(plan, task, labels.as_ref().map_or(1, |l| l.len()), on)?;
+        ..
+    } = cl;
     let enc = |(ex, p): &(Vec<RawExample>, PathBuf)| encode(&tok, ex, task, labels.as_ref(), p);
     let train_set = enc(&splits.train)?;
     let val_set = enc(&splits.validation)?;
@@ -560,7 +569,6 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             .map(|l| format!(", labels {:?}", l.id2label()))
             .unwrap_or_default()
     )));
-    let mut model = SequenceModel::build(&store, &cfg, &head, tok.pad_id())?;
     model.set_gradient_checkpointing(c.train.gradient_checkpointing);
     on(Event::Info(store.summary()));
 

@@ -63,14 +63,10 @@ fn rule_specs(plan: &Plan) -> Result<Vec<(weak::RuleSpec, PathBuf)>> {
         path: plan.config_path.clone(),
         msg: "no [weak] section: weak supervision needs rules".into(),
     })?;
-    let base = plan.config_path.parent().unwrap_or(Path::new("."));
     let mut out = Vec::new();
+    // `Plan::load` anchored relative paths at the config file.
     for f in &w.rules {
-        let p = if Path::new(f).exists() {
-            PathBuf::from(f)
-        } else {
-            base.join(f)
-        };
+        let p = PathBuf::from(f);
         for r in weak::read_rule_file(&p)? {
             out.push((r, p.clone()));
         }
@@ -262,16 +258,19 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     let w = c.weak.as_ref().ok_or_else(|| Error::msg("task.weak needs [weak]"))?;
     let data = prepare(plan, on)?;
     let n_labels = data.labels.len();
+    let mut cl = classify::load_classifier(plan, TaskKind::Classification, n_labels, on)?;
+    let mut model = SequenceModel::build(&cl.store, &cl.cfg, &cl.head, cl.tok.pad_id())?;
+    classify::check_unused(&mut cl, on)?;
     let classify::Classifier {
         model_path,
-        cfg,
         family,
         raw_cfg,
         tok,
         store,
         head,
         adapter,
-    } = classify::load_classifier(plan, TaskKind::Classification, n_labels, on)?;
+        ..
+    } = cl;
 
     // ---- encoded sets: every training row, the covered ones, validation, test
     let (ids, types) = tokens(&tok, &data.splits.train.0)?;
@@ -305,7 +304,6 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         val_set.len(),
         test_set.as_ref().map_or(0, |t| t.len())
     )));
-    let mut model = SequenceModel::build(&store, &cfg, &head, tok.pad_id())?;
     model.set_gradient_checkpointing(c.train.gradient_checkpointing);
     on(Event::Info(store.summary()));
 

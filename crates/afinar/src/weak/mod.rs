@@ -165,12 +165,7 @@ fn resolve(spec: &str, base: &Path) -> Result<PathBuf> {
     if let Some(name) = spec.strip_prefix("asset:") {
         return crate::hub::assets::resolve_asset_path(name);
     }
-    let p = Path::new(spec);
-    Ok(if p.is_absolute() || p.exists() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    })
+    Ok(base.join(spec))
 }
 
 impl RuleSet {
