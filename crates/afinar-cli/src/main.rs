@@ -375,14 +375,18 @@ fn run(cli: Cli) -> Result<i32> {
         } => {
             let plan = Plan::load(&config, &set)?;
             if plan.config.weak.is_none() {
-                bail!("{}: no [weak] section: nothing to analyse", config.display());
+                bail!(
+                    "{}: no [weak] section: nothing to analyse",
+                    config.display()
+                );
             }
             let data = afinar::methods::cosine::prepare(&plan, &mut print_event)?;
             let stem = config
                 .file_stem()
                 .map(|s| s.to_string_lossy().to_string())
                 .unwrap_or_else(|| "run".into());
-            let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{stem}-weak-analysis")));
+            let dir =
+                out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{stem}-weak-analysis")));
             data.save(&plan, &dir)?;
             print!("{}", afinar::weak::render(&data.analysis, &data.rules, top));
             println!("saved {}", dir.join("analysis.json").display());

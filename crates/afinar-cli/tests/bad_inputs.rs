@@ -2392,3 +2392,102 @@ fn pairs_and_score_arguments() {
     c.cli(&["score", &s(&c.run()), "--file", "rows.jsonl"])
         .fails_with(&["not a reward model (its head is Classification"]);
 }
+
+/// A COSINE config on the tiny rows: `rules.toml` (written here) votes pos
+/// for good / great, neg for bad / awful; `extra` appended.
+fn weak_config(c: &Case, rules: &str, extra: &str) -> PathBuf {
+    write(c.d(), "rules.toml", rules);
+    let f = fixture();
+    write(
+        c.d(),
+        "weak.toml",
+        &format!(
+            "{}[task]\nweak = \"cosine\"\n{extra}",
+            tiny_config(&f, &f.join("train.jsonl"))
+        ),
+    )
+}
+
+const TINY_RULES: &str = "[[rule]]\nname = \"praise\"\nkind = \"keywords\"\nwords = [\"good\", \"great\"]\nlabel = \"pos\"\n\
+                          [[rule]]\nname = \"blame\"\nkind = \"keywords\"\nwords = [\"bad\", \"awful\"]\nlabel = \"neg\"\n";
+
+#[test]
+fn weak_configs_that_do_not_fit() {
+    let c = Case::new();
+    // task.weak without rules; [weak] with no rule; values out of range.
+    let no_section = weak_config(&c, TINY_RULES, "");
+    c.train(&no_section, &[]).fails_with(&[
+        "weak.toml",
+        "`task.weak`: needs a [weak] section with the rules",
+    ]);
+    c.no_run_folder();
+    let cfg = weak_config(&c, TINY_RULES, "[weak]\nrules = [\"rules.toml\"]\n");
+    for (sets, needles) in [
+        (
+            &["weak.rules=[]"][..],
+            &["`weak.rules`: no rule: give rule files"][..],
+        ),
+        (
+            &["weak.threshold=1.5"],
+            &["`weak.threshold`: 1.5 is not in [0, 1)"],
+        ),
+        (
+            &["weak.teacher_update=0"],
+            &["`weak.teacher_update`: must be at least 1"],
+        ),
+        (&["weak.mu=-1"], &["`weak.mu`: -1 must be >= 0"]),
+        (&["weak.label_model=\"vote\""], &["unknown variant `vote`"]),
+        (
+            &["task.type=\"regression\""],
+            &["`task.weak`: weak supervision trains a classifier"],
+        ),
+        (
+            &[
+                "weak.label_model=\"score\"",
+                "weak.score_label=\"pos\"",
+                "weak.score_at_least=0",
+                "weak.score_at_most=1",
+            ],
+            &["`weak.score_at_most` (1) must be below `weak.score_at_least` (0)"],
+        ),
+        (
+            &["weak.score_at_least=2"],
+            &["`weak.score_*` are for label_model = \"score\""],
+        ),
+    ] {
+        c.train(&cfg, sets).fails_with(needles);
+        c.no_run_folder();
+    }
+    // A missing rule file; a rule file with a typo; a rule voting a label
+    // the data does not have; a lexicon condition that is not one.
+    c.train(&cfg, &["weak.rules=[\"nope.toml\"]"])
+        .fails_with(&["nope.toml"]);
+    c.no_run_folder();
+    for (rules, needles) in [
+        (
+            "[[rule]]\nname = \"r\"\nkind = \"keywords\"\nword = [\"good\"]\nlabel = \"pos\"\n",
+            &["rules.toml", "unknown field `word`"][..],
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nkind = \"keywords\"\nwords = [\"good\"]\nlabel = \"positive\"\n",
+            &["rules.toml", "rule `r` votes `positive`, which is not a label of the data (labels: [\"neg\", \"pos\"])"],
+        ),
+        (
+            "[[rule]]\nname = \"r\"\nkind = \"regex\"\nlabel = \"pos\"\n",
+            &["rules.toml", "rule `r`: a `regex` rule needs `pattern`"],
+        ),
+        (
+            "[[rule]]\nname = \"lex\"\nkind = \"lexicon\"\nfile = \"lex.txt\"\nthresholds = { pos = \"=> 1\" }\n",
+            &["rule `lex`: `thresholds.pos`: `=> 1`: expected a comparison"],
+        ),
+    ] {
+        write(c.d(), "rules.toml", rules);
+        write(c.d(), "lex.txt", "good\t3\nbad\t-3\n");
+        c.train(&cfg, &[]).fails_with(needles);
+        c.no_run_folder();
+    }
+    // `afinar weak analyse` on a config without rules.
+    let tiny = tiny_config_file(c.d());
+    c.cli(&["weak", "analyse", &s(&tiny)])
+        .fails_with(&["tiny.toml: no [weak] section: nothing to analyse"]);
+}

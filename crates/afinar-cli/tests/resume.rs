@@ -376,7 +376,9 @@ fn killed_cosine_run_resumes_to_the_same_curve() {
     kill_resume_and_compare(&cfg, false);
     compare(&d.path().join("ref/stage1"), &d.path().join("run/stage1"));
     for k in 0..(12 * kills()).div_ceil(7) {
-        let t = |p: &str| std::fs::read(d.path().join(p).join(format!("teacher/period-{k}.json"))).unwrap();
+        let t = |p: &str| {
+            std::fs::read(d.path().join(p).join(format!("teacher/period-{k}.json"))).unwrap()
+        };
         assert!(t("ref") == t("run"), "teacher of period {k} differs");
     }
 }

@@ -70,7 +70,15 @@ fn analyse_prints_and_saves_the_rules_numbers() {
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
     let text = o.stdout.clone();
-    for needle in ["3 rules", "validation", "praise", "blame", "never", "coverage", "conflicts"] {
+    for needle in [
+        "3 rules",
+        "validation",
+        "praise",
+        "blame",
+        "never",
+        "coverage",
+        "conflicts",
+    ] {
         assert!(text.contains(needle), "`{needle}` not in:\n{text}");
     }
     let a: serde_json::Value =
@@ -85,7 +93,10 @@ fn analyse_prints_and_saves_the_rules_numbers() {
         let acc = r["accuracy"].as_f64().unwrap();
         assert!(acc > 0.5, "{r}");
     }
-    assert!(val["vote"]["accuracy_covered"].as_f64().unwrap() > 0.8, "{val}");
+    assert!(
+        val["vote"]["accuracy_covered"].as_f64().unwrap() > 0.8,
+        "{val}"
+    );
     assert!(out_dir.join("analysis.txt").is_file());
 }
 
@@ -119,11 +130,19 @@ fn a_cosine_run_trains_both_stages() {
         assert_eq!(t["step"], 5 * k);
         let probs = t["probs"].as_array().unwrap();
         assert_eq!(probs.len(), 36); // every training row, covered or not
-        let p: Vec<f64> = probs[0].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let p: Vec<f64> = probs[0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{p:?}");
     }
     let log = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines[0]["split"], "test_stage1");
     assert_eq!(lines[0]["accuracy"], r1["test"]["accuracy"]);
     // Stage 2 starts from stage 1's best weights: its first validation is

@@ -77,6 +77,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("toml_config", toml_config),
     ("json_configs", json_configs),
     ("chat_template", chat_template),
+    ("weak_rules", weak_rules),
 ];
 
 /// A safetensors file: header length, JSON header, dtypes, shapes against
@@ -324,4 +325,31 @@ fn render_chat(src: &str) {
     ];
     let _ = t.render(&msgs[..2], true);
     let _ = sft::assistant_spans(&t, &msgs);
+}
+
+/// Weak supervision's parsers on the same bytes: SpamAssassin `.cf` text
+/// (conditions, definitions, Perl patterns), a mail (headers, MIME parts,
+/// encodings, HTML), a rule file and a scored word list; then the imported
+/// rules (at most 64) fired on the mail.
+pub fn weak_rules(data: &[u8]) {
+    use crate::weak::{lexicon, mail::Mail, spamassassin};
+    let text = String::from_utf8_lossy(data);
+    let imp = spamassassin::import_texts(&[("fuzz.cf".into(), text.to_string())]);
+    let m = Mail::parse(&text);
+    let _ = (
+        m.header("Subject"),
+        m.header_raw("From"),
+        m.all_headers(false),
+        m.model_text(),
+    );
+    for r in imp.rules.iter().take(64) {
+        if let Some(p) = &r.pattern {
+            let _ = p.is_match(&m.body);
+        }
+    }
+    let _ = toml::from_str::<toml::Value>(&text);
+    if let Ok(lex) = lexicon::Lexicon::parse(&text, Path::new("fuzz.txt")) {
+        let _ = lex.score(&text);
+    }
+    let _ = lexicon::Cond::parse(&text);
 }

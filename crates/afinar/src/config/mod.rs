@@ -1208,7 +1208,8 @@ impl Plan {
             (_, None) => {
                 return err(
                     "task.weak",
-                    "needs a [weak] section with the rules (`rules`, `rule` or `spamassassin`)".into(),
+                    "needs a [weak] section with the rules (`rules`, `rule` or `spamassassin`)"
+                        .into(),
                 )
             }
             (_, Some(_)) if c.task.kind != TaskType::Classification => {
@@ -1222,7 +1223,10 @@ impl Plan {
             }
         }
         if c.weak.is_some() && c.task.kind != TaskType::Classification {
-            return err("weak", "the [weak] section is for task.type = \"classification\"".into());
+            return err(
+                "weak",
+                "the [weak] section is for task.type = \"classification\"".into(),
+            );
         }
         if let Some(es) = &t.early_stopping {
             let ok: &[&str] = match c.task.kind {
@@ -1300,7 +1304,10 @@ fn snake<T: Serialize>(v: &T) -> String {
 /// The `[weak]` values that cannot work: the key and why.
 fn weak_checks(w: &WeakSection) -> std::result::Result<(), (&'static str, String)> {
     if w.rules.is_empty() && w.rule.is_empty() && w.spamassassin.is_none() {
-        return Err(("rules", "no rule: give rule files, `[[weak.rule]]` tables or `[weak.spamassassin]`".into()));
+        return Err((
+            "rules",
+            "no rule: give rule files, `[[weak.rule]]` tables or `[weak.spamassassin]`".into(),
+        ));
     }
     if w.teacher_update == 0 {
         return Err(("teacher_update", "must be at least 1".into()));

@@ -175,7 +175,9 @@ pub fn load_sources(plan: &Plan) -> Result<SplitSources> {
     // `data.max_rows`: a seeded sample of the file's rows, in file order.
     let base: Vec<usize> = match d.max_rows {
         Some(m) if m < all.rows.len() => {
-            let key = |i: usize| data::splitmix64(d.split_seed ^ 0x6d61_785f_726f_7773 ^ data::splitmix64(i as u64));
+            let key = |i: usize| {
+                data::splitmix64(d.split_seed ^ 0x6d61_785f_726f_7773 ^ data::splitmix64(i as u64))
+            };
             let mut order: Vec<usize> = (0..all.rows.len()).collect();
             order.sort_by_key(|&i| key(i));
             order.truncate(m);
@@ -217,7 +219,10 @@ pub fn load_sources(plan: &Plan) -> Result<SplitSources> {
     let validation = validation.filter(|v| !v.idx.is_empty()).ok_or_else(|| {
         Error::Data(format!(
             "{}: the validation split is empty",
-            d.validation.as_deref().map_or(all.path.clone(), PathBuf::from).display()
+            d.validation
+                .as_deref()
+                .map_or(all.path.clone(), PathBuf::from)
+                .display()
         ))
     })?;
     Ok(SplitSources {
@@ -516,9 +521,11 @@ pub(crate) fn load_classifier(
 /// After the model is built from `c.store`: the checkpoint's tensors it did
 /// not read are an error (another family's head is a warning).
 pub(crate) fn check_unused(c: &mut Classifier, on: &mut dyn FnMut(Event)) -> Result<()> {
-    models::check_unused(&mut c.store, models::other_heads(c.family, false), &mut |w| {
-        on(Event::Warning(w))
-    })
+    models::check_unused(
+        &mut c.store,
+        models::other_heads(c.family, false),
+        &mut |w| on(Event::Warning(w)),
+    )
 }
 
 /// Train a sequence classifier / regressor as `plan` says.

@@ -26,8 +26,8 @@
 
 pub mod math;
 
-use super::classify::{self, Classify, Encoded, Saver, SplitSources, Splits};
 use super::canonical;
+use super::classify::{self, Classify, Encoded, Saver, SplitSources, Splits};
 use crate::config::{Plan, WeakMode};
 use crate::data::{EpochOrder, LabelMap, LabelValue, RawExample};
 use crate::event::Event;
@@ -92,7 +92,11 @@ pub fn prepare(plan: &Plan, on: &mut dyn FnMut(Event)) -> Result<WeakData> {
     let splits = Splits {
         train: classify::examples_of(plan, &sources.train)?,
         validation: classify::examples_of(plan, &sources.validation)?,
-        test: sources.test.as_ref().map(|t| classify::examples_of(plan, t)).transpose()?,
+        test: sources
+            .test
+            .as_ref()
+            .map(|t| classify::examples_of(plan, t))
+            .transpose()?,
     };
     // The labelled splits fix the label set; training labels are not read.
     let mut gold_labels: Vec<&LabelValue> = Vec::new();
@@ -102,7 +106,9 @@ pub fn prepare(plan: &Plan, on: &mut dyn FnMut(Event)) -> Result<WeakData> {
     let labels = LabelMap::from_labels(gold_labels)?;
     let rules = RuleSet::build(
         &rule_specs(plan)?,
-        w.spamassassin.as_ref().map(|s| (s, plan.config_path.as_path())),
+        w.spamassassin
+            .as_ref()
+            .map(|s| (s, plan.config_path.as_path())),
         labels.id2label(),
     )?;
     on(Event::Info(format!(
@@ -111,7 +117,10 @@ pub fn prepare(plan: &Plan, on: &mut dyn FnMut(Event)) -> Result<WeakData> {
         if rules.skipped.is_empty() {
             String::new()
         } else {
-            format!(" ({} SpamAssassin rules skipped, listed in the analysis)", rules.skipped.len())
+            format!(
+                " ({} SpamAssassin rules skipped, listed in the analysis)",
+                rules.skipped.len()
+            )
         },
         labels.id2label()
     )));
@@ -127,10 +136,17 @@ pub fn prepare(plan: &Plan, on: &mut dyn FnMut(Event)) -> Result<WeakData> {
         .map(|(ex, p)| gold(ex, &labels, p))
         .transpose()?;
     let fallback = match &w.fallback {
-        Some(f) => Some(labels.id(&LabelValue::Str(f.clone())).map_err(|_| Error::Config {
-            path: plan.config_path.clone(),
-            msg: format!("`weak.fallback`: `{f}` is not a label (labels: {:?})", labels.id2label()),
-        })?),
+        Some(f) => Some(
+            labels
+                .id(&LabelValue::Str(f.clone()))
+                .map_err(|_| Error::Config {
+                    path: plan.config_path.clone(),
+                    msg: format!(
+                        "`weak.fallback`: `{f}` is not a label (labels: {:?})",
+                        labels.id2label()
+                    ),
+                })?,
+        ),
         None => {
             let mut n = vec![0usize; labels.len()];
             for &g in &g_val {
@@ -140,8 +156,17 @@ pub fn prepare(plan: &Plan, on: &mut dyn FnMut(Event)) -> Result<WeakData> {
         }
     };
     let lm = aggregator(plan, w, &rules, &labels)?;
-    let mut analysis = vec![weak::analyse("train", &rules, &votes[0], None, lm, fallback)?];
-    analysis.push(weak::analyse("validation", &rules, &votes[1], Some(&g_val), lm, fallback)?);
+    let mut analysis = vec![weak::analyse(
+        "train", &rules, &votes[0], None, lm, fallback,
+    )?];
+    analysis.push(weak::analyse(
+        "validation",
+        &rules,
+        &votes[1],
+        Some(&g_val),
+        lm,
+        fallback,
+    )?);
     if let (Some(v), Some(g)) = (votes.get(2), g_test.as_deref()) {
         analysis.push(weak::analyse("test", &rules, v, Some(g), lm, fallback)?);
     }
@@ -190,10 +215,17 @@ fn aggregator(
     let name = w
         .score_label
         .clone()
-        .or_else(|| w.spamassassin.as_ref().map(|s| s.spam.clone().unwrap_or_else(|| "spam".into())))
+        .or_else(|| {
+            w.spamassassin
+                .as_ref()
+                .map(|s| s.spam.clone().unwrap_or_else(|| "spam".into()))
+        })
         .ok_or_else(|| cfg("`weak.score_label`: which label do positive weights vote?".into()))?;
     let label = labels.id(&LabelValue::Str(name.clone())).map_err(|_| {
-        cfg(format!("`weak.score_label`: `{name}` is not a label (labels: {:?})", labels.id2label()))
+        cfg(format!(
+            "`weak.score_label`: `{name}` is not a label (labels: {:?})",
+            labels.id2label()
+        ))
     })?;
     let at_least = w.score_at_least.or(rules.required_score).unwrap_or(5.0);
     let at_most = w.score_at_most.unwrap_or(0.0);
@@ -235,7 +267,8 @@ impl WeakData {
     /// Save `analysis.json` and `analysis.txt` into `dir`.
     pub fn save(&self, plan: &Plan, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let json = serde_json::to_string_pretty(&self.to_json(plan)).map_err(|e| Error::msg(e.to_string()))?;
+        let json = serde_json::to_string_pretty(&self.to_json(plan))
+            .map_err(|e| Error::msg(e.to_string()))?;
         fsutil::write_atomic(&dir.join("analysis.json"), json.as_bytes())?;
         fsutil::write_atomic(&dir.join("analysis.txt"), self.render().as_bytes())
     }
@@ -248,14 +281,20 @@ fn tokens(tok: &TextTokenizer, ex: &[RawExample]) -> Result<(Vec<Vec<u32>>, Vec<
         .iter()
         .any(|e| e.text_pair.is_some())
         .then(|| ex.iter().map(|e| e.text_pair.as_deref()).collect());
-    Ok(tok.encode_batch(&texts, pairs.as_deref())?.into_iter().unzip())
+    Ok(tok
+        .encode_batch(&texts, pairs.as_deref())?
+        .into_iter()
+        .unzip())
 }
 
 /// Train as `plan` says with `task.weak` set.
 pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Result<TrainReport> {
     let t0 = Instant::now();
     let c = &plan.config;
-    let w = c.weak.as_ref().ok_or_else(|| Error::msg("task.weak needs [weak]"))?;
+    let w = c
+        .weak
+        .as_ref()
+        .ok_or_else(|| Error::msg("task.weak needs [weak]"))?;
     let data = prepare(plan, on)?;
     let n_labels = data.labels.len();
     let mut cl = classify::load_classifier(plan, TaskKind::Classification, n_labels, on)?;
@@ -274,7 +313,9 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
 
     // ---- encoded sets: every training row, the covered ones, validation, test
     let (ids, types) = tokens(&tok, &data.splits.train.0)?;
-    let covered: Vec<usize> = (0..ids.len()).filter(|&i| data.train_labels[i].is_some()).collect();
+    let covered: Vec<usize> = (0..ids.len())
+        .filter(|&i| data.train_labels[i].is_some())
+        .collect();
     if covered.is_empty() {
         return Err(Error::Data(format!(
             "{}: the rules label none of the {} training rows: nothing to train stage 1 on",
@@ -285,7 +326,12 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     let stage1_set = Encoded {
         ids: covered.iter().map(|&i| ids[i].clone()).collect(),
         types: covered.iter().map(|&i| types[i].clone()).collect(),
-        targets: Targets::Classes(covered.iter().map(|&i| data.train_labels[i].unwrap_or(0) as u32).collect()),
+        targets: Targets::Classes(
+            covered
+                .iter()
+                .map(|&i| data.train_labels[i].unwrap_or(0) as u32)
+                .collect(),
+        ),
     };
     let all_set = Encoded {
         ids,
@@ -351,9 +397,16 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         let best = best_checkpoint(&dir1)?;
         let f = best.join(checkpoint::WEIGHTS_FILE);
         checkpoint::restore_weights(&store, &checkpoint::read_tensors(&f)?, &f)?;
-        on(Event::Info(format!("stage 1: finished; its best weights from {}", best.display())));
+        on(Event::Info(format!(
+            "stage 1: finished; its best weights from {}",
+            best.display()
+        )));
     } else {
-        on(Event::Info(format!("stage 1: {} rows labelled by the rules, in {}", stage1_set.len(), dir1.display())));
+        on(Event::Info(format!(
+            "stage 1: {} rows labelled by the rules, in {}",
+            stage1_set.len(),
+            dir1.display()
+        )));
         let resume1 = opts.resume && !checkpoint::list(&dir1)?.is_empty();
         let opts1 = TrainOptions {
             run_dir: dir1.clone(),
@@ -393,11 +446,12 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         saver: saver(&opts.run_dir),
     };
     let save_best = |s: &ParamStore| crate::train::Objective::save(&obj_eval, s);
-    let validate = |tr: &mut Trainer, on: &mut dyn FnMut(Event)| -> Result<crate::train::EvalOutcome> {
-        let m = crate::train::Objective::evaluate(&obj_eval, Split::Validation)?
-            .ok_or_else(|| Error::msg("no validation set"))?;
-        tr.record_validation(m, &save_best, on)
-    };
+    let validate =
+        |tr: &mut Trainer, on: &mut dyn FnMut(Event)| -> Result<crate::train::EvalOutcome> {
+            let m = crate::train::Objective::evaluate(&obj_eval, Split::Validation)?
+                .ok_or_else(|| Error::msg("no validation set"))?;
+            tr.record_validation(m, &save_best, on)
+        };
     if opts.resume && !checkpoint::list(&opts.run_dir)?.is_empty() {
         tr.resume(on)?;
     } else {
@@ -426,9 +480,18 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         let step = tr.state.step;
         let period = step / t3;
         if teacher.as_ref().map(|t| t.0) != Some(period) {
-            let probs = teacher_probs(&teacher_dir, period, step, &model, &all_set, tok.pad_id(), eval_bs)?;
+            let probs = teacher_probs(
+                &teacher_dir,
+                period,
+                step,
+                &model,
+                &all_set,
+                tok.pad_id(),
+                eval_bs,
+            )?;
             let tt = math::teacher_targets(&probs, w.threshold);
-            let mean_w = tt.weights.iter().map(|&x| x as f64).sum::<f64>() / tt.weights.len().max(1) as f64;
+            let mean_w =
+                tt.weights.iter().map(|&x| x as f64).sum::<f64>() / tt.weights.len().max(1) as f64;
             on(Event::Info(format!(
                 "teacher at step {step} (period {period}): {} of {} rows kept (weight > {}), mean weight {mean_w:.3}",
                 tt.kept.len(),
@@ -455,7 +518,11 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             let pos = within * per_step + j;
             let cycle = pos / kn;
             if order.as_ref().is_none_or(|o| o.0 != cycle) {
-                let o = EpochOrder::new(kn, c.seeds.data ^ 0xC051_4E00, ((period as u64) << 24) | cycle as u64);
+                let o = EpochOrder::new(
+                    kn,
+                    c.seeds.data ^ 0xC051_4E00,
+                    ((period as u64) << 24) | cycle as u64,
+                );
                 order = Some((cycle, o.indices));
             }
             ks.push(order.as_ref().expect("set above").1[pos % kn]);
@@ -539,7 +606,8 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
 fn best_checkpoint(dir: &Path) -> Result<PathBuf> {
     let f = dir.join("results.json");
     let text = std::fs::read_to_string(&f).map_err(|e| Error::io(&f, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&f, e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(&f, e.to_string()))?;
     let step = v["best_step"]
         .as_u64()
         .ok_or_else(|| Error::file(&f, "no `best_step`: stage 1 never evaluated"))?;
@@ -557,7 +625,8 @@ fn stage1_test(dir: &Path) -> Result<Option<BTreeMap<String, f64>>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&f).map_err(|e| Error::io(&f, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&f, e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(&f, e.to_string()))?;
     Ok(serde_json::from_value(v["test"].clone()).ok())
 }
 
@@ -577,9 +646,13 @@ fn teacher_probs(
     let f = dir.join(format!("period-{period}.json"));
     if f.is_file() {
         let text = std::fs::read_to_string(&f).map_err(|e| Error::io(&f, e))?;
-        let v: TeacherFile = serde_json::from_str(&text).map_err(|e| Error::file(&f, e.to_string()))?;
+        let v: TeacherFile =
+            serde_json::from_str(&text).map_err(|e| Error::file(&f, e.to_string()))?;
         if v.probs.len() != set.len() {
-            return Err(Error::file(&f, format!("{} rows, the training set has {}", v.probs.len(), set.len())));
+            return Err(Error::file(
+                &f,
+                format!("{} rows, the training set has {}", v.probs.len(), set.len()),
+            ));
         }
         return Ok(v.probs);
     }
@@ -597,7 +670,12 @@ fn teacher_probs(
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let body = serde_json::to_string(&TeacherFile { period, step, probs }).map_err(|e| Error::msg(e.to_string()))?;
+    let body = serde_json::to_string(&TeacherFile {
+        period,
+        step,
+        probs,
+    })
+    .map_err(|e| Error::msg(e.to_string()))?;
     fsutil::write_atomic(&f, body.as_bytes())?;
     let v: TeacherFile = serde_json::from_str(&body).map_err(|e| Error::file(&f, e.to_string()))?;
     // What a resumed run reads back: the same numbers.

@@ -30,8 +30,13 @@ impl Lexicon {
                 line: i + 1,
                 msg: msg.to_string(),
             };
-            let (w, s) = line.rsplit_once('\t').ok_or_else(|| bad("expected `word<TAB>score`"))?;
-            let s: f64 = s.trim().parse().map_err(|_| bad(&format!("score `{}` is not a number", s.trim())))?;
+            let (w, s) = line
+                .rsplit_once('\t')
+                .ok_or_else(|| bad("expected `word<TAB>score`"))?;
+            let s: f64 = s
+                .trim()
+                .parse()
+                .map_err(|_| bad(&format!("score `{}` is not a number", s.trim())))?;
             scores.insert(w.trim().to_lowercase(), s);
         }
         if scores.is_empty() {
@@ -77,10 +82,18 @@ enum Op {
 impl Cond {
     pub fn parse(s: &str) -> std::result::Result<Cond, String> {
         let s = s.trim();
-        let (op, rest) = [(">=", Op::Ge), ("<=", Op::Le), ("==", Op::Eq), (">", Op::Gt), ("<", Op::Lt)]
-            .iter()
-            .find_map(|(p, op)| s.strip_prefix(p).map(|r| (*op, r)))
-            .ok_or_else(|| format!("`{s}`: expected a comparison such as \">= 2\", \"< 0\" or \"== 0\""))?;
+        let (op, rest) = [
+            (">=", Op::Ge),
+            ("<=", Op::Le),
+            ("==", Op::Eq),
+            (">", Op::Gt),
+            ("<", Op::Lt),
+        ]
+        .iter()
+        .find_map(|(p, op)| s.strip_prefix(p).map(|r| (*op, r)))
+        .ok_or_else(|| {
+            format!("`{s}`: expected a comparison such as \">= 2\", \"< 0\" or \"== 0\"")
+        })?;
         let value: f64 = rest
             .trim()
             .parse()
@@ -105,14 +118,24 @@ mod tests {
 
     #[test]
     fn scores_as_afinn() {
-        let lex = Lexicon::parse("good\t3\nbad\t-3\nno fun\t-3\nfun\t4\nnot working\t-3\n", Path::new("l.txt")).unwrap();
+        let lex = Lexicon::parse(
+            "good\t3\nbad\t-3\nno fun\t-3\nfun\t4\nnot working\t-3\n",
+            Path::new("l.txt"),
+        )
+        .unwrap();
         assert_eq!(lex.score("Good, GOOD and bad"), (3.0, 3));
         // The phrase wins over its word; `goods` is not `good`.
         assert_eq!(lex.score("no fun at all, goods"), (-3.0, 1));
         assert_eq!(lex.score("nothing here"), (0.0, 0));
-        let e = Lexicon::parse("good 3\n", Path::new("l.txt")).err().unwrap().to_string();
+        let e = Lexicon::parse("good 3\n", Path::new("l.txt"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("l.txt:1") && e.contains("word<TAB>score"), "{e}");
-        let e = Lexicon::parse("good\tthree\n", Path::new("l.txt")).err().unwrap().to_string();
+        let e = Lexicon::parse("good\tthree\n", Path::new("l.txt"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("`three` is not a number"), "{e}");
     }
 
@@ -122,7 +145,9 @@ mod tests {
         assert!(!Cond::parse("> 2").unwrap().holds(2.0));
         assert!(Cond::parse("<-1").unwrap().holds(-2.0));
         assert!(Cond::parse("== 0").unwrap().holds(0.0));
-        assert!(Cond::parse("=> 2").unwrap_err().contains("expected a comparison"));
+        assert!(Cond::parse("=> 2")
+            .unwrap_err()
+            .contains("expected a comparison"));
         assert!(Cond::parse(">= two").unwrap_err().contains("not a number"));
     }
 

@@ -212,7 +212,10 @@ fn walk(fields: &[Field], body: &str, out: &mut Vec<(String, bool)>, depth: usiz
                 if p.starts_with("--") {
                     break; // the closing delimiter
                 }
-                let p = p.strip_prefix("\r\n").or_else(|| p.strip_prefix('\n')).unwrap_or(p);
+                let p = p
+                    .strip_prefix("\r\n")
+                    .or_else(|| p.strip_prefix('\n'))
+                    .unwrap_or(p);
                 let (f, b) = split_header(p);
                 walk(&f, b, out, depth + 1);
             }
@@ -240,7 +243,10 @@ fn walk(fields: &[Field], body: &str, out: &mut Vec<(String, bool)>, depth: usiz
             let clean: String = body.chars().filter(|c| !c.is_whitespace()).collect();
             base64::engine::general_purpose::STANDARD
                 .decode(clean.trim_end_matches('='))
-                .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(clean.trim_end_matches('=')))
+                .or_else(|_| {
+                    base64::engine::general_purpose::STANDARD_NO_PAD
+                        .decode(clean.trim_end_matches('='))
+                })
                 .unwrap_or_else(|_| body.as_bytes().to_vec())
         }
         "quoted-printable" => quoted_printable(body),
@@ -279,7 +285,10 @@ fn quoted_printable(s: &str) -> Vec<u8> {
                 i += 3;
                 continue;
             }
-            if let (Some(h), Some(l)) = (b.get(i + 1).and_then(|&c| hexval(c)), b.get(i + 2).and_then(|&c| hexval(c))) {
+            if let (Some(h), Some(l)) = (
+                b.get(i + 1).and_then(|&c| hexval(c)),
+                b.get(i + 2).and_then(|&c| hexval(c)),
+            ) {
                 out.push(h * 16 + l);
                 i += 3;
                 continue;
@@ -307,7 +316,10 @@ pub fn decode_words(s: &str) -> String {
             let bytes = match enc.to_ascii_lowercase().as_str() {
                 "b" => base64::engine::general_purpose::STANDARD
                     .decode(text.trim_end_matches('='))
-                    .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(text.trim_end_matches('=')))
+                    .or_else(|_| {
+                        base64::engine::general_purpose::STANDARD_NO_PAD
+                            .decode(text.trim_end_matches('='))
+                    })
                     .ok()?,
                 "q" => quoted_printable(&text.replace('_', " ")),
                 _ => return None,
@@ -389,8 +401,15 @@ pub fn html_to_text(html: &str) -> String {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric())
                 .collect();
-            if matches!(name.as_str(), "p" | "div" | "br" | "tr" | "li" | "table" | "h1" | "h2" | "h3" | "h4" | "td") {
-                out.push_str(if name == "br" || name == "td" { " " } else { "\n\n" });
+            if matches!(
+                name.as_str(),
+                "p" | "div" | "br" | "tr" | "li" | "table" | "h1" | "h2" | "h3" | "h4" | "td"
+            ) {
+                out.push_str(if name == "br" || name == "td" {
+                    " "
+                } else {
+                    "\n\n"
+                });
             } else {
                 out.push(' ');
             }
@@ -432,12 +451,16 @@ pub fn html_to_text(html: &str) -> String {
 fn uris(text: &str) -> Vec<String> {
     static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     let re = RE.get_or_init(|| {
-        regex::Regex::new(r#"(?i)\b(?:https?://|ftp://|mailto:|www\.)[^\s<>"'`()\[\]{}]+"#).expect("a valid pattern")
+        regex::Regex::new(r#"(?i)\b(?:https?://|ftp://|mailto:|www\.)[^\s<>"'`()\[\]{}]+"#)
+            .expect("a valid pattern")
     });
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for m in re.find_iter(text) {
-        let u = m.as_str().trim_end_matches(['.', ',', ';', '!', '?']).to_string();
+        let u = m
+            .as_str()
+            .trim_end_matches(['.', ',', ';', '!', '?'])
+            .to_string();
         if seen.insert(u.clone()) {
             out.push(u);
         }
@@ -479,7 +502,10 @@ PHA+SGVsbG8gJmFtcDsgPGEgaHJlZj0iaHR0cHM6Ly93d3cuZXhhbXBsZS5vcmcvIj5saW5rPC9hPjwv
         let m = Mail::parse(MAIL);
         assert_eq!(m.header("subject").unwrap(), "Cheap meds now");
         assert_eq!(m.header("From").unwrap(), "José <jose@example.com>");
-        assert_eq!(m.header_raw("From").unwrap(), "=?iso-8859-1?Q?Jos=E9?= <jose@example.com>");
+        assert_eq!(
+            m.header_raw("From").unwrap(),
+            "=?iso-8859-1?Q?Jos=E9?= <jose@example.com>"
+        );
         assert_eq!(m.header("Received").unwrap(), "from a\tby b\nfrom c");
         assert!(m.header("X-Nothing").is_none());
         // Subject first, then one line per paragraph, HTML rendered.
@@ -494,8 +520,13 @@ PHA+SGVsbG8gJmFtcDsgPGEgaHJlZj0iaHR0cHM6Ly93d3cuZXhhbXBsZS5vcmcvIj5saW5rPC9hPjwv
             ]
         );
         assert!(m.raw_body.contains("<a href=\"https://www.example.org/\">"));
-        assert_eq!(m.uris, ["http://cheap.example/offer", "https://www.example.org/"]);
-        assert!(m.all_headers(false).starts_with("Return-Path: <bob@x.com>\nFrom: José"));
+        assert_eq!(
+            m.uris,
+            ["http://cheap.example/offer", "https://www.example.org/"]
+        );
+        assert!(m
+            .all_headers(false)
+            .starts_with("Return-Path: <bob@x.com>\nFrom: José"));
     }
 
     #[test]

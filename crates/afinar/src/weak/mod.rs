@@ -198,12 +198,16 @@ impl RuleSet {
                 if v {
                     Ok(())
                 } else {
-                    Err(err(format!("a `{:?}` rule needs `{what}`", s.kind).to_lowercase()))
+                    Err(err(
+                        format!("a `{:?}` rule needs `{what}`", s.kind).to_lowercase()
+                    ))
                 }
             };
             let weight = s.weight.unwrap_or(1.0);
             if !(weight.is_finite() && weight > 0.0) {
-                return Err(err(format!("`weight` must be a positive number, got {weight}")));
+                return Err(err(format!(
+                    "`weight` must be a positive number, got {weight}"
+                )));
             }
             let matcher = match s.kind {
                 RuleKind::Keywords => {
@@ -217,14 +221,20 @@ impl RuleSet {
                         alts.join("|")
                     );
                     let re = regex::Regex::new(&pat).map_err(|e| err(e.to_string()))?;
-                    Matcher::Keywords(re, label_id(s.label.as_deref().unwrap_or(""), from, &s.name)?)
+                    Matcher::Keywords(
+                        re,
+                        label_id(s.label.as_deref().unwrap_or(""), from, &s.name)?,
+                    )
                 }
                 RuleKind::Regex => {
                     need(s.label.is_some(), "label")?;
                     need(s.pattern.is_some(), "pattern")?;
                     let re = fancy_regex::Regex::new(s.pattern.as_deref().unwrap_or(""))
                         .map_err(|e| err(format!("`pattern`: {e}")))?;
-                    Matcher::Regex(re, label_id(s.label.as_deref().unwrap_or(""), from, &s.name)?)
+                    Matcher::Regex(
+                        re,
+                        label_id(s.label.as_deref().unwrap_or(""), from, &s.name)?,
+                    )
                 }
                 RuleKind::Lexicon => {
                     need(s.file.is_some(), "file")?;
@@ -243,7 +253,9 @@ impl RuleSet {
                 }
             };
             if s.kind != RuleKind::Lexicon && (s.thresholds.is_some() || s.file.is_some()) {
-                return Err(err("`file` and `thresholds` belong to `lexicon` rules".into()));
+                return Err(err(
+                    "`file` and `thresholds` belong to `lexicon` rules".into()
+                ));
             }
             rules.push(Rule {
                 name: s.name.clone(),
@@ -269,7 +281,10 @@ impl RuleSet {
                 if !seen.insert(r.name.clone()) {
                     return Err(Error::file(
                         config,
-                        format!("SpamAssassin's rule `{}` has the name of a rule of the rule files", r.name),
+                        format!(
+                            "SpamAssassin's rule `{}` has the name of a rule of the rule files",
+                            r.name
+                        ),
                     ));
                 }
                 let label = if r.score > 0.0 { spam } else { ham };
@@ -287,7 +302,9 @@ impl RuleSet {
             required_score = imp.required_score;
         }
         if rules.is_empty() {
-            return Err(Error::msg("`[weak]` defines no rule (rule files, `[[weak.rule]]` or `[weak.spamassassin]`)"));
+            return Err(Error::msg(
+                "`[weak]` defines no rule (rule files, `[[weak.rule]]` or `[weak.spamassassin]`)",
+            ));
         }
         Ok(RuleSet {
             rules,
@@ -319,7 +336,11 @@ impl RuleSet {
                             let s = v.as_str().ok_or_else(|| Error::Line {
                                 path: records.path.clone(),
                                 line: rec.line,
-                                msg: format!("rule `{}`: field `{}` is not a string", rule.name, rule.field.as_str()),
+                                msg: format!(
+                                    "rule `{}`: field `{}` is not a string",
+                                    rule.name,
+                                    rule.field.as_str()
+                                ),
                             })?;
                             texts.push((&rule.field, s, None));
                             texts.len() - 1
@@ -372,7 +393,11 @@ impl Rule {
 /// Does a SpamAssassin rule fire on a mail?
 fn sa_fires(r: &spamassassin::SaRule, m: &mail::Mail) -> bool {
     use spamassassin::Target::*;
-    let is = |s: &str| r.pattern.as_ref().is_some_and(|p| p.is_match(s).unwrap_or(false));
+    let is = |s: &str| {
+        r.pattern
+            .as_ref()
+            .is_some_and(|p| p.is_match(s).unwrap_or(false))
+    };
     match &r.target {
         Body => m.body.lines().any(is),
         RawBody => m.raw_body.lines().any(is),
@@ -424,7 +449,11 @@ fn addresses(v: &str) -> String {
     v.lines()
         .map(|l| match (l.rfind('<'), l.rfind('>')) {
             (Some(a), Some(b)) if a < b => l[a + 1..b].trim().to_string(),
-            _ => l.split_whitespace().find(|w| w.contains('@')).unwrap_or(l.trim()).to_string(),
+            _ => l
+                .split_whitespace()
+                .find(|w| w.contains('@'))
+                .unwrap_or(l.trim())
+                .to_string(),
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -452,7 +481,12 @@ pub fn read_rule_file(path: &Path) -> Result<Vec<RuleSpec>> {
 }
 
 /// The label model's label for each row (None: abstain).
-pub fn aggregate(votes: &Votes, rules: &[Rule], n_labels: usize, agg: Aggregator) -> Vec<Option<usize>> {
+pub fn aggregate(
+    votes: &Votes,
+    rules: &[Rule],
+    n_labels: usize,
+    agg: Aggregator,
+) -> Vec<Option<usize>> {
     votes
         .iter()
         .map(|row| {
@@ -581,14 +615,19 @@ pub fn analyse(
         .map(|(r, rule)| RuleStats {
             name: rule.name.clone(),
             kind: rule.kind.clone(),
-            polarity: pol[r].iter().map(|&l| set.labels[l as usize].clone()).collect(),
+            polarity: pol[r]
+                .iter()
+                .map(|&l| set.labels[l as usize].clone())
+                .collect(),
             weight: rule.weight,
             coverage: frac(cov[r]),
             overlaps: frac(ovl[r]),
             conflicts: frac(cfl[r]),
             votes: cov[r],
             correct: gold.map(|_| cor[r]),
-            accuracy: gold.filter(|_| cov[r] > 0).map(|_| cor[r] as f64 / cov[r] as f64),
+            accuracy: gold
+                .filter(|_| cov[r] > 0)
+                .map(|_| cor[r] as f64 / cov[r] as f64),
         })
         .collect();
     let pred = aggregate(votes, &set.rules, set.labels.len(), model);
@@ -640,7 +679,8 @@ pub fn render(splits: &[SplitAnalysis], set: &RuleSet, top: usize) -> String {
     if !set.skipped.is_empty() {
         let mut by: BTreeMap<String, usize> = BTreeMap::new();
         for k in &set.skipped {
-            *by.entry(k.reason.split(':').next().unwrap_or("").to_string()).or_insert(0) += 1;
+            *by.entry(k.reason.split(':').next().unwrap_or("").to_string())
+                .or_insert(0) += 1;
         }
         let _ = writeln!(s, "skipped SpamAssassin rules by reason: {by:?}");
     }
@@ -684,7 +724,8 @@ pub fn render(splits: &[SplitAnalysis], set: &RuleSet, top: usize) -> String {
         let st = &first.rules[r];
         let acc = acc_split.and_then(|a| {
             let x = &a.rules[r];
-            x.accuracy.map(|v| format!("{v:.3} ({}/{})", x.correct.unwrap_or(0), x.votes))
+            x.accuracy
+                .map(|v| format!("{v:.3} ({}/{})", x.correct.unwrap_or(0), x.votes))
         });
         let _ = writeln!(
             s,
@@ -700,7 +741,11 @@ pub fn render(splits: &[SplitAnalysis], set: &RuleSet, top: usize) -> String {
         );
     }
     if order.len() > top {
-        let _ = writeln!(s, "... {} more rules in the saved analysis", order.len() - top);
+        let _ = writeln!(
+            s,
+            "... {} more rules in the saved analysis",
+            order.len() - top
+        );
     }
     s
 }
@@ -731,7 +776,12 @@ mod tests {
             .iter()
             .map(|t| serde_json::json!({ "text": t }).to_string() + "\n")
             .collect();
-        records_from_reader(Path::new("rows.jsonl"), crate::data::Format::Jsonl, lines.as_bytes()).unwrap()
+        records_from_reader(
+            Path::new("rows.jsonl"),
+            crate::data::Format::Jsonl,
+            lines.as_bytes(),
+        )
+        .unwrap()
     }
 
     fn labels() -> Vec<String> {
@@ -772,7 +822,15 @@ mod tests {
         assert_eq!(wt, [Some(1), Some(0), Some(0), None, Some(0)]);
 
         let gold = [1, 0, 0, 0, 1];
-        let a = analyse("validation", &set, &v, Some(&gold), LabelModel::Majority.into(), Some(0)).unwrap();
+        let a = analyse(
+            "validation",
+            &set,
+            &v,
+            Some(&gold),
+            LabelModel::Majority.into(),
+            Some(0),
+        )
+        .unwrap();
         let free = &a.rules[0];
         assert_eq!((free.votes, free.correct), (3, Some(2)));
         assert!((free.coverage - 0.6).abs() < 1e-12);
@@ -785,36 +843,61 @@ mod tests {
         assert_eq!(a.vote.accuracy_abstain_wrong, Some(0.6));
         assert_eq!(a.vote.accuracy_abstain_fallback, Some(1.0)); // rows 2, 3 -> ham, right
         let table = render(&[a.clone(), a], &set, 2);
-        assert!(table.contains("free") && table.contains("... 1 more rules"), "{table}");
+        assert!(
+            table.contains("free") && table.contains("... 1 more rules"),
+            "{table}"
+        );
     }
 
     #[test]
     fn bad_rules_are_named() {
         let f = PathBuf::from("r.toml");
         let mut k = spec("k", RuleKind::Keywords, "spam");
-        let e = RuleSet::build(&[(k.clone(), f.clone())], None, &labels()).err().unwrap().to_string();
-        assert!(e.contains("r.toml") && e.contains("rule `k`") && e.contains("needs `words`"), "{e}");
-        k.words = Some(vec!["x".into()]);
-        k.label = Some("eggs".into());
-        let e = RuleSet::build(&[(k.clone(), f.clone())], None, &labels()).err().unwrap().to_string();
-        assert!(e.contains("votes `eggs`, which is not a label"), "{e}");
-        k.label = Some("spam".into());
-        let e = RuleSet::build(&[(k.clone(), f.clone()), (k.clone(), f.clone())], None, &labels())
+        let e = RuleSet::build(&[(k.clone(), f.clone())], None, &labels())
             .err()
             .unwrap()
             .to_string();
+        assert!(
+            e.contains("r.toml") && e.contains("rule `k`") && e.contains("needs `words`"),
+            "{e}"
+        );
+        k.words = Some(vec!["x".into()]);
+        k.label = Some("eggs".into());
+        let e = RuleSet::build(&[(k.clone(), f.clone())], None, &labels())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("votes `eggs`, which is not a label"), "{e}");
+        k.label = Some("spam".into());
+        let e = RuleSet::build(
+            &[(k.clone(), f.clone()), (k.clone(), f.clone())],
+            None,
+            &labels(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("a second rule with this name"), "{e}");
         let mut r = spec("r", RuleKind::Regex, "ham");
         r.pattern = Some("(unclosed".into());
-        let e = RuleSet::build(&[(r, f.clone())], None, &labels()).err().unwrap().to_string();
+        let e = RuleSet::build(&[(r, f.clone())], None, &labels())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("rule `r`: `pattern`"), "{e}");
-        let e = RuleSet::build(&[], None, &labels()).err().unwrap().to_string();
+        let e = RuleSet::build(&[], None, &labels())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("defines no rule"), "{e}");
         // A row without the field: file, line, rule and field.
         k.field = Some("body".into());
         let set = RuleSet::build(&[(k, f)], None, &labels()).unwrap();
         let e = set.votes(&records(&["x"]), &[0]).unwrap_err().to_string();
-        assert!(e.contains("rows.jsonl:1") && e.contains("rule `k`") && e.contains("`body`"), "{e}");
+        assert!(
+            e.contains("rows.jsonl:1") && e.contains("rule `k`") && e.contains("`body`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -838,16 +921,31 @@ mod tests {
             spam: None,
             ham: None,
         };
-        let set = RuleSet::build(&[], Some((&sa, dir.path().join("run.toml").as_path())), &labels()).unwrap();
+        let set = RuleSet::build(
+            &[],
+            Some((&sa, dir.path().join("run.toml").as_path())),
+            &labels(),
+        )
+        .unwrap();
         assert_eq!(set.rules.len(), 6);
         assert_eq!(set.skipped.len(), 1);
         let m1 = "From: Jose <jose@example.com>\nSubject: cheap meds now\n\nGet cheap meds at http://cheap.example/x\n";
         let m2 = "From: list@example.org\nList-Id: <dev.example.org>\nUser-Agent: mutt\nSubject: meeting\n\nhi\n";
         let v = set.votes(&records(&[m1, m2]), &[0, 1]).unwrap();
-        let names = |row: &Vec<(u32, u32)>| -> Vec<&str> { row.iter().map(|&(r, _)| set.rules[r as usize].name.as_str()).collect() };
-        assert_eq!(names(&v[0]), ["CHEAP", "SUBJ_NOW", "NO_UA", "CHEAP_URI", "FROM_ADDR"]);
+        let names = |row: &Vec<(u32, u32)>| -> Vec<&str> {
+            row.iter()
+                .map(|&(r, _)| set.rules[r as usize].name.as_str())
+                .collect()
+        };
+        assert_eq!(
+            names(&v[0]),
+            ["CHEAP", "SUBJ_NOW", "NO_UA", "CHEAP_URI", "FROM_ADDR"]
+        );
         assert_eq!(names(&v[1]), ["LIST_ID"]);
         // Weighted: 2 + 0.5 + 0.1 + 1 spam vs 0.2 ham; the list mail is ham.
-        assert_eq!(aggregate(&v, &set.rules, 2, LabelModel::Weighted.into()), [Some(1), Some(0)]);
+        assert_eq!(
+            aggregate(&v, &set.rules, 2, LabelModel::Weighted.into()),
+            [Some(1), Some(0)]
+        );
     }
 }

@@ -225,15 +225,15 @@ pub fn import_texts(texts: &[(String, String)]) -> Import {
             at: d.at.clone(),
         };
         if name.starts_with("__") {
-            imp.skipped
-                .push(skip("sub-rule: `__` rules are read by meta rules only".into()));
+            imp.skipped.push(skip(
+                "sub-rule: `__` rules are read by meta rules only".into(),
+            ));
             continue;
         }
-        let score = scores.get(&name).copied().unwrap_or(if name.starts_with("T_") {
-            0.01
-        } else {
-            1.0
-        });
+        let score = scores
+            .get(&name)
+            .copied()
+            .unwrap_or(if name.starts_with("T_") { 0.01 } else { 1.0 });
         match parse_def(&d.kind, &d.rest) {
             Err(reason) => imp.skipped.push(skip(reason)),
             Ok(_) if score == 0.0 => imp
@@ -286,6 +286,7 @@ fn eval_condition(s: &str) -> Option<bool> {
     let mut p = Cond {
         s: s.as_bytes(),
         i: 0,
+        depth: 0,
     };
     let v = p.or()?;
     p.ws();
@@ -295,6 +296,7 @@ fn eval_condition(s: &str) -> Option<bool> {
 struct Cond<'a> {
     s: &'a [u8],
     i: usize,
+    depth: usize,
 }
 
 impl Cond<'_> {
@@ -346,13 +348,22 @@ impl Cond<'_> {
         Some(l)
     }
     fn unary(&mut self) -> Option<f64> {
+        // Real conditions nest two or three deep; a deeper one is not read.
+        self.depth += 1;
+        if self.depth > 64 {
+            return None;
+        }
         if self.eat("!") {
-            return Some(f64::from(self.unary()? == 0.0));
+            let v = self.unary()?;
+            self.depth -= 1;
+            return Some(f64::from(v == 0.0));
         }
         if self.eat("(") {
             let v = self.or()?;
+            self.depth -= 1;
             return self.eat(")").then_some(v);
         }
+        self.depth -= 1;
         self.ws();
         let start = self.i;
         while self.i < self.s.len()
@@ -371,6 +382,9 @@ impl Cond<'_> {
                 let a = self.i;
                 while self.i < self.s.len() && self.s[self.i] != b')' {
                     self.i += 1;
+                }
+                if self.i == self.s.len() {
+                    return None; // no closing parenthesis
                 }
                 let arg = std::str::from_utf8(&self.s[a..self.i]).ok()?.trim();
                 self.i += 1;
@@ -411,7 +425,8 @@ fn parse_def(
                 Some((n, m)) => (n.to_string(), Some(m.to_string())),
                 None => (field.to_string(), None),
             };
-            if name.starts_with("X-Spam-Relays") || name.starts_with("ALL-") || name == "X-Spam-DCC" {
+            if name.starts_with("X-Spam-Relays") || name.starts_with("ALL-") || name == "X-Spam-DCC"
+            {
                 return Err(format!(
                     "computed header: `{name}` is made by SpamAssassin from the Received chain and its trust path"
                 ));
@@ -596,26 +611,57 @@ header   FROM_NAME      From:name =~ /^bob$/i [if-unset: bob]
         let names: Vec<&str> = i.rules.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
             names,
-            ["GTUBE", "FROM_UNBAL2", "DRUGS_HDIA", "HAS_DATE", "HTML_TAG_X", "URI_HEX", "TEST_RULE", "BACKREF", "FROM_NAME"]
+            [
+                "GTUBE",
+                "FROM_UNBAL2",
+                "DRUGS_HDIA",
+                "HAS_DATE",
+                "HTML_TAG_X",
+                "URI_HEX",
+                "TEST_RULE",
+                "BACKREF",
+                "FROM_NAME"
+            ]
         );
         let score = |n: &str| i.rules.iter().find(|r| r.name == n).unwrap().score;
         assert_eq!(score("GTUBE"), 1000.0);
         assert_eq!(score("DRUGS_HDIA"), 2.5); // score set 0
         assert_eq!(score("FROM_UNBAL2"), -1.5); // parenthesised: kept as is
         assert_eq!(score("URI_HEX"), 1.0); // no score line: 1
-        let reason = |n: &str| i.skipped.iter().find(|s| s.name == n).unwrap().reason.clone();
+        let reason = |n: &str| {
+            i.skipped
+                .iter()
+                .find(|s| s.name == n)
+                .unwrap()
+                .reason
+                .clone()
+        };
         assert!(reason("SUBJ_ALL_CAPS").starts_with("eval:"));
         assert!(reason("CK_HELO_GENERIC").starts_with("computed header"));
         assert!(reason("SOME_META").starts_with("meta"));
         assert!(reason("__SUB_RULE").starts_with("sub-rule"));
         assert!(reason("BAD_SCORE0").starts_with("score 0"));
-        assert!(reason("BROKEN").starts_with("pattern refused"), "{}", reason("BROKEN"));
+        assert!(
+            reason("BROKEN").starts_with("pattern refused"),
+            "{}",
+            reason("BROKEN")
+        );
         assert!(reason("MIME_X").starts_with("kind"));
         // `!exists:` is not `exists:`: an unreadable header test.
         assert!(reason("MISSING_DATE").starts_with("unreadable"));
         let r = i.rules.iter().find(|r| r.name == "FROM_NAME").unwrap();
-        assert!(matches!(&r.target, Target::Header { modifier: Some(m), if_unset: Some(u), .. } if m == "name" && u == "bob"));
-        let re = |n: &str| i.rules.iter().find(|r| r.name == n).unwrap().pattern.clone().unwrap();
+        assert!(
+            matches!(&r.target, Target::Header { modifier: Some(m), if_unset: Some(u), .. } if m == "name" && u == "bob")
+        );
+        let re = |n: &str| {
+            i.rules
+                .iter()
+                .find(|r| r.name == n)
+                .unwrap()
+                .pattern
+                .clone()
+                .unwrap()
+        };
         assert!(re("BACKREF").is_match("zzz top").unwrap());
         assert!(!re("BACKREF").is_match("zz top").unwrap());
         assert!(re("URI_HEX").is_match("http://ex%41mple.com/").unwrap());
@@ -650,6 +696,10 @@ body REDEFINED /second/
 "#);
         let names: Vec<&str> = i.rules.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["UNTAGGED", "NEW_ENOUGH", "BOTH", "REDEFINED"]);
+        // Conditions it cannot read leave their block out.
+        assert_eq!(eval_condition("plugin(Mail::SpamAssassin::Plugin::X"), None);
+        assert_eq!(eval_condition(&"(".repeat(10_000)), None);
+        assert_eq!(eval_condition("version >= 3.0 &&"), None);
         assert_eq!(i.rules[3].source, "/second/");
     }
 
@@ -684,7 +734,14 @@ body REDEFINED /second/
         assert!(by.get("meta").copied().unwrap_or(0) > 300, "{by:?}");
         assert!(by.get("eval").copied().unwrap_or(0) > 100, "{by:?}");
         // Refused patterns are few.
-        let refused = by.get("pattern refused by the regex engine").copied().unwrap_or(0);
-        assert!(refused * 20 < i.rules.len(), "{refused} refused of {}", i.rules.len());
+        let refused = by
+            .get("pattern refused by the regex engine")
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            refused * 20 < i.rules.len(),
+            "{refused} refused of {}",
+            i.rules.len()
+        );
     }
 }

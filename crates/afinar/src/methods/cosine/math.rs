@@ -4,10 +4,11 @@
 //! `wrench/endmodel/cosine.py` for the constants):
 //!
 //! - [`teacher_targets`]: from the teacher's class probabilities `p`, the
-//!   confidence weight `w = 1 - H(p)/log C` of each row, the rows kept
-//!   (`w > xi`), and their soft labels sharpened as DEC's target
-//!   distribution (Xie et al. 2016): `y_ic ∝ p_ic^2 / f_c`, `f_c = Σ_j p_jc`
-//!   over the kept rows, each row renormalised;
+//!   soft labels sharpened as DEC's target distribution (Xie et al. 2016):
+//!   `y_ic ∝ p_ic^2 / f_c`, `f_c = Σ_j p_jc` over every row, each row
+//!   renormalised; the confidence weight `w = 1 - H(y)/log C` of each row
+//!   (the paper's Eq. 9 takes it on the soft label; WRENCH on `p` for the
+//!   selection), and the rows kept (`w > xi`);
 //! - [`distill_loss`]: `1/B Σ_i w_i KL(y_i || softmax(z_i))`;
 //! - [`confidence_reg`]: `1/B Σ_i KL(u || softmax(z_i))`, u uniform (the
 //!   paper's R2, which keeps the student from growing overconfident);
@@ -42,28 +43,22 @@ pub fn entropy(p: &[f32]) -> f64 {
         .sum()
 }
 
-/// Weights, kept rows and sharpened soft labels from the teacher's
-/// probabilities `probs` (one row per training row).
+/// Sharpened soft labels, their confidence weights and the rows kept, from
+/// the teacher's probabilities `probs` (one row per training row).
 pub fn teacher_targets(probs: &[Vec<f32>], xi: f64) -> TeacherTargets {
     let c = probs.first().map_or(0, |r| r.len());
     let log_c = (c.max(2) as f64).ln();
-    let weights: Vec<f32> = probs
-        .iter()
-        .map(|p| (1.0 - entropy(p) / log_c) as f32)
-        .collect();
-    let kept: Vec<usize> = (0..probs.len())
-        .filter(|&i| weights[i] as f64 > xi)
-        .collect();
+    // DEC's target distribution, with the soft class frequencies of every row.
     let mut f = vec![0f64; c];
-    for &i in &kept {
-        for (k, &x) in probs[i].iter().enumerate() {
+    for p in probs {
+        for (k, &x) in p.iter().enumerate() {
             f[k] += x as f64;
         }
     }
-    let soft = kept
+    let sharp: Vec<Vec<f32>> = probs
         .iter()
-        .map(|&i| {
-            let t: Vec<f64> = probs[i]
+        .map(|p| {
+            let t: Vec<f64> = p
                 .iter()
                 .zip(&f)
                 .map(|(&x, &fk)| (x as f64) * (x as f64) / fk.max(1e-12) + 1e-10)
@@ -72,6 +67,14 @@ pub fn teacher_targets(probs: &[Vec<f32>], xi: f64) -> TeacherTargets {
             t.iter().map(|&v| (v / s) as f32).collect()
         })
         .collect();
+    let weights: Vec<f32> = sharp
+        .iter()
+        .map(|y| (1.0 - entropy(y) / log_c) as f32)
+        .collect();
+    let kept: Vec<usize> = (0..probs.len())
+        .filter(|&i| weights[i] as f64 > xi)
+        .collect();
+    let soft = kept.iter().map(|&i| sharp[i].clone()).collect();
     TeacherTargets {
         weights,
         kept,
@@ -98,7 +101,13 @@ pub fn distill_loss(z: &Tensor, soft: &[Vec<f32>], w: &[f32]) -> candle_core::Re
     let ylogy: f32 = soft
         .iter()
         .zip(w)
-        .map(|(r, &wi)| wi * r.iter().filter(|&&v| v > 0.0).map(|&v| v * v.ln()).sum::<f32>())
+        .map(|(r, &wi)| {
+            wi * r
+                .iter()
+                .filter(|&&v| v > 0.0)
+                .map(|&v| v * v.ln())
+                .sum::<f32>()
+        })
         .sum();
     let wt = Tensor::from_slice(w, (b, 1), dev)?;
     let cross = (log_softmax(z)? * y)?.broadcast_mul(&wt)?.sum_all()?;
@@ -115,7 +124,11 @@ pub fn confidence_reg(z: &Tensor) -> candle_core::Result<Tensor> {
 /// The contrastive regulariser over every pair of rows of `feat` `[B, H]`
 /// (the student's features), pairs agreeing when `pseudo` labels do.
 /// Zero for a batch of one row.
-pub fn contrastive_reg(feat: &Tensor, pseudo: &[usize], margin: f64) -> candle_core::Result<Tensor> {
+pub fn contrastive_reg(
+    feat: &Tensor,
+    pseudo: &[usize],
+    margin: f64,
+) -> candle_core::Result<Tensor> {
     let (b, h) = feat.dims2()?;
     let dev = feat.device();
     if b < 2 {
@@ -152,23 +165,28 @@ mod tests {
 
     #[test]
     fn weights_keep_and_sharpen_by_hand() {
-        // Two classes: p = (0.9, 0.1), (0.5, 0.5), (0.2, 0.8).
+        // Two classes: p = (0.9, 0.1), (0.5, 0.5), (0.2, 0.8); f = (1.6, 1.4).
         let probs = vec![vec![0.9, 0.1], vec![0.5, 0.5], vec![0.2, 0.8]];
-        let t = teacher_targets(&probs, 0.2);
+        let y = |a: f64, b: f64| {
+            let (u, v) = (a * a / 1.6, b * b / 1.4);
+            (u / (u + v), v / (u + v))
+        };
         let h = |p: f64| -(p * p.ln() + (1.0 - p) * (1.0 - p).ln());
-        let l2 = 2f64.ln();
-        close(t.weights[0] as f64, 1.0 - h(0.9) / l2, 1e-6); // 0.531
-        close(t.weights[1] as f64, 0.0, 1e-6);
-        close(t.weights[2] as f64, 1.0 - h(0.8) / l2, 1e-6); // 0.278
-        assert_eq!(t.kept, [0, 2]);
-        // f = (1.1, 0.9) over the kept rows; y0 ∝ (0.81/1.1, 0.01/0.9).
-        let (a, b) = (0.81 / 1.1, 0.01 / 0.9);
-        close(t.soft[0][0] as f64, a / (a + b), 1e-6);
-        let (a, b) = (0.04 / 1.1, 0.64 / 0.9);
-        close(t.soft[1][1] as f64, b / (a + b), 1e-6);
-        // Sharpening: more confident than the teacher.
-        assert!(t.soft[0][0] > 0.9 && t.soft[1][1] > 0.8);
-        assert!(teacher_targets(&probs, 0.6).kept.is_empty());
+        let w = |p: f64| 1.0 - h(p) / 2f64.ln();
+        let (y0, _) = y(0.9, 0.1); // 0.9861
+        let (y1, _) = y(0.5, 0.5); // 0.4667: the rarer class gains
+        let (_, y2) = y(0.2, 0.8); // 0.9481
+        let t = teacher_targets(&probs, 0.5);
+        close(t.weights[0] as f64, w(y0), 1e-6);
+        close(t.weights[1] as f64, w(y1), 1e-6);
+        close(t.weights[2] as f64, w(y2), 1e-6);
+        // Sharpening: more confident than the teacher, weights from y.
+        assert!(y0 > 0.9 && y2 > 0.8 && w(y0) > w(0.9));
+        assert_eq!(t.kept, [0, 2]); // w = 0.894, 0.003, 0.706
+        close(t.soft[0][0] as f64, y0, 1e-6);
+        close(t.soft[1][1] as f64, y2, 1e-6);
+        assert_eq!(teacher_targets(&probs, 0.8).kept, [0]);
+        assert!(teacher_targets(&probs, 0.9).kept.is_empty());
     }
 
     #[test]
@@ -194,7 +212,9 @@ mod tests {
         close(gz[1][1] as f64, (p11 - 0.9) / 2.0, 1e-6);
 
         let r = confidence_reg(z.as_tensor()).unwrap();
-        let want = ((-0.5 * (p00.ln() + p01.ln()) - 2f64.ln()) + (-0.5 * (p10.ln() + p11.ln()) - 2f64.ln())) / 2.0;
+        let want = ((-0.5 * (p00.ln() + p01.ln()) - 2f64.ln())
+            + (-0.5 * (p10.ln() + p11.ln()) - 2f64.ln()))
+            / 2.0;
         close(r.to_scalar::<f32>().unwrap() as f64, want, 1e-6);
         // d/dz_ic = (p_ic - 1/C) / B: it pulls towards uniform.
         let g = r.backward().unwrap();
@@ -203,7 +223,11 @@ mod tests {
         close(gz[1][0] as f64, (p10 - 0.5) / 2.0, 1e-6);
         // A uniform prediction has no confidence penalty.
         let u = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
-        close(confidence_reg(&u).unwrap().to_scalar::<f32>().unwrap() as f64, 0.0, 1e-6);
+        close(
+            confidence_reg(&u).unwrap().to_scalar::<f32>().unwrap() as f64,
+            0.0,
+            1e-6,
+        );
     }
 
     /// The contrastive term's value by hand, and its gradient reaching the
@@ -219,7 +243,10 @@ mod tests {
         let margin = 1.0;
         let by_hand = |v: &[f32]| -> f64 {
             let d = |i: usize, j: usize| {
-                (0..2).map(|k| ((v[i * 2 + k] - v[j * 2 + k]) as f64).powi(2)).sum::<f64>() / 2.0
+                (0..2)
+                    .map(|k| ((v[i * 2 + k] - v[j * 2 + k]) as f64).powi(2))
+                    .sum::<f64>()
+                    / 2.0
             };
             let push = |d: f64| (margin - (d + 1e-9).sqrt()).max(0.0).powi(2);
             // (0,1) agree; (0,2), (1,2) disagree.
@@ -228,7 +255,9 @@ mod tests {
         let l = contrastive_reg(feat.as_tensor(), &pseudo, margin).unwrap();
         close(l.to_scalar::<f32>().unwrap() as f64, by_hand(&v), 1e-6);
         let g = l.backward().unwrap();
-        let gf = g.get(&feat).expect("the contrastive term reaches the features");
+        let gf = g
+            .get(&feat)
+            .expect("the contrastive term reaches the features");
         let gf: Vec<f32> = gf.flatten_all().unwrap().to_vec1().unwrap();
         assert!(gf.iter().any(|&x| x.abs() > 1e-3), "{gf:?}");
         for k in 0..6 {
@@ -242,6 +271,13 @@ mod tests {
         }
         // Identical pseudo-labels only pull; one row gives zero.
         let one = Tensor::zeros((1, 2), DType::F32, &dev).unwrap();
-        close(contrastive_reg(&one, &[0], 1.0).unwrap().to_scalar::<f32>().unwrap() as f64, 0.0, 0.0);
+        close(
+            contrastive_reg(&one, &[0], 1.0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64,
+            0.0,
+            0.0,
+        );
     }
 }
