@@ -456,7 +456,6 @@ impl Objective for Classify<'_> {
 /// model did not read).
 pub(crate) struct Classifier {
     pub model_path: PathBuf,
-    pub cfg: ModelConfig,
     pub family: Family,
     pub raw_cfg: serde_json::Value,
     pub tok: TextTokenizer,
@@ -472,7 +471,7 @@ pub(crate) fn load_classifier(
     task: TaskKind,
     num_labels: usize,
     on: &mut dyn FnMut(Event),
-) -> Result<Classifier> {
+) -> Result<(Classifier, SequenceModel)> {
     let c = &plan.config;
     let model_path = c.model.source().resolve(on)?;
     let (mut cfg, _) = models::load::peek_config(&model_path)?;
@@ -506,26 +505,43 @@ pub(crate) fn load_classifier(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seeds.init);
     SequenceModel::init_head(&mut store, &cfg, &head, &mut rng)?;
     let adapter = super::attach_adapter(plan, &mut store, family, PeftTask::SeqCls, &mut rng, on)?;
-    Ok(Classifier {
+    let mut model = SequenceModel::build(&store, &cfg, &head, tok.pad_id())?;
+    model.set_gradient_checkpointing(c.train.gradient_checkpointing);
+    // The checkpoint's tensors the model did not read are an error
+    // (another family's head is a warning).
+    models::check_unused(&mut store, models::other_heads(family, false), &mut |w| {
+        on(Event::Warning(w))
+    })?;
+    on(Event::Info(store.summary()));
+    let cl = Classifier {
         model_path,
-        cfg,
         family,
         raw_cfg,
         tok,
         store,
         head,
         adapter,
-    })
+    };
+    Ok((cl, model))
 }
 
-/// After the model is built from `c.store`: the checkpoint's tensors it did
-/// not read are an error (another family's head is a warning).
-pub(crate) fn check_unused(c: &mut Classifier, on: &mut dyn FnMut(Event)) -> Result<()> {
-    models::check_unused(
-        &mut c.store,
-        models::other_heads(c.family, false),
-        &mut |w| on(Event::Warning(w)),
-    )
+impl Classifier {
+    /// What saves this classifier's `model/` (and `adapter/`) into `dir`.
+    pub(crate) fn saver(&self, dir: &Path, labels: Option<LabelMap>) -> Saver {
+        Saver {
+            dir: dir.to_path_buf(),
+            family: self.family,
+            base_config: self.raw_cfg.clone(),
+            tok: self.tok.clone(),
+            labels,
+            head: self.head.clone(),
+            max_length: self.tok.max_length(),
+            adapter: self
+                .adapter
+                .clone()
+                .map(|a| (a, canonical(&self.model_path))),
+        }
+    }
 }
 
 /// Train a sequence classifier / regressor as `plan` says.
@@ -549,20 +565,9 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         TaskKind::Regression | TaskKind::Scalar => None,
     };
     // ---- model: body + new head (+ adapter)
-    let mut cl = load_classifier(plan, task, labels.as_ref().map_or(1, |l| l.len()), on)?;
-    let mut model = SequenceModel::build(&cl.store, &cl.cfg, &cl.head, cl.tok.pad_id())?;
-    check_unused(&mut cl, on)?;
-    let Classifier {
-        model_path,
-        family,
-        raw_cfg,
-        tok,
-        store,
-        head,
-        adapter,
-        ..
-    } = cl;
-    let enc = |(ex, p): &(Vec<RawExample>, PathBuf)| encode(&tok, ex, task, labels.as_ref(), p);
+    let (cl, model) = load_classifier(plan, task, labels.as_ref().map_or(1, |l| l.len()), on)?;
+    let tok = &cl.tok;
+    let enc = |(ex, p): &(Vec<RawExample>, PathBuf)| encode(tok, ex, task, labels.as_ref(), p);
     let train_set = enc(&splits.train)?;
     let val_set = enc(&splits.validation)?;
     let test_set = splits.test.as_ref().map(enc).transpose()?;
@@ -576,12 +581,9 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             .map(|l| format!(", labels {:?}", l.id2label()))
             .unwrap_or_default()
     )));
-    model.set_gradient_checkpointing(c.train.gradient_checkpointing);
-    on(Event::Info(store.summary()));
 
     // ---- run folder
     let run = RunWriter::create(&opts.run_dir, plan, opts.resume)?;
-    let max_length = tok.max_length();
     let obj = Classify {
         model: &model,
         train: &train_set,
@@ -591,16 +593,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         test: test_set.as_ref(),
         pad_id: tok.pad_id(),
         eval_bs: c.train.eval_batch_size.unwrap_or(c.train.batch_size * 2),
-        saver: Saver {
-            dir: opts.run_dir.clone(),
-            family,
-            base_config: raw_cfg,
-            tok: tok.clone(),
-            labels,
-            head,
-            max_length,
-            adapter: adapter.map(|a| (a, canonical(&model_path))),
-        },
+        saver: cl.saver(&opts.run_dir, labels),
     };
-    run_loop(plan, opts, &store, &obj, &run, t0, on)
+    run_loop(plan, opts, &cl.store, &obj, &run, t0, on)
 }

@@ -26,8 +26,7 @@
 
 pub mod math;
 
-use super::canonical;
-use super::classify::{self, Classify, Encoded, Saver, SplitSources, Splits};
+use super::classify::{self, Classify, Encoded, SplitSources, Splits};
 use crate::config::{Plan, WeakMode};
 use crate::data::{EpochOrder, LabelMap, LabelValue, RawExample};
 use crate::event::Event;
@@ -297,19 +296,8 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         .ok_or_else(|| Error::msg("task.weak needs [weak]"))?;
     let data = prepare(plan, on)?;
     let n_labels = data.labels.len();
-    let mut cl = classify::load_classifier(plan, TaskKind::Classification, n_labels, on)?;
-    let mut model = SequenceModel::build(&cl.store, &cl.cfg, &cl.head, cl.tok.pad_id())?;
-    classify::check_unused(&mut cl, on)?;
-    let classify::Classifier {
-        model_path,
-        family,
-        raw_cfg,
-        tok,
-        store,
-        head,
-        adapter,
-        ..
-    } = cl;
+    let (cl, model) = classify::load_classifier(plan, TaskKind::Classification, n_labels, on)?;
+    let (tok, store) = (&cl.tok, &cl.store);
 
     // ---- encoded sets: every training row, the covered ones, validation, test
     let (ids, types) = tokens(&tok, &data.splits.train.0)?;
@@ -350,9 +338,6 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         val_set.len(),
         test_set.as_ref().map_or(0, |t| t.len())
     )));
-    model.set_gradient_checkpointing(c.train.gradient_checkpointing);
-    on(Event::Info(store.summary()));
-
     let run = RunWriter::create(&opts.run_dir, plan, opts.resume)?;
     data.save(plan, &opts.run_dir.join("weak"))?;
     on(Event::Info(format!(
@@ -361,16 +346,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         data.render()
     )));
     let train_lines: Vec<usize> = data.splits.train.0.iter().map(|e| e.line).collect();
-    let saver = |dir: &Path| Saver {
-        dir: dir.to_path_buf(),
-        family,
-        base_config: raw_cfg.clone(),
-        tok: tok.clone(),
-        labels: Some(data.labels.clone()),
-        head: head.clone(),
-        max_length: tok.max_length(),
-        adapter: adapter.clone().map(|a| (a, canonical(&model_path))),
-    };
+    let saver = |dir: &Path| cl.saver(dir, Some(data.labels.clone()));
     let eval_bs = c.train.eval_batch_size.unwrap_or(c.train.batch_size * 2);
     let stage1 = |dir: &Path, run1: &RunWriter, opts1: &TrainOptions, on: &mut dyn FnMut(Event)| {
         let obj = Classify {
@@ -384,7 +360,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
             eval_bs,
             saver: saver(dir),
         };
-        run_loop(plan, opts1, &store, &obj, run1, t0, on)
+        run_loop(plan, opts1, store, &obj, run1, t0, on)
     };
     if c.task.weak == WeakMode::Stage1 {
         return stage1(&opts.run_dir, &run, opts, on);
@@ -396,7 +372,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     if done1 {
         let best = best_checkpoint(&dir1)?;
         let f = best.join(checkpoint::WEIGHTS_FILE);
-        checkpoint::restore_weights(&store, &checkpoint::read_tensors(&f)?, &f)?;
+        checkpoint::restore_weights(store, &checkpoint::read_tensors(&f)?, &f)?;
         on(Event::Info(format!(
             "stage 1: finished; its best weights from {}",
             best.display()
@@ -433,7 +409,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         fp.u32s(a);
         fp.u32s(b);
     }
-    let mut tr = Trainer::new(&plan2, &store, &run, total, all_set.len(), fp.finish(), t0)?;
+    let mut tr = Trainer::new(&plan2, store, &run, total, all_set.len(), fp.finish(), t0)?;
     let obj_eval = Classify {
         model: &model,
         train: &all_set,
