@@ -213,7 +213,11 @@ fn cosine_on_a_decoder_with_lora() {
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stderr.contains("adapter: Lora"), "{}", o.stderr);
-    for f in ["adapter/adapter_model.safetensors", "model/model.safetensors", "stage1/adapter/adapter_config.json"] {
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "model/model.safetensors",
+        "stage1/adapter/adapter_config.json",
+    ] {
         assert!(run.join(f).is_file(), "{f}");
     }
     let res: serde_json::Value =

