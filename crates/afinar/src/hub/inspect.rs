@@ -1,7 +1,8 @@
 //! `afinar inspect`: a table of any checkpoint afinar reads — a safetensors
-//! file, folder or shard index ([`super::checkpoint::inspect`]) or a GGUF
-//! file — and a clear refusal for a PyTorch pickle checkpoint
-//! ([`super::pickle`]), which afinar never opens.
+//! file, folder or shard index ([`super::checkpoint::inspect`]), a GGUF
+//! file, or a PyTorch `.pth` / `.pt` state dict read weights-only
+//! ([`super::pth`]; a pickle that is more than a state dict is refused,
+//! naming what it asks for).
 
 use super::checkpoint::group_digits;
 use super::gguf::{Gguf, MAGIC};
@@ -28,12 +29,41 @@ pub fn has_gguf_magic(path: &Path) -> bool {
 /// The table `afinar inspect PATH` prints.
 pub fn describe(path: &Path) -> Result<String> {
     if path.is_file() {
-        super::pickle::refuse(path)?;
+        if super::pickle::pytorch_kind(path).is_some() {
+            return describe_pth(path);
+        }
         if is_gguf_file(path) {
             return describe_gguf(path);
         }
     }
     super::checkpoint::inspect(path)
+}
+
+/// One row per tensor of a `.pth` state dict (name, dtype, shape, elements).
+fn describe_pth(path: &Path) -> Result<String> {
+    use std::fmt::Write;
+    let sd = super::pth::read(path)?;
+    let rows: Vec<(String, String, String, usize)> = sd
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.dtype.name().to_string(),
+                format!("{:?}", t.shape),
+                t.values.len(),
+            )
+        })
+        .collect();
+    let mut out = super::checkpoint::tensor_table(&rows, "dtype");
+    let total: u128 = rows.iter().map(|r| r.3 as u128).sum();
+    let _ = writeln!(
+        out,
+        "\n{} tensors, {} elements in PyTorch state dict {} (read weights-only)",
+        rows.len(),
+        group_digits(total),
+        path.display()
+    );
+    Ok(out)
 }
 
 /// One row per tensor (name, ggml type, shape in Hugging Face order,

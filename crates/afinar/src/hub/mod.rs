@@ -21,6 +21,7 @@ pub mod gguf;
 pub mod hf;
 pub mod inspect;
 pub mod pickle;
+pub mod pth;
 pub mod source;
 pub mod tokenizer;
 
