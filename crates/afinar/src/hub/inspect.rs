@@ -144,6 +144,19 @@ mod tests {
         let pth = d.path().join("model.pth");
         std::fs::write(&pth, b"\x80\x02cos\nsystem\n(S'touch pwned'\ntR.").unwrap();
         let err = describe(&pth).unwrap_err().to_string();
-        assert!(err.contains("model.pth") && err.contains("pickle"), "{err}");
+        assert!(
+            err.contains("model.pth") && err.contains("global `os.system` is not allowed"),
+            "{err}"
+        );
+        // A real state dict (torch.save's zip format) is listed.
+        let fx =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pth/tiny-zip.pth");
+        let t = describe(&fx).unwrap();
+        assert!(
+            t.contains("dense.weight_t")
+                && t.contains("[6, 4]")
+                && t.contains("8 tensors, 121 elements"),
+            "{t}"
+        );
     }
 }
