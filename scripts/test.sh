@@ -42,7 +42,7 @@ if [ "$fuzz_secs" -gt 0 ]; then
         scratch=$(mktemp -d)
         # Every target, chat_template included (its renders are bounded in
         # fuel and memory since minijinja 3.1: docs/fuzzing.md).
-        targets=(chat_template csv gguf json_configs jsonl safetensors_header toml_config weak_rules)
+        targets=(chat_template csv gguf json_configs jsonl safetensors_header toml_config weak_rules pth)
         for t in "${targets[@]}"; do
             FUZZ_QUIET=1 FUZZ_CORPUS_OUT=$scratch scripts/fuzz.sh "$t" "$fuzz_secs"
         done

@@ -78,6 +78,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("json_configs", json_configs),
     ("chat_template", chat_template),
     ("weak_rules", weak_rules),
+    ("pth", pth),
 ];
 
 /// A safetensors file: header length, JSON header, dtypes, shapes against
@@ -352,4 +353,10 @@ pub fn weak_rules(data: &[u8]) {
         let _ = lex.score(&text);
     }
     let _ = lexicon::Cond::parse(&text);
+}
+
+/// A PyTorch `.pth` state dict through the weights-only reader: zip or
+/// legacy container, the pickle machine, storages, views.
+pub fn pth(data: &[u8]) {
+    let _ = crate::hub::pth::from_bytes(Path::new("fuzz.pth"), data);
 }

@@ -468,7 +468,15 @@ fn reduce(f: V, args: V) -> std::result::Result<V, String> {
                     "tensor size {shape:?} and stride {stride:?} differ in rank"
                 ));
             }
-            // The last element any index reaches must be in the storage.
+            // No more elements than the storage holds (an expanded,
+            // stride-0 view would materialise beyond it), and the last
+            // element any index reaches must be in the storage.
+            let n = shape.iter().try_fold(1usize, |a, &s| a.checked_mul(s));
+            if n.is_none_or(|n| n > (*numel).max(1)) {
+                return Err(format!(
+                    "tensor of size {shape:?} has more elements than its storage `{key}` ({numel})"
+                ));
+            }
             let empty = shape.iter().any(|&s| s == 0);
             if !empty {
                 let mut last = offset as u128;
