@@ -221,6 +221,23 @@ impl<'a> Machine<'a> {
         ))
     }
 
+    /// Run the object's pickle: the object and the storages its persistent
+    /// ids name (key -> element type, element count).
+    #[allow(clippy::type_complexity)]
+    fn run_object(
+        &mut self,
+    ) -> std::result::Result<(V, HashMap<String, (PthDType, usize)>), String> {
+        let mut refs = HashMap::new();
+        let obj = self.run(&mut |pid| {
+            let v = storage_pid(pid)?;
+            if let V::Storage(k, dt, n) = &v {
+                refs.insert(k.clone(), (*dt, *n));
+            }
+            Ok(v)
+        })?;
+        Ok((obj, refs))
+    }
+
     /// Run to STOP; the value left on the stack.
     fn run(
         &mut self,
@@ -635,16 +652,7 @@ pub fn from_bytes(name: &Path, data: &[u8]) -> Result<Vec<(String, PthTensor)>> 
         }
     }
     m.memo.clear();
-    let mut refs: HashMap<String, (PthDType, usize)> = HashMap::new();
-    let obj = m
-        .run(&mut |pid| {
-            let v = storage_pid(pid)?;
-            if let V::Storage(k, dt, n) = &v {
-                refs.insert(k.clone(), (*dt, *n));
-            }
-            Ok(v)
-        })
-        .map_err(&err)?;
+    let (obj, refs) = m.run_object().map_err(&err)?;
     m.memo.clear();
     let keys = m.run(&mut no_pid).map_err(&err)?;
     let V::List(keys) = keys else {
@@ -725,22 +733,13 @@ fn from_zip(name: &Path, data: &[u8]) -> Result<Vec<(String, PthTensor)>> {
         }
     }
     let pickle = read(&mut z, &pkl)?;
-    let mut refs: HashMap<String, (PthDType, usize)> = HashMap::new();
     let mut m = Machine {
         data: &pickle,
         pos: 0,
         stack: Vec::new(),
         memo: HashMap::new(),
     };
-    let obj = m
-        .run(&mut |pid| {
-            let v = storage_pid(pid)?;
-            if let V::Storage(k, dt, n) = &v {
-                refs.insert(k.clone(), (*dt, *n));
-            }
-            Ok(v)
-        })
-        .map_err(&err)?;
+    let (obj, refs) = m.run_object().map_err(&err)?;
     let mut raw: HashMap<String, (PthDType, Vec<u8>)> = HashMap::new();
     for (k, (dt, numel)) in &refs {
         let b = read(&mut z, &format!("{prefix}data/{k}"))?;
