@@ -688,15 +688,7 @@ pub fn from_bytes(name: &Path, data: &[u8]) -> Result<Vec<(String, PthTensor)>> 
         storages.insert(k, (dt, &data[pos..pos + len]));
         pos += len;
     }
-    let sd = state_dict(obj).map_err(&err)?;
-    sd.into_iter()
-        .map(|(k, t)| {
-            Ok((
-                k.clone(),
-                materialise(&t, &storages).map_err(|e| err(format!("tensor `{k}`: {e}")))?,
-            ))
-        })
-        .collect()
+    tensors(name, obj, &storages)
 }
 
 fn from_zip(name: &Path, data: &[u8]) -> Result<Vec<(String, PthTensor)>> {
@@ -756,13 +748,21 @@ fn from_zip(name: &Path, data: &[u8]) -> Result<Vec<(String, PthTensor)>> {
         .iter()
         .map(|(k, (dt, b))| (k.clone(), (*dt, b.as_slice())))
         .collect();
-    let sd = state_dict(obj).map_err(&err)?;
+    tensors(name, obj, &storages)
+}
+
+/// The state dict `obj` with every tensor read from `storages`.
+fn tensors(
+    name: &Path,
+    obj: V,
+    storages: &HashMap<String, (PthDType, &[u8])>,
+) -> Result<Vec<(String, PthTensor)>> {
+    let sd = state_dict(obj).map_err(|e| Error::file(name, e))?;
     sd.into_iter()
         .map(|(k, t)| {
-            Ok((
-                k.clone(),
-                materialise(&t, &storages).map_err(|e| err(format!("tensor `{k}`: {e}")))?,
-            ))
+            let t = materialise(&t, storages)
+                .map_err(|e| Error::file(name, format!("tensor `{k}`: {e}")))?;
+            Ok((k, t))
         })
         .collect()
 }
