@@ -149,9 +149,44 @@ struct Machine<'a> {
     pos: usize,
     stack: Vec<V>,
     memo: HashMap<u32, V>,
+    /// Values built so far (see [`MAX_BUILT`]).
+    built: usize,
 }
 
 const MAX_STACK: usize = 1 << 20;
+/// Values the machine may build in all (a state dict of 1,000 tensors
+/// builds about 20,000): copies made by DUP / GET / TUPLE count, so a
+/// pickle that doubles a value again and again stops here, not in OOM.
+const MAX_BUILT: usize = 1 << 22;
+
+/// The size of a value, in nodes (strings and bytes by 16-byte pieces),
+/// counted up to `cap`.
+fn weight(v: &V, cap: usize) -> usize {
+    let mut w = 1;
+    match v {
+        V::Str(s) => w += s.len() / 16,
+        V::Bytes(b) => w += b.len() / 16,
+        V::Tuple(xs) | V::List(xs) => {
+            for x in xs {
+                if w > cap {
+                    break;
+                }
+                w += weight(x, cap);
+            }
+        }
+        V::Dict(kv) => {
+            for (k, x) in kv {
+                if w > cap {
+                    break;
+                }
+                w += weight(k, cap) + weight(x, cap);
+            }
+        }
+        V::Tensor { shape, .. } => w += shape.len(),
+        _ => {}
+    }
+    w
+}
 const MAX_MEMO: usize = 1 << 22;
 
 impl<'a> Machine<'a> {
@@ -202,6 +237,12 @@ impl<'a> Machine<'a> {
     fn push(&mut self, v: V) -> std::result::Result<(), String> {
         if self.stack.len() >= MAX_STACK {
             return Err("the pickle's stack grows past 1M items".into());
+        }
+        self.built += weight(&v, MAX_BUILT);
+        if self.built > MAX_BUILT {
+            return Err(
+                "the pickle builds more than 4M values (copies of copies): not a state dict".into(),
+            );
         }
         self.stack.push(v);
         Ok(())
@@ -625,6 +666,7 @@ pub fn from_bytes(name: &Path, data: &[u8]) -> Result<Vec<(String, PthTensor)>> 
         pos: 0,
         stack: Vec::new(),
         memo: HashMap::new(),
+        built: 0,
     };
     let mut no_pid = |_: V| -> std::result::Result<V, String> {
         Err("a persistent id outside the object pickle".into())
@@ -730,6 +772,7 @@ fn from_zip(name: &Path, data: &[u8]) -> Result<Vec<(String, PthTensor)>> {
         pos: 0,
         stack: Vec::new(),
         memo: HashMap::new(),
+        built: 0,
     };
     let (obj, refs) = m.run_object().map_err(&err)?;
     let mut raw: HashMap<String, (PthDType, Vec<u8>)> = HashMap::new();
@@ -797,6 +840,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("opcode 0x81"), "{e}");
+        // DUP + TUPLE3 again and again triples a value each time: stopped by
+        // the build budget, not by running out of memory (found by the fuzzer).
+        let mut bomb = b"\x80\x02]".to_vec();
+        for _ in 0..40 {
+            bomb.extend_from_slice(b"22\x87");
+        }
+        bomb.push(b'.');
+        let e = from_bytes(Path::new("b.pt"), &bomb)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("builds more than 4M values"), "{e}");
         // Truncated: named, no panic.
         let e = from_bytes(Path::new("t.pt"), b"\x80\x02X\xff\xff\xff\x7f")
             .unwrap_err()
