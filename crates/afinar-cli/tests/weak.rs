@@ -53,6 +53,19 @@ fn config(d: &Path, extra: &str) -> PathBuf {
     )
 }
 
+/// `afinar train CFG [--set S]... --out <d>/run`: the run folder and what it printed.
+fn train(d: &Path, cfg: &Path, sets: &[&str]) -> (PathBuf, Out) {
+    let run = d.join("run");
+    let mut args = vec!["train".to_string(), cfg.display().to_string()];
+    for s in sets {
+        args.push("--set".into());
+        args.push(s.to_string());
+    }
+    args.push("--out".into());
+    args.push(run.display().to_string());
+    (run, afinar_p(d, &args))
+}
+
 #[test]
 fn analyse_prints_and_saves_the_rules_numbers() {
     let d = tempfile::tempdir().unwrap();
@@ -104,16 +117,7 @@ fn analyse_prints_and_saves_the_rules_numbers() {
 fn a_cosine_run_trains_both_stages() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), "[seeds]\ninit = 3\n");
-    let run = d.path().join("run");
-    let o = afinar_p(
-        d.path(),
-        &[
-            "train".into(),
-            cfg.display().to_string(),
-            "--out".into(),
-            run.display().to_string(),
-        ],
-    );
+    let (run, o) = train(d.path(), &cfg, &[]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     // Stage 1 is a run folder of its own, finished, with its test numbers.
     let r1: serde_json::Value =
@@ -167,18 +171,7 @@ fn a_cosine_run_trains_both_stages() {
 fn stage1_only_runs_in_the_run_folder() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), "");
-    let run = d.path().join("run");
-    let o = afinar_p(
-        d.path(),
-        &[
-            "train".into(),
-            cfg.display().to_string(),
-            "--set".into(),
-            "task.weak=\"stage1\"".into(),
-            "--out".into(),
-            run.display().to_string(),
-        ],
-    );
+    let (run, o) = train(d.path(), &cfg, &["task.weak=\"stage1\""]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(run.join("results.json").is_file());
     assert!(!run.join("stage1").exists() && !run.join("teacher").exists());
@@ -201,16 +194,7 @@ fn cosine_on_a_decoder_with_lora() {
         &format!("{:?}", fixture().join("../llama-tiny")),
     );
     std::fs::write(&cfg, text).unwrap();
-    let run = d.path().join("run");
-    let o = afinar_p(
-        d.path(),
-        &[
-            "train".into(),
-            cfg.display().to_string(),
-            "--out".into(),
-            run.display().to_string(),
-        ],
-    );
+    let (run, o) = train(d.path(), &cfg, &[]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stderr.contains("adapter: Lora"), "{}", o.stderr);
     for f in [

@@ -65,6 +65,19 @@ pub fn inputs_of(rows: &[&[u32]], types: &[&[u32]], pad_id: u32) -> Result<(Inpu
     Ok((inputs, tokens))
 }
 
+/// Token ids and type ids of examples (text, and text pair when any has one).
+pub fn tokenise(tok: &TextTokenizer, ex: &[RawExample]) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    let texts: Vec<&str> = ex.iter().map(|e| e.text.as_str()).collect();
+    let pairs: Option<Vec<Option<&str>>> = ex
+        .iter()
+        .any(|e| e.text_pair.is_some())
+        .then(|| ex.iter().map(|e| e.text_pair.as_deref()).collect());
+    Ok(tok
+        .encode_batch(&texts, pairs.as_deref())?
+        .into_iter()
+        .unzip())
+}
+
 /// Tokenise examples and map their labels (classification: through `labels`).
 pub fn encode(
     tok: &TextTokenizer,
@@ -73,14 +86,7 @@ pub fn encode(
     labels: Option<&LabelMap>,
     path: &Path,
 ) -> Result<Encoded> {
-    let texts: Vec<&str> = ex.iter().map(|e| e.text.as_str()).collect();
-    let pairs: Option<Vec<Option<&str>>> = if ex.iter().any(|e| e.text_pair.is_some()) {
-        Some(ex.iter().map(|e| e.text_pair.as_deref()).collect())
-    } else {
-        None
-    };
-    let enc = tok.encode_batch(&texts, pairs.as_deref())?;
-    let (ids, types) = enc.into_iter().unzip();
+    let (ids, types) = tokenise(tok, ex)?;
     let targets = match task {
         TaskKind::Classification => {
             let lm = labels.ok_or_else(|| Error::msg("classification needs a label map"))?;

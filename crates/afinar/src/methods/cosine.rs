@@ -31,7 +31,6 @@ use crate::config::{Plan, WeakMode};
 use crate::data::{EpochOrder, LabelMap, LabelValue, RawExample};
 use crate::event::Event;
 use crate::heads::{SequenceModel, Targets, TaskKind};
-use crate::hub::tokenizer::TextTokenizer;
 use crate::params::ParamStore;
 use crate::train::{
     checkpoint, run_loop, Fingerprint, RunWriter, Split, TrainOptions, TrainReport, Trainer,
@@ -273,19 +272,6 @@ impl WeakData {
     }
 }
 
-/// Token ids of examples (no targets: weak runs set their own).
-fn tokens(tok: &TextTokenizer, ex: &[RawExample]) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
-    let texts: Vec<&str> = ex.iter().map(|e| e.text.as_str()).collect();
-    let pairs: Option<Vec<Option<&str>>> = ex
-        .iter()
-        .any(|e| e.text_pair.is_some())
-        .then(|| ex.iter().map(|e| e.text_pair.as_deref()).collect());
-    Ok(tok
-        .encode_batch(&texts, pairs.as_deref())?
-        .into_iter()
-        .unzip())
-}
-
 /// Train as `plan` says with `task.weak` set.
 pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Result<TrainReport> {
     let t0 = Instant::now();
@@ -300,7 +286,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
     let (tok, store) = (&cl.tok, &cl.store);
 
     // ---- encoded sets: every training row, the covered ones, validation, test
-    let (ids, types) = tokens(&tok, &data.splits.train.0)?;
+    let (ids, types) = classify::tokenise(tok, &data.splits.train.0)?;
     let covered: Vec<usize> = (0..ids.len())
         .filter(|&i| data.train_labels[i].is_some())
         .collect();
