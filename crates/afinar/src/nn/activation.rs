@@ -64,6 +64,19 @@ pub fn gelu(x: &Tensor) -> CResult<Tensor> {
     apply(op, [x])
 }
 
+/// ReLU6, `min(max(x, 0), 6)` (MobileNetV2's activation, `torch.nn.ReLU6`);
+/// the gradient passes where `0 < x < 6`, as torch's `hardtanh_backward`.
+/// (The MobileNetV2 blocks use it fused into batch norm, `nn::batch_norm`.)
+pub fn relu6(x: &Tensor) -> CResult<Tensor> {
+    let op = Elementwise {
+        name: "afinar-relu6",
+        names: ["relu6 input", "relu6 grad"],
+        f: |v: f32| v.clamp(0.0, 6.0),
+        df: |v: f32| if v > 0.0 && v < 6.0 { 1.0 } else { 0.0 },
+    };
+    apply(op, [x])
+}
+
 /// GPT-2's `gelu_new` (= `gelu_pytorch_tanh`):
 /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
 pub fn gelu_tanh(x: &Tensor) -> CResult<Tensor> {
@@ -541,8 +554,23 @@ mod cuda {
 #[cfg(test)]
 mod gelu_dense_tests {
     use super::*;
-    use crate::nn::testing::{check_grads, flat, max_abs_diff, randn};
+    use crate::nn::testing::{check, check_grads, flat, max_abs_diff, randn};
     use crate::nn::Weight;
+
+    #[test]
+    fn relu6_clamps_and_passes_the_gradient_inside() {
+        // Values spread over [-8, 8): both clamps and the linear part, none
+        // within the finite-difference step of a kink.
+        let x = (randn(&[4, 50], 3) * 8.0).unwrap();
+        let kink = |v: f64| v.abs() < 1e-3 || (v - 6.0).abs() < 1e-3;
+        assert!(!crate::nn::testing::f64s(&x).into_iter().any(kink));
+        check(
+            &[x],
+            &|a| relu6(&a[0].t).unwrap(),
+            &|a| a[0].iter().map(|v| v.clamp(0.0, 6.0)).collect(),
+            1,
+        );
+    }
 
     /// The fused op against gelu then linear: the same output and input
     /// gradient, with and without bias; and finite differences.

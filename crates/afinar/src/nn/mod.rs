@@ -10,7 +10,9 @@
 //! Rust side that launches the kernels of `cuda_kernels.cu`) and its
 //! finite-difference gradient tests: `linear.rs` (with the `Linear` layer
 //! and `LinearAdapter`), `qlinear.rs` (a quantised frozen base), `norm.rs`
-//! (with the `LayerNorm` / `RmsNorm` layers), `activation.rs`, `attention/`,
+//! (with the `LayerNorm` / `RmsNorm` layers), `batch_norm.rs` (with the
+//! `BatchNorm` layer, ReLU6 fused, and global average pooling), `conv.rs`
+//! (2-D convolution, channels last), `activation.rs`, `attention/`,
 //! `rope.rs`, `embedding.rs`, `loss.rs`, `dropout.rs` (with `DropoutRng`)
 //! and `scale.rs`. What they share is in one place each: `kernels.rs` (gemm,
 //! lane sums, e^x, the parallel-write pointer), `custom_op.rs` (storages as
@@ -23,6 +25,8 @@
 
 pub mod activation;
 pub mod attention;
+pub mod batch_norm;
+pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod custom_op;
@@ -39,8 +43,10 @@ pub mod scale;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use activation::{gelu, gelu_dense, gelu_tanh, silu_mul, swiglu_down_residual};
+pub use activation::{gelu, gelu_dense, gelu_tanh, relu6, silu_mul, swiglu_down_residual};
 pub use attention::{attention, attention_with_cache, causal_attention, CacheShape};
+pub use batch_norm::{batch_norm, global_avg_pool, BatchNorm, RunningStats};
+pub use conv::{conv2d, Conv2dCfg};
 pub use dropout::{dropout, DropoutRng};
 pub use embedding::embedding;
 pub use graph::{checkpoint, LayerFn};
