@@ -20,11 +20,41 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// One pattern over parameter names: a glob (`bert.encoder.layer.*.attention.*`)
-/// or, prefixed `re:`, a regex that must match the whole name.
+/// or, prefixed `re:`, a regex that must match the whole name. A glob
+/// without a wildcard that names a module (`features.3`, `classifier`)
+/// matches every parameter under it, and a segment `A-B` of two numbers is
+/// the range of modules `A` to `B` (`features.0-6`: the first seven stages
+/// of a CNN).
 #[derive(Debug, Clone)]
 pub enum Pattern {
-    Glob(String, GlobMatcher),
+    /// The pattern as written, the glob, and the glob of what is under it.
+    Glob(String, GlobMatcher, GlobMatcher),
     Regex(String, Regex),
+}
+
+/// `features.0-6.*` as the glob `features.{0,1,2,3,4,5,6}.*` (an error for
+/// a range that runs backwards or is over 10,000 long).
+fn expand_ranges(p: &str) -> Result<String> {
+    let mut out = Vec::new();
+    for seg in p.split('.') {
+        let range = seg.split_once('-').and_then(|(a, b)| {
+            let num = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+            (num(a) && num(b)).then(|| (a.parse::<usize>(), b.parse::<usize>()))
+        });
+        match range {
+            Some((Ok(a), Ok(b))) if a <= b && b - a < 10_000 => {
+                let alts: Vec<String> = (a..=b).map(|i| i.to_string()).collect();
+                out.push(format!("{{{}}}", alts.join(",")));
+            }
+            Some(_) => {
+                return Err(Error::msg(format!(
+                    "bad parameter pattern `{p}`: the range `{seg}` must run from low to high"
+                )))
+            }
+            None => out.push(seg.to_string()),
+        }
+    }
+    Ok(out.join("."))
 }
 
 impl Pattern {
@@ -35,9 +65,17 @@ impl Pattern {
                 .map(|r| Pattern::Regex(p.to_string(), r))
                 .map_err(|e| Error::msg(format!("bad parameter regex `{p}`: {e}")))
         } else {
-            Glob::new(p)
-                .map(|g| Pattern::Glob(p.to_string(), g.compile_matcher()))
-                .map_err(|e| Error::msg(format!("bad parameter pattern `{p}`: {e}")))
+            let g = expand_ranges(p)?;
+            let compile = |g: &str| {
+                Glob::new(g)
+                    .map(|g| g.compile_matcher())
+                    .map_err(|e| Error::msg(format!("bad parameter pattern `{p}`: {e}")))
+            };
+            Ok(Pattern::Glob(
+                p.to_string(),
+                compile(&g)?,
+                compile(&format!("{g}.*"))?,
+            ))
         }
     }
 
@@ -46,14 +84,16 @@ impl Pattern {
     pub fn matches(&self, name: &str, model_prefix: &str) -> bool {
         let short = name.strip_prefix(model_prefix).unwrap_or(name);
         match self {
-            Pattern::Glob(_, g) => g.is_match(name) || g.is_match(short),
+            Pattern::Glob(_, g, under) => {
+                g.is_match(name) || g.is_match(short) || under.is_match(name) || under.is_match(short)
+            }
             Pattern::Regex(_, r) => r.is_match(name) || r.is_match(short),
         }
     }
 
     pub fn as_str(&self) -> &str {
         match self {
-            Pattern::Glob(s, _) | Pattern::Regex(s, _) => s,
+            Pattern::Glob(s, ..) | Pattern::Regex(s, _) => s,
         }
     }
 }
@@ -236,6 +276,11 @@ pub struct ParamStore {
     pub adapters_enabled: Arc<std::sync::atomic::AtomicBool>,
     /// Set while the adapters are merged into the base weights.
     pub adapters_merged: Arc<std::sync::atomic::AtomicBool>,
+    /// State that is not a parameter but changes in training (batch norm's
+    /// running statistics, torch's buffers): never trained, never counted
+    /// as parameters, but kept with the best weights, in checkpoints and in
+    /// the saved model.
+    buffers: BTreeMap<String, Var>,
 }
 
 impl ParamStore {
@@ -249,7 +294,51 @@ impl ParamStore {
             adapters: BTreeMap::new(),
             adapters_enabled: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             adapters_merged: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            buffers: BTreeMap::new(),
         }
+    }
+
+    /// Add a buffer (f32) under `name`.
+    pub fn insert_buffer(&mut self, name: &str, tensor: Tensor) -> Result<()> {
+        let var = Var::from_tensor(&tensor.to_dtype(DType::F32)?.detach())?;
+        self.buffers.insert(name.to_string(), var);
+        Ok(())
+    }
+
+    /// The buffer `name`, checked against `shape` (marks it used).
+    pub fn buffer(&self, name: &str, shape: &[usize]) -> Result<Var> {
+        let v = self.buffers.get(name).ok_or_else(|| Error::Tensor {
+            name: name.to_string(),
+            msg: format!("missing from {}", self.source),
+        })?;
+        if v.as_tensor().dims() != shape {
+            return Err(Error::Tensor {
+                name: name.to_string(),
+                msg: format!(
+                    "expected shape {:?}, found {:?} in {}",
+                    shape,
+                    v.as_tensor().dims(),
+                    self.source
+                ),
+            });
+        }
+        self.used.borrow_mut().insert(name.to_string());
+        Ok(v.clone())
+    }
+
+    /// (name, value) of every buffer, in name order.
+    pub fn buffers(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.buffers.iter().map(|(n, v)| (n, v.as_tensor()))
+    }
+
+    /// What changes in training, by name: the trainable parameters and the
+    /// buffers (what a checkpoint and the best weights keep).
+    pub fn training_state(&self) -> Vec<(String, Tensor)> {
+        self.trainable()
+            .into_iter()
+            .map(|(n, w)| (n, w.t))
+            .chain(self.buffers.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())))
+            .collect()
     }
 
     /// Add a tensor under `name`; it becomes a `Var` if the selector says it trains.
@@ -327,6 +416,9 @@ impl ParamStore {
             .collect::<Result<_>>()?;
         for (n, q) in &self.quantized {
             out.insert(n.clone(), dequantize(q)?);
+        }
+        for (n, v) in &self.buffers {
+            out.insert(n.clone(), v.as_tensor().detach());
         }
         Ok(out)
     }
@@ -417,6 +509,9 @@ impl ParamStore {
         for (name, p) in other.params {
             self.params.insert(format!("{prefix}.{name}"), p);
         }
+        for (name, v) in other.buffers {
+            self.buffers.insert(format!("{prefix}.{name}"), v);
+        }
         Ok(())
     }
 
@@ -448,6 +543,12 @@ impl ParamStore {
                 .collect(),
             adapters_enabled: self.adapters_enabled.clone(),
             adapters_merged: self.adapters_merged.clone(),
+            buffers: self
+                .buffers
+                .iter()
+                .filter(|(n, _)| keep(n))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect(),
         }
     }
 
@@ -505,6 +606,7 @@ impl ParamStore {
         self.params
             .keys()
             .chain(self.quantized.keys())
+            .chain(self.buffers.keys())
             .filter(|k| !used.contains(*k))
             .cloned()
             .collect()
@@ -513,6 +615,7 @@ impl ParamStore {
     pub fn remove(&mut self, name: &str) {
         self.params.remove(name);
         self.quantized.remove(name);
+        self.buffers.remove(name);
     }
 
     /// (name, var) of every trainable parameter, in name order.
@@ -582,9 +685,14 @@ impl ParamStore {
         )
     }
 
-    /// Overwrite the values of every parameter present in `other` (same shapes).
+    /// Overwrite the values of every parameter (and buffer) present in
+    /// `values` (same shapes).
     pub fn copy_values_from(&self, values: &BTreeMap<String, Tensor>) -> Result<()> {
         for (name, t) in values {
+            if let Some(v) = self.buffers.get(name) {
+                v.set(t)?;
+                continue;
+            }
             if let Some(p) = self.params.get(name) {
                 match &p.var {
                     Some(v) => v.set(t)?,
@@ -597,13 +705,17 @@ impl ParamStore {
         Ok(())
     }
 
-    /// A snapshot of every trainable value (for keeping the best weights).
+    /// A snapshot of every trainable value and buffer (for keeping the
+    /// best weights).
     pub fn snapshot_trainable(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for (n, p) in &self.params {
             if let Some(v) = &p.var {
                 out.insert(n.clone(), v.as_tensor().copy()?);
             }
+        }
+        for (n, v) in &self.buffers {
+            out.insert(n.clone(), v.as_tensor().copy()?);
         }
         Ok(out)
     }
@@ -739,6 +851,22 @@ pub fn normal_init(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_paths_and_ranges_match_what_is_under_them() {
+        let p = Pattern::parse("features.0-6").unwrap();
+        for n in ["features.0.0.weight", "features.6.conv.1.0.weight"] {
+            assert!(p.matches(n, ""), "{n}");
+        }
+        for n in ["features.7.conv.0.0.weight", "features.16.conv.2.weight", "classifier.1.weight"] {
+            assert!(!p.matches(n, ""), "{n}");
+        }
+        let p = Pattern::parse("classifier").unwrap();
+        assert!(p.matches("classifier.1.bias", ""));
+        assert!(!p.matches("classifier2.weight", ""));
+        let e = Pattern::parse("features.6-0").unwrap_err().to_string();
+        assert!(e.contains("`6-0` must run from low to high"), "{e}");
+    }
 
     fn names() -> Vec<String> {
         let mut v = vec!["bert.embeddings.word_embeddings.weight".to_string()];

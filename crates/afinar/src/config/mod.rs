@@ -39,6 +39,56 @@ pub struct RunConfig {
     /// Weak supervision (`task.weak`): the labelling rules, the label model
     /// and COSINE's self-training settings.
     pub weak: Option<WeakSection>,
+    /// `task.type = "image_classification"`: how images become inputs.
+    pub image: Option<ImageSection>,
+}
+
+/// How images become a CNN's inputs (`data/image.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSection {
+    /// Side of the square input, pixels (images are resized to it).
+    #[serde(default = "d_image_size")]
+    pub size: usize,
+    /// Per-channel mean and std of the normalisation (default ImageNet's).
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+    /// Training augmentation: random crop of the image padded by this many
+    /// pixels (default size / 8; 0 turns it off) ...
+    pub crop_padding: Option<usize>,
+    /// ... and a random horizontal flip.
+    #[serde(default = "d_true")]
+    pub flip: bool,
+}
+fn d_image_size() -> usize {
+    224
+}
+fn d_true() -> bool {
+    true
+}
+impl Default for ImageSection {
+    fn default() -> Self {
+        ImageSection {
+            size: d_image_size(),
+            mean: None,
+            std: None,
+            crop_padding: None,
+            flip: true,
+        }
+    }
+}
+
+impl ImageSection {
+    pub fn transform(&self) -> crate::data::image::Transform {
+        use crate::data::image::{IMAGENET_MEAN, IMAGENET_STD};
+        crate::data::image::Transform {
+            size: self.size,
+            mean: self.mean.unwrap_or(IMAGENET_MEAN),
+            std: self.std.unwrap_or(IMAGENET_STD),
+            crop_padding: self.crop_padding.unwrap_or(self.size / 8),
+            flip: self.flip,
+        }
+    }
 }
 
 /// `task.weak`: how a classification run gets its training labels.
@@ -407,6 +457,10 @@ pub enum TaskType {
     /// RLHF with PPO: a decoder policy against a reward, with a KL penalty
     /// to its reference and a value model (TRL's last `PPOTrainer`).
     Ppo,
+    /// Image classification with a CNN (MobileNetV2) and a new head, on
+    /// images from IDX files or class folders (`[image]` says how they
+    /// become inputs).
+    ImageClassification,
 }
 
 impl TaskType {
@@ -415,7 +469,11 @@ impl TaskType {
         match self {
             TaskType::Classification => Some(TaskKind::Classification),
             TaskType::Regression => Some(TaskKind::Regression),
-            TaskType::Sft | TaskType::Reward | TaskType::Dpo | TaskType::Ppo => None,
+            TaskType::Sft
+            | TaskType::Reward
+            | TaskType::Dpo
+            | TaskType::Ppo
+            | TaskType::ImageClassification => None,
         }
     }
 }
@@ -507,6 +565,13 @@ pub struct DataSection {
     pub heldout_tasks: Option<String>,
     /// SFT: rows of each held-out set scored by greedy generation (exact match).
     pub generate_eval_rows: Option<usize>,
+    /// Image tasks with IDX files: the label files of `train`,
+    /// `validation`, `test` (a class-folder set needs none).
+    pub train_labels: Option<String>,
+    pub validation_labels: Option<String>,
+    pub test_labels: Option<String>,
+    /// Image tasks with IDX files: the class names, by label id.
+    pub label_names: Option<Vec<String>>,
     /// train / validation / test ratios of a seeded split of `train`, for
     /// the parts not given as files: a part given as a file (`validation`,
     /// `test`) has ratio 0 here (`[0.9, 0.0, 0.1]`), else the config is refused.
@@ -558,6 +623,20 @@ pub struct FreezeSection {
     pub frozen: Vec<String>,
     #[serde(default)]
     pub trainable: Vec<String>,
+    /// CNNs: the batch-norm layers of frozen stages keep their running
+    /// statistics ("eval", the default) or take batch statistics and update
+    /// them ("train").
+    #[serde(default, deserialize_with = "mode")]
+    pub batch_norm: FrozenBatchNorm,
+}
+
+/// `freeze.batch_norm`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrozenBatchNorm {
+    #[default]
+    Eval,
+    Train,
 }
 impl Default for FreezeSection {
     fn default() -> Self {
@@ -568,6 +647,7 @@ impl Default for FreezeSection {
             first_layers: 0,
             frozen: vec![],
             trainable: vec![],
+            batch_norm: FrozenBatchNorm::Eval,
         }
     }
 }
@@ -709,6 +789,71 @@ impl Default for SeedSection {
 pub struct Plan {
     pub config: RunConfig,
     pub config_path: PathBuf,
+}
+
+/// The checks of an image classification run: (key, message) of the first problem.
+fn image_checks(c: &RunConfig) -> std::result::Result<(), (&'static str, String)> {
+    let d = &c.data;
+    for (key, given) in [
+        ("data.text", !d.text.is_empty()),
+        ("data.label", !d.label.is_empty()),
+        ("data.text_pair", d.text_pair.is_some()),
+        ("data.messages", d.messages.is_some()),
+        ("data.prompt", d.prompt.is_some()),
+        ("data.format", d.format.is_some()),
+        ("data.mail", d.mail),
+        ("data.packing", d.packing),
+    ] {
+        if given {
+            return Err((key, "is for text data; images come from IDX files or class folders".into()));
+        }
+    }
+    for (file, labels, key) in [
+        (Some(&d.train), &d.train_labels, "data.train_labels"),
+        (d.validation.as_ref(), &d.validation_labels, "data.validation_labels"),
+        (d.test.as_ref(), &d.test_labels, "data.test_labels"),
+    ] {
+        if file.is_none() && labels.is_some() {
+            return Err((key, "names the labels of a set that is not given".into()));
+        }
+    }
+    if c.adapter.is_some() {
+        return Err(("adapter", "adapters wrap linear layers of transformers; a CNN trains fully or by stages ([freeze])".into()));
+    }
+    if c.freeze.embeddings {
+        return Err(("freeze.embeddings", "a CNN has no embeddings: freeze stages with `first_layers` or patterns (`features.0-6`)".into()));
+    }
+    if c.freeze.preset == FreezePreset::LastLayers {
+        return Err(("freeze.preset", "\"last_layers\" is for transformer layers: for a CNN use `first_layers` or patterns".into()));
+    }
+    if c.model.max_length != d_max_length() {
+        return Err(("model.max_length", "is for text models".into()));
+    }
+    if c.model.format.is_some() || c.model.base_dtype != BaseDtype::F32 {
+        return Err(("model", "`format` and `base_dtype` are for text models (a CNN is read from a .pth file or a model folder, in f32)".into()));
+    }
+    if c.task.pooling.is_some() {
+        return Err(("task.pooling", "a CNN pools by global averaging".into()));
+    }
+    if c.task.weak != WeakMode::Off {
+        return Err(("task.weak", "weak supervision is for text classification".into()));
+    }
+    let img = c.image.clone().unwrap_or_default();
+    if !(8..=1024).contains(&img.size) {
+        return Err(("image.size", format!("{} is not in [8, 1024]", img.size)));
+    }
+    if img.crop_padding.is_some_and(|p| p > img.size) {
+        return Err(("image.crop_padding", format!("{} is more than image.size {}", img.crop_padding.unwrap_or(0), img.size)));
+    }
+    if let Some(s) = img.std {
+        if s.iter().any(|v| !(*v > 0.0 && v.is_finite())) {
+            return Err(("image.std", format!("{s:?}: each must be > 0")));
+        }
+    }
+    if !c.train.device.is_cpu() {
+        return Err(("train.device", "image classification trains on the CPU for now".into()));
+    }
+    Ok(())
 }
 
 fn cfg_err(path: &Path, msg: impl Into<String>) -> Error {
@@ -1121,6 +1266,8 @@ impl Plan {
                     return err("freeze", "DPO trains the whole model or an [adapter]; partial freezing of decoders is not supported yet".into());
                 }
             }
+            TaskType::ImageClassification => image_checks(c)
+                .map_err(|(key, msg)| cfg_err(p, format!("`{key}`: {msg}")))?,
             _ => {
                 for (key, v) in [("data.text", &c.data.text), ("data.label", &c.data.label)] {
                     if v.is_empty() {
@@ -1222,6 +1369,21 @@ impl Plan {
                 weak_checks(w).map_err(|(key, msg)| cfg_err(p, format!("`weak.{key}`: {msg}")))?
             }
         }
+        if c.task.kind != TaskType::ImageClassification {
+            let d = &c.data;
+            for (key, given) in [
+                ("image", c.image.is_some()),
+                ("data.train_labels", d.train_labels.is_some()),
+                ("data.validation_labels", d.validation_labels.is_some()),
+                ("data.test_labels", d.test_labels.is_some()),
+                ("data.label_names", d.label_names.is_some()),
+                ("freeze.batch_norm", c.freeze.batch_norm != FrozenBatchNorm::Eval),
+            ] {
+                if given {
+                    return err(key, "is for task.type = \"image_classification\"".into());
+                }
+            }
+        }
         if c.weak.is_some() && c.task.kind != TaskType::Classification {
             return err(
                 "weak",
@@ -1230,7 +1392,9 @@ impl Plan {
         }
         if let Some(es) = &t.early_stopping {
             let ok: &[&str] = match c.task.kind {
-                TaskType::Classification => &["loss", "accuracy", "macro_f1"],
+                TaskType::Classification | TaskType::ImageClassification => {
+                    &["loss", "accuracy", "macro_f1"]
+                }
                 TaskType::Regression => &["loss", "mse", "pearson"],
                 TaskType::Sft => &["loss", "perplexity"],
                 TaskType::Reward => &["loss", "accuracy", "margin"],
@@ -1284,7 +1448,7 @@ impl Plan {
         match &self.config.train.early_stopping {
             Some(es) => es.metric.clone(),
             None => match self.config.task.kind {
-                TaskType::Classification => "accuracy".into(),
+                TaskType::Classification | TaskType::ImageClassification => "accuracy".into(),
                 TaskType::Reward => "accuracy".into(),
                 TaskType::Regression | TaskType::Sft | TaskType::Dpo => "loss".into(),
                 TaskType::Ppo => "reward".into(),

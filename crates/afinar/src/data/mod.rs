@@ -9,6 +9,7 @@
 mod batch;
 mod field;
 mod labels;
+pub mod image;
 pub mod preference;
 pub mod sft;
 mod source;

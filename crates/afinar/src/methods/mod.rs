@@ -10,6 +10,7 @@
 //!   plan's pairs;
 //! - `reward`: a reward model (scalar head, any body) on preference pairs;
 //! - `dpo`: DPO of a decoder LM on preference pairs;
+//! - `image`: image classification with a CNN (MobileNetV2) and a new head;
 //! - `ppo`: RLHF with PPO: a policy, its reference, a value model and a
 //!   reward (a reward-model run or a rule).
 //!
@@ -18,6 +19,7 @@
 pub mod classify;
 pub mod cosine;
 pub mod dpo;
+pub mod image;
 pub mod pairs;
 pub mod ppo;
 pub mod preference;
@@ -40,6 +42,7 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         TaskType::Reward => reward::train(plan, opts, on),
         TaskType::Dpo => dpo::train(plan, opts, on),
         TaskType::Ppo => ppo::train(plan, opts, on),
+        TaskType::ImageClassification => image::train(plan, opts, on),
     }
 }
 

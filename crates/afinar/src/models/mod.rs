@@ -15,6 +15,7 @@ pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
 pub mod load;
+pub mod mobilenet_v2;
 
 pub use kv_cache::KvCache;
 pub use load::{load_model, LoadOpts, LoadedModel, SourceFormat};

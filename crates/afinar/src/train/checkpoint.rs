@@ -7,7 +7,8 @@
 //!                            early-stopping count, loss window, skipped
 //!                            batches, seeds, metrics.jsonl length, data
 //!                            fingerprint
-//!   trainable.safetensors    every trainable tensor (f32, the ParamStore's names)
+//!   trainable.safetensors    every trainable tensor and buffer (batch norm's
+//!                            running statistics) (f32, the ParamStore's names)
 //!   optimizer.safetensors    AdamW moments: `<name>.exp_avg`, `<name>.exp_avg_sq`
 //! ```
 //!
@@ -169,9 +170,9 @@ pub fn save(
     let dir = path(run_dir, state.step);
     check_finite(store, &format!("{}", dir.display()))?;
     let weights: Vec<(String, Tensor)> = store
-        .trainable()
+        .training_state()
         .into_iter()
-        .map(|(n, w)| Ok((n, w.t.to_dtype(candle_core::DType::F32)?)))
+        .map(|(n, t)| Ok((n, t.to_dtype(candle_core::DType::F32)?)))
         .collect::<Result<_>>()?;
     let mut moments = Vec::new();
     for (n, m, v) in opt.state()? {
@@ -285,7 +286,7 @@ pub fn restore_weights(
     weights: &HashMap<String, Tensor>,
     file: &Path,
 ) -> Result<()> {
-    let trainable = store.trainable();
+    let trainable = store.training_state();
     let mut values = BTreeMap::new();
     for (name, w) in &trainable {
         let t = weights.get(name).ok_or_else(|| Error::Tensor {
@@ -295,21 +296,18 @@ pub fn restore_weights(
                 file.display()
             ),
         })?;
-        if t.dims() != w.t.dims() {
+        if t.dims() != w.dims() {
             return Err(Error::Tensor {
                 name: name.clone(),
                 msg: format!(
                     "shape {:?} in {}, the model has {:?}",
                     t.dims(),
                     file.display(),
-                    w.t.dims()
+                    w.dims()
                 ),
             });
         }
-        values.insert(
-            name.clone(),
-            t.to_dtype(w.t.dtype())?.to_device(w.t.device())?,
-        );
+        values.insert(name.clone(), t.to_dtype(w.dtype())?.to_device(w.device())?);
     }
     if let Some(extra) = weights.keys().find(|k| !values.contains_key(*k)) {
         return Err(Error::Tensor {

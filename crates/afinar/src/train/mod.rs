@@ -576,12 +576,12 @@ impl<'a> Trainer<'a> {
                 }
                 let w = checkpoint::read_tensors(&f)?;
                 let mut out = BTreeMap::new();
-                for (name, p) in store.trainable() {
+                for (name, p) in store.training_state() {
                     let t = w.get(&name).ok_or_else(|| Error::Tensor {
                         name: name.clone(),
                         msg: format!("missing from {}", f.display()),
                     })?;
-                    out.insert(name, t.to_dtype(p.t.dtype())?.to_device(p.t.device())?);
+                    out.insert(name, t.to_dtype(p.dtype())?.to_device(p.device())?);
                 }
                 Some(out)
             }
