@@ -69,7 +69,11 @@ fn main() -> afinar::Result<()> {
     let x = Tensor::from_vec(nchw, (b, 3, s, s), &Device::Cpu)?
         .permute((0, 2, 3, 1))?
         .contiguous()?;
-    let y = Tensor::from_vec((0..b as u32).map(|i| i % 10).collect::<Vec<_>>(), b, &Device::Cpu)?;
+    let y = Tensor::from_vec(
+        (0..b as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        b,
+        &Device::Cpu,
+    )?;
     let mut times = Vec::new();
     let mut phases = (0.0, 0.0, 0.0);
     for step in 0..steps + 1 {

@@ -85,7 +85,10 @@ impl Pattern {
         let short = name.strip_prefix(model_prefix).unwrap_or(name);
         match self {
             Pattern::Glob(_, g, under) => {
-                g.is_match(name) || g.is_match(short) || under.is_match(name) || under.is_match(short)
+                g.is_match(name)
+                    || g.is_match(short)
+                    || under.is_match(name)
+                    || under.is_match(short)
             }
             Pattern::Regex(_, r) => r.is_match(name) || r.is_match(short),
         }
@@ -337,7 +340,11 @@ impl ParamStore {
         self.trainable()
             .into_iter()
             .map(|(n, w)| (n, w.t))
-            .chain(self.buffers.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())))
+            .chain(
+                self.buffers
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().clone())),
+            )
             .collect()
     }
 
@@ -858,7 +865,11 @@ mod tests {
         for n in ["features.0.0.weight", "features.6.conv.1.0.weight"] {
             assert!(p.matches(n, ""), "{n}");
         }
-        for n in ["features.7.conv.0.0.weight", "features.16.conv.2.weight", "classifier.1.weight"] {
+        for n in [
+            "features.7.conv.0.0.weight",
+            "features.16.conv.2.weight",
+            "classifier.1.weight",
+        ] {
             assert!(!p.matches(n, ""), "{n}");
         }
         let p = Pattern::parse("classifier").unwrap();

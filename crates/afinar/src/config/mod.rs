@@ -805,12 +805,19 @@ fn image_checks(c: &RunConfig) -> std::result::Result<(), (&'static str, String)
         ("data.packing", d.packing),
     ] {
         if given {
-            return Err((key, "is for text data; images come from IDX files or class folders".into()));
+            return Err((
+                key,
+                "is for text data; images come from IDX files or class folders".into(),
+            ));
         }
     }
     for (file, labels, key) in [
         (Some(&d.train), &d.train_labels, "data.train_labels"),
-        (d.validation.as_ref(), &d.validation_labels, "data.validation_labels"),
+        (
+            d.validation.as_ref(),
+            &d.validation_labels,
+            "data.validation_labels",
+        ),
         (d.test.as_ref(), &d.test_labels, "data.test_labels"),
     ] {
         if file.is_none() && labels.is_some() {
@@ -824,7 +831,11 @@ fn image_checks(c: &RunConfig) -> std::result::Result<(), (&'static str, String)
         return Err(("freeze.embeddings", "a CNN has no embeddings: freeze stages with `first_layers` or patterns (`features.0-6`)".into()));
     }
     if c.freeze.preset == FreezePreset::LastLayers {
-        return Err(("freeze.preset", "\"last_layers\" is for transformer layers: for a CNN use `first_layers` or patterns".into()));
+        return Err((
+            "freeze.preset",
+            "\"last_layers\" is for transformer layers: for a CNN use `first_layers` or patterns"
+                .into(),
+        ));
     }
     if c.model.max_length != d_max_length() {
         return Err(("model.max_length", "is for text models".into()));
@@ -836,14 +847,24 @@ fn image_checks(c: &RunConfig) -> std::result::Result<(), (&'static str, String)
         return Err(("task.pooling", "a CNN pools by global averaging".into()));
     }
     if c.task.weak != WeakMode::Off {
-        return Err(("task.weak", "weak supervision is for text classification".into()));
+        return Err((
+            "task.weak",
+            "weak supervision is for text classification".into(),
+        ));
     }
     let img = c.image.clone().unwrap_or_default();
     if !(8..=1024).contains(&img.size) {
         return Err(("image.size", format!("{} is not in [8, 1024]", img.size)));
     }
     if img.crop_padding.is_some_and(|p| p > img.size) {
-        return Err(("image.crop_padding", format!("{} is more than image.size {}", img.crop_padding.unwrap_or(0), img.size)));
+        return Err((
+            "image.crop_padding",
+            format!(
+                "{} is more than image.size {}",
+                img.crop_padding.unwrap_or(0),
+                img.size
+            ),
+        ));
     }
     if let Some(s) = img.std {
         if s.iter().any(|v| !(*v > 0.0 && v.is_finite())) {
@@ -851,7 +872,10 @@ fn image_checks(c: &RunConfig) -> std::result::Result<(), (&'static str, String)
         }
     }
     if !c.train.device.is_cpu() {
-        return Err(("train.device", "image classification trains on the CPU for now".into()));
+        return Err((
+            "train.device",
+            "image classification trains on the CPU for now".into(),
+        ));
     }
     Ok(())
 }
@@ -1266,8 +1290,9 @@ impl Plan {
                     return err("freeze", "DPO trains the whole model or an [adapter]; partial freezing of decoders is not supported yet".into());
                 }
             }
-            TaskType::ImageClassification => image_checks(c)
-                .map_err(|(key, msg)| cfg_err(p, format!("`{key}`: {msg}")))?,
+            TaskType::ImageClassification => {
+                image_checks(c).map_err(|(key, msg)| cfg_err(p, format!("`{key}`: {msg}")))?
+            }
             _ => {
                 for (key, v) in [("data.text", &c.data.text), ("data.label", &c.data.label)] {
                     if v.is_empty() {
@@ -1377,7 +1402,10 @@ impl Plan {
                 ("data.validation_labels", d.validation_labels.is_some()),
                 ("data.test_labels", d.test_labels.is_some()),
                 ("data.label_names", d.label_names.is_some()),
-                ("freeze.batch_norm", c.freeze.batch_norm != FrozenBatchNorm::Eval),
+                (
+                    "freeze.batch_norm",
+                    c.freeze.batch_norm != FrozenBatchNorm::Eval,
+                ),
             ] {
                 if given {
                     return err(key, "is for task.type = \"image_classification\"".into());

@@ -64,18 +64,27 @@ fn be_u32(b: &[u8], at: usize) -> u32 {
 /// length (`ndim` dimensions of unsigned bytes expected).
 fn idx_dims(path: &Path, b: &[u8], ndim: usize) -> Result<Vec<usize>> {
     if b.len() < 4 {
-        return Err(Error::file(path, "not an IDX file: shorter than its 4-byte magic"));
+        return Err(Error::file(
+            path,
+            "not an IDX file: shorter than its 4-byte magic",
+        ));
     }
     if b[0] != 0 || b[1] != 0 {
         return Err(Error::file(
             path,
-            format!("not an IDX file: magic {:02x?} does not start with two zero bytes", &b[..4]),
+            format!(
+                "not an IDX file: magic {:02x?} does not start with two zero bytes",
+                &b[..4]
+            ),
         ));
     }
     if b[2] != 0x08 {
         return Err(Error::file(
             path,
-            format!("IDX element type 0x{:02x}: only unsigned bytes (0x08) are read", b[2]),
+            format!(
+                "IDX element type 0x{:02x}: only unsigned bytes (0x08) are read",
+                b[2]
+            ),
         ));
     }
     if b[3] as usize != ndim {
@@ -113,7 +122,11 @@ pub fn read_idx(images: &Path, labels: &Path, classes: Option<&[String]>) -> Res
     if ld[0] != n {
         return Err(Error::file(
             labels,
-            format!("{} labels for the {n} images of {}", ld[0], images.display()),
+            format!(
+                "{} labels for the {n} images of {}",
+                ld[0],
+                images.display()
+            ),
         ));
     }
     if h == 0 || w == 0 {
@@ -169,10 +182,18 @@ pub fn read_folder(root: &Path, classes: Option<&[String]>) -> Result<ImageSet> 
     let dirs: Vec<PathBuf> = list(root)?.into_iter().filter(|p| p.is_dir()).collect();
     let names: Vec<String> = dirs
         .iter()
-        .map(|d| d.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .map(|d| {
+            d.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     if names.is_empty() {
-        return Err(Error::file(root, "no class folders (root/<class>/<image>.png)"));
+        return Err(Error::file(
+            root,
+            "no class folders (root/<class>/<image>.png)",
+        ));
     }
     let classes: Vec<String> = match classes {
         Some(c) => {
@@ -207,7 +228,10 @@ pub fn read_folder(root: &Path, classes: Option<&[String]>) -> Result<ImageSet> 
         }
     }
     if set.images.is_empty() {
-        return Err(Error::file(root, "no .png / .jpg / .jpeg images in the class folders"));
+        return Err(Error::file(
+            root,
+            "no .png / .jpg / .jpeg images in the class folders",
+        ));
     }
     Ok(set)
 }
@@ -236,10 +260,14 @@ fn decode_png(bytes: &[u8]) -> std::result::Result<RawImage, String> {
     let mut reader = dec.read_info().map_err(|e| format!("PNG: {e}"))?;
     let (w, h) = (reader.info().width as usize, reader.info().height as usize);
     if w.saturating_mul(h) > 1 << 26 {
-        return Err(format!("PNG of {w}x{h} pixels is larger than afinar reads (2^26)"));
+        return Err(format!(
+            "PNG of {w}x{h} pixels is larger than afinar reads (2^26)"
+        ));
     }
     let mut buf = vec![0u8; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).map_err(|e| format!("PNG: {e}"))?;
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| format!("PNG: {e}"))?;
     let src = &buf[..info.buffer_size()];
     let (c, keep): (usize, usize) = match info.color_type {
         png::ColorType::Grayscale => (1, 1),
@@ -251,9 +279,16 @@ fn decode_png(bytes: &[u8]) -> std::result::Result<RawImage, String> {
     let data = if c == keep {
         src.to_vec()
     } else {
-        src.chunks_exact(c).flat_map(|p| p[..keep].to_vec()).collect()
+        src.chunks_exact(c)
+            .flat_map(|p| p[..keep].to_vec())
+            .collect()
     };
-    Ok(RawImage { h, w, c: keep, data })
+    Ok(RawImage {
+        h,
+        w,
+        c: keep,
+        data,
+    })
 }
 
 fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RawImage, String> {
@@ -262,13 +297,19 @@ fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RawImage, String> {
     let info = dec.info().ok_or("JPEG: no header")?;
     let (w, h) = (info.width as usize, info.height as usize);
     if w.saturating_mul(h) > 1 << 26 {
-        return Err(format!("JPEG of {w}x{h} pixels is larger than afinar reads (2^26)"));
+        return Err(format!(
+            "JPEG of {w}x{h} pixels is larger than afinar reads (2^26)"
+        ));
     }
     let px = dec.decode().map_err(|e| format!("JPEG: {e}"))?;
     let c = match info.pixel_format {
         jpeg_decoder::PixelFormat::L8 => 1,
         jpeg_decoder::PixelFormat::RGB24 => 3,
-        other => return Err(format!("JPEG pixel format {other:?} is not read (grey or RGB)")),
+        other => {
+            return Err(format!(
+                "JPEG pixel format {other:?} is not read (grey or RGB)"
+            ))
+        }
     };
     Ok(RawImage { h, w, c, data: px })
 }
@@ -390,7 +431,11 @@ mod tests {
     fn idx_files_read_and_bad_ones_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let (im, lb) = (dir.path().join("im"), dir.path().join("lb"));
-        std::fs::write(&im, idx(&[2, 2, 3], &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])).unwrap();
+        std::fs::write(
+            &im,
+            idx(&[2, 2, 3], &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]),
+        )
+        .unwrap();
         std::fs::write(&lb, idx(&[2], &[1, 0])).unwrap();
         let s = read_idx(&im, &lb, None).unwrap();
         assert_eq!(s.labels, vec![1, 0]);
@@ -402,7 +447,10 @@ mod tests {
         assert!(e.contains("3 labels for the 2 images"), "{e}");
         std::fs::write(&im, idx(&[2, 2, 3], &[0; 11])).unwrap();
         let e = read_idx(&im, &lb, None).unwrap_err().to_string();
-        assert!(e.contains("need 12 bytes of data, the file holds 11"), "{e}");
+        assert!(
+            e.contains("need 12 bytes of data, the file holds 11"),
+            "{e}"
+        );
         std::fs::write(&im, b"PK\x03\x04rest").unwrap();
         let e = read_idx(&im, &lb, None).unwrap_err().to_string();
         assert!(e.contains("not an IDX file"), "{e}");

@@ -8,8 +8,8 @@
 
 mod batch;
 mod field;
-mod labels;
 pub mod image;
+mod labels;
 pub mod preference;
 pub mod sft;
 mod source;

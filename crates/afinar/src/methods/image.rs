@@ -35,7 +35,9 @@ pub const WEIGHTS: &str = "model.safetensors";
 pub fn layout() -> Layout {
     Layout {
         prefix: String::new(),
-        layers: (0..mnv2::STAGES).map(|i| format!("features.{i}.*")).collect(),
+        layers: (0..mnv2::STAGES)
+            .map(|i| format!("features.{i}.*"))
+            .collect(),
         embeddings: vec![],
         head: vec!["classifier.*".into()],
     }
@@ -56,7 +58,10 @@ pub fn selector(plan: &Plan) -> Result<Selector> {
     };
     Selector::new(&rules, &layout()).map_err(|e| Error::Config {
         path: plan.config_path.clone(),
-        msg: format!("`freeze`: {e} (a MobileNetV2 has {} stages, features.0-18)", mnv2::STAGES),
+        msg: format!(
+            "`freeze`: {e} (a MobileNetV2 has {} stages, features.0-18)",
+            mnv2::STAGES
+        ),
     })
 }
 
@@ -248,7 +253,11 @@ pub fn read_set(
         if set.classes.len() > c.len() {
             return Err(Error::file(
                 &p,
-                format!("has labels up to {}, the training set {} classes", set.classes.len() - 1, c.len()),
+                format!(
+                    "has labels up to {}, the training set {} classes",
+                    set.classes.len() - 1,
+                    c.len()
+                ),
             ));
         }
     }
@@ -266,12 +275,21 @@ pub fn load_splits(plan: &Plan) -> Result<ImageSplits> {
     let d = &plan.config.data;
     let cp = &plan.config_path;
     let names = d.label_names.as_deref();
-    let all = read_set(&d.train, d.train_labels.as_deref(), "train", names, None, cp)?;
+    let all = read_set(
+        &d.train,
+        d.train_labels.as_deref(),
+        "train",
+        names,
+        None,
+        cp,
+    )?;
     let classes = all.classes.clone();
     let base: Vec<usize> = match d.max_rows {
         Some(m) if m < all.len() => {
             let key = |i: usize| {
-                crate::data::splitmix64(d.split_seed ^ 0x6d61_785f_726f_7773 ^ crate::data::splitmix64(i as u64))
+                crate::data::splitmix64(
+                    d.split_seed ^ 0x6d61_785f_726f_7773 ^ crate::data::splitmix64(i as u64),
+                )
             };
             let mut order: Vec<usize> = (0..all.len()).collect();
             order.sort_by_key(|&i| key(i));
@@ -284,23 +302,44 @@ pub fn load_splits(plan: &Plan) -> Result<ImageSplits> {
     let (train, mut validation, mut test) = match d.split {
         Some(r) => {
             let s = crate::data::seeded_split(base.len(), r, d.split_seed)?;
-            let part = |ix: Vec<usize>| all.select(&ix.into_iter().map(|i| base[i]).collect::<Vec<_>>());
+            let part =
+                |ix: Vec<usize>| all.select(&ix.into_iter().map(|i| base[i]).collect::<Vec<_>>());
             (part(s.train), Some(part(s.validation)), Some(part(s.test)))
         }
         None => (all.select(&base), None, None),
     };
     if let Some(v) = &d.validation {
-        validation = Some(read_set(v, d.validation_labels.as_deref(), "validation", names, Some(&classes), cp)?);
+        validation = Some(read_set(
+            v,
+            d.validation_labels.as_deref(),
+            "validation",
+            names,
+            Some(&classes),
+            cp,
+        )?);
     }
     if let Some(t) = &d.test {
-        test = Some(read_set(t, d.test_labels.as_deref(), "test", names, Some(&classes), cp)?);
+        test = Some(read_set(
+            t,
+            d.test_labels.as_deref(),
+            "test",
+            names,
+            Some(&classes),
+            cp,
+        )?);
     }
     if train.is_empty() {
-        return Err(Error::Data(format!("{}: the training split is empty", all.path.display())));
+        return Err(Error::Data(format!(
+            "{}: the training split is empty",
+            all.path.display()
+        )));
     }
-    let validation = validation
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| Error::Data(format!("{}: the validation split is empty", all.path.display())))?;
+    let validation = validation.filter(|v| !v.is_empty()).ok_or_else(|| {
+        Error::Data(format!(
+            "{}: the validation split is empty",
+            all.path.display()
+        ))
+    })?;
     Ok(ImageSplits {
         train,
         validation,
@@ -322,15 +361,22 @@ pub fn evaluate(
         let x = inputs(set, chunk, tf, None)?;
         let logits = model.forward(&x, None)?;
         let t = targets(set, chunk)?;
-        loss_sum += crate::nn::cross_entropy(&logits, &t)?.to_vec0::<f32>()? as f64 * chunk.len() as f64;
+        loss_sum +=
+            crate::nn::cross_entropy(&logits, &t)?.to_vec0::<f32>()? as f64 * chunk.len() as f64;
         logits_all.extend(logits.to_vec2::<f32>()?);
     }
-    let pred: Vec<usize> = logits_all.iter().map(|r| super::classify::argmax(r)).collect();
+    let pred: Vec<usize> = logits_all
+        .iter()
+        .map(|r| super::classify::argmax(r))
+        .collect();
     let gold: Vec<usize> = set.labels.iter().map(|&g| g as usize).collect();
     let mut m = BTreeMap::new();
     m.insert("loss".to_string(), loss_sum / set.len().max(1) as f64);
     m.insert("accuracy".into(), metrics::accuracy(&pred, &gold)?);
-    m.insert("macro_f1".into(), metrics::macro_f1(&pred, &gold, model.cfg.num_classes)?);
+    m.insert(
+        "macro_f1".into(),
+        metrics::macro_f1(&pred, &gold, model.cfg.num_classes)?,
+    );
     Ok((m, logits_all))
 }
 
@@ -338,7 +384,11 @@ pub fn evaluate(
 fn inputs(set: &ImageSet, idx: &[usize], tf: &Transform, aug: Option<&[u64]>) -> Result<Tensor> {
     let imgs: Vec<&RawImage> = idx.iter().map(|&i| &set.images[i]).collect();
     let s = tf.size;
-    Ok(Tensor::from_vec(tf.batch(&imgs, aug), (idx.len(), s, s, 3), &Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        tf.batch(&imgs, aug),
+        (idx.len(), s, s, 3),
+        &Device::Cpu,
+    )?)
 }
 
 fn targets(set: &ImageSet, idx: &[usize]) -> Result<Tensor> {
@@ -363,8 +413,12 @@ impl Saver {
             .enumerate()
             .map(|(i, c)| (i.to_string(), c.clone()))
             .collect();
-        let label2id: BTreeMap<String, usize> =
-            self.classes.iter().enumerate().map(|(i, c)| (c.clone(), i)).collect();
+        let label2id: BTreeMap<String, usize> = self
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), i))
+            .collect();
         v["architectures"] = serde_json::json!(["MobileNetV2"]);
         v["id2label"] = serde_json::json!(id2label);
         v["label2id"] = serde_json::json!(label2id);
@@ -389,7 +443,8 @@ impl Saver {
                 Ok((n, t))
             })
             .collect::<Result<Vec<_>>>()?;
-        let cfg = serde_json::to_vec_pretty(&self.config_json()).map_err(|e| Error::msg(e.to_string()))?;
+        let cfg = serde_json::to_vec_pretty(&self.config_json())
+            .map_err(|e| Error::msg(e.to_string()))?;
         fsutil::write_dir_atomic(&self.dir.join("model"), |tmp| {
             crate::hub::checkpoint::write_safetensors(&tmp.join(WEIGHTS), tensors.into_iter())?;
             fsutil::write_atomic(&tmp.join("config.json"), &cfg)
@@ -477,7 +532,11 @@ pub fn train(plan: &Plan, opts: &TrainOptions, on: &mut dyn FnMut(Event)) -> Res
         FrozenBatchNorm::Train => FrozenBn::Train,
     };
     let (store, model) = build(weights, sel, classes.len(), bn, c.seeds.init, on)?;
-    on(Event::Info(format!("{}; {}", store.summary(), bn_summary(&model))));
+    on(Event::Info(format!(
+        "{}; {}",
+        store.summary(),
+        bn_summary(&model)
+    )));
     let tf = c.image.clone().unwrap_or_default().transform();
     on(Event::Info(format!(
         "data: {} train / {} validation / {} test images, {} classes {:?}; inputs {}x{}",
@@ -550,7 +609,12 @@ pub fn load_saved(dir: &Path) -> Result<SavedModel> {
     let f3 = |k: &str, d: [f32; 3]| -> [f32; 3] {
         let v: Vec<f32> = raw[k]
             .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_f64())
+                    .map(|x| x as f32)
+                    .collect()
+            })
             .unwrap_or_default();
         v.try_into().unwrap_or(d)
     };
@@ -578,7 +642,11 @@ impl SavedModel {
         for chunk in images.chunks(64) {
             let refs: Vec<&RawImage> = chunk.iter().collect();
             let s = self.tf.size;
-            let x = Tensor::from_vec(self.tf.batch(&refs, None), (chunk.len(), s, s, 3), &Device::Cpu)?;
+            let x = Tensor::from_vec(
+                self.tf.batch(&refs, None),
+                (chunk.len(), s, s, 3),
+                &Device::Cpu,
+            )?;
             let logits = self.model.forward(&x, None)?;
             let p = softmax_rows(&logits)?;
             out.extend(p);

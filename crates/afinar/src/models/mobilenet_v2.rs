@@ -131,10 +131,12 @@ impl MobileNetV2 {
     /// The model over `store` (torchvision names, no prefix).
     pub fn load(store: &ParamStore, cfg: &MobileNetV2Config, bn_mode: FrozenBn) -> Result<Self> {
         let conv_bn = |conv: &str, bn: &str, cfg_c: Conv2dCfg, relu6: bool| -> Result<ConvBn> {
-            let shape = store.dims(&format!("{conv}.weight")).ok_or_else(|| Error::Tensor {
-                name: format!("{conv}.weight"),
-                msg: format!("missing from {}", store.source),
-            })?;
+            let shape = store
+                .dims(&format!("{conv}.weight"))
+                .ok_or_else(|| Error::Tensor {
+                    name: format!("{conv}.weight"),
+                    msg: format!("missing from {}", store.source),
+                })?;
             let w = store.get(&format!("{conv}.weight"), &shape)?;
             let c = shape[0];
             let bn = batch_norm(store, bn, c, cfg, bn_mode)?;
@@ -169,7 +171,12 @@ impl MobileNetV2 {
             } else {
                 (None, 0, format!("{p}.1"), format!("{p}.2"))
             };
-            let depthwise = conv_bn(&format!("{p}.{d}.0"), &format!("{p}.{d}.1"), dw(stride), true)?;
+            let depthwise = conv_bn(
+                &format!("{p}.{d}.0"),
+                &format!("{p}.{d}.1"),
+                dw(stride),
+                true,
+            )?;
             let project = conv_bn(&proj, &pbn, full(1, 0), false)?;
             let hidden = expand.as_ref().map_or(cin, |e| e.conv.t.dims()[0]);
             let wd = depthwise.conv.t.dims();

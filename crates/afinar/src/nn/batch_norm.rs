@@ -280,6 +280,8 @@ pub fn global_avg_pool(x: &Tensor) -> CResult<Tensor> {
 
 pub(crate) mod cpu {
     use super::*;
+    use crate::nn::kernels;
+    use std::mem::MaybeUninit;
 
     /// Per-channel f32 partial sums of `f(row, acc)` over chunks of rows,
     /// added in f64.
@@ -318,18 +320,28 @@ pub(crate) mod cpu {
     /// taken around the mean, not as E[x²] - E[x]²).
     pub(crate) fn moments(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
         let rows = x.len() / c;
-        let [s] = channel_sums::<1>(rows, c, |r, [a]| {
-            for (s, v) in a.iter_mut().zip(&x[r * c..(r + 1) * c]) {
-                *s += v;
-            }
-        });
+        let [s] = channel_sums::<1>(
+            rows,
+            c,
+            #[inline(always)]
+            |r, [a]| {
+                for (s, v) in a.iter_mut().zip(&x[r * c..(r + 1) * c]) {
+                    *s += v;
+                }
+            },
+        );
         let mean: Vec<f32> = s.iter().map(|v| (v / rows as f64) as f32).collect();
-        let [q] = channel_sums::<1>(rows, c, |r, [a]| {
-            for ((s, v), m) in a.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
-                let d = v - m;
-                *s += d * d;
-            }
-        });
+        let [q] = channel_sums::<1>(
+            rows,
+            c,
+            #[inline(always)]
+            |r, [a]| {
+                for ((s, v), m) in a.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
+                    let d = v - m;
+                    *s += d * d;
+                }
+            },
+        );
         let var = q.iter().map(|v| (v / rows as f64) as f32).collect();
         (mean, var)
     }
@@ -345,31 +357,30 @@ pub(crate) mod cpu {
         let c = g.len();
         let scale: Vec<f32> = g.iter().zip(invstd).map(|(g, s)| g * s).collect();
         let shift: Vec<f32> = (0..c).map(|i| b[i] - mean[i] * scale[i]).collect();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(ROWS * c)
-            .zip(x.par_chunks(ROWS * c))
-            .for_each(|(yo, xi)| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        for (yr, xr) in yo.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
-                            for (((o, v), s), t) in yr.iter_mut().zip(xr).zip(&scale).zip(&shift) {
-                                let z = v * s + t;
-                                *o = if relu6 { z.clamp(0.0, 6.0) } else { z };
-                            }
-                        }
-                    },
-                );
-            });
-        y
+        let (lo, hi) = if relu6 {
+            (0.0, 6.0)
+        } else {
+            (f32::NEG_INFINITY, f32::INFINITY)
+        };
+        // SAFETY: every row of every chunk is written.
+        unsafe {
+            kernels::map_rows(
+                x,
+                c,
+                #[inline(always)]
+                |xr, yr| {
+                    for i in 0..c {
+                        yr[i] = MaybeUninit::new((xr[i] * scale[i] + shift[i]).max(lo).min(hi));
+                    }
+                },
+            )
+        }
     }
 
+    /// The ReLU6 mask of an output value: 1 inside (0, 6), else 0.
     #[inline(always)]
-    fn masked(g: f32, y: Option<f32>) -> f32 {
-        match y {
-            Some(y) if !(y > 0.0 && y < 6.0) => 0.0,
-            _ => g,
-        }
+    fn inside(y: f32) -> f32 {
+        ((y > 0.0) & (y < 6.0)) as u8 as f32
     }
 
     /// Σ dy and Σ dy·x̂ per channel (dy masked by the ReLU6 output).
@@ -382,15 +393,47 @@ pub(crate) mod cpu {
         c: usize,
     ) -> (Vec<f64>, Vec<f64>) {
         let rows = x.len() / c;
-        let [sdy, sdyx] = channel_sums::<2>(rows, c, |r, [a, b]| {
-            let o = r * c;
+        let parts: Vec<(Vec<f32>, Vec<f32>)> = (0..rows.div_ceil(ROWS))
+            .into_par_iter()
+            .map(|k| {
+                let (mut a, mut b) = (vec![0f32; c], vec![0f32; c]);
+                let (r0, r1) = (k * ROWS, ((k + 1) * ROWS).min(rows));
+                simd::run(
+                    #[inline(always)]
+                    || {
+                        for r in r0..r1 {
+                            let o = r * c;
+                            let (xr, gr) = (&x[o..o + c], &dy[o..o + c]);
+                            match y {
+                                Some(y) => {
+                                    let yr = &y[o..o + c];
+                                    for i in 0..c {
+                                        let g = gr[i] * inside(yr[i]);
+                                        a[i] += g;
+                                        b[i] += g * (xr[i] - mean[i]) * invstd[i];
+                                    }
+                                }
+                                None => {
+                                    for i in 0..c {
+                                        a[i] += gr[i];
+                                        b[i] += gr[i] * (xr[i] - mean[i]) * invstd[i];
+                                    }
+                                }
+                            }
+                        }
+                    },
+                );
+                (a, b)
+            })
+            .collect();
+        let (mut sa, mut sb) = (vec![0f64; c], vec![0f64; c]);
+        for (a, b) in parts {
             for i in 0..c {
-                let g = masked(dy[o + i], y.map(|y| y[o + i]));
-                a[i] += g;
-                b[i] += g * (x[o + i] - mean[i]) * invstd[i];
+                sa[i] += a[i] as f64;
+                sb[i] += b[i] as f64;
             }
-        });
-        (sdy, sdyx)
+        }
+        (sa, sb)
     }
 
     /// dx: with batch statistics `γ σ⁻¹ (dy - Σdy/N - x̂ Σdy·x̂/N)`, with
@@ -413,25 +456,45 @@ pub(crate) mod cpu {
             ),
             None => (vec![0.0; c], vec![0.0; c]),
         };
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(ROWS * c)
-            .enumerate()
-            .for_each(|(k, out)| {
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        for (ri, d) in out.chunks_exact_mut(c).enumerate() {
-                            let o = (k * ROWS + ri) * c;
-                            for i in 0..c {
-                                let gr = masked(dy[o + i], y.map(|y| y[o + i]));
-                                let xh = (x[o + i] - used.mean[i]) * used.invstd[i];
-                                d[i] = scale[i] * (gr - a[i] - xh * b[i]);
-                            }
-                        }
-                    },
-                );
-            });
-        dx
+        let (mean, invstd) = (&used.mean, &used.invstd);
+        // SAFETY: the chunks cover the output and every element is written.
+        unsafe {
+            kernels::new_filled(x.len(), |out| {
+                out.par_chunks_mut(ROWS * c)
+                    .enumerate()
+                    .for_each(|(k, oc)| {
+                        simd::run(
+                            #[inline(always)]
+                            || {
+                                for (ri, d) in oc.chunks_exact_mut(c).enumerate() {
+                                    let o = (k * ROWS + ri) * c;
+                                    let (xr, gr) = (&x[o..o + c], &dy[o..o + c]);
+                                    match y {
+                                        Some(y) => {
+                                            let yr = &y[o..o + c];
+                                            for i in 0..c {
+                                                let xh = (xr[i] - mean[i]) * invstd[i];
+                                                let gi = gr[i] * inside(yr[i]);
+                                                d[i] = MaybeUninit::new(
+                                                    scale[i] * (gi - a[i] - xh * b[i]),
+                                                );
+                                            }
+                                        }
+                                        None => {
+                                            for i in 0..c {
+                                                let xh = (xr[i] - mean[i]) * invstd[i];
+                                                d[i] = MaybeUninit::new(
+                                                    scale[i] * (gr[i] - a[i] - xh * b[i]),
+                                                );
+                                            }
+                                        }
+                                    }
+                                }
+                            },
+                        )
+                    })
+            })
+        }
     }
 }
 
