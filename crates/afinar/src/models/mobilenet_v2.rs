@@ -19,7 +19,9 @@
 //! batch norm takes batch statistics, except in the layers built with
 //! frozen statistics (a frozen stage).
 
+use crate::nn::conv_stack::Unit;
 use crate::nn::{self, BatchNorm, Conv2dCfg, DropoutRng, Linear, RunningStats, Weight};
+use std::sync::Arc;
 use crate::params::ParamStore;
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -125,6 +127,40 @@ pub struct MobileNetV2 {
     pub blocks: Vec<Block>,
     pub last: ConvBn,
     pub classifier: Linear,
+    /// The features as one fused stack (`nn::conv_stack`), what `forward` runs.
+    units: Arc<Vec<Unit>>,
+}
+
+impl ConvBn {
+    fn unit(&self) -> Unit {
+        Unit::ConvBn {
+            conv: self.conv.clone(),
+            cfg: self.cfg,
+            bn: self.bn.clone(),
+            relu6: self.relu6,
+        }
+    }
+}
+
+/// The features as conv-stack units: the stem, each block (its residual
+/// marked), the last convolution.
+fn units_of(stem: &ConvBn, blocks: &[Block], last: &ConvBn) -> Vec<Unit> {
+    let mut u = vec![stem.unit()];
+    for b in blocks {
+        if b.residual {
+            u.push(Unit::Save);
+        }
+        if let Some(e) = &b.expand {
+            u.push(e.unit());
+        }
+        u.push(b.depthwise.unit());
+        u.push(b.project.unit());
+        if b.residual {
+            u.push(Unit::Add);
+        }
+    }
+    u.push(last.unit());
+    u
 }
 
 impl MobileNetV2 {
@@ -221,12 +257,14 @@ impl MobileNetV2 {
             cfg.num_classes,
             true,
         )?;
+        let units = Arc::new(units_of(&stem, &blocks, &last));
         Ok(MobileNetV2 {
             cfg: cfg.clone(),
             stem,
             blocks,
             last,
             classifier,
+            units,
         })
     }
 
@@ -242,8 +280,15 @@ impl MobileNetV2 {
         self.classifier.forward(&pooled)
     }
 
-    /// `features(x)`: the last feature map `[B, h, w, last_channel]`.
+    /// `features(x)`: the last feature map `[B, h, w, last_channel]`, as
+    /// one fused node of the graph (`nn::conv_stack`).
     pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        nn::conv_stack::run(&self.units, x, train)
+    }
+
+    /// The same through one graph node per op (`nn::conv2d`,
+    /// `nn::batch_norm`): the reference the fused path is tested against.
+    pub fn features_per_op(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = self.stem.forward(x, train)?;
         for b in &self.blocks {
             h = b.forward(&h, train)?;

@@ -77,7 +77,7 @@ impl BatchNorm {
 /// The statistics a forward used, kept for its backward (and, with batch
 /// statistics, for the running-statistics update).
 #[derive(Default)]
-pub(crate) struct Used {
+struct Used {
     mean: Vec<f32>,
     /// Biased variance of the batch (batch statistics only).
     var: Vec<f32>,
@@ -164,7 +164,11 @@ impl Op<3> for BatchNormOp {
             if !want_x {
                 return Ok(None);
             }
-            let dx = cpu::input_grad(xv, dy, mask, gv, &used, train.then_some((&sdy, &sdyx)));
+            let st = cpu::Stats {
+                mean: &used.mean,
+                invstd: &used.invstd,
+            };
+            let dx = cpu::input_grad(xv, dy, mask, gv, st, train.then_some((&sdy, &sdyx)));
             Ok(Some(tensor(dx, x.shape())?))
         })?;
         Ok(first_only(dx))
@@ -203,28 +207,39 @@ pub fn batch_norm(
     let y = apply(op, [x, &weight.t, &bias.t])?;
     if batch {
         let u = used.lock().unwrap();
-        let m = momentum as f32;
-        let n = u.rows as f32;
-        let old_mean = vec(&stats.mean)?;
-        let old_var = vec(&stats.var)?;
-        let mean: Vec<f32> = old_mean
-            .iter()
-            .zip(&u.mean)
-            .map(|(o, b)| (1.0 - m) * o + m * b)
-            .collect();
-        // torch keeps the unbiased variance.
-        let var: Vec<f32> = old_var
-            .iter()
-            .zip(&u.var)
-            .map(|(o, b)| (1.0 - m) * o + m * b * n / (n - 1.0))
-            .collect();
-        let shape = stats.mean.as_tensor().shape().clone();
-        stats.mean.set(&tensor(mean, shape.clone())?)?;
-        stats.var.set(&tensor(var, shape)?)?;
-        let count = stats.count.as_tensor().to_dtype(candle_core::DType::F32)?;
-        stats.count.set(&(count + 1.0)?)?;
+        update_running(stats, &u.mean, &u.var, u.rows, momentum)?;
     }
     Ok(y)
+}
+
+/// Move the running statistics towards a batch's (mean, biased variance
+/// over `rows` values): torch keeps the unbiased variance; the count goes up.
+pub(crate) fn update_running(
+    stats: &RunningStats,
+    mean: &[f32],
+    var: &[f32],
+    rows: usize,
+    momentum: f64,
+) -> CResult<()> {
+    let vec = |v: &Var| v.as_tensor().flatten_all()?.to_vec1::<f32>();
+    let m = momentum as f32;
+    let n = rows as f32;
+    let new_mean: Vec<f32> = vec(&stats.mean)?
+        .iter()
+        .zip(mean)
+        .map(|(o, b)| (1.0 - m) * o + m * b)
+        .collect();
+    let new_var: Vec<f32> = vec(&stats.var)?
+        .iter()
+        .zip(var)
+        .map(|(o, b)| (1.0 - m) * o + m * b * n / (n - 1.0))
+        .collect();
+    let shape = stats.mean.as_tensor().shape().clone();
+    stats.mean.set(&tensor(new_mean, shape.clone())?)?;
+    stats.var.set(&tensor(new_var, shape)?)?;
+    let count = stats.count.as_tensor().to_dtype(candle_core::DType::F32)?;
+    stats.count.set(&(count + 1.0)?)?;
+    Ok(())
 }
 
 struct AvgPoolOp;
@@ -282,6 +297,13 @@ pub(crate) mod cpu {
     use super::*;
     use crate::nn::kernels;
     use std::mem::MaybeUninit;
+
+    /// The statistics a forward normalised with.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Stats<'a> {
+        pub mean: &'a [f32],
+        pub invstd: &'a [f32],
+    }
 
     /// Per-channel f32 partial sums of `f(row, acc)` over chunks of rows,
     /// added in f64.
@@ -443,12 +465,12 @@ pub(crate) mod cpu {
         dy: &[f32],
         y: Option<&[f32]>,
         g: &[f32],
-        used: &Used,
+        used: Stats,
         sums: Option<(&Vec<f64>, &Vec<f64>)>,
     ) -> Vec<f32> {
         let c = g.len();
         let n = (x.len() / c) as f64;
-        let scale: Vec<f32> = g.iter().zip(&used.invstd).map(|(g, s)| g * s).collect();
+        let scale: Vec<f32> = g.iter().zip(used.invstd).map(|(g, s)| g * s).collect();
         let (a, b): (Vec<f32>, Vec<f32>) = match sums {
             Some((sdy, sdyx)) => (
                 sdy.iter().map(|v| (v / n) as f32).collect(),
@@ -456,7 +478,7 @@ pub(crate) mod cpu {
             ),
             None => (vec![0.0; c], vec![0.0; c]),
         };
-        let (mean, invstd) = (&used.mean, &used.invstd);
+        let (mean, invstd) = (used.mean, used.invstd);
         // SAFETY: the chunks cover the output and every element is written.
         unsafe {
             kernels::new_filled(x.len(), |out| {

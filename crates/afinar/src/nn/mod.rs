@@ -27,6 +27,7 @@ pub mod activation;
 pub mod attention;
 pub mod batch_norm;
 pub mod conv;
+pub mod conv_stack;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod custom_op;
