@@ -21,11 +21,11 @@
 
 use crate::nn::conv_stack::Unit;
 use crate::nn::{self, BatchNorm, Conv2dCfg, DropoutRng, Linear, RunningStats, Weight};
-use std::sync::Arc;
 use crate::params::ParamStore;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// torchvision's `inverted_residual_setting`: expansion t, channels c
 /// (at width 1), repeats n, first stride s.

@@ -305,62 +305,87 @@ pub(crate) mod cpu {
         pub invstd: &'a [f32],
     }
 
-    /// Per-channel f32 partial sums of `f(row, acc)` over chunks of rows,
-    /// added in f64.
+    /// Rows summed in f32 before they are added into the f64 sums: a
+    /// channel whose values are large and nearly equal (an image's
+    /// background) loses its mean in a long f32 sum, and with a small
+    /// variance that error is the normalised value's.
+    const BLOCK: usize = 16;
+
+    /// Per-channel sums of `f(row, acc)` over the rows: f32 within blocks
+    /// of [`BLOCK`] rows, f64 across them; chunks of rows in parallel.
     fn channel_sums<const K: usize>(
         rows: usize,
         c: usize,
         f: impl Fn(usize, &mut [Vec<f32>; K]) + Sync,
     ) -> [Vec<f64>; K] {
-        let parts: Vec<[Vec<f32>; K]> = (0..rows.div_ceil(ROWS))
+        let parts: Vec<[Vec<f64>; K]> = (0..rows.div_ceil(ROWS))
             .into_par_iter()
             .map(|k| {
                 let mut acc: [Vec<f32>; K] = std::array::from_fn(|_| vec![0f32; c]);
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        for r in k * ROWS..((k + 1) * ROWS).min(rows) {
-                            f(r, &mut acc);
+                let mut wide: [Vec<f64>; K] = std::array::from_fn(|_| vec![0f64; c]);
+                let end = ((k + 1) * ROWS).min(rows);
+                let mut r0 = k * ROWS;
+                while r0 < end {
+                    let r1 = (r0 + BLOCK).min(end);
+                    simd::run(
+                        #[inline(always)]
+                        || {
+                            for r in r0..r1 {
+                                f(r, &mut acc);
+                            }
+                        },
+                    );
+                    for (w, a) in wide.iter_mut().zip(acc.iter_mut()) {
+                        for (s, v) in w.iter_mut().zip(a.iter_mut()) {
+                            *s += *v as f64;
+                            *v = 0.0;
                         }
-                    },
-                );
-                acc
+                    }
+                    r0 = r1;
+                }
+                wide
             })
             .collect();
         let mut out: [Vec<f64>; K] = std::array::from_fn(|_| vec![0f64; c]);
         for p in parts {
             for (o, a) in out.iter_mut().zip(p) {
                 for (s, v) in o.iter_mut().zip(a) {
-                    *s += v as f64;
+                    *s += v;
                 }
             }
         }
         out
     }
 
-    /// Mean and biased variance per channel (two passes: the variance is
-    /// taken around the mean, not as E[x²] - E[x]²).
+    /// Mean and biased variance per channel: the mean of the values less
+    /// the first row's (small when they are nearly equal), then the
+    /// variance around the mean (not E[x²] - E[x]²).
     pub(crate) fn moments(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
         let rows = x.len() / c;
+        let pivot = &x[..c];
         let [s] = channel_sums::<1>(
             rows,
             c,
             #[inline(always)]
             |r, [a]| {
-                for (s, v) in a.iter_mut().zip(&x[r * c..(r + 1) * c]) {
-                    *s += v;
+                let xr = &x[r * c..(r + 1) * c];
+                for i in 0..c {
+                    a[i] += xr[i] - pivot[i];
                 }
             },
         );
-        let mean: Vec<f32> = s.iter().map(|v| (v / rows as f64) as f32).collect();
+        let mean: Vec<f32> = (0..c)
+            .map(|i| (pivot[i] as f64 + s[i] / rows as f64) as f32)
+            .collect();
         let [q] = channel_sums::<1>(
             rows,
             c,
             #[inline(always)]
             |r, [a]| {
-                for ((s, v), m) in a.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
-                    let d = v - m;
-                    *s += d * d;
+                let xr = &x[r * c..(r + 1) * c];
+                for i in 0..c {
+                    let d = xr[i] - mean[i];
+                    a[i] += d * d;
                 }
             },
         );
@@ -378,7 +403,6 @@ pub(crate) mod cpu {
     ) -> Vec<f32> {
         let c = g.len();
         let scale: Vec<f32> = g.iter().zip(invstd).map(|(g, s)| g * s).collect();
-        let shift: Vec<f32> = (0..c).map(|i| b[i] - mean[i] * scale[i]).collect();
         let (lo, hi) = if relu6 {
             (0.0, 6.0)
         } else {
@@ -392,7 +416,11 @@ pub(crate) mod cpu {
                 #[inline(always)]
                 |xr, yr| {
                     for i in 0..c {
-                        yr[i] = MaybeUninit::new((xr[i] * scale[i] + shift[i]).max(lo).min(hi));
+                        // (x - mean) first: with a small variance, x * scale and
+                        // mean * scale are large and nearly cancel (a ReLU6 mask
+                        // at the edge of 0 flipped over whole image backgrounds).
+                        let z = (xr[i] - mean[i]) * scale[i] + b[i];
+                        yr[i] = MaybeUninit::new(z.max(lo).min(hi));
                     }
                 },
             )
@@ -415,47 +443,36 @@ pub(crate) mod cpu {
         c: usize,
     ) -> (Vec<f64>, Vec<f64>) {
         let rows = x.len() / c;
-        let parts: Vec<(Vec<f32>, Vec<f32>)> = (0..rows.div_ceil(ROWS))
-            .into_par_iter()
-            .map(|k| {
-                let (mut a, mut b) = (vec![0f32; c], vec![0f32; c]);
-                let (r0, r1) = (k * ROWS, ((k + 1) * ROWS).min(rows));
-                simd::run(
-                    #[inline(always)]
-                    || {
-                        for r in r0..r1 {
-                            let o = r * c;
-                            let (xr, gr) = (&x[o..o + c], &dy[o..o + c]);
-                            match y {
-                                Some(y) => {
-                                    let yr = &y[o..o + c];
-                                    for i in 0..c {
-                                        let g = gr[i] * inside(yr[i]);
-                                        a[i] += g;
-                                        b[i] += g * (xr[i] - mean[i]) * invstd[i];
-                                    }
-                                }
-                                None => {
-                                    for i in 0..c {
-                                        a[i] += gr[i];
-                                        b[i] += gr[i] * (xr[i] - mean[i]) * invstd[i];
-                                    }
-                                }
-                            }
-                        }
-                    },
-                );
-                (a, b)
-            })
-            .collect();
-        let (mut sa, mut sb) = (vec![0f64; c], vec![0f64; c]);
-        for (a, b) in parts {
-            for i in 0..c {
-                sa[i] += a[i] as f64;
-                sb[i] += b[i] as f64;
-            }
-        }
-        (sa, sb)
+        let [sdy, sdyx] = match y {
+            Some(y) => channel_sums::<2>(
+                rows,
+                c,
+                #[inline(always)]
+                |r, [a, b]| {
+                    let o = r * c;
+                    let (xr, gr, yr) = (&x[o..o + c], &dy[o..o + c], &y[o..o + c]);
+                    for i in 0..c {
+                        let g = gr[i] * inside(yr[i]);
+                        a[i] += g;
+                        b[i] += g * (xr[i] - mean[i]) * invstd[i];
+                    }
+                },
+            ),
+            None => channel_sums::<2>(
+                rows,
+                c,
+                #[inline(always)]
+                |r, [a, b]| {
+                    let o = r * c;
+                    let (xr, gr) = (&x[o..o + c], &dy[o..o + c]);
+                    for i in 0..c {
+                        a[i] += gr[i];
+                        b[i] += gr[i] * (xr[i] - mean[i]) * invstd[i];
+                    }
+                },
+            ),
+        };
+        (sdy, sdyx)
     }
 
     /// dx: with batch statistics `γ σ⁻¹ (dy - Σdy/N - x̂ Σdy·x̂/N)`, with
@@ -571,6 +588,21 @@ mod tests {
             &|a| batch_norm(&a[0].t, &a[1], &a[2], &st, batch, 0.1, 1e-5, relu6).unwrap(),
             &|a| reference(&a[0], &a[1], &a[2], running, relu6),
             1,
+        );
+    }
+
+    #[test]
+    fn batch_statistics_over_many_row_chunks() {
+        // 2 x 24 x 24 rows: several chunks of the parallel sums.
+        let x = (randn(&[2, 24, 24, 3], 4) * 2.0).unwrap();
+        let g = (randn(&[3], 5) + 1.5).unwrap();
+        let b = randn(&[3], 6);
+        let st = stats(3, 0.0, 1.0);
+        check(
+            &[x, g, b],
+            &|a| batch_norm(&a[0].t, &a[1], &a[2], &st, true, 0.1, 1e-5, true).unwrap(),
+            &|a| reference(&a[0], &a[1], &a[2], None, true),
+            37,
         );
     }
 

@@ -566,6 +566,18 @@ mod tests {
     }
 
     #[test]
+    fn larger_images_match_the_definition() {
+        let cfg = |stride, groups| Conv2dCfg {
+            stride,
+            padding: 1,
+            groups,
+        };
+        case([2, 17, 16, 6], [6, 1, 3, 3], cfg(2, 6));
+        case([2, 16, 16, 6], [6, 1, 3, 3], cfg(1, 6));
+        case([2, 16, 15, 3], [4, 3, 3, 3], cfg(2, 1));
+    }
+
+    #[test]
     fn general_convolutions_match_the_definition() {
         // MobileNetV2's stem: 3x3, stride 2, padding 1, 3 -> 8 channels.
         case(

@@ -133,7 +133,10 @@ pub fn run(units: &Arc<Vec<Unit>>, x: &Tensor, train: bool) -> Result<Tensor> {
                     update_running(&layer.stats, &m, &v, z.len() / c, layer.momentum)?;
                     (m, v)
                 } else {
-                    (vec_of(layer.stats.mean.as_tensor())?, vec_of(layer.stats.var.as_tensor())?)
+                    (
+                        vec_of(layer.stats.mean.as_tensor())?,
+                        vec_of(layer.stats.var.as_tensor())?,
+                    )
                 };
                 let eps = layer.eps as f32;
                 let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
@@ -165,7 +168,10 @@ pub fn run(units: &Arc<Vec<Unit>>, x: &Tensor, train: bool) -> Result<Tensor> {
     let Some(f) = first else {
         return Ok(out);
     };
-    let anchor = units[f].anchor().cloned().expect("a training unit has a trainable tensor");
+    let anchor = units[f]
+        .anchor()
+        .cloned()
+        .expect("a training unit has a trainable tensor");
     let units = units.clone();
     let tape = std::sync::Mutex::new(Some(tape));
     let y = attach("afinar-conv-stack", &[x, &anchor], out, move |g| {
@@ -198,7 +204,13 @@ fn backward(units: &[Unit], tape: Vec<Tape>, dy: Vec<f32>) -> candle_core::Resul
                 }
             }
             Tape::Conv(r) => {
-                let Unit::ConvBn { conv: cw, bn: layer, relu6, .. } = &units[r.unit] else {
+                let Unit::ConvBn {
+                    conv: cw,
+                    bn: layer,
+                    relu6,
+                    ..
+                } = &units[r.unit]
+                else {
                     unreachable!("recorded from a ConvBn unit");
                 };
                 let c = r.geom.cout;
@@ -222,7 +234,11 @@ fn backward(units: &[Unit], tape: Vec<Tape>, dy: Vec<f32>) -> candle_core::Resul
                     mean: &r.mean,
                     invstd: &r.invstd,
                 };
-                let batch_sums = if r.batch { sums.as_ref().map(|(a, b)| (a, b)) } else { None };
+                let batch_sums = if r.batch {
+                    sums.as_ref().map(|(a, b)| (a, b))
+                } else {
+                    None
+                };
                 let dz = bn::input_grad(&r.z, &g, mask, &r.gamma, used, batch_sums);
                 if let Some(buf) = &cw.grad {
                     conv::weight_grad(&r.geom, &r.x, &dz, buf);
