@@ -93,6 +93,7 @@ if args.pth and args.idx:
     res = {
         "images": [0, 1, 2, 3], "size": 64, "targets": [0, 1, 2, 3],
         "input_sum": float(t.double().sum()), "input_first": t.permute(0, 2, 3, 1).flatten()[:8].tolist(),
+        "input_samples": t.permute(0, 2, 3, 1).flatten()[::997].tolist(),
         "logits_eval": le.tolist(), "logits_train": lt.detach().tolist(), "loss": float(lo),
         "grads": {k: {"sum": float(p.grad.double().sum()), "norm": float(p.grad.double().norm()),
                       "first": p.grad.flatten()[:4].tolist()} for k, p in r.named_parameters()},

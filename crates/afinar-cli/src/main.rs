@@ -62,8 +62,12 @@ enum Cmd {
         load: LoadArgs,
         /// A data file read with the run's field paths, or for a model folder
         /// the fields `text` and `label` (default: the run's test split).
+        /// Image models: a folder of class folders, or an IDX image file.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Image models: the IDX label file of an IDX `--data` file.
+        #[arg(long, requires = "data")]
+        data_labels: Option<PathBuf>,
     },
     /// Build preference pairs (JSONL rows of `prompt`, `chosen`, `rejected`,
     /// TRL's format) for reward models and DPO (docs/preference-data.md).
@@ -90,11 +94,14 @@ enum Cmd {
         #[arg(long)]
         output: Option<PathBuf>,
     },
-    /// Predict labels for texts.
+    /// Predict labels for texts, or for images with an image model.
     Predict {
         run: PathBuf,
         #[command(flatten)]
         load: LoadArgs,
+        /// Image models: a PNG or JPEG file (repeat the flag for several).
+        #[arg(long, conflicts_with_all = ["text", "file"])]
+        image: Vec<PathBuf>,
         #[arg(long, conflicts_with = "file")]
         text: Option<String>,
         #[arg(long, requires = "text")]
@@ -362,7 +369,23 @@ fn run(cli: Cli) -> Result<i32> {
             (Some(config), None) => cmd_train(&config, &set, out, false),
             (None, None) => bail!("give a run config, or --resume RUN"),
         },
-        Cmd::Eval { run, load, data } => cmd_eval(&run, &load.options(), data.as_deref()),
+        Cmd::Eval {
+            run,
+            load,
+            data,
+            data_labels,
+        } => {
+            if afinar::methods::image::is_image_model(&run) {
+                cmd_eval_images(&run, data.as_deref(), data_labels.as_deref())
+            } else if data_labels.is_some() {
+                bail!(
+                    "--data-labels is for image models (IDX files); {} is a text model",
+                    run.display()
+                )
+            } else {
+                cmd_eval(&run, &load.options(), data.as_deref())
+            }
+        }
         Cmd::Pairs { cmd } => cmd_pairs(cmd),
         Cmd::Weak {
             cmd:
@@ -401,11 +424,23 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Predict {
             run,
             load,
+            image,
             text,
             text_pair,
             file,
             output,
-        } => cmd_predict(&run, &load.options(), text, text_pair, file, output),
+        } => {
+            if afinar::methods::image::is_image_model(&run) {
+                cmd_predict_images(&run, &image, output)
+            } else if !image.is_empty() {
+                bail!(
+                    "--image needs an image model; {} is a text model: give --text or --file",
+                    run.display()
+                )
+            } else {
+                cmd_predict(&run, &load.options(), text, text_pair, file, output)
+            }
+        }
     }
 }
 
@@ -809,6 +844,46 @@ fn cmd_eval(run: &Path, load: &afinar::runs::LoadOptions, data: Option<&Path>) -
     let (m, _) = classify::evaluate(&rm.model, &enc, rm.tok.pad_id(), 64)?;
     let v: serde_json::Value = serde_json::json!({ "data": path, "rows": enc.len(), "metrics": m });
     println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(0)
+}
+
+/// `afinar eval` of an image run or model folder.
+fn cmd_eval_images(run: &Path, data: Option<&Path>, labels: Option<&Path>) -> Result<i32> {
+    init_threads(None);
+    let (path, n, m) = afinar::methods::image::eval_run(run, data, labels)?;
+    let v = serde_json::json!({ "data": path, "images": n, "metrics": m });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(0)
+}
+
+/// `afinar predict --image F...` with an image model: one JSON line per
+/// image, its label and class probabilities.
+fn cmd_predict_images(run: &Path, images: &[PathBuf], output: Option<PathBuf>) -> Result<i32> {
+    if images.is_empty() {
+        bail!(
+            "{} is an image model: give --image FILE (PNG or JPEG; repeat for several)",
+            run.display()
+        );
+    }
+    init_threads(None);
+    let (classes, probs) = afinar::methods::image::predict_files(run, images)?;
+    let mut lines = Vec::new();
+    for (f, p) in images.iter().zip(probs) {
+        let best = afinar::methods::classify::argmax(&p);
+        let scores: serde_json::Map<String, serde_json::Value> = classes
+            .iter()
+            .zip(&p)
+            .map(|(c, v)| (c.clone(), serde_json::json!(v)))
+            .collect();
+        lines.push(serde_json::to_string(&serde_json::json!({
+            "image": f, "label": classes[best], "score": p[best], "scores": scores
+        }))?);
+    }
+    let text = lines.join("\n") + "\n";
+    match output {
+        Some(o) => afinar::fsutil::write_atomic(&o, text.as_bytes())?,
+        None => print!("{text}"),
+    }
     Ok(0)
 }
 

@@ -1353,7 +1353,7 @@ fn pytorch_pickle_files_are_refused_unread() {
     let pth = c.d().join("model.pth");
     std::fs::write(&pth, evil_pickle(&marker)).unwrap();
     let refused = [
-        "a PyTorch pickle checkpoint: afinar does not read pickle files, because loading one can run arbitrary code",
+        "a PyTorch pickle checkpoint: afinar does not read pickle files as text models, because loading one can run arbitrary code",
         "convert it to safetensors",
     ];
     // `inspect` reads .pth state dicts weights-only: this one asks for
@@ -1378,8 +1378,144 @@ fn pytorch_pickle_files_are_refused_unread() {
     let cfg = write(c.d(), "sft.toml", &cfg);
     c.train(&cfg, &[]).fails_with(&refused);
     c.no_run_folder();
+    // An image run reads .pth state dicts, weights-only: refused by name.
+    let img = image_config(&c, &pth, "");
+    c.train(&img, &[])
+        .fails_with(&["model.pth", "global `os.system` is not allowed"]);
+    c.no_run_folder();
     assert!(!marker.exists(), "the pickle ran");
-    c.only(&["model.pth", "pytorch_model.bin", "sft.toml", "sft.jsonl"]);
+    c.only(&[
+        "model.pth",
+        "pytorch_model.bin",
+        "sft.toml",
+        "sft.jsonl",
+        "img.toml",
+        "images",
+    ]);
+}
+
+/// Class folders `a` and `b` of two 8x8 PNG images each under `<d>/images`.
+fn image_folder(d: &Path) -> PathBuf {
+    let root = d.join("images");
+    for (class, v) in [("a", 40u8), ("b", 200u8)] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..2u8 {
+            let mut bytes = Vec::new();
+            {
+                let mut enc = png::Encoder::new(&mut bytes, 8, 8);
+                enc.set_color(png::ColorType::Grayscale);
+                enc.set_depth(png::BitDepth::Eight);
+                let mut w = enc.write_header().unwrap();
+                w.write_image_data(&[v.wrapping_add(i * 7); 64]).unwrap();
+            }
+            std::fs::write(root.join(class).join(format!("{i}.png")), bytes).unwrap();
+        }
+    }
+    root
+}
+
+/// An image classification config on the tiny MobileNetV2 `model` and
+/// the class folders of [`image_folder`].
+fn image_config(c: &Case, model: &Path, extra: &str) -> PathBuf {
+    let data = image_folder(c.d());
+    write(
+        c.d(),
+        "img.toml",
+        &format!(
+            "[model]\npath = {}\n[task]\ntype = \"image_classification\"\n\
+             [data]\ntrain = {}\nvalidation = {}\n[image]\nsize = 32\n\
+             [train]\nmax_steps = 1\nbatch_size = 2\nlr = 1e-3\nthreads = 1\n{extra}",
+            q(model),
+            q(&data),
+            q(&data)
+        ),
+    )
+}
+
+fn tiny_cnn() -> PathBuf {
+    fixture().join("../mobilenet/tiny.pth")
+}
+
+#[test]
+fn image_configs_that_do_not_fit() {
+    let c = Case::new();
+    let cfg = image_config(&c, &tiny_cnn(), "");
+    for (sets, needles) in [
+        (
+            &["data.text=\"text\""][..],
+            &["`data.text`: is for text data; images come from IDX files or class folders"][..],
+        ),
+        (
+            &["freeze.preset=\"last_layers\"", "freeze.last_layers=2"],
+            &["`freeze.preset`: \"last_layers\" is for transformer layers"],
+        ),
+        (
+            &["freeze.first_layers=20"],
+            &["freeze.first_layers = 20 but the model has 19 layers"],
+        ),
+        (
+            &["freeze.frozen=[\"features.9-3\"]"],
+            &["the range `9-3` must run from low to high"],
+        ),
+        (
+            &["freeze.frozen=[\"feature.3\"]"],
+            &["`freeze` patterns match no parameter: [\"feature.3\"]"],
+        ),
+        (&["image.size=4"], &["`image.size`: 4 is not in [8, 1024]"]),
+        (
+            &["image.std=[0.2, 0.0, 0.2]"],
+            &["`image.std`: [0.2, 0.0, 0.2]: each must be > 0"],
+        ),
+        (
+            &["data.train_labels=\"x\""],
+            &["`data.train_labels`: `data.train` is a folder of class folders"],
+        ),
+        (
+            &["freeze.batch_norm=\"frozen\""],
+            &["unknown variant `frozen`"],
+        ),
+    ] {
+        c.train(&cfg, sets).fails_with(needles);
+        c.no_run_folder();
+    }
+    // Image settings on a text run.
+    let text = c.config_for_model(&fixture());
+    c.train(&text, &["image.size=32"])
+        .fails_with(&["`image`: is for task.type = \"image_classification\""]);
+    c.no_run_folder();
+    // An IDX image file without its labels; labels that do not fit.
+    let idx = c.d().join("im.idx");
+    let mut b = vec![0u8, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 4, 0, 0, 0, 4];
+    b.extend([7u8; 32]);
+    std::fs::write(&idx, &b).unwrap();
+    let set = format!("data.train={}", q(&idx));
+    c.train(&cfg, &[&set]).fails_with(&[
+        "`data.train_labels`: `data.train` =",
+        "is a file (IDX images): give its label file",
+    ]);
+    let lab = c.d().join("lab.idx");
+    std::fs::write(&lab, [0u8, 0, 8, 1, 0, 0, 0, 3, 0, 1, 0]).unwrap();
+    let setl = format!("data.train_labels={}", q(&lab));
+    c.train(&cfg, &[&set, &setl])
+        .fails_with(&["lab.idx: 3 labels for the 2 images of"]);
+    std::fs::write(&lab, [0u8, 0, 8, 1, 0, 0, 0, 2, 0]).unwrap();
+    c.train(&cfg, &[&set, &setl])
+        .fails_with(&["lab.idx: IDX dimensions [2] need 2 bytes of data, the file holds 1"]);
+    c.no_run_folder();
+    // A JPEG that is not one, in a class folder.
+    std::fs::write(c.d().join("images/a/broken.jpg"), b"\xff\xd8\xff\xe0junk").unwrap();
+    c.train(&cfg, &[])
+        .fails_with(&["images/a/broken.jpg", "JPEG"]);
+    c.no_run_folder();
+    std::fs::remove_file(c.d().join("images/a/broken.jpg")).unwrap();
+    // A state dict that is not a MobileNetV2 (the pth reader's fixture).
+    let other = fixture().join("../pth/tiny-zip.pth");
+    let cfg2 = image_config(&c, &other, "");
+    c.train(&cfg2, &[]).fails_with(&[
+        "tiny-zip.pth",
+        "is not a torchvision MobileNetV2 state dict",
+    ]);
+    c.no_run_folder();
 }
 
 #[test]

@@ -79,6 +79,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("chat_template", chat_template),
     ("weak_rules", weak_rules),
     ("pth", pth),
+    ("images", images),
 ];
 
 /// A safetensors file: header length, JSON header, dtypes, shapes against
@@ -359,4 +360,46 @@ pub fn weak_rules(data: &[u8]) {
 /// legacy container, the pickle machine, storages, views.
 pub fn pth(data: &[u8]) {
     let _ = crate::hub::pth::from_bytes(Path::new("fuzz.pth"), data);
+}
+
+/// Image inputs: an IDX image file and its label file (the first byte
+/// says where the data splits), or PNG / JPEG bytes decoded and resized to
+/// a model input.
+pub fn images(data: &[u8]) {
+    use crate::data::image;
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    if first & 1 == 0 {
+        if let Ok(img) = image::decode(rest) {
+            let t = image::Transform {
+                size: 8,
+                mean: image::IMAGENET_MEAN,
+                std: image::IMAGENET_STD,
+                crop_padding: 1,
+                flip: true,
+            };
+            let _ = t.batch(&[&img], Some(&[first as u64]));
+        }
+    } else {
+        let cut = (first as usize >> 1).min(rest.len());
+        let (a, b) = rest.split_at(rest.len() - cut);
+        if let Ok(set) = image::idx_from_bytes(
+            a,
+            b,
+            Path::new("fuzz-images"),
+            Path::new("fuzz-labels"),
+            None,
+        ) {
+            let t = image::Transform {
+                size: 8,
+                mean: image::IMAGENET_MEAN,
+                std: image::IMAGENET_STD,
+                crop_padding: 0,
+                flip: false,
+            };
+            let refs: Vec<&image::RawImage> = set.images.iter().take(4).collect();
+            let _ = t.batch(&refs, None);
+        }
+    }
 }

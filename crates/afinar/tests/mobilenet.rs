@@ -263,6 +263,8 @@ fn real_weights_on_fashion_mnist_match_torchvision() {
         out
     };
     close("input", &xv[..8], &f(&want["input_first"]), 1e-5);
+    let samples: Vec<f32> = xv.iter().step_by(997).copied().collect();
+    close("input (every 997th value)", &samples, &f(&want["input_samples"]), 1e-5);
     let x = Tensor::from_vec(xv, (4, 64, 64, 3), &Device::Cpu).unwrap();
     close(
         "logits (eval)",

@@ -116,8 +116,19 @@ fn idx_dims(path: &Path, b: &[u8], ndim: usize) -> Result<Vec<usize>> {
 pub fn read_idx(images: &Path, labels: &Path, classes: Option<&[String]>) -> Result<ImageSet> {
     let ib = std::fs::read(images).map_err(|e| Error::io(images, e))?;
     let lb = std::fs::read(labels).map_err(|e| Error::io(labels, e))?;
-    let d = idx_dims(images, &ib, 3)?;
-    let ld = idx_dims(labels, &lb, 1)?;
+    idx_from_bytes(&ib, &lb, images, labels, classes)
+}
+
+/// [`read_idx`] of the files' bytes (`images`, `labels` name them in errors).
+pub fn idx_from_bytes(
+    ib: &[u8],
+    lb: &[u8],
+    images: &Path,
+    labels: &Path,
+    classes: Option<&[String]>,
+) -> Result<ImageSet> {
+    let d = idx_dims(images, ib, 3)?;
+    let ld = idx_dims(labels, lb, 1)?;
     let (n, h, w) = (d[0], d[1], d[2]);
     if ld[0] != n {
         return Err(Error::file(
@@ -499,6 +510,22 @@ mod tests {
         assert!((plain[3 * 5] - 50.0 / 255.0).abs() < 1e-6);
         // Some seed among a few moves the image (crop or flip).
         assert!((0..8).any(|s| t.batch(&[&img], Some(&[s])) != plain));
+    }
+
+    /// JPEGs written by PIL (scripts/reference: `Image.save(quality=90)`):
+    /// shape and pixels as PIL decodes them, within the IDCT's rounding.
+    #[test]
+    fn jpeg_fixtures_decode_as_pil_does() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/images");
+        for (name, c, pil_mean) in [("grey.jpg", 1, 126.125), ("rgb.jpg", 3, 95.692708)] {
+            let im = decode_file(&dir.join(name)).unwrap();
+            assert_eq!((im.h, im.w, im.c), (8, 8, c), "{name}");
+            let mean = im.data.iter().map(|&v| v as f64).sum::<f64>() / im.data.len() as f64;
+            assert!(
+                (mean - pil_mean).abs() < 1.0,
+                "{name}: mean {mean} vs PIL's {pil_mean}"
+            );
+        }
     }
 
     #[test]

@@ -59,10 +59,11 @@ pub fn pytorch_kind(path: &Path) -> Option<&'static str> {
 pub fn refusal(path: &Path) -> Error {
     Error::file(
         path,
-        "a PyTorch pickle checkpoint: afinar does not read pickle files, because loading one \
-         can run arbitrary code; convert it to safetensors where you trust it (transformers: \
-         `save_pretrained(out, safe_serialization=True)`) and give the folder with \
-         model.safetensors",
+        "a PyTorch pickle checkpoint: afinar does not read pickle files as text models, because \
+         loading one can run arbitrary code; convert it to safetensors where you trust it \
+         (transformers: `save_pretrained(out, safe_serialization=True)`) and give the folder \
+         with model.safetensors (image models, task.type = \"image_classification\", read \
+         .pth state dicts weights-only)",
     )
 }
 

@@ -94,7 +94,12 @@ pub fn read_weights(path: &Path) -> Result<Weights> {
             .names()
             .into_iter()
             .map(|n| {
-                let t = ck.load_f32(&n)?;
+                // num_batches_tracked is int64 (torch's dtype).
+                let t = if n.ends_with(".num_batches_tracked") {
+                    ck.load(&n)?.to_dtype(DType::F32)?
+                } else {
+                    ck.load_f32(&n)?
+                };
                 Ok((n, t))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -671,4 +676,61 @@ fn softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
             e.into_iter().map(|v| v / s).collect()
         })
         .collect())
+}
+
+/// `afinar eval` of an image run or model folder: on `data` (a class
+/// folder, or an IDX image file with `labels`), else the run's test split.
+/// Returns the data's path, its number of images and the metrics.
+pub fn eval_run(
+    dir: &Path,
+    data: Option<&Path>,
+    labels: Option<&Path>,
+) -> Result<(PathBuf, usize, BTreeMap<String, f64>)> {
+    let saved = load_saved(dir)?;
+    let set = match data {
+        Some(p) if p.is_dir() => {
+            if labels.is_some() {
+                return Err(Error::file(
+                    p,
+                    "is a folder of class folders: it needs no --data-labels",
+                ));
+            }
+            image::read_folder(p, Some(&saved.classes))?
+        }
+        Some(p) => {
+            let l = labels.ok_or_else(|| {
+                Error::file(
+                    p,
+                    "is an IDX image file: give its label file with --data-labels",
+                )
+            })?;
+            image::read_idx(p, l, Some(&saved.classes))?
+        }
+        None => {
+            let cfg = dir.join("config.toml");
+            if !cfg.is_file() {
+                return Err(Error::file(
+                    dir,
+                    "is a model folder: give --data (images) to evaluate it",
+                ));
+            }
+            let plan = Plan::load(&cfg, &[])?;
+            load_splits(&plan)?.test.ok_or_else(|| {
+                Error::file(&cfg, "the run's config has no test split: give --data")
+            })?
+        }
+    };
+    let m = saved.evaluate(&set)?;
+    Ok((set.path.clone(), set.len(), m))
+}
+
+/// `afinar predict` of image files: per file its class probabilities, in
+/// the model's class order.
+pub fn predict_files(dir: &Path, files: &[PathBuf]) -> Result<(Vec<String>, Vec<Vec<f32>>)> {
+    let saved = load_saved(dir)?;
+    let images = files
+        .iter()
+        .map(|f| image::decode_file(f))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((saved.classes.clone(), saved.predict(&images)?))
 }
