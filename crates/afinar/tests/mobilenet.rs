@@ -111,6 +111,8 @@ fn tiny_model_matches_torchvision_in_train_and_eval_mode() {
         b += 1;
     }
     assert_eq!(b, 52 * 3);
+    // An evaluation keeps nothing for a backward, trainable weights or not.
+    assert!(!model.features(&x, false).unwrap().track_op());
     let eval = model.forward(&x, None).unwrap();
     close(
         "logits (eval)",
@@ -264,7 +266,12 @@ fn real_weights_on_fashion_mnist_match_torchvision() {
     };
     close("input", &xv[..8], &f(&want["input_first"]), 1e-5);
     let samples: Vec<f32> = xv.iter().step_by(997).copied().collect();
-    close("input (every 997th value)", &samples, &f(&want["input_samples"]), 1e-5);
+    close(
+        "input (every 997th value)",
+        &samples,
+        &f(&want["input_samples"]),
+        1e-5,
+    );
     let x = Tensor::from_vec(xv, (4, 64, 64, 3), &Device::Cpu).unwrap();
     close(
         "logits (eval)",

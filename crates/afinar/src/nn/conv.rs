@@ -228,32 +228,61 @@ pub(crate) mod cpu {
 
     /// dW, accumulated into `buf` (torch's layout).
     pub(crate) fn weight_grad(g: &Geom, x: &[f32], dy: &[f32], buf: &GradBuf) {
-        let par = kernels::parallelism();
         let m = g.m();
         match g.kind() {
-            Kind::Pointwise => {
-                buf.add_product(Mat::rm(dy, m, g.cout).t(), Mat::rm(x, m, g.cin), 1.0, par)
-            }
+            Kind::Pointwise => buf.add(&rows_product(Mat::rm(dy, m, g.cout), Mat::rm(x, m, g.cin))),
             Kind::Depthwise => buf.add(&dw_weight_grad(g, x, dy)),
             Kind::General => {
                 let (k, cg) = (g.k(), g.cout / g.groups);
-                let cols: Vec<Vec<f32>> = (0..g.groups).map(|gi| im2col(g, x, gi)).collect();
-                buf.accumulate(g.cout * k, false, |d, overwrite| {
-                    for (gi, col) in cols.iter().enumerate() {
-                        let dyg = group_view(dy, m, g.cout, gi * cg, cg);
-                        kernels::matmul(
-                            &mut d[gi * cg * k..],
-                            k,
-                            dyg.t(),
-                            Mat::rm(col, m, k),
-                            1.0,
-                            !overwrite,
-                            par,
-                        );
-                    }
-                });
+                let mut dw = Vec::with_capacity(g.cout * k);
+                for gi in 0..g.groups {
+                    let col = im2col(g, x, gi);
+                    let dyg = group_view(dy, m, g.cout, gi * cg, cg);
+                    dw.extend(rows_product(dyg, Mat::rm(&col, m, k)));
+                }
+                buf.add(&dw);
             }
         }
+    }
+
+    /// `a^T b` for `a` `[m, p]` and `b` `[m, q]` with many rows and a small
+    /// result (a weight gradient: the rows are every pixel of the batch).
+    /// gemm splits its work over the result's blocks, which for a `[p, q]`
+    /// of a few thousand elements leaves one thread alone with the whole
+    /// sum; here the rows are cut into one range per thread instead, and
+    /// the partial products added.
+    fn rows_product(a: Mat, b: Mat) -> Vec<f32> {
+        let (m, p, q) = (a.rows, a.cols, b.cols);
+        let threads = rayon::current_num_threads().max(1);
+        let chunks = if m >= 1024 * threads { threads } else { 1 };
+        let part = m.div_ceil(chunks);
+        fn rows(v: Mat<'_>, r0: usize, r1: usize) -> Mat<'_> {
+            Mat {
+                data: &v.data[r0 * v.rs as usize..],
+                rows: r1 - r0,
+                ..v
+            }
+        }
+        let mut parts: Vec<Vec<f32>> = (0..chunks)
+            .into_par_iter()
+            .map(|c| {
+                let (r0, r1) = (c * part, ((c + 1) * part).min(m));
+                let par = if chunks == 1 {
+                    kernels::parallelism()
+                } else {
+                    gemm::Parallelism::None
+                };
+                kernels::matmul_new(rows(a, r0, r1).t(), rows(b, r0, r1), 1.0, None, par)
+            })
+            .collect();
+        let mut out = parts.swap_remove(0);
+        for pt in parts {
+            for (o, v) in out.iter_mut().zip(pt) {
+                *o += v;
+            }
+        }
+        debug_assert_eq!(out.len(), p * q);
+        out
     }
 
     /// dX.
@@ -563,6 +592,66 @@ mod tests {
         };
         case([2, 5, 6, 4], [4, 1, 3, 3], cfg(1));
         case([2, 5, 6, 4], [4, 1, 3, 3], cfg(2));
+    }
+
+    /// Enough pixels that a weight gradient is summed in one row range per
+    /// thread (`rows_product`), pointwise and through im2col: every element
+    /// of dW against the f64 sum over pixels.
+    #[test]
+    fn weight_gradients_split_over_rows() {
+        let check_big = |x: [usize; 4], w: [usize; 4], cfg: Conv2dCfg| {
+            let g = Geom::new(&x, &w, cfg).unwrap();
+            assert!(g.m() >= 1024 * rayon::current_num_threads().max(2));
+            let (xt, wt) = (randn(&x, 3), Weight::trainable(&randn(&w, 4)).unwrap());
+            let y = conv2d(&xt, &wt, cfg).unwrap();
+            let r = randn(y.dims(), 5);
+            (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let got = crate::nn::testing::flat(&wt.grad_tensor().unwrap().unwrap());
+            let (xv, rv) = (crate::nn::testing::f64s(&xt), crate::nn::testing::f64s(&r));
+            let mut want = vec![0f64; got.len()];
+            for b in 0..g.b {
+                for oh in 0..g.ho {
+                    for ow in 0..g.wo {
+                        for co in 0..g.cout {
+                            let rr = rv[((b * g.ho + oh) * g.wo + ow) * g.cout + co];
+                            for ci in 0..g.cin {
+                                for ki in 0..g.kh {
+                                    for kj in 0..g.kw {
+                                        let ih = (oh * g.stride + ki) as isize - g.pad as isize;
+                                        let iw = (ow * g.stride + kj) as isize - g.pad as isize;
+                                        if ih < 0
+                                            || iw < 0
+                                            || ih >= g.h as isize
+                                            || iw >= g.w as isize
+                                        {
+                                            continue;
+                                        }
+                                        let xi = ((b * g.h + ih as usize) * g.w + iw as usize)
+                                            * g.cin
+                                            + ci;
+                                        want[((co * g.cin + ci) * g.kh + ki) * g.kw + kj] +=
+                                            rr * xv[xi];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "dW[{i}]: {a} vs {b}"
+                );
+            }
+        };
+        check_big([1, 48, 48, 3], [4, 3, 1, 1], Conv2dCfg::default());
+        let stem = Conv2dCfg {
+            stride: 2,
+            padding: 1,
+            groups: 1,
+        };
+        check_big([2, 64, 64, 3], [4, 3, 3, 3], stem);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use super::graph::attach;
 use super::Weight;
 use crate::Result;
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// One step of the stack.
@@ -87,10 +88,15 @@ fn vec_of(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 
 /// Run `units` on `x` `[B, H, W, C]`. `train`: batch norm takes batch
 /// statistics (and updates the running ones) in the units whose layer
-/// says so; the result joins the graph when some unit trains.
+/// says so, and the result joins the graph when some unit trains; an
+/// evaluation (`train` false) keeps nothing for a backward.
 pub fn run(units: &Arc<Vec<Unit>>, x: &Tensor, train: bool) -> Result<Tensor> {
     let dims = x.dims().to_vec();
-    let first = units.iter().position(|u| u.trains());
+    let first = if train {
+        units.iter().position(|u| u.trains())
+    } else {
+        None
+    };
     let mut h: Arc<Vec<f32>> = Arc::new(vec_of(&x.contiguous()?)?);
     let mut shape = dims.clone();
     let mut skips: Vec<Arc<Vec<f32>>> = Vec::new();
@@ -108,8 +114,7 @@ pub fn run(units: &Arc<Vec<Unit>>, x: &Tensor, train: bool) -> Result<Tensor> {
                 let s = skips
                     .pop()
                     .ok_or_else(|| crate::Error::msg("conv stack: Add without Save"))?;
-                let mut sum = Vec::with_capacity(h.len());
-                sum.extend(h.iter().zip(s.iter()).map(|(a, b)| a + b));
+                let sum: Vec<f32> = h.par_iter().zip(s.par_iter()).map(|(a, b)| a + b).collect();
                 h = Arc::new(sum);
                 if keep {
                     tape.push(Tape::Add);
@@ -198,9 +203,9 @@ fn backward(units: &[Unit], tape: Vec<Tape>, dy: Vec<f32>) -> candle_core::Resul
             Tape::Add => skip_grads.push(g.clone()),
             Tape::Save => {
                 if let Some(s) = skip_grads.pop() {
-                    for (a, b) in g.iter_mut().zip(s) {
-                        *a += b;
-                    }
+                    g.par_iter_mut()
+                        .zip(s.par_iter())
+                        .for_each(|(a, b)| *a += b);
                 }
             }
             Tape::Conv(r) => {
