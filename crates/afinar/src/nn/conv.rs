@@ -195,19 +195,37 @@ pub(crate) mod cpu {
     }
 
     pub(crate) fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+        forward_affine(g, x, w, None, false)
+    }
+
+    /// The convolution plus a per-channel `bias`, then ReLU6 if `relu6`:
+    /// a batch norm on running statistics folded into the weights (the
+    /// scale) and the bias (the shift) costs no pass of its own. The bias
+    /// is where the sums start; the clamp runs on each part of the output
+    /// while it is in cache (depthwise) or in one pass after the gemm.
+    pub(crate) fn forward_affine(
+        g: &Geom,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        relu6: bool,
+    ) -> Vec<f32> {
         let par = kernels::parallelism();
-        match g.kind() {
+        let mut y = match g.kind() {
             Kind::Pointwise => kernels::matmul_new(
                 Mat::rm(x, g.m(), g.cin),
                 Mat::rm(w, g.cout, g.cin).t(),
                 1.0,
-                None,
+                bias,
                 par,
             ),
-            Kind::Depthwise => dw_forward(g, x, w),
+            Kind::Depthwise => return dw_forward(g, x, w, bias, relu6),
             Kind::General => {
                 let (k, cg) = (g.k(), g.cout / g.groups);
-                let mut y = vec![0f32; g.m() * g.cout];
+                let mut y = match bias {
+                    Some(b) => b.iter().copied().cycle().take(g.m() * g.cout).collect(),
+                    None => vec![0f32; g.m() * g.cout],
+                };
                 for gi in 0..g.groups {
                     let col = im2col(g, x, gi);
                     let wg = Mat::rm(&w[gi * cg * k..(gi + 1) * cg * k], cg, k).t();
@@ -217,13 +235,22 @@ pub(crate) mod cpu {
                         Mat::rm(&col, g.m(), k),
                         wg,
                         1.0,
-                        false,
+                        bias.is_some(),
                         par,
                     );
                 }
                 y
             }
+        };
+        if relu6 {
+            y.par_chunks_mut(kernels::ELEM_CHUNK).for_each(|c| {
+                simd::run(
+                    #[inline(always)]
+                    || c.iter_mut().for_each(|v| *v = v.max(0.0).min(6.0)),
+                )
+            });
         }
+        y
     }
 
     /// dW, accumulated into `buf` (torch's layout).
@@ -401,7 +428,7 @@ pub(crate) mod cpu {
         }
     }
 
-    fn dw_forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    fn dw_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, relu6: bool) -> Vec<f32> {
         let c = g.cin;
         let wt = taps_major(g, w);
         let mut y = vec![0f32; g.m() * c];
@@ -413,6 +440,11 @@ pub(crate) mod cpu {
                 simd::run(
                     #[inline(always)]
                     || {
+                        if let Some(bias) = bias {
+                            for px in out.chunks_exact_mut(c) {
+                                px.copy_from_slice(bias);
+                            }
+                        }
                         for ki in 0..g.kh {
                             let Some(ih) = src(oh, ki, g.stride, g.pad, g.h) else {
                                 continue;
@@ -430,6 +462,9 @@ pub(crate) mod cpu {
                                     }
                                 }
                             }
+                        }
+                        if relu6 {
+                            out.iter_mut().for_each(|v| *v = v.max(0.0).min(6.0));
                         }
                     },
                 );

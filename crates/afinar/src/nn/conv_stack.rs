@@ -128,11 +128,34 @@ pub fn run(units: &Arc<Vec<Unit>>, x: &Tensor, train: bool) -> Result<Tensor> {
             } => {
                 let w = vec_of(&cw.t)?;
                 let geom = Geom::new(&shape, cw.t.dims(), *cfg)?;
-                let z = conv::forward(&geom, &h, &w);
                 let c = geom.cout;
                 let gamma = vec_of(&layer.weight.t)?;
                 let beta = vec_of(&layer.bias.t)?;
                 let batch = train && layer.batch_stats;
+                if !batch && first.is_none() {
+                    // No backward at all (an evaluation, or a frozen body
+                    // under a training head), running statistics: batch norm
+                    // folded into the convolution (scale into the weights,
+                    // shift as its bias), as inference engines do. Not in a
+                    // stack that back-propagates: there the other rounding
+                    // would reach the batch-statistics layers after it.
+                    let mean = vec_of(layer.stats.mean.as_tensor())?;
+                    let var = vec_of(layer.stats.var.as_tensor())?;
+                    let eps = layer.eps as f32;
+                    let scale: Vec<f32> =
+                        (0..c).map(|i| gamma[i] / (var[i] + eps).sqrt()).collect();
+                    let shift: Vec<f32> = (0..c).map(|i| beta[i] - mean[i] * scale[i]).collect();
+                    let per = w.len() / c;
+                    let wf: Vec<f32> = w
+                        .chunks(per)
+                        .zip(&scale)
+                        .flat_map(|(row, s)| row.iter().map(move |v| v * s))
+                        .collect();
+                    h = Arc::new(conv::forward_affine(&geom, &h, &wf, Some(&shift), *relu6));
+                    shape = geom.out_dims().to_vec();
+                    continue;
+                }
+                let z = conv::forward(&geom, &h, &w);
                 let (mean, var) = if batch {
                     let (m, v) = bn::moments(&z, c);
                     update_running(&layer.stats, &m, &v, z.len() / c, layer.momentum)?;
