@@ -1432,6 +1432,24 @@ fn image_config(c: &Case, model: &Path, extra: &str) -> PathBuf {
     )
 }
 
+#[test]
+fn image_predict_and_eval_inputs_that_do_not_fit() {
+    let c = Case::new();
+    let cfg = image_config(&c, &tiny_cnn(), "");
+    c.train(&cfg, &[]).ok();
+    let run = s(&c.run());
+    c.cli(&["predict", &run, "--text", "hi"])
+        .fails_with(&["is an image model: give --image FILE (PNG or JPEG; repeat for several)"]);
+    let junk = write(c.d(), "junk.png", "not a png");
+    c.cli(&["predict", &run, "--image", &s(&junk)])
+        .fails_with(&["junk.png", "not a PNG or JPEG image"]);
+    let idx = write(c.d(), "im.idx", "x");
+    c.cli(&["eval", &run, "--data", &s(&idx)]).fails_with(&[
+        "im.idx",
+        "is an IDX image file: give its label file with --data-labels",
+    ]);
+}
+
 fn tiny_cnn() -> PathBuf {
     fixture().join("../mobilenet/tiny.pth")
 }
