@@ -944,12 +944,9 @@ fn cmd_predict(
                 v["text_pair"] = serde_json::json!(p);
             }
             if let Some(lm) = &rm.labels {
-                let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = l.iter().map(|x| (x - max).exp()).collect();
-                let s: f32 = e.iter().sum();
                 let i = classify::argmax(&l);
                 v["label"] = serde_json::json!(lm.label(i));
-                v["score"] = serde_json::json!(e[i] / s);
+                v["score"] = serde_json::json!(afinar::metrics::softmax(&l)[i]);
             } else {
                 v["value"] = serde_json::json!(l[0]);
             }

@@ -26,6 +26,14 @@ fn check_lengths(what: &str, pred: usize, gold: usize) -> Result<()> {
 }
 
 /// Fraction of predictions equal to the gold class.
+/// Class probabilities of one row of logits (max subtracted first).
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = logits.iter().map(|x| (x - max).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
 pub fn accuracy(pred: &[usize], gold: &[usize]) -> Result<f64> {
     check_lengths("accuracy", pred.len(), gold.len())?;
     let right = pred.iter().zip(gold).filter(|(p, g)| p == g).count();

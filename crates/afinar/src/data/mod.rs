@@ -22,7 +22,7 @@ pub use source::{
     examples_from_records, read_examples, read_records, records_from_reader, DataSpec, Format,
     LabelValue, RawExample, Record, Records,
 };
-pub use split::{seeded_split, splitmix64, Split};
+pub use split::{sample_rows, seeded_split, splitmix64, Split};
 
 use crate::{Error, Result};
 use std::path::PathBuf;

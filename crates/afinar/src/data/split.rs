@@ -31,6 +31,22 @@ pub struct Split {
     pub test: Vec<usize>,
 }
 
+/// `data.max_rows`: the indices of a seeded sample of at most `max` of `n`
+/// rows, in file order (all of them without `max` or when `max >= n`).
+pub fn sample_rows(n: usize, max: Option<usize>, seed: u64) -> Vec<usize> {
+    match max {
+        Some(m) if m < n => {
+            let key = |i: usize| splitmix64(seed ^ 0x6d61_785f_726f_7773 ^ splitmix64(i as u64));
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by_key(|&i| key(i));
+            order.truncate(m);
+            order.sort_unstable();
+            order
+        }
+        _ => (0..n).collect(),
+    }
+}
+
 /// Split `n` rows with `ratios = [train, validation, test]`, which must be
 /// finite, `>= 0` and sum to 1 (within 1e-6).
 pub fn seeded_split(n: usize, ratios: [f64; 3], seed: u64) -> Result<Split> {

@@ -179,19 +179,7 @@ pub fn load_sources(plan: &Plan) -> Result<SplitSources> {
         idx: (0..r.rows.len()).collect(),
     };
     // `data.max_rows`: a seeded sample of the file's rows, in file order.
-    let base: Vec<usize> = match d.max_rows {
-        Some(m) if m < all.rows.len() => {
-            let key = |i: usize| {
-                data::splitmix64(d.split_seed ^ 0x6d61_785f_726f_7773 ^ data::splitmix64(i as u64))
-            };
-            let mut order: Vec<usize> = (0..all.rows.len()).collect();
-            order.sort_by_key(|&i| key(i));
-            order.truncate(m);
-            order.sort_unstable();
-            order
-        }
-        _ => (0..all.rows.len()).collect(),
-    };
+    let base = data::sample_rows(all.rows.len(), d.max_rows, d.split_seed);
     let (train, mut validation, mut test) = match d.split {
         Some(ratios) => {
             let s = data::seeded_split(base.len(), ratios, d.split_seed)?;

@@ -289,21 +289,7 @@ pub fn load_splits(plan: &Plan) -> Result<ImageSplits> {
         cp,
     )?;
     let classes = all.classes.clone();
-    let base: Vec<usize> = match d.max_rows {
-        Some(m) if m < all.len() => {
-            let key = |i: usize| {
-                crate::data::splitmix64(
-                    d.split_seed ^ 0x6d61_785f_726f_7773 ^ crate::data::splitmix64(i as u64),
-                )
-            };
-            let mut order: Vec<usize> = (0..all.len()).collect();
-            order.sort_by_key(|&i| key(i));
-            order.truncate(m);
-            order.sort_unstable();
-            order
-        }
-        _ => (0..all.len()).collect(),
-    };
+    let base = crate::data::sample_rows(all.len(), d.max_rows, d.split_seed);
     let (train, mut validation, mut test) = match d.split {
         Some(r) => {
             let s = crate::data::seeded_split(base.len(), r, d.split_seed)?;
@@ -388,10 +374,15 @@ pub fn evaluate(
 /// The model inputs `[B, size, size, 3]` of rows `idx`.
 fn inputs(set: &ImageSet, idx: &[usize], tf: &Transform, aug: Option<&[u64]>) -> Result<Tensor> {
     let imgs: Vec<&RawImage> = idx.iter().map(|&i| &set.images[i]).collect();
+    batch_tensor(tf, &imgs, aug)
+}
+
+/// `images` as model inputs `[B, size, size, 3]`.
+fn batch_tensor(tf: &Transform, images: &[&RawImage], aug: Option<&[u64]>) -> Result<Tensor> {
     let s = tf.size;
     Ok(Tensor::from_vec(
-        tf.batch(&imgs, aug),
-        (idx.len(), s, s, 3),
+        tf.batch(images, aug),
+        (images.len(), s, s, 3),
         &Device::Cpu,
     )?)
 }
@@ -646,15 +637,10 @@ impl SavedModel {
         let mut out = Vec::new();
         for chunk in images.chunks(64) {
             let refs: Vec<&RawImage> = chunk.iter().collect();
-            let s = self.tf.size;
-            let x = Tensor::from_vec(
-                self.tf.batch(&refs, None),
-                (chunk.len(), s, s, 3),
-                &Device::Cpu,
-            )?;
-            let logits = self.model.forward(&x, None)?;
-            let p = softmax_rows(&logits)?;
-            out.extend(p);
+            let logits = self
+                .model
+                .forward(&batch_tensor(&self.tf, &refs, None)?, None)?;
+            out.extend(logits.to_vec2::<f32>()?.iter().map(|r| metrics::softmax(r)));
         }
         Ok(out)
     }
@@ -663,19 +649,6 @@ impl SavedModel {
     pub fn evaluate(&self, set: &ImageSet) -> Result<BTreeMap<String, f64>> {
         Ok(evaluate(&self.model, set, &self.tf, 64)?.0)
     }
-}
-
-fn softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
-    Ok(logits
-        .to_vec2::<f32>()?
-        .into_iter()
-        .map(|r| {
-            let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let e: Vec<f32> = r.iter().map(|v| (v - m).exp()).collect();
-            let s: f32 = e.iter().sum();
-            e.into_iter().map(|v| v / s).collect()
-        })
-        .collect())
 }
 
 /// `afinar eval` of an image run or model folder: on `data` (a class

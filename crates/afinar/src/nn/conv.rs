@@ -565,16 +565,15 @@ mod tests {
     use super::*;
     use crate::nn::testing::{check, randn};
 
-    /// The direct definition in f64 (NHWC input, torch weight layout).
-    fn reference(x: &[f64], w: &[f64], g: &Geom) -> Vec<f64> {
+    /// Every term of the definition: `f(output, input, weight)` indices
+    /// (NHWC input and output, torch weight layout), padding skipped.
+    fn taps(g: &Geom, mut f: impl FnMut(usize, usize, usize)) {
         let (cg_in, cg_out) = (g.cin / g.groups, g.cout / g.groups);
-        let mut y = vec![0f64; g.m() * g.cout];
         for b in 0..g.b {
             for oh in 0..g.ho {
                 for ow in 0..g.wo {
                     for co in 0..g.cout {
-                        let gi = co / cg_out;
-                        let mut s = 0f64;
+                        let out = ((b * g.ho + oh) * g.wo + ow) * g.cout + co;
                         for ci in 0..cg_in {
                             for ki in 0..g.kh {
                                 for kj in 0..g.kw {
@@ -584,20 +583,23 @@ mod tests {
                                     {
                                         continue;
                                     }
-                                    let xv = x[((b * g.h + ih as usize) * g.w + iw as usize)
-                                        * g.cin
-                                        + gi * cg_in
-                                        + ci];
-                                    let wv = w[((co * cg_in + ci) * g.kh + ki) * g.kw + kj];
-                                    s += xv * wv;
+                                    let px = (b * g.h + ih as usize) * g.w + iw as usize;
+                                    let inp = px * g.cin + co / cg_out * cg_in + ci;
+                                    let wt = ((co * cg_in + ci) * g.kh + ki) * g.kw + kj;
+                                    f(out, inp, wt);
                                 }
                             }
                         }
-                        y[((b * g.ho + oh) * g.wo + ow) * g.cout + co] = s;
                     }
                 }
             }
         }
+    }
+
+    /// The direct definition in f64.
+    fn reference(x: &[f64], w: &[f64], g: &Geom) -> Vec<f64> {
+        let mut y = vec![0f64; g.m() * g.cout];
+        taps(g, |o, i, k| y[o] += x[i] * w[k]);
         y
     }
 
@@ -644,35 +646,7 @@ mod tests {
             let got = crate::nn::testing::flat(&wt.grad_tensor().unwrap().unwrap());
             let (xv, rv) = (crate::nn::testing::f64s(&xt), crate::nn::testing::f64s(&r));
             let mut want = vec![0f64; got.len()];
-            for b in 0..g.b {
-                for oh in 0..g.ho {
-                    for ow in 0..g.wo {
-                        for co in 0..g.cout {
-                            let rr = rv[((b * g.ho + oh) * g.wo + ow) * g.cout + co];
-                            for ci in 0..g.cin {
-                                for ki in 0..g.kh {
-                                    for kj in 0..g.kw {
-                                        let ih = (oh * g.stride + ki) as isize - g.pad as isize;
-                                        let iw = (ow * g.stride + kj) as isize - g.pad as isize;
-                                        if ih < 0
-                                            || iw < 0
-                                            || ih >= g.h as isize
-                                            || iw >= g.w as isize
-                                        {
-                                            continue;
-                                        }
-                                        let xi = ((b * g.h + ih as usize) * g.w + iw as usize)
-                                            * g.cin
-                                            + ci;
-                                        want[((co * g.cin + ci) * g.kh + ki) * g.kw + kj] +=
-                                            rr * xv[xi];
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+            taps(&g, |o, i, k| want[k] += rv[o] * xv[i]);
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
